@@ -1,0 +1,6 @@
+//! The `bangerd` role.
+
+/// Entry point.
+pub fn main(_args: Vec<String>) -> i32 {
+    0
+}

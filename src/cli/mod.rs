@@ -1,0 +1,1 @@
+//! The `banger` command tree (argh) and its output formatting.

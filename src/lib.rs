@@ -1,0 +1,16 @@
+//! banger: one-command development sandboxes on Firecracker microVMs, with a signed self-updater.
+//!
+//! One binary plays four roles (see [`applets`]); the library modules below know nothing about argv.
+#![warn(missing_docs)]
+
+pub mod applets;
+pub mod buildinfo;
+pub mod cli;
+pub mod error;
+pub mod layout;
+pub mod logging;
+pub mod rpc;
+pub mod store;
+pub mod system;
+pub mod update;
+pub mod vmm;

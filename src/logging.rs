@@ -1,0 +1,1 @@
+//! JSON-lines logging to stderr (journald-friendly): one object per line.

@@ -1,0 +1,1 @@
+//! The installed system: install.toml, systemd units, service control, install/uninstall, doctor.

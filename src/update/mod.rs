@@ -1,0 +1,1 @@
+//! `banger update`: manifest, SHA256SUMS, signature, download, staging, swap, journal, flow.

@@ -1,0 +1,1 @@
+//! Firecracker VMMs: API client, process launch/find/reap, guest images.
