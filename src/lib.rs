@@ -6,6 +6,7 @@
 pub mod applets;
 pub mod buildinfo;
 pub mod cli;
+pub mod clock;
 pub mod error;
 pub mod layout;
 pub mod logging;
