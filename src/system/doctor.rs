@@ -1,0 +1,1 @@
+//! `banger doctor`: read-only health checks.

@@ -1,0 +1,1 @@
+//! Install, uninstall and status of banger on this host.
