@@ -71,6 +71,12 @@ fn run(layout: Layout) -> Result<()> {
         std::fs::create_dir_all(&d).ctx(|| format!("creating {}", d.display()))?;
     }
     let store = store::Store::open(&layout.state_db())?;
+    let interrupted = store.op_fail_unfinished("interrupted: the daemon stopped before it finished")?;
+    crate::logging::info(
+        "bangerd",
+        "state store open",
+        serde_json::json!({"db": layout.state_db(), "migrations_applied": store.migrations_applied(), "operations_interrupted": interrupted}),
+    );
     let listener = server::bind(&layout.daemon_socket(), 0o600, None)?;
     let (stop_tx, stop_rx) = smol::channel::bounded(4);
     let daemon = Arc::new(Daemon::new(layout.clone(), store, stop_tx.clone()));
