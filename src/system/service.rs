@@ -73,7 +73,7 @@ impl Systemctl {
         };
         let hint = match unit {
             Some(u) => format!("see journalctl -u {u} and systemctl status {u}"),
-            None => "see journalctl -b -u init.scope".to_string(),
+            None => "see journalctl -b _PID=1".to_string(),
         };
         Err(Error::new(format!("systemctl {}", args.join(" ")), why).hint(hint))
     }
