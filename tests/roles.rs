@@ -34,12 +34,18 @@ fn version_forms() {
     assert_eq!(text.lines().count(), 3, "{text}");
     let info = banger::buildinfo::BuildInfo::parse(&text).unwrap();
     assert_eq!(info, banger::buildinfo::BuildInfo::current());
-    for (role, args) in [("banger", vec!["--version"]), ("bangerd", vec!["--version"])] {
+    for (role, args) in [
+        ("banger", vec!["--version"]),
+        ("bangerd", vec!["--version"]),
+    ] {
         let o = bed.run(role, &args);
         assert!(o.status.success());
         let line = stdout(&o);
         assert_eq!(line.lines().count(), 1);
-        assert!(line.starts_with(&format!("banger v{} (commit ", info.version)), "{line}");
+        assert!(
+            line.starts_with(&format!("banger v{} (commit ", info.version)),
+            "{line}"
+        );
     }
     // The hidden --role form runs a role without a link.
     let o = std::process::Command::new(BIN)
@@ -76,7 +82,11 @@ fn daemon_ping_status_operations_and_sigterm() {
     // READY=1 is only sent after bind, so the socket answers right away.
     let v = client::call(&l.daemon_socket(), "ping", json!({})).unwrap();
     assert_eq!(v["pong"], true);
-    let mode = std::fs::metadata(l.daemon_socket()).unwrap().permissions().mode() & 0o777;
+    let mode = std::fs::metadata(l.daemon_socket())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600);
 
     let st = client::call(&l.daemon_socket(), "daemon.status", json!({})).unwrap();
@@ -111,14 +121,20 @@ fn daemon_ping_status_operations_and_sigterm() {
         .filter(|v: &serde_json::Value| v["msg"] == "rpc")
         .collect();
     assert!(rpc_lines.len() >= 5, "{log}");
-    assert!(rpc_lines.iter().all(|v| v["op_id"].is_string() && v["duration_ms"].is_number()));
+    assert!(rpc_lines
+        .iter()
+        .all(|v| v["op_id"].is_string() && v["duration_ms"].is_number()));
 
     let st = d.sigterm_and_wait();
     assert_eq!(st.code(), Some(0), "log: {}", d.log_text());
     // Gone: the CLI says so clearly and exits 1.
     let o = bed.run("banger", &["daemon", "status"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).starts_with("banger: asking the daemon for its status: "), "{}", stderr(&o));
+    assert!(
+        stderr(&o).starts_with("banger: asking the daemon for its status: "),
+        "{}",
+        stderr(&o)
+    );
     assert!(stderr(&o).contains("system"), "{}", stderr(&o));
 }
 
@@ -167,7 +183,10 @@ fn oversized_and_malformed_requests_get_bad_request_and_daemon_keeps_serving() {
     }
     // A ping with unexpected params is refused, not silently ignored.
     let e = client::call(&l.daemon_socket(), "ping", json!({"x": 1})).unwrap_err();
-    assert!(matches!(e, CallError::Rpc(ref r) if r.code == ErrorCode::BadRequest), "{e:?}");
+    assert!(
+        matches!(e, CallError::Rpc(ref r) if r.code == ErrorCode::BadRequest),
+        "{e:?}"
+    );
     assert!(client::call(&l.daemon_socket(), "ping", json!({})).is_ok());
 }
 
@@ -220,7 +239,11 @@ fn helper_serves_priv_ping_and_refuses_unlisted_arguments() {
     let v = client::call(&l.helper_socket(), "priv.ping", json!({})).unwrap();
     assert_eq!(v["pong"], true);
     for (method, params, code) in [
-        ("priv.ping", json!({"cmd": "rm -rf /"}), ErrorCode::BadRequest),
+        (
+            "priv.ping",
+            json!({"cmd": "rm -rf /"}),
+            ErrorCode::BadRequest,
+        ),
         ("priv.exec", json!({"cmd": "id"}), ErrorCode::UnknownMethod),
         ("ping", json!({}), ErrorCode::UnknownMethod),
     ] {
@@ -260,7 +283,11 @@ fn check_migrations_exit_codes() {
     let before = std::fs::read(l.state_db()).unwrap();
     let o = bed.run("bangerd", &["--check-migrations"]);
     assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
-    assert_eq!(std::fs::read(l.state_db()).unwrap(), before, "check must not write");
+    assert_eq!(
+        std::fs::read(l.state_db()).unwrap(),
+        before,
+        "check must not write"
+    );
     // And the daemon refuses to run on it rather than touching it.
     let o = bed.run("bangerd", &[]);
     assert_eq!(o.status.code(), Some(1));

@@ -39,7 +39,11 @@ pub fn main(args: Vec<String>) -> i32 {
         return 0;
     }
     if a.check_migrations {
-        let layout = if a.system { Layout::system() } else { Layout::from_env() };
+        let layout = if a.system {
+            Layout::system()
+        } else {
+            Layout::from_env()
+        };
         return match store::check(&layout.state_db()) {
             Ok(c) => {
                 println!("{}", c.line());
@@ -54,7 +58,11 @@ pub fn main(args: Vec<String>) -> i32 {
     match run(Layout::from_env()) {
         Ok(()) => 0,
         Err(e) => {
-            crate::logging::error("bangerd", "fatal", serde_json::json!({"error": e.to_string()}));
+            crate::logging::error(
+                "bangerd",
+                "fatal",
+                serde_json::json!({"error": e.to_string()}),
+            );
             1
         }
     }
@@ -67,11 +75,17 @@ fn run(layout: Layout) -> Result<()> {
     if let Some(i) = &install {
         allowed.push(i.owner_uid);
     }
-    for d in [layout.state_dir(), layout.vms_dir(), layout.images_dir(), layout.kernels_dir()] {
+    for d in [
+        layout.state_dir(),
+        layout.vms_dir(),
+        layout.images_dir(),
+        layout.kernels_dir(),
+    ] {
         std::fs::create_dir_all(&d).ctx(|| format!("creating {}", d.display()))?;
     }
     let store = store::Store::open(&layout.state_db())?;
-    let interrupted = store.op_fail_unfinished("interrupted: the daemon stopped before it finished")?;
+    let interrupted =
+        store.op_fail_unfinished("interrupted: the daemon stopped before it finished")?;
     crate::logging::info(
         "bangerd",
         "state store open",

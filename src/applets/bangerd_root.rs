@@ -32,7 +32,11 @@ pub fn main(args: Vec<String>) -> i32 {
     match run(Layout::from_env()) {
         Ok(()) => 0,
         Err(e) => {
-            crate::logging::error("bangerd-root", "fatal", serde_json::json!({"error": e.to_string()}));
+            crate::logging::error(
+                "bangerd-root",
+                "fatal",
+                serde_json::json!({"error": e.to_string()}),
+            );
             1
         }
     }

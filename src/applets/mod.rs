@@ -28,7 +28,10 @@ pub fn dispatch(argv: Vec<OsString>) -> i32 {
         .unwrap_or_default();
     if name == "banger" && args.get(1).map(String::as_str) == Some("--role") {
         let Some(role) = args.get(2).cloned() else {
-            eprintln!("banger: --role needs a role name (one of: {})", ROLES.join(", "));
+            eprintln!(
+                "banger: --role needs a role name (one of: {})",
+                ROLES.join(", ")
+            );
             return 2;
         };
         name = role.clone();
@@ -82,18 +85,27 @@ pub(crate) fn serve_role(
     use crate::error::Context;
     use smol::stream::StreamExt;
     let role = cfg.role;
-    let mut signals = async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])
-        .ctx(|| "installing SIGTERM/SIGINT handlers".into())?;
+    let mut signals =
+        async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])
+            .ctx(|| "installing SIGTERM/SIGINT handlers".into())?;
     smol::spawn(async move {
         if let Some(Ok(sig)) = signals.next().await {
-            crate::logging::info(role, "signal received, stopping", serde_json::json!({"signal": format!("{sig:?}")}));
+            crate::logging::info(
+                role,
+                "signal received, stopping",
+                serde_json::json!({"signal": format!("{sig:?}")}),
+            );
         }
         let _ = stop_tx.send(()).await;
     })
     .detach();
     crate::logging::info(role, "serving", fields);
     if let Err(e) = crate::sdnotify::notify("READY=1") {
-        crate::logging::error(role, "sd_notify failed", serde_json::json!({"error": e.to_string()}));
+        crate::logging::error(
+            role,
+            "sd_notify failed",
+            serde_json::json!({"error": e.to_string()}),
+        );
     }
     crate::rpc::server::serve(listener, cfg, handler, stop_rx)?;
     let _ = crate::sdnotify::notify("STOPPING=1");

@@ -67,7 +67,9 @@ pub fn run(c: DaemonCmd) -> Result<i32> {
             super::require_root("stopping the daemon", "banger daemon stop")?;
             let svc = crate::system::service::Systemctl;
             crate::system::service::ServiceManager::stop(&svc, DAEMON_UNIT)?;
-            println!("bangerd stopped (VMs keep running; start it with `sudo banger system restart`)");
+            println!(
+                "bangerd stopped (VMs keep running; start it with `sudo banger system restart`)"
+            );
             Ok(0)
         }
     }

@@ -22,13 +22,19 @@ pub fn run(c: DoctorCmd) -> Result<i32> {
     if c.json {
         println!("{}", doctor::render_json(&checks));
     } else {
-        print!("{}", doctor::render_text(&checks, doctor::use_color(super::stdout_is_tty())));
+        print!(
+            "{}",
+            doctor::render_text(&checks, doctor::use_color(super::stdout_is_tty()))
+        );
     }
     Ok(if doctor::any_fail(&checks) { 1 } else { 0 })
 }
 
 /// Every doctor check, including the state store row that needs the store module.
-pub(crate) fn checks(layout: &Layout, svc: &dyn crate::system::service::ServiceManager) -> Vec<Check> {
+pub(crate) fn checks(
+    layout: &Layout,
+    svc: &dyn crate::system::service::ServiceManager,
+) -> Vec<Check> {
     let opts = doctor::DoctorOptions {
         extra: vec![store_check(layout)],
         ..Default::default()

@@ -66,14 +66,17 @@ pub fn run(c: SystemCmd) -> Result<i32> {
     let svc = service::Systemctl;
     match c.cmd {
         Sub::Install(i) => {
-            super::require_root("installing banger", &format!("banger system install --owner {}", i.owner))?;
-            let me = std::env::current_exe()
-                .map_err(|e| Error::new("finding the running binary", e))?;
+            super::require_root(
+                "installing banger",
+                &format!("banger system install --owner {}", i.owner),
+            )?;
+            let me =
+                std::env::current_exe().map_err(|e| Error::new("finding the running binary", e))?;
             let socket = layout.daemon_socket();
             let report = install::install(
                 &layout,
                 &i.owner,
-                Path::new("/etc/passwd"),
+                &crate::system::users::host_passwd(),
                 &me,
                 &svc,
                 &|| wait_ready(&socket),
@@ -96,7 +99,11 @@ pub fn run(c: SystemCmd) -> Result<i32> {
             Ok(0)
         }
         Sub::Uninstall(u) => {
-            let cmd = if u.purge { "banger system uninstall --purge" } else { "banger system uninstall" };
+            let cmd = if u.purge {
+                "banger system uninstall --purge"
+            } else {
+                "banger system uninstall"
+            };
             super::require_root("uninstalling banger", cmd)?;
             let report = install::uninstall(&layout, u.purge, &svc)?;
             print!("{report}");
@@ -110,14 +117,23 @@ pub(crate) fn wait_ready(socket: &Path) -> Result<()> {
     let start = Instant::now();
     let mut last = String::new();
     while start.elapsed() < READY_TIMEOUT {
-        match crate::rpc::client::call_with_timeout(socket, "ping", serde_json::json!({}), Duration::from_secs(2)) {
+        match crate::rpc::client::call_with_timeout(
+            socket,
+            "ping",
+            serde_json::json!({}),
+            Duration::from_secs(2),
+        ) {
             Ok(_) => return Ok(()),
             Err(e) => last = e.to_string(),
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     Err(Error::new(
-        format!("waiting {}s for the daemon to answer on {}", READY_TIMEOUT.as_secs(), socket.display()),
+        format!(
+            "waiting {}s for the daemon to answer on {}",
+            READY_TIMEOUT.as_secs(),
+            socket.display()
+        ),
         last,
     )
     .hint("see `journalctl -u bangerd -n 50` for why it did not start"))

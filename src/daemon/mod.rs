@@ -96,7 +96,10 @@ impl Handler for Daemon {
             }
             other => Err(RpcError::new(
                 ErrorCode::UnknownMethod,
-                format!("unknown method `{other}` (this daemon is banger v{})", crate::buildinfo::VERSION),
+                format!(
+                    "unknown method `{other}` (this daemon is banger v{})",
+                    crate::buildinfo::VERSION
+                ),
             )),
         }
     }

@@ -32,7 +32,9 @@ impl Handler for Helper {
         match call.method.as_str() {
             "priv.ping" => {
                 validate::only_params(&params, &[])?;
-                Ok(json!({"pong": true, "version": crate::buildinfo::VERSION, "uid": rustix::process::geteuid().as_raw()}))
+                Ok(
+                    json!({"pong": true, "version": crate::buildinfo::VERSION, "uid": rustix::process::geteuid().as_raw()}),
+                )
             }
             other => Err(RpcError::new(
                 ErrorCode::UnknownMethod,

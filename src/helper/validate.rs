@@ -27,7 +27,11 @@ pub fn only_params<'a>(
                 Err(RpcError::bad_request(format!(
                     "argument(s) not allowed: {} (allowed: {})",
                     unknown.join(", "),
-                    if allowed.is_empty() { "none".to_string() } else { allowed.join(", ") }
+                    if allowed.is_empty() {
+                        "none".to_string()
+                    } else {
+                        allowed.join(", ")
+                    }
                 )))
             }
         }
@@ -39,7 +43,8 @@ pub fn only_params<'a>(
 pub fn vm_id(s: &str) -> Result<&str, RpcError> {
     let ok = !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-');
     if ok {
@@ -76,10 +81,17 @@ pub fn banger_path(layout: &Layout, s: &str) -> Result<PathBuf, RpcError> {
     if !p.is_absolute() {
         return Err(refuse("not absolute"));
     }
-    if p.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
+    // Checked on the raw string: `Path::components` silently drops interior `.` segments.
+    if s.split('/').any(|seg| seg == "." || seg == "..")
+        || p.components().any(|c| matches!(c, Component::ParentDir))
+    {
         return Err(refuse("contains `.` or `..`"));
     }
-    let roots = [layout.state_dir(), layout.helper_run_dir(), layout.run_dir()];
+    let roots = [
+        layout.state_dir(),
+        layout.helper_run_dir(),
+        layout.run_dir(),
+    ];
     if roots.iter().any(|r| p.starts_with(r) && p != r) {
         Ok(p.to_path_buf())
     } else {
@@ -97,7 +109,18 @@ mod tests {
         for ok in ["a", "vm-1", "0abc", &"a".repeat(63)] {
             assert!(vm_id(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "-a", "a-", "A", "a_b", "a/b", "a b", "../x", &"a".repeat(64), "é"] {
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "A",
+            "a_b",
+            "a/b",
+            "a b",
+            "../x",
+            &"a".repeat(64),
+            "é",
+        ] {
             assert!(vm_id(bad).is_err(), "{bad}");
         }
     }

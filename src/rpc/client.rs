@@ -96,9 +96,7 @@ pub fn call_with_timeout(
             ..
         } => Ok(v),
         Response { ok: true, .. } => Ok(Value::Null),
-        Response {
-            error: Some(e), ..
-        } => Err(CallError::Rpc(e)),
+        Response { error: Some(e), .. } => Err(CallError::Rpc(e)),
         _ => Err(CallError::BadResponse(
             "ok:false without an error object".into(),
         )),
@@ -121,7 +119,9 @@ pub fn exchange(socket: &Path, body: &[u8], timeout: Duration) -> Result<Respons
     // A server that refuses early (oversized, unauthorized) may close before we finish writing;
     // its answer is still waiting to be read, so a broken pipe here is not the end.
     if let Err(e) = s.write_all(body) {
-        if e.kind() != std::io::ErrorKind::BrokenPipe && e.kind() != std::io::ErrorKind::ConnectionReset {
+        if e.kind() != std::io::ErrorKind::BrokenPipe
+            && e.kind() != std::io::ErrorKind::ConnectionReset
+        {
             return Err(CallError::Io(e));
         }
     }

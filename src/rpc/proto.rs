@@ -187,11 +187,17 @@ mod tests {
     fn parse_table() {
         let cases: &[(&str, Option<ErrorCode>)] = &[
             (r#"{"v":1,"method":"ping"}"#, None),
-            (r#"{"v":1,"method":"ping","params":{},"op_id":"op-1"}"#, None),
+            (
+                r#"{"v":1,"method":"ping","params":{},"op_id":"op-1"}"#,
+                None,
+            ),
             (r#"{"v":2,"method":"ping"}"#, Some(ErrorCode::BadVersion)),
             (r#"{"v":1}"#, Some(ErrorCode::BadRequest)),
             (r#"{"v":1,"method":""}"#, Some(ErrorCode::BadRequest)),
-            (r#"{"v":1,"method":"x","params":[1]}"#, Some(ErrorCode::BadRequest)),
+            (
+                r#"{"v":1,"method":"x","params":[1]}"#,
+                Some(ErrorCode::BadRequest),
+            ),
             ("not json", Some(ErrorCode::BadRequest)),
             ("", Some(ErrorCode::BadRequest)),
         ];

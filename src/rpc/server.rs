@@ -88,7 +88,7 @@ pub fn bind(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<UnixLis
     let listener = bound.ctx(|| format!("binding {}", path.display()))?;
     if let Some((uid, gid)) = owner {
         std::os::unix::fs::chown(path, Some(uid), Some(gid))
-        .ctx(|| format!("chowning {} to {uid}:{gid}", path.display()))?;
+            .ctx(|| format!("chowning {} to {uid}:{gid}", path.display()))?;
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .ctx(|| format!("setting mode {mode:o} on {}", path.display()))?;
@@ -124,7 +124,11 @@ pub fn serve(
                     .detach();
                 }
                 Some(Err(e)) => {
-                    crate::logging::error(cfg.role, "accept failed", json!({"error": e.to_string()}));
+                    crate::logging::error(
+                        cfg.role,
+                        "accept failed",
+                        json!({"error": e.to_string()}),
+                    );
                     smol::Timer::after(Duration::from_millis(20)).await;
                 }
                 None => break,
@@ -185,7 +189,11 @@ async fn connection(stream: Async<UnixStream>, cfg: &ServerConfig, handler: Arc<
     let peer = match peer_of(stream.get_ref()) {
         Ok(p) => p,
         Err(e) => {
-            crate::logging::error(cfg.role, "peer credentials unavailable", json!({"error": e.to_string()}));
+            crate::logging::error(
+                cfg.role,
+                "peer credentials unavailable",
+                json!({"error": e.to_string()}),
+            );
             return;
         }
     };
@@ -245,6 +253,25 @@ async fn connection(stream: Async<UnixStream>, cfg: &ServerConfig, handler: Arc<
     });
     body.push(b'\n');
     let write_ok = stream.write_all(&body).await.is_ok() && stream.flush().await.is_ok();
+    if code.is_some() {
+        // Closing a Unix socket with unread input resets it and the peer loses our answer, so
+        // discard what is left of a refused request (bounded in bytes and time) before closing.
+        let _ = stream.get_ref().shutdown(std::net::Shutdown::Write);
+        let drain = async {
+            let mut sink = [0u8; 8192];
+            let mut left = 2 * cfg.max_request + 8192;
+            while left > 0 {
+                match stream.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        };
+        smol::future::or(drain, async {
+            smol::Timer::after(Duration::from_secs(1)).await;
+        })
+        .await;
+    }
     crate::logging::info(
         cfg.role,
         "rpc",

@@ -85,7 +85,10 @@ impl Bed {
             .unwrap();
         let mut buf = [0u8; 256];
         let n = rx.recv(&mut buf).expect("no sd_notify message within 20s");
-        (Server { child, log }, String::from_utf8_lossy(&buf[..n]).into_owned())
+        (
+            Server { child, log },
+            String::from_utf8_lossy(&buf[..n]).into_owned(),
+        )
     }
 }
 
