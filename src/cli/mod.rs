@@ -6,6 +6,7 @@
 mod daemon;
 mod doctor;
 mod system;
+mod vm;
 
 use crate::error::{Error, Result};
 use argh::FromArgs;
@@ -30,6 +31,9 @@ enum Cmd {
     Daemon(daemon::DaemonCmd),
     Doctor(doctor::DoctorCmd),
     System(system::SystemCmd),
+    Vm(vm::VmCmd),
+    Image(vm::ImageCmd),
+    Kernel(vm::KernelCmd),
 }
 
 #[derive(FromArgs)]
@@ -55,6 +59,9 @@ pub fn run(args: Vec<String>) -> i32 {
         Cmd::Daemon(c) => daemon::run(c),
         Cmd::Doctor(c) => doctor::run(c),
         Cmd::System(c) => system::run(c),
+        Cmd::Vm(c) => vm::run(c),
+        Cmd::Image(c) => vm::run_image(c),
+        Cmd::Kernel(c) => vm::run_kernel(c),
     };
     match result {
         Ok(code) => code,

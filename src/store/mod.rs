@@ -8,10 +8,12 @@
 mod compat;
 mod migrations;
 mod ops;
+mod records;
 
 pub use compat::{check, open_read_only, Compat};
 pub use migrations::{Migration, LATEST, MIGRATIONS};
 pub use ops::Operation;
+pub use records::{Image, Kernel, Vm};
 
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 use std::os::unix::fs::OpenOptionsExt;
