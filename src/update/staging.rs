@@ -1,0 +1,1 @@
+//! The staging dir and tarball extraction (in progress).
