@@ -1,1 +1,3 @@
 //! Firecracker VMMs: API client, process launch/find/reap, guest images.
+
+pub mod disk;
