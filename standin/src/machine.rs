@@ -310,7 +310,7 @@ impl Machine {
         let smt = m.smt.unwrap_or(false);
         if m.vcpu_count == 0
             || m.vcpu_count > 32
-            || (smt && m.vcpu_count > 1 && m.vcpu_count % 2 == 1)
+            || (smt && m.vcpu_count > 1 && !m.vcpu_count.is_multiple_of(2))
         {
             return Err(Answer::fault(
                 400,
@@ -320,7 +320,7 @@ impl Machine {
         if m.mem_size_mib == 0 {
             return Err(Answer::fault(400, "The memory size (MiB) is invalid."));
         }
-        if m.huge_pages == Some(HugePages::Hugetlbfs2M) && m.mem_size_mib % 2 != 0 {
+        if m.huge_pages == Some(HugePages::Hugetlbfs2M) && !m.mem_size_mib.is_multiple_of(2) {
             return Err(Answer::fault(
                 400,
                 "The memory size (MiB) is invalid: with 2M huge pages it must be a multiple of 2.",

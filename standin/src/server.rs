@@ -52,7 +52,12 @@ extern "C" fn on_terminate(sig: libc::c_int) {
 fn install_signal_handlers() {
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         // SAFETY: `on_terminate` only calls async-signal-safe functions and reads atomics.
-        unsafe { libc::signal(sig, on_terminate as extern "C" fn(libc::c_int) as libc::sighandler_t) };
+        unsafe {
+            libc::signal(
+                sig,
+                on_terminate as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            )
+        };
     }
 }
 
