@@ -1,0 +1,1 @@
+//! VMM launch (in progress).
