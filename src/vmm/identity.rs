@@ -13,7 +13,7 @@ use crate::error::{Context, Error, Result};
 use rustix::fd::{AsFd, OwnedFd};
 use rustix::fs::{Mode, OFlags, CWD};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -405,11 +405,24 @@ pub fn write_handles(path: &Path, handles: &Handles, owner: Option<(u32, u32)>) 
 /// the expected shape, or of a newer format version.
 pub fn read_handles(path: &Path) -> Result<Option<Handles>> {
     let what = || format!("reading {}", path.display());
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+    // The root helper reads this from the owner's directory: no symlink anywhere on the way.
+    let (dir, name) = match open_parent(path) {
+        Ok(d) => d,
+        Err(_) if !path.exists() && path.parent().is_some_and(|p| !p.exists()) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = match rustix::fs::openat(&dir, name.as_os_str(), flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        Err(rustix::io::Errno::LOOP) => return Err(Error::new(what(), "it is a symlink")),
         Err(e) => return Err(Error::new(what(), e)),
     };
+    let mut bytes = Vec::new();
+    std::fs::File::from(fd)
+        .take(1 << 20)
+        .read_to_end(&mut bytes)
+        .ctx(what)?;
     let h: Handles = serde_json::from_slice(&bytes).ctx(what)?;
     if h.version != HANDLES_VERSION {
         return Err(Error::new(
