@@ -44,9 +44,7 @@ impl Handler for Helper {
         match call.method.as_str() {
             "priv.ping" => {
                 validate::only_params(&params, &[])?;
-                Ok(
-                    json!({"pong": true, "version": crate::buildinfo::VERSION, "uid": rustix::process::geteuid().as_raw()}),
-                )
+                Ok(json!({"pong": true, "version": crate::buildinfo::VERSION, "uid": rustix::process::geteuid().as_raw()}))
             }
             "priv.vm_launch" => vm::vm_launch(&self.layout, &self.vm, &params),
             "priv.vm_signal" => vm::vm_signal(&self.layout, &self.vm, &params),
