@@ -20,7 +20,7 @@ step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
 step "cargo test (unit + integration)"
-cargo test --workspace
+cargo test --workspace --no-fail-fast
 
 step "shellcheck"
 shellcheck scripts/*.sh packaging/*.sh

@@ -56,11 +56,13 @@ fn version_forms() {
 }
 
 #[test]
-fn agent_role_is_not_built_yet() {
+fn agent_role_answers_version_and_rejects_bad_flags() {
     let bed = Bed::new("agent");
-    let o = bed.run("banger-vsock-agent", &[]);
+    let o = bed.run("banger-vsock-agent", &["--version"]);
+    assert!(o.status.success());
+    assert!(stdout(&o).starts_with("banger v"), "{}", stdout(&o));
+    let o = bed.run("banger-vsock-agent", &["--port", "not-a-port"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("not built yet"));
 }
 
 #[test]

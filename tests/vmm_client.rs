@@ -3,15 +3,17 @@
 //! from tests/guest/ is what boots). The same assertions run against both; only the vsock agent
 //! part needs the stand-in, whose "guest" runs banger's agent handler (the tiny guest has none).
 
+mod common;
 #[path = "guest/mod.rs"]
 mod guest;
+
+use common::vmm::find_vmm;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use banger::agent::{self, AGENT_VSOCK_PORT};
@@ -45,75 +47,6 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-/// Which VMM binary to test, and whether it is banger's stand-in; `Err` is the SKIP reason.
-fn find_vmm() -> Result<(PathBuf, bool), String> {
-    let path = match std::env::var_os(ENV) {
-        Some(p) if !p.is_empty() => {
-            let p = PathBuf::from(p);
-            // Asked for explicitly: a wrong path is a broken setup, not a reason to skip.
-            assert!(p.is_file(), "{ENV}={} is not a file", p.display());
-            if let Err(e) = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/kvm")
-            {
-                return Err(format!("{ENV} is set but /dev/kvm is not usable here: {e}"));
-            }
-            p
-        }
-        _ => build_standin()?,
-    };
-    if !path.is_file() {
-        return Err(format!("stand-in VMM {} does not exist", path.display()));
-    }
-    let help = Command::new(&path)
-        .arg("--help")
-        .output()
-        .map_err(|e| format!("running {} --help: {e}", path.display()))?;
-    let standin = String::from_utf8_lossy(&help.stdout).contains("banger stand-in");
-    Ok((path, standin))
-}
-
-/// Builds the stand-in (`cargo build -p banger-fc-standin`, a no-op when fresh; once per test
-/// binary) and returns its path, next to the banger binary this test was built with.
-fn build_standin() -> Result<PathBuf, String> {
-    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let mut cmd = Command::new(&cargo);
-            cmd.args(["build", "-q", "-p", "banger-fc-standin"])
-                .current_dir(env!("CARGO_MANIFEST_DIR"));
-            // Variables cargo set for this test would look like changed build inputs to some
-            // build scripts (ring watches CARGO_MANIFEST_DIR and OUT_DIR) and force a rebuild
-            // every time.
-            cmd.env_remove("OUT_DIR");
-            for (k, _) in std::env::vars_os() {
-                let k = k.to_string_lossy();
-                if k.starts_with("CARGO_")
-                    && !k.starts_with("CARGO_HOME")
-                    && !k.starts_with("CARGO_TARGET_DIR")
-                {
-                    cmd.env_remove(&*k);
-                }
-            }
-            let out = cmd
-                .output()
-                .map_err(|e| format!("stand-in VMM not built and cargo could not run: {e}"))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "stand-in VMM did not build: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
-            }
-            let bin_dir = Path::new(env!("CARGO_BIN_EXE_banger"))
-                .parent()
-                .ok_or("no directory for the banger binary")?;
-            Ok(bin_dir.join("firecracker"))
-        })
-        .clone()
 }
 
 macro_rules! vmm_or_skip {

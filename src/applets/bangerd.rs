@@ -94,6 +94,7 @@ fn run(layout: Layout) -> Result<()> {
     let listener = server::bind(&layout.daemon_socket(), 0o600, None)?;
     let (stop_tx, stop_rx) = smol::channel::bounded(4);
     let daemon = Arc::new(Daemon::new(layout.clone(), store, stop_tx.clone()));
+    daemon.reconcile();
     super::serve_role(
         listener,
         ServerConfig::new("bangerd", allowed),

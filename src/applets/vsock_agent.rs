@@ -40,7 +40,11 @@ pub fn main(args: Vec<String>) -> i32 {
             return 1;
         }
     };
-    crate::logging::info("banger-vsock-agent", "listening", serde_json::json!({"port": a.port}));
+    crate::logging::info(
+        "banger-vsock-agent",
+        "listening",
+        serde_json::json!({"port": a.port}),
+    );
     let env = std::sync::Arc::new(AgentEnv::default());
     loop {
         match accept(&listener) {
@@ -51,7 +55,11 @@ pub fn main(args: Vec<String>) -> i32 {
                 });
             }
             Err(e) => {
-                crate::logging::error("banger-vsock-agent", "accept failed", serde_json::json!({"error": e.to_string()}));
+                crate::logging::error(
+                    "banger-vsock-agent",
+                    "accept failed",
+                    serde_json::json!({"error": e.to_string()}),
+                );
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
         }

@@ -198,7 +198,12 @@ fn watch_stages(sock: &std::path::Path, done: &std::sync::atomic::AtomicBool, ta
     let mut last = String::new();
     let mut err = std::io::stderr();
     while !done.load(std::sync::atomic::Ordering::SeqCst) {
-        if let Ok(v) = client::call_with_timeout(sock, "daemon.operations.list", json!({}), Duration::from_secs(2)) {
+        if let Ok(v) = client::call_with_timeout(
+            sock,
+            "daemon.operations.list",
+            json!({}),
+            Duration::from_secs(2),
+        ) {
             let stage = v["operations"]
                 .as_array()
                 .and_then(|ops| {
@@ -258,7 +263,8 @@ pub fn run(c: VmCmd) -> Result<i32> {
             Ok(0)
         }
         VmSub::Kill(k) => {
-            crate::helper::validate::signal(&k.signal).map_err(|e| Error::usage("--signal", e.message))?;
+            crate::helper::validate::signal(&k.signal)
+                .map_err(|e| Error::usage("--signal", e.message))?;
             let v = call(
                 "vm.kill",
                 json!({"vm": k.vm, "signal": k.signal}),
@@ -287,7 +293,11 @@ pub fn run(c: VmCmd) -> Result<i32> {
             Ok(0)
         }
         VmSub::Show(s) => {
-            let v = call("vm.show", json!({"vm": s.vm}), &format!("showing VM `{}`", s.vm))?;
+            let v = call(
+                "vm.show",
+                json!({"vm": s.vm}),
+                &format!("showing VM `{}`", s.vm),
+            )?;
             if s.json {
                 println!("{v}");
             } else {
@@ -333,7 +343,10 @@ fn table(vms: &Value) -> String {
             s(v, "state"),
             v["vcpu"].as_u64().unwrap_or(0),
             format!("{}M", v["memory_mib"].as_u64().unwrap_or(0)),
-            v["pid"].as_i64().map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            v["pid"]
+                .as_i64()
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into()),
             s(v, "image"),
         ));
     }
@@ -343,7 +356,15 @@ fn table(vms: &Value) -> String {
 fn details(v: &Value) -> String {
     let vm = &v["vm"];
     let mut out = String::new();
-    for k in ["name", "id", "state", "image", "boot_id", "created_at", "updated_at"] {
+    for k in [
+        "name",
+        "id",
+        "state",
+        "image",
+        "boot_id",
+        "created_at",
+        "updated_at",
+    ] {
         out.push_str(&format!("{k}: {}\n", s(vm, k)));
     }
     out.push_str(&format!(
@@ -464,7 +485,7 @@ pub fn run_image(c: ImageCmd) -> Result<i32> {
             if l.json {
                 println!("{}", v["images"]);
             } else {
-                println!("{:<20} {:<16} {}", "NAME", "KERNEL", "READINESS");
+                println!("{:<20} {:<16} READINESS", "NAME", "KERNEL");
                 for i in v["images"].as_array().into_iter().flatten() {
                     let ready = i["ready_pattern"]
                         .as_str()
@@ -476,7 +497,11 @@ pub fn run_image(c: ImageCmd) -> Result<i32> {
             Ok(0)
         }
         ImageSub::Rm(r) => {
-            call("image.rm", json!({"name": r.name}), &format!("removing image `{}`", r.name))?;
+            call(
+                "image.rm",
+                json!({"name": r.name}),
+                &format!("removing image `{}`", r.name),
+            )?;
             println!("removed image {}", r.name);
             Ok(0)
         }
@@ -485,7 +510,11 @@ pub fn run_image(c: ImageCmd) -> Result<i32> {
 
 #[derive(FromArgs)]
 /// Import, list and remove guest kernels.
-#[argh(subcommand, name = "kernel", example = "banger kernel import k6 ./vmlinux")]
+#[argh(
+    subcommand,
+    name = "kernel",
+    example = "banger kernel import k6 ./vmlinux"
+)]
 pub struct KernelCmd {
     #[argh(subcommand)]
     cmd: KernelSub,
@@ -555,7 +584,11 @@ pub fn run_kernel(c: KernelCmd) -> Result<i32> {
             Ok(0)
         }
         KernelSub::Rm(r) => {
-            call("kernel.rm", json!({"name": r.name}), &format!("removing kernel `{}`", r.name))?;
+            call(
+                "kernel.rm",
+                json!({"name": r.name}),
+                &format!("removing kernel `{}`", r.name),
+            )?;
             println!("removed kernel {}", r.name);
             Ok(0)
         }
@@ -572,8 +605,10 @@ fn absolute(p: &str) -> Result<String> {
             .join(path)
     };
     if !abs.is_file() {
-        return Err(Error::new(format!("reading {}", abs.display()), "no such file")
-            .hint("give the path of an existing file"));
+        return Err(
+            Error::new(format!("reading {}", abs.display()), "no such file")
+                .hint("give the path of an existing file"),
+        );
     }
     Ok(abs.to_string_lossy().into_owned())
 }

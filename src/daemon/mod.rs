@@ -3,6 +3,7 @@
 //! Knows nothing about argv or sockets; `applets::bangerd` binds the socket and serves this.
 
 pub mod ops;
+pub mod vms;
 
 use crate::buildinfo::BuildInfo;
 use crate::layout::Layout;
@@ -20,6 +21,7 @@ pub struct Daemon {
     started: Instant,
     store: Arc<Mutex<Store>>,
     ops: Operations,
+    vms: vms::Vms,
     stop: smol::channel::Sender<()>,
 }
 
@@ -29,6 +31,7 @@ impl Daemon {
         let store = Arc::new(Mutex::new(store));
         Daemon {
             ops: Operations::new(store.clone()),
+            vms: vms::Vms::new(layout.clone(), store.clone()),
             layout,
             started: Instant::now(),
             store,
@@ -39,6 +42,11 @@ impl Daemon {
     /// The operations registry.
     pub fn operations(&self) -> &Operations {
         &self.ops
+    }
+
+    /// Re-adopts, stops or reports every VM recorded as running (call once at start).
+    pub fn reconcile(&self) -> (usize, usize, usize) {
+        self.vms.reconcile()
     }
 
     /// The state store.
@@ -94,13 +102,18 @@ impl Handler for Daemon {
                 let _ = self.stop.try_send(());
                 Ok(json!({"stopping": true}))
             }
-            other => Err(RpcError::new(
-                ErrorCode::UnknownMethod,
-                format!(
-                    "unknown method `{other}` (this daemon is banger v{})",
-                    crate::buildinfo::VERSION
-                ),
-            )),
+            other => {
+                if let Some(r) = self.vms.handle(&self.ops, other, &params) {
+                    return r;
+                }
+                Err(RpcError::new(
+                    ErrorCode::UnknownMethod,
+                    format!(
+                        "unknown method `{other}` (this daemon is banger v{})",
+                        crate::buildinfo::VERSION
+                    ),
+                ))
+            }
         }
     }
 }

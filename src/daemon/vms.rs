@@ -144,15 +144,25 @@ impl Vms {
     }
 
     fn helper(&self, method: &str, params: Value) -> Result<Value, RpcError> {
-        client::call_with_timeout(&self.layout.helper_socket(), method, params, Duration::from_secs(60))
-            .map_err(|e| {
-                let e = e.into_error(&format!("asking the root helper to {method}"));
-                failed(e.hint("is bangerd-root running? `sudo banger system restart`"))
-            })
+        client::call_with_timeout(
+            &self.layout.helper_socket(),
+            method,
+            params,
+            Duration::from_secs(60),
+        )
+        .map_err(|e| {
+            let e = e.into_error(&format!("asking the root helper to {method}"));
+            failed(e.hint("is bangerd-root running? `sudo banger system restart`"))
+        })
     }
 
     /// Dispatches one `vm.*`, `image.*` or `kernel.*` method; `None` if `method` is not ours.
-    pub fn handle(&self, ops: &Operations, method: &str, p: &Value) -> Option<Result<Value, RpcError>> {
+    pub fn handle(
+        &self,
+        ops: &Operations,
+        method: &str,
+        p: &Value,
+    ) -> Option<Result<Value, RpcError>> {
         Some(match method {
             "vm.create" => self.create(ops, p),
             "vm.start" => self.with_vm(p, &["vm"], |vm, _| self.start(ops, vm)),
@@ -161,7 +171,10 @@ impl Vms {
                 self.stop(ops, vm, Duration::from_secs(t))
             }),
             "vm.restart" => self.with_vm(p, &["vm"], |vm, _| {
-                let vm = self.stop(ops, vm, Duration::from_secs(10)).and_then(|_| self.find(&vm.id))?;
+                let id = vm.id.clone();
+                let vm = self
+                    .stop(ops, vm, Duration::from_secs(10))
+                    .and_then(|_| self.find(&id))?;
                 self.start(ops, vm)
             }),
             "vm.kill" => self.with_vm(p, &["vm", "signal"], |vm, m| {
@@ -174,14 +187,12 @@ impl Vms {
                 self.logs(&vm, opt_u64(m, "offset")?.unwrap_or(0))
             }),
             "image.import" => self.image_import(ops, p),
-            "image.list" => params(p, &[]).and_then(|_| {
-                self.db(|s| s.image_list()).map(|v| json!({"images": v}))
-            }),
+            "image.list" => params(p, &[])
+                .and_then(|_| self.db(|s| s.image_list()).map(|v| json!({"images": v}))),
             "image.rm" => self.image_rm(p),
             "kernel.import" => self.kernel_import(p),
-            "kernel.list" => params(p, &[]).and_then(|_| {
-                self.db(|s| s.kernel_list()).map(|v| json!({"kernels": v}))
-            }),
+            "kernel.list" => params(p, &[])
+                .and_then(|_| self.db(|s| s.kernel_list()).map(|v| json!({"kernels": v}))),
             "kernel.rm" => self.kernel_rm(p),
             _ => return None,
         })
@@ -217,12 +228,20 @@ impl Vms {
                 }
             }
             Liveness::Gone(why) => {
-                crate::logging::info("bangerd", "vm process gone", json!({"vm": vm.name, "why": why}));
+                crate::logging::info(
+                    "bangerd",
+                    "vm process gone",
+                    json!({"vm": vm.name, "why": why}),
+                );
                 self.mark_stopped(&mut vm)?;
             }
             Liveness::Unsure(why) => {
                 if vm.state != "unknown" {
-                    crate::logging::error("bangerd", "vm state unsure", json!({"vm": vm.name, "why": why}));
+                    crate::logging::error(
+                        "bangerd",
+                        "vm state unsure",
+                        json!({"vm": vm.name, "why": why}),
+                    );
                     vm.state = "unknown".into();
                     self.db(|s| s.vm_update(&vm))?;
                 }
@@ -233,7 +252,11 @@ impl Vms {
 
     fn mark_stopped(&self, vm: &mut Vm) -> Result<(), RpcError> {
         if let Err(e) = self.helper("priv.vm_cleanup", json!({"id": vm.id})) {
-            crate::logging::error("bangerd", "vm cleanup failed", json!({"vm": vm.name, "error": e.message}));
+            crate::logging::error(
+                "bangerd",
+                "vm cleanup failed",
+                json!({"vm": vm.name, "error": e.message}),
+            );
         }
         vm.state = "stopped".into();
         vm.pid = None;
@@ -248,7 +271,11 @@ impl Vms {
         let vms = match self.db(|s| s.vm_list()) {
             Ok(v) => v,
             Err(e) => {
-                crate::logging::error("bangerd", "reconcile: listing VMs failed", json!({"error": e.message}));
+                crate::logging::error(
+                    "bangerd",
+                    "reconcile: listing VMs failed",
+                    json!({"error": e.message}),
+                );
                 return (0, 0, 0);
             }
         };
@@ -290,7 +317,9 @@ impl Vms {
             return Err(bad(format!("vcpu {vcpu} is out of range (1-32)")));
         }
         if !(16..=1 << 20).contains(&memory) {
-            return Err(bad(format!("memory {memory} MiB is out of range (16 MiB - 1 TiB)")));
+            return Err(bad(format!(
+                "memory {memory} MiB is out of range (16 MiB - 1 TiB)"
+            )));
         }
         let start = match m.get("start") {
             None | Some(Value::Null) => true,
@@ -368,7 +397,8 @@ impl Vms {
         std::fs::create_dir_all(&dir)
             .map_err(|e| failed(Error::new(format!("creating {}", dir.display()), e)))?;
         let _ = std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700));
-        crate::vmm::disk::cow_copy(Path::new(&image.rootfs), &dir.join("rootfs.ext4")).map_err(failed)?;
+        crate::vmm::disk::cow_copy(Path::new(&image.rootfs), &dir.join("rootfs.ext4"))
+            .map_err(failed)?;
         Ok(())
     }
 
@@ -377,7 +407,9 @@ impl Vms {
         let image = self.resolve_image(vm.image.as_deref())?;
         let kernel = self.kernel_for(&image)?;
         let files = self.files(&vm);
-        let console_offset = std::fs::metadata(&files.console_log).map(|m| m.len()).unwrap_or(0);
+        let console_offset = std::fs::metadata(&files.console_log)
+            .map(|m| m.len())
+            .unwrap_or(0);
         vm.state = "starting".into();
         self.db(|s| s.vm_update(&vm))?;
         op.stage("launching VMM");
@@ -408,7 +440,11 @@ impl Vms {
                 if let Ok(Some(mut h)) = identity::read_handles(&files.handles) {
                     h.boot_id = Some(boot_id);
                     if let Err(e) = identity::write_handles(&files.handles, &h, None) {
-                        crate::logging::error("bangerd", "recording boot_id failed", json!({"vm": vm.name, "error": e.to_string()}));
+                        crate::logging::error(
+                            "bangerd",
+                            "recording boot_id failed",
+                            json!({"vm": vm.name, "error": e.to_string()}),
+                        );
                     }
                 }
                 Ok(vm_json(&vm))
@@ -440,15 +476,23 @@ impl Vms {
             .kernel
             .as_deref()
             .ok_or_else(|| bad(format!("image `{}` has no kernel", image.name)))?;
-        self.db(|s| s.kernel_get(name))?
-            .ok_or_else(|| RpcError::new(ErrorCode::NotFound, format!("kernel `{name}` of image `{}` is gone", image.name)))
+        self.db(|s| s.kernel_get(name))?.ok_or_else(|| {
+            RpcError::new(
+                ErrorCode::NotFound,
+                format!("kernel `{name}` of image `{}` is gone", image.name),
+            )
+        })
     }
 
     fn configure(&self, vm: &Vm, kernel: &Kernel, files: &VmFiles) -> Result<(), RpcError> {
         let api = |e: crate::vmm::api::ApiError| {
-            failed(Error::new(format!("configuring VM `{}` through Firecracker", vm.name), e))
+            failed(Error::new(
+                format!("configuring VM `{}` through Firecracker", vm.name),
+                e,
+            ))
         };
-        crate::vmm::api::wait_for_socket(&files.api_socket, Duration::from_secs(10)).map_err(failed)?;
+        crate::vmm::api::wait_for_socket(&files.api_socket, Duration::from_secs(10))
+            .map_err(failed)?;
         let c = Client::new(&files.api_socket);
         c.put_machine_config(&MachineConfiguration {
             vcpu_count: vm.vcpu.min(32) as u8,
@@ -499,7 +543,10 @@ impl Vms {
         let mut last = String::from("no answer yet");
         while start.elapsed() < READY_TIMEOUT {
             if let Liveness::Gone(why) = identity::classify(ident, &self.proc_root) {
-                return Err(failed(Error::new("waiting for the guest", format!("the VMM exited ({why})"))));
+                return Err(failed(Error::new(
+                    "waiting for the guest",
+                    format!("the VMM exited ({why})"),
+                )));
             }
             match &image.ready_pattern {
                 Some(prefix) => {
@@ -508,23 +555,30 @@ impl Vms {
                     }
                     last = format!("no console line starting with {prefix:?} yet");
                 }
-                None => match agent::agent_call(&files.vsock_uds, agent::AGENT_VSOCK_PORT, "boot_id") {
-                    Ok(v) => {
-                        if let Some(id) = v.get("boot_id").and_then(Value::as_str) {
-                            return Ok(id.to_string());
+                None => {
+                    match agent::agent_call(&files.vsock_uds, agent::AGENT_VSOCK_PORT, "boot_id") {
+                        Ok(v) => {
+                            if let Some(id) = v.get("boot_id").and_then(Value::as_str) {
+                                return Ok(id.to_string());
+                            }
+                            last = format!("agent answered without a boot_id: {v}");
                         }
-                        last = format!("agent answered without a boot_id: {v}");
+                        Err(e) => last = e.to_string(),
                     }
-                    Err(e) => last = e.to_string(),
-                },
+                }
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Err(failed(Error::new(
-            format!("waiting {}s for the guest to become ready", READY_TIMEOUT.as_secs()),
-            last,
-        )
-        .hint("see `banger vm logs` for the guest console")))
+        Err(failed(
+            Error::new(
+                format!(
+                    "waiting {}s for the guest to become ready",
+                    READY_TIMEOUT.as_secs()
+                ),
+                last,
+            )
+            .hint("see `banger vm logs` for the guest console"),
+        ))
     }
 
     fn console_tail(&self, files: &VmFiles, lines: usize) -> String {
@@ -536,12 +590,18 @@ impl Vms {
 
     fn start(&self, ops: &Operations, vm: Vm) -> Result<Value, RpcError> {
         if vm.state == "running" {
-            return Err(RpcError::new(ErrorCode::Busy, format!("VM `{}` is already running", vm.name)));
+            return Err(RpcError::new(
+                ErrorCode::Busy,
+                format!("VM `{}` is already running", vm.name),
+            ));
         }
         if vm.state == "unknown" {
             return Err(RpcError::new(
                 ErrorCode::Busy,
-                format!("VM `{}` may still be running (state unknown); check `banger vm show {}`", vm.name, vm.name),
+                format!(
+                    "VM `{}` may still be running (state unknown); check `banger vm show {}`",
+                    vm.name, vm.name
+                ),
             ));
         }
         let op = ops.begin("vm.start", Some(&vm.name));
@@ -553,7 +613,10 @@ impl Vms {
     fn wait_gone(&self, ident: &Identity, timeout: Duration) -> bool {
         let start = Instant::now();
         loop {
-            if matches!(identity::classify(ident, &self.proc_root), Liveness::Gone(_)) {
+            if matches!(
+                identity::classify(ident, &self.proc_root),
+                Liveness::Gone(_)
+            ) {
                 return true;
             }
             if start.elapsed() >= timeout {
@@ -607,7 +670,10 @@ impl Vms {
     fn kill(&self, mut vm: Vm, signal: &str) -> Result<Value, RpcError> {
         crate::helper::validate::signal(signal)?;
         if vm.state != "running" {
-            return Err(RpcError::new(ErrorCode::Busy, format!("VM `{}` is not running", vm.name)));
+            return Err(RpcError::new(
+                ErrorCode::Busy,
+                format!("VM `{}` is not running", vm.name),
+            ));
         }
         self.helper("priv.vm_signal", json!({"id": vm.id, "signal": signal}))?;
         let ident = Identity {
@@ -615,7 +681,14 @@ impl Vms {
             start_time: vm.start_time.unwrap_or(0),
             comm: vm.comm.clone().unwrap_or_default(),
         };
-        if self.wait_gone(&ident, if signal.ends_with("KILL") { KILL_WAIT } else { Duration::from_secs(2) }) {
+        if self.wait_gone(
+            &ident,
+            if signal.ends_with("KILL") {
+                KILL_WAIT
+            } else {
+                Duration::from_secs(2)
+            },
+        ) {
             self.mark_stopped(&mut vm)?;
         }
         Ok(vm_json(&vm))
@@ -626,12 +699,18 @@ impl Vms {
         let refs: Vec<&str> = match m.get("vms") {
             Some(Value::Array(a)) if !a.is_empty() => a
                 .iter()
-                .map(|v| v.as_str().ok_or_else(|| bad("`vms` must be a list of names")))
+                .map(|v| {
+                    v.as_str()
+                        .ok_or_else(|| bad("`vms` must be a list of names"))
+                })
                 .collect::<Result<_, _>>()?,
             _ => return Err(bad("`vms` must be a non-empty list of names")),
         };
         // Resolve all first: an unknown name deletes nothing.
-        let vms: Vec<Vm> = refs.iter().map(|r| self.find(r)).collect::<Result<_, _>>()?;
+        let vms: Vec<Vm> = refs
+            .iter()
+            .map(|r| self.find(r))
+            .collect::<Result<_, _>>()?;
         let mut deleted = Vec::new();
         for vm in vms {
             let lock = self.lock_for(&vm.id);
@@ -642,7 +721,11 @@ impl Vms {
             } else if vm.state == "unknown" {
                 return Err(RpcError::new(
                     ErrorCode::Busy,
-                    format!("VM `{}` is in an unknown state; not deleting it (deleted so far: {})", vm.name, deleted.join(", ")),
+                    format!(
+                        "VM `{}` is in an unknown state; not deleting it (deleted so far: {})",
+                        vm.name,
+                        deleted.join(", ")
+                    ),
                 ));
             }
             let dir = self.layout.vm_dir(&vm.id);
@@ -721,11 +804,14 @@ impl Vms {
             ));
         }
         if !rootfs.is_absolute() || !rootfs.is_file() {
-            return Err(bad(format!("rootfs {} is not an absolute path to a file", rootfs.display())));
+            return Err(bad(format!(
+                "rootfs {} is not an absolute path to a file",
+                rootfs.display()
+            )));
         }
         let op = ops.begin("image.import", Some(name));
         let dir = self.layout.images_dir().join(name);
-        let r = (|| {
+        let r = (|| -> Result<Value, RpcError> {
             op.stage("copying root filesystem");
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir)
@@ -754,7 +840,10 @@ impl Vms {
         let name = req_str(m, "name")?;
         check_name("image", name)?;
         if !self.db(|s| s.image_delete(name))? {
-            return Err(RpcError::new(ErrorCode::NotFound, format!("no image named `{name}`")));
+            return Err(RpcError::new(
+                ErrorCode::NotFound,
+                format!("no image named `{name}`"),
+            ));
         }
         let _ = std::fs::remove_dir_all(self.layout.images_dir().join(name));
         Ok(json!({"removed": name}))
@@ -766,7 +855,10 @@ impl Vms {
         check_name("kernel", name)?;
         let src = Path::new(req_str(m, "path")?);
         if !src.is_absolute() || !src.is_file() {
-            return Err(bad(format!("kernel {} is not an absolute path to a file", src.display())));
+            return Err(bad(format!(
+                "kernel {} is not an absolute path to a file",
+                src.display()
+            )));
         }
         let dir = self.layout.kernels_dir().join(name);
         std::fs::create_dir_all(&dir)
@@ -776,7 +868,12 @@ impl Vms {
         let _ = std::fs::remove_file(&tmp);
         std::fs::copy(src, &tmp)
             .and_then(|_| std::fs::rename(&tmp, &dst))
-            .map_err(|e| failed(Error::new(format!("copying {} to {}", src.display(), dst.display()), e)))?;
+            .map_err(|e| {
+                failed(Error::new(
+                    format!("copying {} to {}", src.display(), dst.display()),
+                    e,
+                ))
+            })?;
         let k = Kernel {
             name: name.to_string(),
             path: dst.to_string_lossy().into_owned(),
@@ -791,7 +888,10 @@ impl Vms {
         let name = req_str(m, "name")?;
         check_name("kernel", name)?;
         if !self.db(|s| s.kernel_delete(name))? {
-            return Err(RpcError::new(ErrorCode::NotFound, format!("no kernel named `{name}`")));
+            return Err(RpcError::new(
+                ErrorCode::NotFound,
+                format!("no kernel named `{name}`"),
+            ));
         }
         let _ = std::fs::remove_dir_all(self.layout.kernels_dir().join(name));
         Ok(json!({"removed": name}))
@@ -808,9 +908,9 @@ fn console_ready(console: &Path, offset: u64, prefix: &str) -> Option<String> {
     let text = String::from_utf8_lossy(&buf);
     text.lines().find_map(|l| {
         let at = l.find(prefix)?;
-        let rest = l[at + prefix.len()..].trim();
-        // The standard banger marker carries `boot_id=`; a custom prefix is followed by the id.
-        let id = agent::parse_ready_line(l).unwrap_or_else(|| rest.to_string());
-        (!id.is_empty() && l.ends_with(|c: char| !c.is_whitespace()) || !id.is_empty()).then_some(id)
+        // The standard banger marker is `…boot_id=<id>`; after a custom prefix comes the id.
+        let id =
+            agent::parse_ready_line(l).unwrap_or_else(|| l[at + prefix.len()..].trim().to_string());
+        (!id.is_empty()).then_some(id)
     })
 }

@@ -84,7 +84,9 @@ impl Store {
     /// Inserts a new VM; a taken name is `already exists`.
     pub fn vm_insert(&self, vm: &Vm) -> Result<()> {
         let r = self.conn.execute(
-            &format!("INSERT INTO vms ({VM_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)"),
+            &format!(
+                "INSERT INTO vms ({VM_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)"
+            ),
             params![
                 vm.id,
                 vm.name,
@@ -150,7 +152,9 @@ impl Store {
     pub fn vm_list(&self) -> Result<Vec<Vm>> {
         let mut st = self
             .conn
-            .prepare_cached(&format!("SELECT {VM_COLUMNS} FROM vms ORDER BY created_at, name"))
+            .prepare_cached(&format!(
+                "SELECT {VM_COLUMNS} FROM vms ORDER BY created_at, name"
+            ))
             .map_err(|e| db_error(&self.path, "listing VMs in", e))?;
         let rows = st
             .query_map([], vm_from_row)
@@ -218,13 +222,19 @@ impl Store {
 
     /// Removes a kernel; refused while an image uses it.
     pub fn kernel_delete(&self, name: &str) -> Result<bool> {
-        match self.conn.execute("DELETE FROM kernels WHERE name = ?1", [name]) {
+        match self
+            .conn
+            .execute("DELETE FROM kernels WHERE name = ?1", [name])
+        {
             Ok(n) => Ok(n > 0),
             Err(rusqlite::Error::SqliteFailure(e, _))
                 if e.code == rusqlite::ErrorCode::ConstraintViolation =>
             {
-                Err(Error::new(format!("removing kernel `{name}`"), "an image still uses it")
-                    .hint("remove the images that use it first (`banger image list`)"))
+                Err(Error::new(
+                    format!("removing kernel `{name}`"),
+                    "an image still uses it",
+                )
+                .hint("remove the images that use it first (`banger image list`)"))
             }
             Err(e) => Err(db_error(&self.path, "deleting a kernel from", e)),
         }

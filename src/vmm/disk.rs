@@ -97,7 +97,11 @@ mod tests {
         let m = std::fs::metadata(&dst).unwrap();
         assert_eq!(m.len(), 16 << 20);
         if kind == CopyKind::Sparse {
-            assert!(m.blocks() * 512 < 1 << 20, "copy is not sparse: {} blocks", m.blocks());
+            assert!(
+                m.blocks() * 512 < 1 << 20,
+                "copy is not sparse: {} blocks",
+                m.blocks()
+            );
         }
         // Never overwrites.
         assert!(cow_copy(&src, &dst).is_err());

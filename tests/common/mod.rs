@@ -2,6 +2,8 @@
 //! daemons spawned under it (killed on drop).
 #![allow(dead_code)]
 
+pub mod vmm;
+
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -49,11 +51,25 @@ impl Bed {
 
     /// Spawns a long-running role and waits until `socket` answers (bounded).
     pub fn spawn(&self, role: &str, socket: &Path) -> Server {
+        self.spawn_with(role, socket, &[])
+    }
+
+    /// [`Bed::spawn`] with extra environment variables.
+    pub fn spawn_with(&self, role: &str, socket: &Path, envs: &[(&str, &Path)]) -> Server {
         let log = self.root.join(format!("{role}.log"));
-        let child = self
-            .cmd(role)
+        let mut cmd = self.cmd(role);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let child = cmd
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            )
             .spawn()
             .unwrap();
         let s = Server { child, log };
