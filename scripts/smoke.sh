@@ -481,7 +481,7 @@ start_container() {
     done
     CT_CGROUPS=()
     while read -r root; do
-        mkdir "$root/$CT_NAME"
+        mkdir -p "$root/$CT_NAME/exec" "$root/$CT_NAME/scenario"
         CT_CGROUPS+=("$root/$CT_NAME")
     done < <(cgroup_roots)
 
@@ -528,10 +528,36 @@ find_leader() {
     done
 }
 
+# Kills what cx started that is still running inside the container, then lets each nsenter reap its
+# child and exit on its own (see cx).
+kill_injected() {
+    local procs=() pid deadline
+    ((${#CT_CGROUPS[@]})) || return 0
+    mapfile -t procs <"${CT_CGROUPS[0]}/exec/cgroup.procs"
+    ((${#procs[@]})) || return 0
+    for pid in "${procs[@]}"; do
+        # Inside the container's PID namespace = two NSpid fields.
+        if [[ $(awk '/^NSpid:/ { print NF - 1 }' "/proc/$pid/status" 2>/dev/null) == 2 ]]; then
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    done
+    deadline=$(($(now_ms) + 2000))
+    while [[ -s ${CT_CGROUPS[0]}/exec/cgroup.procs ]] && (($(now_ms) < deadline)); do sleep 0.05; done
+}
+
 # Powers the container off in order (SIGRTMIN+4 to its systemd), kills it when that takes too long,
 # and removes its cgroups. Safe to call at any point, twice, or with nothing running.
 stop_container() {
     [[ -n $NSPAWN_PID ]] || return 0
+    local cg
+    # First whatever drives the container, then what it runs inside, then the container itself.
+    # (Quietly: bash would report the killed job on stderr.)
+    {
+        for cg in "${CT_CGROUPS[@]}"; do cgroup_destroy "$cg/scenario"; done
+        [[ -z ${TRACKED_PID:-} ]] || wait "$TRACKED_PID" || true
+    } 2>/dev/null
+    TRACKED_PID=""
+    kill_injected
     if kill -0 "$NSPAWN_PID" 2>/dev/null; then
         if [[ -n $LEADER ]]; then kill -s RTMIN+4 "$LEADER" 2>/dev/null || true
         else kill -TERM "$NSPAWN_PID" 2>/dev/null || true; fi
@@ -541,17 +567,25 @@ stop_container() {
             log "warning: $CT_NAME did not power off within ${STOP_TIMEOUT}s; killing it"
         fi
     fi
-    local cg
     for cg in "${CT_CGROUPS[@]}"; do cgroup_destroy "$cg"; done
     wait "$NSPAWN_PID" 2>/dev/null || true
     NSPAWN_PID="" LEADER="" CT_CGROUPS=()
 }
 
 # Runs a command inside the container as root, with a clean environment and a time bound.
+# It joins the run's exec/ cgroup first, so that stop_container can find whatever a scenario left
+# running in the container. nsenter ignores INT/TERM so that it outlives its child and reaps it: a
+# child orphaned by a killed nsenter goes to the host's init, and its zombie, still in the
+# container's PID namespace, would hold up systemd-shutdown in there for 10 s.
 cx() {
-    nsenter --target "$LEADER" --all -- env -i \
-        PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
-        timeout --kill-after=5 "$CMD_TIMEOUT" "$@"
+    (
+        local cg
+        for cg in "${CT_CGROUPS[@]}"; do echo "$BASHPID" >"$cg/exec/cgroup.procs"; done
+        trap '' INT TERM
+        exec nsenter --target "$LEADER" --all -- env -i \
+            PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
+            timeout --kill-after=5 "$CMD_TIMEOUT" "$@"
+    )
 }
 
 # The same as the test user (the owner).
@@ -575,6 +609,25 @@ FAILED=0
 declare -A BENCH_SCENARIO_MS=()
 BOOT_TIMES=()
 
+scenario_body() {
+    set -eEuo pipefail
+    trap 'fail "line $LINENO: \`$BASH_COMMAND\` exited $?"' ERR
+    "scenario_$1"
+}
+
+# Runs "$@" in a background subshell inside the container's scenario/ cgroup and waits for it.
+# Waiting with `wait` lets a trapped INT/TERM interrupt the runner at once (a foreground child
+# would be waited for first), and the cgroup lets cleanup kill every process the scenario forked.
+run_tracked() {
+    (
+        local cg
+        for cg in "${CT_CGROUPS[@]}"; do echo "$BASHPID" >"$cg/scenario/cgroup.procs"; done
+        "$@"
+    ) &
+    TRACKED_PID=$!
+    wait "$TRACKED_PID"
+}
+
 run_scenario() {
     local name=$1 started rc=0 reason elapsed
     started=$(now_ms)
@@ -582,11 +635,7 @@ run_scenario() {
     BOOT_TIMES+=("$BENCH_BOOT_MS")
     REASON_FILE=$RUN_DIR/$name.reason
     : >"$REASON_FILE"
-    (
-        set -eEuo pipefail
-        trap 'fail "line $LINENO: \`$BASH_COMMAND\` exited $?"' ERR
-        "scenario_$name"
-    ) >"$RUN_DIR/$name.log" 2>&1 || rc=$?
+    run_tracked scenario_body "$name" >"$RUN_DIR/$name.log" 2>&1 || rc=$?
     elapsed=$(($(now_ms) - started))
     BENCH_SCENARIO_MS[$name]=$elapsed
     if ((rc == 0)); then
@@ -615,20 +664,27 @@ bench_restart() {
         stop_container
         return
     fi
+    run_tracked bench_restart_body
+    stop_container
+}
+
+bench_restart_body() {
     local i out
     for i in 1 2 3 4 5; do
         if out=$(cx python3 "$SMOKE_LIB/restart_gap.py" "$DAEMON_SOCK" bangerd 2>&1); then
             echo "bench: restart #$i: $out"
         else
             echo "bench: restart #$i: failed: $(last_line "$out")"
+            return
         fi
     done
-    stop_container
 }
 
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
+    # A signal can land while a redirected function runs (run_tracked > log): talk to the terminal.
+    exec 1>&"$ORIG_STDOUT" 2>&"$ORIG_STDERR"
     stop_container
     if [[ -n ${RUN_DIR:-} && -d $RUN_DIR ]]; then
         if [[ ${KEEP_LOGS:-} == yes || ${SMOKE_KEEP_LOGS:-} == 1 ]]; then
@@ -671,10 +727,11 @@ main() {
 
     [[ $(id -u) == 0 ]] || die "must run as root (systemd-nspawn)"
     ensure_host_tools
+    exec {ORIG_STDOUT}>&1 {ORIG_STDERR}>&2
     RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/banger-smoke.XXXXXX")
     trap cleanup EXIT
-    trap 'exit 130' INT
-    trap 'exit 143' TERM
+    trap 'echo "smoke: interrupted" >&"$ORIG_STDERR"; exit 130' INT
+    trap 'echo "smoke: terminated" >&"$ORIG_STDERR"; exit 143' TERM
 
     prepare_binary
     prepare_rootfs "$rebuild"
