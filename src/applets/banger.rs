@@ -1,6 +1,6 @@
-//! The `banger` role.
+//! The `banger` role: the command-line interface (see [`crate::cli`]).
 
-/// Entry point.
-pub fn main(_args: Vec<String>) -> i32 {
-    0
+/// Entry point of the CLI role.
+pub fn main(args: Vec<String>) -> i32 {
+    crate::cli::run(args)
 }

@@ -1,6 +1,105 @@
-//! The `bangerd` role.
+//! The `bangerd` role: the owner daemon. Opens the store, binds its socket, tells systemd it is
+//! ready, serves [`crate::daemon::Daemon`] until SIGTERM or `daemon.shutdown`.
 
-/// Entry point.
-pub fn main(_args: Vec<String>) -> i32 {
-    0
+use crate::daemon::Daemon;
+use crate::error::{Context, Result};
+use crate::layout::Layout;
+use crate::rpc::server::{self, ServerConfig};
+use crate::store;
+use argh::FromArgs;
+use std::sync::Arc;
+
+#[derive(FromArgs)]
+/// banger's owner daemon: keeps VM and image state and serves the `banger` CLI on
+/// /run/banger/bangerd.sock. Normally started by systemd (bangerd.service).
+#[argh(
+    example = "Check whether the installed database suits this binary:\n  bangerd --check-migrations --system",
+    note = "--check-migrations exits 0 (compatible), 1 (migrations pending: this binary will apply them) or 2 (the database is newer than this binary, or unreadable)."
+)]
+struct Args {
+    /// print whether state.db is compatible with this binary and exit (read-only)
+    #[argh(switch)]
+    check_migrations: bool,
+    /// with --check-migrations: check the installed system's database, ignoring BANGER_ROOT
+    #[argh(switch)]
+    system: bool,
+    /// print the version and exit
+    #[argh(switch)]
+    version: bool,
+}
+
+/// Entry point of the daemon role.
+pub fn main(args: Vec<String>) -> i32 {
+    let a: Args = match super::parse_args(&args) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    if a.version {
+        println!("{}", crate::buildinfo::BuildInfo::current().one_line());
+        return 0;
+    }
+    if a.check_migrations {
+        let layout = if a.system {
+            Layout::system()
+        } else {
+            Layout::from_env()
+        };
+        return match store::check(&layout.state_db()) {
+            Ok(c) => {
+                println!("{}", c.line());
+                c.exit_code()
+            }
+            Err(e) => {
+                println!("unreadable: {e}");
+                2
+            }
+        };
+    }
+    match run(Layout::from_env()) {
+        Ok(()) => 0,
+        Err(e) => {
+            crate::logging::error(
+                "bangerd",
+                "fatal",
+                serde_json::json!({"error": e.to_string()}),
+            );
+            1
+        }
+    }
+}
+
+fn run(layout: Layout) -> Result<()> {
+    let install = crate::system::install_toml::load(&layout)?;
+    let me = rustix::process::getuid().as_raw();
+    let mut allowed = vec![0, me];
+    if let Some(i) = &install {
+        allowed.push(i.owner_uid);
+    }
+    for d in [
+        layout.state_dir(),
+        layout.vms_dir(),
+        layout.images_dir(),
+        layout.kernels_dir(),
+    ] {
+        std::fs::create_dir_all(&d).ctx(|| format!("creating {}", d.display()))?;
+    }
+    let store = store::Store::open(&layout.state_db())?;
+    let interrupted =
+        store.op_fail_unfinished("interrupted: the daemon stopped before it finished")?;
+    crate::logging::info(
+        "bangerd",
+        "state store open",
+        serde_json::json!({"db": layout.state_db(), "migrations_applied": store.migrations_applied(), "operations_interrupted": interrupted}),
+    );
+    let listener = server::bind(&layout.daemon_socket(), 0o600, None)?;
+    let (stop_tx, stop_rx) = smol::channel::bounded(4);
+    let daemon = Arc::new(Daemon::new(layout.clone(), store, stop_tx.clone()));
+    super::serve_role(
+        listener,
+        ServerConfig::new("bangerd", allowed),
+        daemon,
+        stop_tx,
+        stop_rx,
+        serde_json::json!({"socket": layout.daemon_socket(), "state_dir": layout.state_dir()}),
+    )
 }

@@ -1,6 +1,68 @@
-//! The `bangerd_root` role.
+//! The `bangerd-root` role: the privileged helper. Binds its socket in a root-owned 0711 dir,
+//! owned by the owner uid, and serves the fixed `priv.*` table of [`crate::helper::Helper`].
 
-/// Entry point.
-pub fn main(_args: Vec<String>) -> i32 {
-    0
+use crate::error::{Context, Result};
+use crate::helper::Helper;
+use crate::layout::Layout;
+use crate::rpc::server::{self, ServerConfig};
+use argh::FromArgs;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+
+#[derive(FromArgs)]
+/// banger's root helper: launches VMMs and plumbs host resources for bangerd, through a fixed,
+/// allow-listed method table on /run/banger-root/bangerd-root.sock. Started by systemd
+/// (bangerd-root.service); only root and the owner in /etc/banger/install.toml may connect.
+struct Args {
+    /// print the version and exit
+    #[argh(switch)]
+    version: bool,
+}
+
+/// Entry point of the helper role.
+pub fn main(args: Vec<String>) -> i32 {
+    let a: Args = match super::parse_args(&args) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    if a.version {
+        println!("{}", crate::buildinfo::BuildInfo::current().one_line());
+        return 0;
+    }
+    match run(Layout::from_env()) {
+        Ok(()) => 0,
+        Err(e) => {
+            crate::logging::error(
+                "bangerd-root",
+                "fatal",
+                serde_json::json!({"error": e.to_string()}),
+            );
+            1
+        }
+    }
+}
+
+fn run(layout: Layout) -> Result<()> {
+    let install = crate::system::install_toml::load(&layout)?;
+    let me = rustix::process::getuid().as_raw();
+    let (owner_uid, owner_gid) = match &install {
+        Some(i) => (i.owner_uid, i.owner_gid),
+        None => (me, rustix::process::getgid().as_raw()),
+    };
+    let mut allowed = vec![0, owner_uid];
+    allowed.dedup();
+    let dir = layout.helper_run_dir();
+    std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))
+        .ctx(|| format!("setting mode 0711 on {}", dir.display()))?;
+    let listener = server::bind(&layout.helper_socket(), 0o600, Some((owner_uid, owner_gid)))?;
+    let (stop_tx, stop_rx) = smol::channel::bounded(4);
+    super::serve_role(
+        listener,
+        ServerConfig::new("bangerd-root", allowed),
+        Arc::new(Helper::new(layout.clone())),
+        stop_tx,
+        stop_rx,
+        serde_json::json!({"socket": layout.helper_socket(), "owner_uid": owner_uid}),
+    )
 }

@@ -28,7 +28,10 @@ pub fn dispatch(argv: Vec<OsString>) -> i32 {
         .unwrap_or_default();
     if name == "banger" && args.get(1).map(String::as_str) == Some("--role") {
         let Some(role) = args.get(2).cloned() else {
-            eprintln!("banger: --role needs a role name (one of: {})", ROLES.join(", "));
+            eprintln!(
+                "banger: --role needs a role name (one of: {})",
+                ROLES.join(", ")
+            );
             return 2;
         };
         name = role.clone();
@@ -67,4 +70,45 @@ pub(crate) fn parse_args<T: argh::FromArgs>(args: &[String]) -> Result<T, i32> {
             2
         }
     })
+}
+
+/// Serves `handler` on `listener`: SIGTERM/SIGINT stop it, systemd hears READY=1 once the socket is
+/// bound, and one log line marks start and stop.
+pub(crate) fn serve_role(
+    listener: std::os::unix::net::UnixListener,
+    cfg: crate::rpc::server::ServerConfig,
+    handler: std::sync::Arc<dyn crate::rpc::server::Handler>,
+    stop_tx: smol::channel::Sender<()>,
+    stop_rx: smol::channel::Receiver<()>,
+    fields: serde_json::Value,
+) -> crate::error::Result<()> {
+    use crate::error::Context;
+    use smol::stream::StreamExt;
+    let role = cfg.role;
+    let mut signals =
+        async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])
+            .ctx(|| "installing SIGTERM/SIGINT handlers".into())?;
+    smol::spawn(async move {
+        if let Some(Ok(sig)) = signals.next().await {
+            crate::logging::info(
+                role,
+                "signal received, stopping",
+                serde_json::json!({"signal": format!("{sig:?}")}),
+            );
+        }
+        let _ = stop_tx.send(()).await;
+    })
+    .detach();
+    crate::logging::info(role, "serving", fields);
+    if let Err(e) = crate::sdnotify::notify("READY=1") {
+        crate::logging::error(
+            role,
+            "sd_notify failed",
+            serde_json::json!({"error": e.to_string()}),
+        );
+    }
+    crate::rpc::server::serve(listener, cfg, handler, stop_rx)?;
+    let _ = crate::sdnotify::notify("STOPPING=1");
+    crate::logging::info(role, "stopped", serde_json::json!({}));
+    Ok(())
 }

@@ -1,1 +1,88 @@
 //! The `banger` command tree (argh) and its output formatting.
+//!
+//! Each command group lives in its own module and returns `Result<i32>`; this module maps errors
+//! to `banger: <what failed>: <why> (<what to do>)` on stderr with exit 1 (usage errors exit 2).
+
+mod daemon;
+mod doctor;
+mod system;
+mod vm;
+
+use crate::error::{Error, Result};
+use argh::FromArgs;
+
+#[derive(FromArgs)]
+/// banger: one-command development sandboxes on Firecracker microVMs.
+#[argh(
+    example = "Install banger on this host for user alice (once, as root):\n  sudo banger system install --owner alice",
+    example = "Check that everything is in order:\n  banger doctor",
+    example = "Is the daemon up?\n  banger daemon status",
+    note = "Run `banger <command> --help` for a command's options. `banger --version` prints one line."
+)]
+struct Top {
+    #[argh(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum Cmd {
+    Version(VersionCmd),
+    Daemon(daemon::DaemonCmd),
+    Doctor(doctor::DoctorCmd),
+    System(system::SystemCmd),
+    Vm(vm::VmCmd),
+    Image(vm::ImageCmd),
+    Kernel(vm::KernelCmd),
+}
+
+#[derive(FromArgs)]
+/// Print this binary's build identity as three lines: version, commit, built_at.
+#[argh(subcommand, name = "version")]
+struct VersionCmd {}
+
+/// Runs the CLI with `args` (argv[0] first); returns the exit code.
+pub fn run(args: Vec<String>) -> i32 {
+    if args.len() == 2 && (args[1] == "--version" || args[1] == "-V") {
+        println!("{}", crate::buildinfo::BuildInfo::current().one_line());
+        return 0;
+    }
+    let top: Top = match crate::applets::parse_args(&args) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
+    let result = match top.cmd {
+        Cmd::Version(_) => {
+            print!("{}", crate::buildinfo::BuildInfo::current().three_lines());
+            Ok(0)
+        }
+        Cmd::Daemon(c) => daemon::run(c),
+        Cmd::Doctor(c) => doctor::run(c),
+        Cmd::System(c) => system::run(c),
+        Cmd::Vm(c) => vm::run(c),
+        Cmd::Image(c) => vm::run_image(c),
+        Cmd::Kernel(c) => vm::run_kernel(c),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("banger: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+/// Refuses unless running as root, telling the user the exact command to re-run.
+pub(crate) fn require_root(what: &str, command: &str) -> Result<()> {
+    if rustix::process::geteuid().is_root() {
+        Ok(())
+    } else {
+        Err(Error::new(what.to_string(), "root is required").hint(format!("run: sudo {command}")))
+    }
+}
+
+/// True when stdout is a terminal.
+pub(crate) fn stdout_is_tty() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdout().is_terminal()
+}

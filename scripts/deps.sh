@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs, idempotently, the Debian packages banger's tests need on a fresh machine.
+# Usage: scripts/deps.sh [--smoke]   (--smoke adds what the systemd-nspawn smoke suite needs)
+set -euo pipefail
+
+want=(openssl python3 shellcheck binutils)
+if [[ "${1:-}" == "--smoke" ]]; then
+  want+=(debootstrap systemd-container)
+fi
+
+missing=()
+for p in "${want[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+if [[ ${#missing[@]} -eq 0 ]]; then
+  exit 0
+fi
+if [[ $(id -u) -ne 0 ]]; then
+  echo "deps: missing packages: ${missing[*]} (install them: sudo apt-get install ${missing[*]})" >&2
+  exit 1
+fi
+echo "deps: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,90 @@
+//! `banger daemon …`: where the daemon listens, how it is, and stopping it.
+
+use crate::error::Result;
+use crate::layout::{Layout, DAEMON_UNIT};
+use crate::rpc::client;
+use argh::FromArgs;
+use serde_json::{json, Value};
+
+#[derive(FromArgs)]
+/// Inspect or stop the banger daemon (bangerd).
+#[argh(subcommand, name = "daemon")]
+pub struct DaemonCmd {
+    #[argh(subcommand)]
+    cmd: Sub,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum Sub {
+    Socket(SocketCmd),
+    Status(StatusCmd),
+    Stop(StopCmd),
+}
+
+#[derive(FromArgs)]
+/// Print the daemon's socket path, nothing else.
+#[argh(subcommand, name = "socket")]
+struct SocketCmd {}
+
+#[derive(FromArgs)]
+/// Ask the daemon how it is: version, pid, uptime, socket, state directory.
+#[argh(subcommand, name = "status")]
+struct StatusCmd {
+    /// print the daemon's answer as JSON
+    #[argh(switch)]
+    json: bool,
+}
+
+#[derive(FromArgs)]
+/// Stop the installed daemon service (root; running VMs keep running).
+#[argh(
+    subcommand,
+    name = "stop",
+    note = "Start it again with `sudo banger system restart`."
+)]
+struct StopCmd {}
+
+/// Runs a `daemon` subcommand.
+pub fn run(c: DaemonCmd) -> Result<i32> {
+    let layout = Layout::from_env();
+    match c.cmd {
+        Sub::Socket(_) => {
+            println!("{}", layout.daemon_socket().display());
+            Ok(0)
+        }
+        Sub::Status(s) => {
+            let v = client::call(&layout.daemon_socket(), "daemon.status", json!({}))
+                .map_err(|e| e.into_error("asking the daemon for its status"))?;
+            if s.json {
+                println!("{v}");
+            } else {
+                print!("{}", render_status(&v));
+            }
+            Ok(0)
+        }
+        Sub::Stop(_) => {
+            super::require_root("stopping the daemon", "banger daemon stop")?;
+            let svc = crate::system::service::Systemctl;
+            crate::system::service::ServiceManager::stop(&svc, DAEMON_UNIT)?;
+            println!(
+                "bangerd stopped (VMs keep running; start it with `sudo banger system restart`)"
+            );
+            Ok(0)
+        }
+    }
+}
+
+fn render_status(v: &Value) -> String {
+    let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
+    let uptime = v.get("uptime_s").and_then(Value::as_f64).unwrap_or(0.0);
+    let pid = v.get("pid").and_then(Value::as_u64).unwrap_or(0);
+    format!(
+        "bangerd v{} (commit {}, built {})\npid: {pid}\nuptime: {uptime:.1}s\nsocket: {}\nstate: {}\n",
+        s("version"),
+        s("commit").chars().take(8).collect::<String>(),
+        s("built_at"),
+        s("socket"),
+        s("state_dir"),
+    )
+}

@@ -1,0 +1,617 @@
+//! `banger vm …`, `banger image …`, `banger kernel …`: VM lifecycle and the images VMs boot from.
+//!
+//! Thin: every verb is one daemon RPC; this module validates names early (the daemon checks them
+//! again), shows long operations' stages live on a TTY, and formats results.
+
+use crate::error::{Error, Result};
+use crate::layout::Layout;
+use crate::rpc::client;
+use argh::FromArgs;
+use serde_json::{json, Value};
+use std::io::Write;
+use std::time::Duration;
+
+/// How long a create/start/restart may take end to end.
+const LONG_CALL: Duration = Duration::from_secs(300);
+
+#[derive(FromArgs)]
+/// Create, run, inspect and remove VMs.
+#[argh(
+    subcommand,
+    name = "vm",
+    example = "banger vm create --name dev --image debian",
+    example = "banger vm list",
+    example = "banger vm stop dev && banger vm delete dev"
+)]
+pub struct VmCmd {
+    #[argh(subcommand)]
+    cmd: VmSub,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum VmSub {
+    Create(CreateCmd),
+    Start(RefCmd<StartTag>),
+    Stop(StopCmd),
+    Kill(KillCmd),
+    Restart(RefCmd<RestartTag>),
+    Delete(DeleteCmd),
+    List(ListCmd),
+    Ps(PsCmd),
+    Show(ShowCmd),
+    Logs(LogsCmd),
+}
+
+#[derive(FromArgs)]
+/// Create a VM from an image and start it (unless --no-start); returns once the guest is ready.
+#[argh(subcommand, name = "create")]
+struct CreateCmd {
+    /// VM name: 1-63 of a-z, 0-9, '-', no leading or trailing '-' (default: generated)
+    #[argh(option)]
+    name: Option<String>,
+    /// image to boot (default: the only image, if there is exactly one)
+    #[argh(option)]
+    image: Option<String>,
+    /// number of vCPUs (default 1)
+    #[argh(option, default = "1")]
+    vcpu: u32,
+    /// memory in MiB (default 512)
+    #[argh(option, default = "512")]
+    memory: u32,
+    /// create the VM but do not start it
+    #[argh(switch)]
+    no_start: bool,
+}
+
+/// Marker types so `start` and `restart` share one shape.
+trait Verb {
+    const METHOD: &'static str;
+}
+struct StartTag;
+struct RestartTag;
+impl Verb for StartTag {
+    const METHOD: &'static str = "vm.start";
+}
+impl Verb for RestartTag {
+    const METHOD: &'static str = "vm.restart";
+}
+
+#[derive(FromArgs)]
+/// Start (or restart) a VM; returns once the guest is ready.
+#[argh(subcommand, name = "start")]
+struct RefCmdStart {}
+
+/// A verb that takes one VM reference.
+struct RefCmd<T> {
+    vm: String,
+    _t: std::marker::PhantomData<T>,
+}
+
+macro_rules! ref_cmd {
+    ($tag:ty, $name:literal, $doc:literal) => {
+        impl argh::FromArgs for RefCmd<$tag> {
+            fn from_args(cmd: &[&str], args: &[&str]) -> std::result::Result<Self, argh::EarlyExit> {
+                #[derive(FromArgs)]
+                #[doc = $doc]
+                struct Inner {
+                    /// VM name or id
+                    #[argh(positional)]
+                    vm: String,
+                }
+                Inner::from_args(cmd, args).map(|i| RefCmd {
+                    vm: i.vm,
+                    _t: std::marker::PhantomData,
+                })
+            }
+        }
+        impl argh::SubCommand for RefCmd<$tag> {
+            const COMMAND: &'static argh::CommandInfo = &argh::CommandInfo {
+                name: $name,
+                description: $doc,
+            };
+        }
+    };
+}
+ref_cmd!(StartTag, "start", "Start a stopped VM; returns once the guest is ready.");
+ref_cmd!(
+    RestartTag,
+    "restart",
+    "Stop a VM and start it again (a new boot, a new boot_id)."
+);
+
+#[derive(FromArgs)]
+/// Stop a VM gracefully (Ctrl-Alt-Del), killing it after --timeout seconds if it does not stop.
+#[argh(subcommand, name = "stop")]
+struct StopCmd {
+    /// VM name or id
+    #[argh(positional)]
+    vm: String,
+    /// seconds to wait for a graceful stop before killing (default 10)
+    #[argh(option, default = "10")]
+    timeout: u64,
+}
+
+#[derive(FromArgs)]
+/// Send a signal to a VM's VMM process (default KILL): TERM, KILL, INT or HUP.
+#[argh(subcommand, name = "kill")]
+struct KillCmd {
+    /// VM name or id
+    #[argh(positional)]
+    vm: String,
+    /// signal: TERM, KILL, INT or HUP (default KILL)
+    #[argh(option, default = "String::from(\"KILL\")")]
+    signal: String,
+}
+
+#[derive(FromArgs)]
+/// Delete VMs (stopping them first) and their disks.
+#[argh(subcommand, name = "delete")]
+struct DeleteCmd {
+    /// VM names or ids
+    #[argh(positional, greedy)]
+    vms: Vec<String>,
+}
+
+#[derive(FromArgs)]
+/// List VMs.
+#[argh(subcommand, name = "list")]
+struct ListCmd {
+    /// print JSON
+    #[argh(switch)]
+    json: bool,
+}
+
+#[derive(FromArgs)]
+/// List VMs (same as `vm list`).
+#[argh(subcommand, name = "ps")]
+struct PsCmd {
+    /// print JSON
+    #[argh(switch)]
+    json: bool,
+}
+
+#[derive(FromArgs)]
+/// Show one VM: state, VMM identity, guest boot_id, files.
+#[argh(subcommand, name = "show")]
+struct ShowCmd {
+    /// VM name or id
+    #[argh(positional)]
+    vm: String,
+    /// print JSON
+    #[argh(switch)]
+    json: bool,
+}
+
+#[derive(FromArgs)]
+/// Print a VM's console log; -f keeps following it.
+#[argh(subcommand, name = "logs")]
+struct LogsCmd {
+    /// VM name or id
+    #[argh(positional)]
+    vm: String,
+    /// keep printing new output until interrupted
+    #[argh(switch, short = 'f')]
+    follow: bool,
+}
+
+/// Validates a VM name as the daemon will: 1–63 of a-z, 0-9, '-', no leading/trailing '-'.
+pub fn check_name(name: &str) -> Result<()> {
+    crate::helper::validate::vm_id(name).map(drop).map_err(|_| {
+        Error::usage(
+            format!("VM name `{name}`"),
+            "names are 1-63 characters of a-z, 0-9 and '-', not starting or ending with '-'",
+        )
+        .hint("pick a name like dev-1")
+    })
+}
+
+fn socket() -> std::path::PathBuf {
+    Layout::from_env().daemon_socket()
+}
+
+fn call(method: &str, params: Value, what: &str) -> Result<Value> {
+    client::call(&socket(), method, params).map_err(|e| e.into_error(what))
+}
+
+/// A long call: on a TTY, a thread shows the operation's stage while we wait.
+fn long_call(method: &str, params: Value, what: &str, target: &str) -> Result<Value> {
+    use std::io::IsTerminal;
+    let sock = socket();
+    let live = std::io::stderr().is_terminal();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = live.then(|| {
+        let (sock, done, target) = (sock.clone(), done.clone(), target.to_string());
+        std::thread::spawn(move || watch_stages(&sock, &done, &target))
+    });
+    let r = client::call_with_timeout(&sock, method, params, LONG_CALL);
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    if let Some(w) = watcher {
+        let _ = w.join();
+    }
+    r.map_err(|e| e.into_error(what))
+}
+
+fn watch_stages(sock: &std::path::Path, done: &std::sync::atomic::AtomicBool, target: &str) {
+    let mut last = String::new();
+    let mut err = std::io::stderr();
+    while !done.load(std::sync::atomic::Ordering::SeqCst) {
+        if let Ok(v) = client::call_with_timeout(sock, "daemon.operations.list", json!({}), Duration::from_secs(2)) {
+            let stage = v["operations"]
+                .as_array()
+                .and_then(|ops| {
+                    ops.iter()
+                        .rev()
+                        .find(|o| o["target"] == target && o["done"] == false)
+                })
+                .and_then(|o| o["stage"].as_str())
+                .unwrap_or("")
+                .to_string();
+            if !stage.is_empty() && stage != last {
+                let _ = write!(err, "\r\x1b[2K  {target}: {stage}…");
+                let _ = err.flush();
+                last = stage;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if !last.is_empty() {
+        let _ = write!(err, "\r\x1b[2K");
+    }
+}
+
+/// Runs a `vm` subcommand.
+pub fn run(c: VmCmd) -> Result<i32> {
+    match c.cmd {
+        VmSub::Create(c) => {
+            if let Some(n) = &c.name {
+                check_name(n)?;
+            }
+            if c.vcpu == 0 || c.memory == 0 {
+                return Err(Error::usage(
+                    "creating a VM",
+                    "--vcpu and --memory must be at least 1",
+                ));
+            }
+            let target = c.name.clone().unwrap_or_default();
+            let v = long_call(
+                "vm.create",
+                json!({"name": c.name, "image": c.image, "vcpu": c.vcpu, "memory_mib": c.memory, "start": !c.no_start}),
+                "creating a VM",
+                &target,
+            )?;
+            println!("{}", summary(&v));
+            Ok(0)
+        }
+        VmSub::Start(r) => one_long("vm.start", &r.vm, "starting"),
+        VmSub::Restart(r) => one_long("vm.restart", &r.vm, "restarting"),
+        VmSub::Stop(s) => {
+            let v = long_call(
+                "vm.stop",
+                json!({"vm": s.vm, "timeout_s": s.timeout}),
+                &format!("stopping VM `{}`", s.vm),
+                &s.vm,
+            )?;
+            println!("{}", summary(&v));
+            Ok(0)
+        }
+        VmSub::Kill(k) => {
+            crate::helper::validate::signal(&k.signal).map_err(|e| Error::usage("--signal", e.message))?;
+            let v = call(
+                "vm.kill",
+                json!({"vm": k.vm, "signal": k.signal}),
+                &format!("signalling VM `{}`", k.vm),
+            )?;
+            println!("{}", summary(&v));
+            Ok(0)
+        }
+        VmSub::Delete(d) => {
+            if d.vms.is_empty() {
+                return Err(Error::usage("deleting VMs", "name at least one VM"));
+            }
+            let v = long_call("vm.delete", json!({"vms": d.vms}), "deleting VMs", "")?;
+            for name in v["deleted"].as_array().into_iter().flatten() {
+                println!("deleted {}", name.as_str().unwrap_or("?"));
+            }
+            Ok(0)
+        }
+        VmSub::List(ListCmd { json }) | VmSub::Ps(PsCmd { json }) => {
+            let v = call("vm.list", json!({}), "listing VMs")?;
+            if json {
+                println!("{}", v["vms"]);
+            } else {
+                print!("{}", table(&v["vms"]));
+            }
+            Ok(0)
+        }
+        VmSub::Show(s) => {
+            let v = call("vm.show", json!({"vm": s.vm}), &format!("showing VM `{}`", s.vm))?;
+            if s.json {
+                println!("{v}");
+            } else {
+                print!("{}", details(&v));
+            }
+            Ok(0)
+        }
+        VmSub::Logs(l) => logs(&l.vm, l.follow),
+    }
+}
+
+fn one_long(method: &str, vm: &str, verb: &str) -> Result<i32> {
+    let v = long_call(method, json!({"vm": vm}), &format!("{verb} VM `{vm}`"), vm)?;
+    println!("{}", summary(&v));
+    Ok(0)
+}
+
+fn s<'a>(v: &'a Value, k: &str) -> &'a str {
+    v.get(k).and_then(Value::as_str).unwrap_or("-")
+}
+
+fn summary(v: &Value) -> String {
+    let mut out = format!("{} {}", s(v, "name"), s(v, "state"));
+    if let Some(b) = v.get("boot_id").and_then(Value::as_str) {
+        out.push_str(&format!(" boot_id={b}"));
+    }
+    if let Some(p) = v.get("pid").and_then(Value::as_i64) {
+        out.push_str(&format!(" pid={p}"));
+    }
+    out
+}
+
+fn table(vms: &Value) -> String {
+    let mut out = format!(
+        "{:<20} {:<14} {:<10} {:>4} {:>7} {:>8}  {}\n",
+        "NAME", "ID", "STATE", "CPU", "MEM", "PID", "IMAGE"
+    );
+    for v in vms.as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{:<20} {:<14} {:<10} {:>4} {:>7} {:>8}  {}\n",
+            s(v, "name"),
+            s(v, "id"),
+            s(v, "state"),
+            v["vcpu"].as_u64().unwrap_or(0),
+            format!("{}M", v["memory_mib"].as_u64().unwrap_or(0)),
+            v["pid"].as_i64().map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            s(v, "image"),
+        ));
+    }
+    out
+}
+
+fn details(v: &Value) -> String {
+    let vm = &v["vm"];
+    let mut out = String::new();
+    for k in ["name", "id", "state", "image", "boot_id", "created_at", "updated_at"] {
+        out.push_str(&format!("{k}: {}\n", s(vm, k)));
+    }
+    out.push_str(&format!(
+        "vcpu: {}\nmemory: {} MiB\n",
+        vm["vcpu"].as_u64().unwrap_or(0),
+        vm["memory_mib"].as_u64().unwrap_or(0)
+    ));
+    if let Some(p) = vm["pid"].as_i64() {
+        out.push_str(&format!(
+            "vmm: pid {p}, start time {}, comm {}\n",
+            vm["start_time"].as_u64().unwrap_or(0),
+            s(vm, "comm")
+        ));
+    }
+    if let Some(d) = v.get("dir").and_then(Value::as_str) {
+        out.push_str(&format!("dir: {d}\n"));
+    }
+    out
+}
+
+fn logs(vm: &str, follow: bool) -> Result<i32> {
+    let mut offset: u64 = 0;
+    let mut out = std::io::stdout();
+    loop {
+        let v = call(
+            "vm.logs",
+            json!({"vm": vm, "offset": offset}),
+            &format!("reading the console of VM `{vm}`"),
+        )?;
+        let data = v["data"].as_str().unwrap_or("");
+        if !data.is_empty() {
+            let _ = out.write_all(data.as_bytes());
+            let _ = out.flush();
+        }
+        offset = v["offset"].as_u64().unwrap_or(offset);
+        if !follow {
+            return Ok(0);
+        }
+        if v["more"] != true {
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+#[derive(FromArgs)]
+/// Import, list and remove images (a root filesystem plus the kernel to boot it with).
+#[argh(
+    subcommand,
+    name = "image",
+    example = "banger image import debian --rootfs ./debian.ext4 --kernel k6"
+)]
+pub struct ImageCmd {
+    #[argh(subcommand)]
+    cmd: ImageSub,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum ImageSub {
+    Import(ImageImport),
+    List(ImageList),
+    Rm(ImageRm),
+}
+
+#[derive(FromArgs)]
+/// Import a root filesystem as an image (copied into banger's state).
+#[argh(subcommand, name = "import")]
+struct ImageImport {
+    /// image name
+    #[argh(positional)]
+    name: String,
+    /// root filesystem file (ext4)
+    #[argh(option)]
+    rootfs: String,
+    /// kernel to boot it with (see `banger kernel list`)
+    #[argh(option)]
+    kernel: String,
+    /// for guests without the banger agent: the console line prefix that means "ready"; the rest
+    /// of that line is the guest's boot_id
+    #[argh(option)]
+    ready_console: Option<String>,
+}
+
+#[derive(FromArgs)]
+/// List images.
+#[argh(subcommand, name = "list")]
+struct ImageList {
+    /// print JSON
+    #[argh(switch)]
+    json: bool,
+}
+
+#[derive(FromArgs)]
+/// Remove an image (VMs made from it keep their own disks).
+#[argh(subcommand, name = "rm")]
+struct ImageRm {
+    /// image name
+    #[argh(positional)]
+    name: String,
+}
+
+/// Runs an `image` subcommand.
+pub fn run_image(c: ImageCmd) -> Result<i32> {
+    match c.cmd {
+        ImageSub::Import(i) => {
+            let rootfs = absolute(&i.rootfs)?;
+            let v = long_call(
+                "image.import",
+                json!({"name": i.name, "rootfs": rootfs, "kernel": i.kernel, "ready_console": i.ready_console}),
+                &format!("importing image `{}`", i.name),
+                &i.name,
+            )?;
+            println!("imported image {}", s(&v, "name"));
+            Ok(0)
+        }
+        ImageSub::List(l) => {
+            let v = call("image.list", json!({}), "listing images")?;
+            if l.json {
+                println!("{}", v["images"]);
+            } else {
+                println!("{:<20} {:<16} {}", "NAME", "KERNEL", "READINESS");
+                for i in v["images"].as_array().into_iter().flatten() {
+                    let ready = i["ready_pattern"]
+                        .as_str()
+                        .map(|p| format!("console: {p}"))
+                        .unwrap_or_else(|| "agent".into());
+                    println!("{:<20} {:<16} {}", s(i, "name"), s(i, "kernel"), ready);
+                }
+            }
+            Ok(0)
+        }
+        ImageSub::Rm(r) => {
+            call("image.rm", json!({"name": r.name}), &format!("removing image `{}`", r.name))?;
+            println!("removed image {}", r.name);
+            Ok(0)
+        }
+    }
+}
+
+#[derive(FromArgs)]
+/// Import, list and remove guest kernels.
+#[argh(subcommand, name = "kernel", example = "banger kernel import k6 ./vmlinux")]
+pub struct KernelCmd {
+    #[argh(subcommand)]
+    cmd: KernelSub,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum KernelSub {
+    Import(KernelImport),
+    List(KernelList),
+    Rm(KernelRm),
+}
+
+#[derive(FromArgs)]
+/// Import a guest kernel (an uncompressed vmlinux ELF; copied into banger's state).
+#[argh(subcommand, name = "import")]
+struct KernelImport {
+    /// kernel name
+    #[argh(positional)]
+    name: String,
+    /// path of the kernel image
+    #[argh(positional)]
+    path: String,
+}
+
+#[derive(FromArgs)]
+/// List kernels.
+#[argh(subcommand, name = "list")]
+struct KernelList {
+    /// print JSON
+    #[argh(switch)]
+    json: bool,
+}
+
+#[derive(FromArgs)]
+/// Remove a kernel no image uses.
+#[argh(subcommand, name = "rm")]
+struct KernelRm {
+    /// kernel name
+    #[argh(positional)]
+    name: String,
+}
+
+/// Runs a `kernel` subcommand.
+pub fn run_kernel(c: KernelCmd) -> Result<i32> {
+    match c.cmd {
+        KernelSub::Import(k) => {
+            let path = absolute(&k.path)?;
+            let v = call(
+                "kernel.import",
+                json!({"name": k.name, "path": path}),
+                &format!("importing kernel `{}`", k.name),
+            )?;
+            println!("imported kernel {}", s(&v, "name"));
+            Ok(0)
+        }
+        KernelSub::List(l) => {
+            let v = call("kernel.list", json!({}), "listing kernels")?;
+            if l.json {
+                println!("{}", v["kernels"]);
+            } else {
+                println!("{:<20} PATH", "NAME");
+                for k in v["kernels"].as_array().into_iter().flatten() {
+                    println!("{:<20} {}", s(k, "name"), s(k, "path"));
+                }
+            }
+            Ok(0)
+        }
+        KernelSub::Rm(r) => {
+            call("kernel.rm", json!({"name": r.name}), &format!("removing kernel `{}`", r.name))?;
+            println!("removed kernel {}", r.name);
+            Ok(0)
+        }
+    }
+}
+
+fn absolute(p: &str) -> Result<String> {
+    let path = std::path::Path::new(p);
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| Error::new("finding the current directory", e))?
+            .join(path)
+    };
+    if !abs.is_file() {
+        return Err(Error::new(format!("reading {}", abs.display()), "no such file")
+            .hint("give the path of an existing file"));
+    }
+    Ok(abs.to_string_lossy().into_owned())
+}

@@ -1,0 +1,167 @@
+//! Allow-list validators for every argument the root helper accepts.
+//!
+//! Each returns the validated value or a `bad_request` saying exactly what was refused. The helper
+//! is never a general root primitive: if a value is not on an allow-list here, it is refused.
+
+use crate::layout::Layout;
+use crate::rpc::RpcError;
+use serde_json::{Map, Value};
+use std::path::{Component, Path, PathBuf};
+
+/// Refuses any parameter not in `allowed`; returns the parameter object.
+pub fn only_params<'a>(
+    params: &'a Value,
+    allowed: &[&str],
+) -> Result<Option<&'a Map<String, Value>>, RpcError> {
+    match params {
+        Value::Null => Ok(None),
+        Value::Object(m) => {
+            let unknown: Vec<&str> = m
+                .keys()
+                .map(String::as_str)
+                .filter(|k| !allowed.contains(k))
+                .collect();
+            if unknown.is_empty() {
+                Ok(Some(m))
+            } else {
+                Err(RpcError::bad_request(format!(
+                    "argument(s) not allowed: {} (allowed: {})",
+                    unknown.join(", "),
+                    if allowed.is_empty() {
+                        "none".to_string()
+                    } else {
+                        allowed.join(", ")
+                    }
+                )))
+            }
+        }
+        _ => Err(RpcError::bad_request("params must be an object")),
+    }
+}
+
+/// A VM id made by banger: 1–63 of `a-z0-9-`, no leading or trailing `-`.
+pub fn vm_id(s: &str) -> Result<&str, RpcError> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(s)
+    } else {
+        Err(RpcError::bad_request(format!(
+            "`{s}` is not a banger VM id (1-63 of a-z, 0-9, '-', no leading or trailing '-')"
+        )))
+    }
+}
+
+/// The signals the helper will deliver to a VMM.
+pub const SIGNALS: [&str; 4] = ["TERM", "KILL", "INT", "HUP"];
+
+/// One of [`SIGNALS`], with or without the `SIG` prefix.
+pub fn signal(s: &str) -> Result<rustix::process::Signal, RpcError> {
+    use rustix::process::Signal;
+    match s.trim_start_matches("SIG") {
+        "TERM" => Ok(Signal::Term),
+        "KILL" => Ok(Signal::Kill),
+        "INT" => Ok(Signal::Int),
+        "HUP" => Ok(Signal::Hup),
+        _ => Err(RpcError::bad_request(format!(
+            "signal `{s}` is not allowed (allowed: {})",
+            SIGNALS.join(", ")
+        ))),
+    }
+}
+
+/// An absolute path, without `..`, below one of banger's own directories.
+pub fn banger_path(layout: &Layout, s: &str) -> Result<PathBuf, RpcError> {
+    let p = Path::new(s);
+    let refuse = |why: &str| RpcError::bad_request(format!("path `{s}` refused: {why}"));
+    if !p.is_absolute() {
+        return Err(refuse("not absolute"));
+    }
+    // Checked on the raw string: `Path::components` silently drops interior `.` segments.
+    if s.split('/').any(|seg| seg == "." || seg == "..")
+        || p.components().any(|c| matches!(c, Component::ParentDir))
+    {
+        return Err(refuse("contains `.` or `..`"));
+    }
+    let roots = [
+        layout.state_dir(),
+        layout.helper_run_dir(),
+        layout.run_dir(),
+    ];
+    if roots.iter().any(|r| p.starts_with(r) && p != r) {
+        Ok(p.to_path_buf())
+    } else {
+        Err(refuse("not under banger's state or runtime directories"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn vm_id_table() {
+        for ok in ["a", "vm-1", "0abc", &"a".repeat(63)] {
+            assert!(vm_id(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "A",
+            "a_b",
+            "a/b",
+            "a b",
+            "../x",
+            &"a".repeat(64),
+            "é",
+        ] {
+            assert!(vm_id(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn signal_table() {
+        for ok in ["TERM", "SIGTERM", "KILL", "SIGKILL", "INT", "HUP"] {
+            assert!(signal(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "STOP", "SIGSTOP", "9", "term", "USR1", "SIGSEGV"] {
+            assert!(signal(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn path_table() {
+        let l = Layout::under("/r");
+        for ok in ["/r/var/lib/banger/vms/a/fc.sock", "/r/run/banger-root/x"] {
+            assert!(banger_path(&l, ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "relative/path",
+            "/etc/shadow",
+            "/r/var/lib/banger",
+            "/r/var/lib/banger/../../../etc/shadow",
+            "/r/var/lib/banger/./x",
+            "/r/var/lib/bangerx/y",
+            "",
+        ] {
+            assert!(banger_path(&l, bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn params_table() {
+        assert!(only_params(&json!(null), &[]).is_ok());
+        assert!(only_params(&json!({}), &[]).is_ok());
+        assert!(only_params(&json!({"id": "a"}), &["id"]).is_ok());
+        let e = only_params(&json!({"cmd": "rm -rf /"}), &["id"]).unwrap_err();
+        assert!(e.message.contains("cmd"), "{}", e.message);
+        assert!(only_params(&json!([1]), &[]).is_err());
+        assert!(only_params(&json!("x"), &[]).is_err());
+    }
+}

@@ -1,0 +1,420 @@
+//! Store tests against real files in a private temp dir.
+
+use super::compat::{check_with, sibling};
+use super::*;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// A unique directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let p = std::env::temp_dir().join(format!(
+            "banger-store-test-{}-{}-{nanos}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir(&p).unwrap();
+        TempDir(p)
+    }
+    fn db(&self) -> PathBuf {
+        self.0.join("state.db")
+    }
+    /// The directory's entries, sorted, to prove nothing was created.
+    fn entries(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&self.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const M1: Migration = Migration {
+    version: 1,
+    name: "one",
+    sql: "CREATE TABLE a (x INTEGER);",
+};
+const M2: Migration = Migration {
+    version: 2,
+    name: "two",
+    sql: "ALTER TABLE a ADD COLUMN y TEXT;",
+};
+const BAD: Migration = Migration {
+    version: 2,
+    name: "bad",
+    sql: "CREATE TABLE half (x INTEGER); THIS IS NOT SQL;",
+};
+
+fn pragma(s: &Store, name: &str) -> String {
+    s.conn()
+        .query_row(&format!("PRAGMA {name}"), [], |r| {
+            r.get::<_, rusqlite::types::Value>(0)
+        })
+        .map(|v| match v {
+            rusqlite::types::Value::Integer(i) => i.to_string(),
+            rusqlite::types::Value::Text(t) => t,
+            other => format!("{other:?}"),
+        })
+        .unwrap()
+}
+
+#[test]
+fn open_creates_migrates_and_is_idempotent() {
+    let d = TempDir::new();
+    let s = Store::open(&d.db()).unwrap();
+    assert_eq!(s.migrations_applied(), &[1]);
+    let mode = std::fs::metadata(d.db()).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    for table in [
+        "vms",
+        "images",
+        "kernels",
+        "operations",
+        "schema_migrations",
+    ] {
+        let n: i64 = s
+            .conn()
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type='table' AND name=?1",
+                [table],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 1, "table {table}");
+    }
+    let (name, at): (String, String) = s
+        .conn()
+        .query_row(
+            "SELECT name, applied_at FROM schema_migrations WHERE version = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(name, "baseline");
+    assert!(at.ends_with('Z'), "{at}");
+    drop(s);
+
+    let s = Store::open(&d.db()).unwrap();
+    assert!(s.migrations_applied().is_empty());
+    let n: i64 = s
+        .conn()
+        .query_row("SELECT count(*) FROM schema_migrations", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
+#[test]
+fn wal_busy_timeout_and_foreign_keys() {
+    let d = TempDir::new();
+    let s = Store::open(&d.db()).unwrap();
+    assert_eq!(pragma(&s, "journal_mode"), "wal");
+    assert_eq!(pragma(&s, "foreign_keys"), "1");
+    assert_eq!(pragma(&s, "busy_timeout"), "5000");
+    // The foreign key really is enforced: an image cannot name a kernel that does not exist.
+    let err = s
+        .conn()
+        .execute(
+            "INSERT INTO images (name, rootfs, kernel, created_at) VALUES ('i', '/r', 'nope', 'now')",
+            [],
+        )
+        .unwrap_err();
+    assert_eq!(
+        err.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::ConstraintViolation)
+    );
+}
+
+#[test]
+fn open_without_parent_dir_says_what_to_do() {
+    let d = TempDir::new();
+    let p = d.0.join("no-such-dir").join("state.db");
+    let e = Store::open(&p).unwrap_err();
+    assert!(e.why.contains("does not exist"), "{e}");
+    assert!(e.hint.is_some());
+    assert!(!p.parent().unwrap().exists());
+}
+
+#[test]
+fn check_missing_creates_nothing() {
+    let d = TempDir::new();
+    let c = check(&d.db()).unwrap();
+    assert_eq!(c, Compat::Missing { latest: LATEST });
+    assert_eq!(c.exit_code(), 1);
+    assert!(c.line().starts_with("missing: "));
+    assert!(d.entries().is_empty(), "{:?}", d.entries());
+    assert!(open_read_only(&d.db()).is_err());
+    assert!(d.entries().is_empty());
+}
+
+#[test]
+fn check_valid_sqlite_without_schema_table_is_pending_from_zero() {
+    let d = TempDir::new();
+    {
+        let c = Connection::open(d.db()).unwrap();
+        c.execute_batch("CREATE TABLE unrelated (x)").unwrap();
+    }
+    let c = check(&d.db()).unwrap();
+    assert_eq!(
+        c,
+        Compat::Pending {
+            db_version: 0,
+            latest: LATEST
+        }
+    );
+    assert_eq!(c.exit_code(), 1);
+    // An empty file is a valid (empty) SQLite database too.
+    std::fs::write(d.0.join("empty.db"), b"").unwrap();
+    assert_eq!(
+        check(&d.0.join("empty.db")).unwrap(),
+        Compat::Pending {
+            db_version: 0,
+            latest: LATEST
+        }
+    );
+}
+
+#[test]
+fn check_partially_migrated_is_pending_and_open_finishes_it() {
+    let d = TempDir::new();
+    assert_eq!(
+        Store::open_with(&d.db(), &[M1])
+            .unwrap()
+            .migrations_applied(),
+        &[1]
+    );
+    let c = check_with(&d.db(), &[M1, M2]).unwrap();
+    assert_eq!(
+        c,
+        Compat::Pending {
+            db_version: 1,
+            latest: 2
+        }
+    );
+    assert_eq!(
+        c.line(),
+        "pending: database at 1, this binary applies up to 2"
+    );
+    let s = Store::open_with(&d.db(), &[M1, M2]).unwrap();
+    assert_eq!(s.migrations_applied(), &[2]);
+    s.conn()
+        .execute("INSERT INTO a (x, y) VALUES (1, 'y')", [])
+        .unwrap();
+    drop(s);
+    assert_eq!(
+        check_with(&d.db(), &[M1, M2]).unwrap(),
+        Compat::Compatible { version: 2 }
+    );
+    // The real table, simulated: a baseline DB that lost its row is pending again.
+    let s = Store::open(&d.0.join("real.db")).unwrap();
+    s.conn()
+        .execute("DELETE FROM schema_migrations", [])
+        .unwrap();
+    drop(s);
+    assert_eq!(
+        check(&d.0.join("real.db")).unwrap(),
+        Compat::Pending {
+            db_version: 0,
+            latest: LATEST
+        }
+    );
+}
+
+#[test]
+fn failed_migration_rolls_back_its_own_step_only() {
+    let d = TempDir::new();
+    let e = Store::open_with(&d.db(), &[M1, BAD]).unwrap_err();
+    assert!(e.what.contains("applying migration 2 (bad)"), "{e}");
+    assert_eq!(
+        check_with(&d.db(), &[M1, BAD]).unwrap(),
+        Compat::Pending {
+            db_version: 1,
+            latest: 2
+        }
+    );
+    let c = Connection::open(d.db()).unwrap();
+    let n: i64 = c
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name = 'half'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        n, 0,
+        "the failed step's first statement must be rolled back"
+    );
+}
+
+#[test]
+fn check_fully_migrated_is_compatible_and_writes_nothing() {
+    let d = TempDir::new();
+    drop(Store::open(&d.db()).unwrap());
+    let before = d.entries();
+    assert_eq!(before, vec!["state.db".to_string()]);
+    let bytes = std::fs::read(d.db()).unwrap();
+    let c = check(&d.db()).unwrap();
+    assert_eq!(c, Compat::Compatible { version: LATEST });
+    assert_eq!(c.exit_code(), 0);
+    assert_eq!(c.line(), format!("compatible: schema {LATEST} of {LATEST}"));
+    let ro = open_read_only(&d.db()).unwrap();
+    let n: i64 = ro
+        .query_row("SELECT count(*) FROM vms", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 0);
+    assert!(ro.execute("DELETE FROM vms", []).is_err(), "read-only");
+    drop(ro);
+    assert_eq!(d.entries(), before, "no -wal/-shm left behind");
+    assert_eq!(std::fs::read(d.db()).unwrap(), bytes);
+}
+
+#[test]
+fn check_sees_through_a_live_writers_wal() {
+    let d = TempDir::new();
+    let s = Store::open_with(&d.db(), &[M1]).unwrap();
+    // Keep a second connection open so the WAL is not checkpointed away, then commit migration 2
+    // through the live store: it sits in the -wal only.
+    let s2 = Store::open_with(&d.db(), &[M1, M2]).unwrap();
+    assert_eq!(s2.migrations_applied(), &[2]);
+    assert!(sibling(&d.db(), "-wal").exists());
+    assert_eq!(
+        check_with(&d.db(), &[M1, M2]).unwrap(),
+        Compat::Compatible { version: 2 }
+    );
+    drop((s, s2));
+}
+
+#[test]
+fn newer_database_is_incompatible_and_left_unchanged() {
+    let d = TempDir::new();
+    let s = Store::open(&d.db()).unwrap();
+    s.conn()
+        .execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES (999, 'future', 'x')",
+            [],
+        )
+        .unwrap();
+    drop(s);
+    let bytes = std::fs::read(d.db()).unwrap();
+    let entries = d.entries();
+
+    let c = check(&d.db()).unwrap();
+    assert_eq!(
+        c,
+        Compat::Incompatible {
+            unknown: vec![999],
+            latest: LATEST
+        }
+    );
+    assert_eq!(c.exit_code(), 2);
+    assert!(c
+        .line()
+        .starts_with("incompatible: database has migration 999 unknown"));
+
+    let e = Store::open(&d.db()).unwrap_err();
+    assert!(e.why.contains("999"), "{e}");
+    assert!(e.what.contains(&d.db().display().to_string()), "{e}");
+    assert!(e.hint.is_some());
+    assert_eq!(std::fs::read(d.db()).unwrap(), bytes);
+    assert_eq!(d.entries(), entries);
+}
+
+#[test]
+fn corrupt_file_is_an_error_naming_the_path_and_is_never_touched() {
+    let d = TempDir::new();
+    let garbage: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 13) as u8).collect();
+    std::fs::write(d.db(), &garbage).unwrap();
+    let shown = d.db().display().to_string();
+
+    let e = check(&d.db()).unwrap_err();
+    assert!(e.what.contains(&shown), "{e}");
+    assert!(
+        e.hint.as_deref().unwrap_or("").contains("never overwrites"),
+        "{e}"
+    );
+    let e = open_read_only(&d.db()).unwrap_err();
+    assert!(e.what.contains(&shown), "{e}");
+    let e = Store::open(&d.db()).unwrap_err();
+    assert!(e.what.contains(&shown), "{e}");
+
+    assert_eq!(std::fs::read(d.db()).unwrap(), garbage);
+    assert_eq!(d.entries(), vec!["state.db".to_string()]);
+}
+
+#[test]
+fn operations_round_trip_newest_first() {
+    let d = TempDir::new();
+    let s = Store::open(&d.db()).unwrap();
+    let op = |id: &str, started: &str| Operation {
+        id: id.into(),
+        kind: "vm.create".into(),
+        stage: "queued".into(),
+        target: Some("dev".into()),
+        started_at: started.into(),
+        finished_at: None,
+        done: false,
+        error: None,
+    };
+    let a = op("op-a", "2026-01-01T00:00:00Z");
+    let b = op("op-b", "2026-01-01T00:00:05Z");
+    let c = Operation {
+        target: None,
+        ..op("op-c", "2026-01-01T00:00:05Z")
+    };
+    for o in [&a, &b, &c] {
+        s.op_insert(o).unwrap();
+    }
+    assert!(s.op_insert(&a).is_err(), "duplicate id");
+    assert_eq!(
+        s.op_list(10).unwrap(),
+        vec![c.clone(), b.clone(), a.clone()]
+    );
+    assert_eq!(s.op_list(1).unwrap(), vec![c.clone()]);
+
+    let b_done = Operation {
+        stage: "failed".into(),
+        finished_at: Some("2026-01-01T00:01:00Z".into()),
+        done: true,
+        error: Some("boom".into()),
+        ..b.clone()
+    };
+    s.op_update(&b_done).unwrap();
+    assert_eq!(
+        s.op_list(10).unwrap(),
+        vec![c.clone(), b_done.clone(), a.clone()]
+    );
+    let new = op("op-d", "2026-01-01T00:02:00Z");
+    s.op_update(&new).unwrap(); // upsert
+    assert_eq!(s.op_list(10).unwrap()[0], new);
+
+    // After a restart, work that was in flight is closed, not left pending forever.
+    drop(s);
+    let s = Store::open(&d.db()).unwrap();
+    assert_eq!(s.op_fail_unfinished("daemon restarted").unwrap(), 3);
+    let all = s.op_list(10).unwrap();
+    assert!(all.iter().all(|o| o.done && o.finished_at.is_some()));
+    assert_eq!(all.iter().find(|o| o.id == "op-b").unwrap(), &b_done);
+    assert_eq!(
+        all.iter()
+            .find(|o| o.id == "op-a")
+            .unwrap()
+            .error
+            .as_deref(),
+        Some("daemon restarted")
+    );
+}

@@ -1,0 +1,1078 @@
+//! `banger doctor`: read-only health checks of this host and of the install.
+//!
+//! Owns the checks, their PASS/WARN/FAIL verdicts and both renderings (text rows, JSON). It never
+//! writes, never migrates and never starts anything except `firecracker --version` (and only a
+//! root-owned, not group/world-writable firecracker). A check that cannot be decided here (no
+//! systemd, not installed, not root) says WARN with the reason; it never passes silently. The update
+//! flow runs the new binary's doctor and rolls back on any FAIL, so FAIL means "banger is broken
+//! here", not "something is unusual".
+
+use std::ffi::OsStr;
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::install_toml;
+use super::service::{self, ServiceManager};
+use super::units;
+use crate::buildinfo::BuildInfo;
+use crate::layout::{Layout, DAEMON_UNIT, HELPER_UNIT};
+
+/// A Firecracker version: `(major, minor, patch)`.
+pub type FcVersion = (u32, u32, u32);
+
+/// The Firecracker versions banger is tested with: `min <= v < max_exclusive`.
+pub const TESTED_FIRECRACKER: (FcVersion, FcVersion) = ((1, 10, 0), (2, 0, 0));
+
+/// The KVM device (a host device, not a layout path: a temp layout still runs on this host's KVM).
+pub const KVM_DEVICE: &str = "/dev/kvm";
+
+/// Where firecracker is looked for when it is not on `PATH`.
+pub const FIRECRACKER_FALLBACK: &str = "/usr/local/bin/firecracker";
+
+/// How long `firecracker --version` may take.
+const VERSION_TIMEOUT: Duration = Duration::from_secs(5);
+
+const HINT_INSTALL: &str = "run sudo banger system install --owner USER";
+
+/// A check's verdict.
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Level {
+    /// Fine.
+    Pass,
+    /// Works, or cannot be checked here; the details say which and why.
+    Warn,
+    /// Broken: banger will not work correctly until this is fixed.
+    Fail,
+}
+
+impl Level {
+    /// `PASS`, `WARN` or `FAIL`.
+    pub fn word(self) -> &'static str {
+        match self {
+            Level::Pass => "PASS",
+            Level::Warn => "WARN",
+            Level::Fail => "FAIL",
+        }
+    }
+}
+
+/// One row of the report.
+#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+pub struct Check {
+    /// Verdict.
+    pub level: Level,
+    /// Short stable name, e.g. `units`.
+    pub name: String,
+    /// What was found and, when not PASS, what to do.
+    pub details: Vec<String>,
+}
+
+impl Check {
+    /// A check with a verdict and details.
+    pub fn new(level: Level, name: impl Into<String>, details: Vec<String>) -> Self {
+        Check {
+            level,
+            name: name.into(),
+            details,
+        }
+    }
+}
+
+/// Inputs that tests (and the CLI) may override.
+#[derive(Debug, Clone)]
+pub struct DoctorOptions {
+    /// Firecracker to check; `None` = `firecracker` on `PATH`, else [`FIRECRACKER_FALLBACK`].
+    pub firecracker: Option<PathBuf>,
+    /// The KVM device to check.
+    pub kvm: PathBuf,
+    /// Whether systemd runs this host (default: [`service::systemd_running`]).
+    pub systemd: bool,
+    /// Rows supplied by the caller (e.g. the state store check), spliced in after `version`.
+    pub extra: Vec<Check>,
+}
+
+impl Default for DoctorOptions {
+    fn default() -> Self {
+        DoctorOptions {
+            firecracker: None,
+            kvm: PathBuf::from(KVM_DEVICE),
+            systemd: service::systemd_running(),
+            extra: vec![],
+        }
+    }
+}
+
+/// Runs every check, in a fixed order: architecture, version, `opts.extra`, units, unit
+/// directives, sockets, kvm, firecracker.
+pub fn run(layout: &Layout, svc: &dyn ServiceManager, opts: &DoctorOptions) -> Vec<Check> {
+    let install = install_toml::load(layout);
+    let owner_uid = match &install {
+        Ok(Some(i)) => Some(i.owner_uid),
+        _ => None,
+    };
+    let mut checks = vec![
+        check_architecture(std::env::consts::ARCH),
+        check_version(&install, &BuildInfo::current()),
+    ];
+    checks.extend(opts.extra.iter().cloned());
+    let installed = owner_uid.is_some();
+    checks.push(check_units(layout, svc, installed, opts.systemd));
+    checks.push(check_unit_directives(layout, installed));
+    checks.push(check_sockets(layout, owner_uid));
+    checks.push(check_kvm(&opts.kvm));
+    checks.push(check_firecracker(opts.firecracker.as_deref()));
+    checks
+}
+
+/// True when any check failed (the CLI exits 1).
+pub fn any_fail(checks: &[Check]) -> bool {
+    checks.iter().any(|c| c.level == Level::Fail)
+}
+
+/// Rows `PASS name` with details indented two spaces below; the level word is coloured only when
+/// `color` is set.
+pub fn render_text(checks: &[Check], color: bool) -> String {
+    let mut out = String::new();
+    for c in checks {
+        let word = c.level.word();
+        if color {
+            let code = match c.level {
+                Level::Pass => "32",
+                Level::Warn => "33",
+                Level::Fail => "31",
+            };
+            let _ = writeln!(out, "\x1b[{code}m{word}\x1b[0m {}", c.name);
+        } else {
+            let _ = writeln!(out, "{word} {}", c.name);
+        }
+        for d in &c.details {
+            let _ = writeln!(out, "  {d}");
+        }
+    }
+    out
+}
+
+/// `{"ok": <no FAIL>, "checks": [{"level": "PASS", "name": …, "details": […]}, …]}`.
+pub fn render_json(checks: &[Check]) -> String {
+    serde_json::json!({ "ok": !any_fail(checks), "checks": checks }).to_string()
+}
+
+/// Whether to colour output: only on a TTY, never when `NO_COLOR` is set (any value) or
+/// `TERM=dumb`.
+pub fn use_color(is_tty: bool) -> bool {
+    use_color_from(
+        is_tty,
+        std::env::var_os("NO_COLOR").is_some(),
+        std::env::var_os("TERM").as_deref(),
+    )
+}
+
+fn use_color_from(is_tty: bool, no_color: bool, term: Option<&OsStr>) -> bool {
+    is_tty && !no_color && term != Some(OsStr::new("dumb"))
+}
+
+// ---- checks ----
+
+fn check_architecture(arch: &str) -> Check {
+    if arch == "x86_64" {
+        Check::new(Level::Pass, "architecture", vec![arch.to_string()])
+    } else {
+        Check::new(
+            Level::Fail,
+            "architecture",
+            vec![format!("{arch}: banger supports x86_64 hosts only")],
+        )
+    }
+}
+
+fn short(commit: &str) -> String {
+    commit.chars().take(8).collect()
+}
+
+fn describe(b: &BuildInfo) -> String {
+    format!(
+        "v{} (commit {}, built {})",
+        b.version,
+        short(&b.commit),
+        b.built_at
+    )
+}
+
+/// Drift is a WARN, not a FAIL: during `banger update` the new binary's doctor runs before
+/// install.toml is recorded, and a development build run from elsewhere is not a broken install.
+fn check_version(
+    install: &crate::error::Result<Option<install_toml::InstallInfo>>,
+    running: &BuildInfo,
+) -> Check {
+    let name = "version";
+    match install {
+        Ok(None) => Check::new(
+            Level::Warn,
+            name,
+            vec![
+                format!("running {}; banger is not installed", describe(running)),
+                HINT_INSTALL.to_string(),
+            ],
+        ),
+        Err(e) => Check::new(Level::Fail, name, vec![e.to_string()]),
+        Ok(Some(info)) if info.build() == *running => {
+            Check::new(Level::Pass, name, vec![describe(running)])
+        }
+        Ok(Some(info)) => Check::new(
+            Level::Warn,
+            name,
+            vec![
+                format!("running:   {}", describe(running)),
+                format!("installed: {}", describe(&info.build())),
+                format!(
+                    "if an update is in progress this is expected; otherwise run sudo banger system install --owner {}",
+                    info.owner_user
+                ),
+            ],
+        ),
+    }
+}
+
+fn not_installed(name: &str) -> Check {
+    Check::new(
+        Level::Warn,
+        name,
+        vec![
+            "banger is not installed; nothing to check".to_string(),
+            HINT_INSTALL.to_string(),
+        ],
+    )
+}
+
+fn check_units(layout: &Layout, svc: &dyn ServiceManager, installed: bool, systemd: bool) -> Check {
+    let name = "units";
+    if !installed {
+        return not_installed(name);
+    }
+    let mut level = Level::Pass;
+    let mut details = vec![];
+    for unit in [HELPER_UNIT, DAEMON_UNIT] {
+        let path = layout.unit_file(unit);
+        if !path.is_file() {
+            level = level.max(Level::Fail);
+            details.push(format!(
+                "{unit}: {} is missing ({HINT_INSTALL})",
+                path.display()
+            ));
+            continue;
+        }
+        if !systemd {
+            level = level.max(Level::Warn);
+            details.push(format!(
+                "{unit}: present; systemd is not running on this host (no /run/systemd/system), so whether it is active cannot be checked"
+            ));
+            continue;
+        }
+        match svc.is_active(unit) {
+            Ok(true) => details.push(format!("{unit}: active")),
+            Ok(false) => {
+                level = level.max(Level::Fail);
+                details.push(format!(
+                    "{unit}: not active (run sudo banger system restart; see journalctl -u {unit})"
+                ));
+            }
+            Err(e) => {
+                level = level.max(Level::Fail);
+                details.push(format!("{unit}: {e}"));
+            }
+        }
+    }
+    Check::new(level, name, details)
+}
+
+fn check_unit_directives(layout: &Layout, installed: bool) -> Check {
+    let name = "unit directives";
+    if !installed {
+        return not_installed(name);
+    }
+    let mut level = Level::Pass;
+    let mut details = vec![];
+    for unit in [HELPER_UNIT, DAEMON_UNIT] {
+        let path = layout.unit_file(unit);
+        let texts = match units::read_with_dropins(&path) {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                level = Level::Fail;
+                details.push(format!(
+                    "{unit}: {} is missing ({HINT_INSTALL})",
+                    path.display()
+                ));
+                continue;
+            }
+            Err(e) => {
+                level = Level::Fail;
+                details.push(format!("{unit}: {e}"));
+                continue;
+            }
+        };
+        let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let mut good = vec![];
+        for (_, key, want) in units::REQUIRED_DIRECTIVES.iter().filter(|d| d.0 == unit) {
+            match units::directive(&texts, "Service", key) {
+                Some(v) if v == *want => good.push(format!("{key}={want}")),
+                got => {
+                    level = Level::Fail;
+                    details.push(format!(
+                        "{unit}: {key}={}, expected {key}={want} (running VMs are at risk on restart; run sudo banger system install to put the unit back and check its drop-ins)",
+                        got.as_deref().unwrap_or("<unset>")
+                    ));
+                }
+            }
+        }
+        if !good.is_empty() {
+            details.push(format!("{unit}: {}", good.join(" ")));
+        }
+    }
+    Check::new(level, name, details)
+}
+
+/// What kind of file a runtime path must be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Socket,
+    Dir,
+}
+
+/// Checks one runtime path: kind, exact permission bits, owner uid. `Ok(summary)` or `Err(problem)`.
+fn check_node(path: &Path, kind: Kind, mode: u32, uid: u32) -> Result<String, String> {
+    let shown = path.display();
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(format!("{shown}: missing")),
+        Err(e) => return Err(format!("{shown}: {e}")),
+    };
+    let ft = meta.file_type();
+    let kind_ok = match kind {
+        Kind::Socket => ft.is_socket(),
+        Kind::Dir => ft.is_dir(),
+    };
+    if !kind_ok {
+        let want = match kind {
+            Kind::Socket => "a socket",
+            Kind::Dir => "a directory",
+        };
+        return Err(format!("{shown}: not {want}"));
+    }
+    let (got_mode, got_uid) = (meta.mode() & 0o7777, meta.uid());
+    let mut problems = vec![];
+    if got_mode != mode {
+        problems.push(format!("mode {got_mode:04o}, expected {mode:04o}"));
+    }
+    if got_uid != uid {
+        problems.push(format!("owner uid {got_uid}, expected {uid}"));
+    }
+    if problems.is_empty() {
+        Ok(format!("{shown}: {mode:04o} uid {uid}"))
+    } else {
+        Err(format!("{shown}: {}", problems.join(", ")))
+    }
+}
+
+fn check_sockets(layout: &Layout, owner_uid: Option<u32>) -> Check {
+    let name = "sockets";
+    let Some(owner) = owner_uid else {
+        return not_installed(name);
+    };
+    let mut level = Level::Pass;
+    let mut details = vec![];
+    for (path, kind, mode, uid, unit) in [
+        (
+            layout.daemon_socket(),
+            Kind::Socket,
+            0o600,
+            owner,
+            DAEMON_UNIT,
+        ),
+        (layout.helper_run_dir(), Kind::Dir, 0o711, 0, HELPER_UNIT),
+        (
+            layout.helper_socket(),
+            Kind::Socket,
+            0o600,
+            owner,
+            HELPER_UNIT,
+        ),
+    ] {
+        match check_node(&path, kind, mode, uid) {
+            Ok(s) => details.push(s),
+            Err(p) => {
+                level = Level::Fail;
+                details.push(format!(
+                    "{p} (run sudo banger system restart; see journalctl -u {unit})"
+                ));
+            }
+        }
+    }
+    Check::new(level, name, details)
+}
+
+fn check_kvm(kvm: &Path) -> Check {
+    let name = "kvm";
+    let shown = kvm.display();
+    let hint = "enable virtualization (VT-x/AMD-V) in firmware and load kvm_intel or kvm_amd";
+    let meta = match fs::metadata(kvm) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Check::new(
+                Level::Fail,
+                name,
+                vec![format!("{shown}: missing ({hint})")],
+            );
+        }
+        Err(e) => return Check::new(Level::Fail, name, vec![format!("{shown}: {e}")]),
+    };
+    if !meta.file_type().is_char_device() {
+        return Check::new(
+            Level::Fail,
+            name,
+            vec![format!("{shown}: not a character device ({hint})")],
+        );
+    }
+    // Opening is the only test that also sees device-cgroup denials (containers); it writes nothing.
+    match fs::OpenOptions::new().read(true).write(true).open(kvm) {
+        Ok(_) => Check::new(Level::Pass, name, vec![format!("{shown}: read/write")]),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied && !is_root() => Check::new(
+            Level::Warn,
+            name,
+            vec![format!(
+                "{shown}: not accessible to uid {}; the helper opens it as root (run sudo banger doctor to check that)",
+                rustix::process::geteuid().as_raw()
+            )],
+        ),
+        Err(e) => Check::new(
+            Level::Fail,
+            name,
+            vec![format!("{shown}: cannot open read/write: {e}")],
+        ),
+    }
+}
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Parses `firecracker --version` output (`Firecracker v1.16.1`) into `(major, minor, patch)`.
+/// A pre-release suffix (`1.7.0-dev`) is ignored.
+pub fn parse_firecracker_version(text: &str) -> Option<FcVersion> {
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        while let Some(w) = words.next() {
+            if !w.eq_ignore_ascii_case("firecracker") {
+                continue;
+            }
+            let v = words.next()?;
+            let v = v.strip_prefix('v').unwrap_or(v);
+            let mut parts = v.splitn(3, '.');
+            let major = parts.next()?.parse().ok()?;
+            let minor = parts.next()?.parse().ok()?;
+            let patch_str = parts.next()?;
+            let digits: String = patch_str.chars().take_while(char::is_ascii_digit).collect();
+            let patch = digits.parse().ok()?;
+            return Some((major, minor, patch));
+        }
+    }
+    None
+}
+
+fn vstr(v: FcVersion) -> String {
+    format!("{}.{}.{}", v.0, v.1, v.2)
+}
+
+/// Verdict on a firecracker version: below the tested range FAILs (API features may be missing),
+/// at or above its end WARNs (likely fine, not tested).
+fn classify_firecracker(v: FcVersion) -> (Level, String) {
+    let (min, max) = TESTED_FIRECRACKER;
+    let range = format!(
+        "tested range {} up to (not including) {}",
+        vstr(min),
+        vstr(max)
+    );
+    if v < min {
+        (
+            Level::Fail,
+            format!(
+                "version v{} is older than the {range}; upgrade firecracker",
+                vstr(v)
+            ),
+        )
+    } else if v >= max {
+        (
+            Level::Warn,
+            format!("version v{} is newer than the {range}", vstr(v)),
+        )
+    } else {
+        (Level::Pass, format!("version v{} ({range})", vstr(v)))
+    }
+}
+
+/// Problems with a firecracker file's owner and mode: the root helper executes it.
+fn firecracker_file_problems(uid: u32, mode: u32) -> Vec<String> {
+    let mut p = vec![];
+    if uid != 0 {
+        p.push(format!("owned by uid {uid}, must be owned by root"));
+    }
+    if mode & 0o022 != 0 {
+        p.push(format!(
+            "mode {:04o} is group/world-writable",
+            mode & 0o7777
+        ));
+    }
+    if mode & 0o111 == 0 {
+        p.push(format!("mode {:04o} is not executable", mode & 0o7777));
+    }
+    p
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+fn check_firecracker(explicit: Option<&Path>) -> Check {
+    let name = "firecracker";
+    let (min, max) = TESTED_FIRECRACKER;
+    let get = format!(
+        "install Firecracker v{} or later, below v{}, from https://github.com/firecracker-microvm/firecracker/releases into {FIRECRACKER_FALLBACK}",
+        vstr(min),
+        vstr(max)
+    );
+    let path = match explicit {
+        Some(p) => p.to_path_buf(),
+        None => match find_on_path("firecracker") {
+            Some(p) => p,
+            None => PathBuf::from(FIRECRACKER_FALLBACK),
+        },
+    };
+    let shown = path.display().to_string();
+    let meta = match fs::metadata(&path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let where_ = if explicit.is_some() {
+                shown.clone()
+            } else {
+                format!("on PATH or at {FIRECRACKER_FALLBACK}")
+            };
+            return Check::new(
+                Level::Fail,
+                name,
+                vec![format!("not found {where_} ({get})")],
+            );
+        }
+        Err(e) => return Check::new(Level::Fail, name, vec![format!("{shown}: {e}")]),
+    };
+    let mut details = vec![format!("path: {shown}")];
+    let problems = firecracker_file_problems(meta.uid(), meta.mode());
+    if !problems.is_empty() {
+        // Never execute a binary someone other than root could have replaced.
+        details.extend(problems.into_iter().map(|p| format!("{shown}: {p}")));
+        details.push(format!(
+            "fix with: sudo chown root:root {shown} && sudo chmod 0755 {shown}"
+        ));
+        return Check::new(Level::Fail, name, details);
+    }
+    details.push(format!("owner root, mode {:04o}", meta.mode() & 0o7777));
+    let output = match version_output(&path) {
+        Ok(o) => o,
+        Err(e) => {
+            details.push(format!("running {shown} --version: {e}"));
+            return Check::new(Level::Fail, name, details);
+        }
+    };
+    match parse_firecracker_version(&output) {
+        None => {
+            let first = output.lines().next().unwrap_or("").trim();
+            details.push(format!(
+                "cannot read a version from `{shown} --version` (first line: {first:?})"
+            ));
+            Check::new(Level::Fail, name, details)
+        }
+        Some(v) => {
+            let (level, line) = classify_firecracker(v);
+            details.push(line);
+            Check::new(level, name, details)
+        }
+    }
+}
+
+/// Runs `path --version` with a bounded wait; returns stdout.
+fn version_output(path: &Path) -> Result<String, String> {
+    let mut child = spawn_retrying(path)?;
+    let started = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if started.elapsed() >= VERSION_TIMEOUT => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("no answer within {}s", VERSION_TIMEOUT.as_secs()));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    let mut out = Vec::new();
+    if let Some(s) = child.stdout.take() {
+        s.take(64 * 1024)
+            .read_to_end(&mut out)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Spawns, retrying briefly on ETXTBSY (a just-written file whose write fd another thread's fork
+/// briefly inherited).
+fn spawn_retrying(path: &Path) -> Result<std::process::Child, String> {
+    let mut tries = 0;
+    loop {
+        let r = Command::new(path)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn();
+        match r {
+            Ok(c) => return Ok(c),
+            Err(e)
+                if e.raw_os_error() == Some(rustix::io::Errno::TXTBSY.raw_os_error())
+                    && tries < 20 =>
+            {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::system::install_toml::InstallInfo;
+    use crate::system::service::FakeServices;
+    use crate::system::testutil::TempDir;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn euid() -> u32 {
+        rustix::process::geteuid().as_raw()
+    }
+
+    fn info_for(uid: u32) -> InstallInfo {
+        let b = BuildInfo::current();
+        InstallInfo {
+            owner_user: "alice".into(),
+            owner_uid: uid,
+            owner_gid: uid,
+            owner_home: "/home/alice".into(),
+            version: b.version,
+            commit: b.commit,
+            built_at: b.built_at,
+            installed_at: "2026-01-01T00:00:00Z".into(),
+        }
+    }
+
+    /// A temp layout with install.toml and both rendered unit files.
+    fn installed_layout(t: &TempDir, uid: u32) -> Layout {
+        let l = Layout::under(t.path());
+        fs::create_dir_all(l.etc_dir()).unwrap();
+        fs::create_dir_all(l.unit_dir()).unwrap();
+        install_toml::save(&l, &info_for(uid)).unwrap();
+        let owner = units::UnitOwner {
+            user: "alice".into(),
+            gid: uid,
+        };
+        for (unit, text) in units::render_all(&l, &owner).unwrap() {
+            fs::write(l.unit_file(unit), text).unwrap();
+        }
+        l
+    }
+
+    fn script(dir: &Path, name: &str, body: &str, mode: u32) -> PathBuf {
+        let p = dir.join(name);
+        fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+        p
+    }
+
+    #[test]
+    fn firecracker_version_parse_table() {
+        let cases: &[(&str, Option<FcVersion>)] = &[
+            ("Firecracker v1.16.1", Some((1, 16, 1))),
+            ("Firecracker v1.16.1\n\n", Some((1, 16, 1))),
+            (
+                "Firecracker v1.10.0\nSupported snapshot data format versions: v4.0.0\n",
+                Some((1, 10, 0)),
+            ),
+            ("  firecracker   v1.7.0-dev  ", Some((1, 7, 0))),
+            ("Firecracker 1.12.3", Some((1, 12, 3))),
+            ("warning: x\nFirecracker v2.0.0", Some((2, 0, 0))),
+            ("Firecracker v1.16", None),
+            ("Firecracker vX.Y.Z", None),
+            ("Firecracker", None),
+            ("v1.16.1", None),
+            ("", None),
+        ];
+        for (input, want) in cases {
+            assert_eq!(parse_firecracker_version(input), *want, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn firecracker_range_table() {
+        for (v, want) in [
+            ((1, 9, 9), Level::Fail),
+            ((0, 25, 0), Level::Fail),
+            ((1, 10, 0), Level::Pass),
+            ((1, 16, 1), Level::Pass),
+            ((1, 99, 0), Level::Pass),
+            ((2, 0, 0), Level::Warn),
+            ((3, 1, 0), Level::Warn),
+        ] {
+            assert_eq!(classify_firecracker(v).0, want, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn firecracker_file_problems_table() {
+        for (uid, mode, n) in [
+            (0, 0o100755, 0),
+            (0, 0o100555, 0),
+            (1000, 0o100755, 1),
+            (0, 0o100775, 1),
+            (0, 0o100757, 1),
+            (0, 0o100644, 1),
+            (1000, 0o100777, 2),
+        ] {
+            assert_eq!(
+                firecracker_file_problems(uid, mode).len(),
+                n,
+                "uid {uid} mode {mode:o}"
+            );
+        }
+    }
+
+    #[test]
+    fn firecracker_check_runs_only_trusted_binaries() {
+        let t = TempDir::new();
+        let c = check_firecracker(Some(&t.path().join("missing")));
+        assert_eq!(c.level, Level::Fail);
+        assert!(c.details[0].contains("not found"), "{c:?}");
+        if euid() != 0 {
+            eprintln!("SKIP firecracker_check_runs_only_trusted_binaries: needs root to own the fake firecracker");
+            return;
+        }
+        for (out, want) in [
+            ("Firecracker v1.16.1", Level::Pass),
+            ("Firecracker v1.9.0", Level::Fail),
+            ("Firecracker v2.1.0", Level::Warn),
+            ("garbage", Level::Fail),
+        ] {
+            let fc = script(t.path(), "fc", &format!("echo '{out}'"), 0o755);
+            let c = check_firecracker(Some(&fc));
+            assert_eq!(c.level, want, "{out}: {c:?}");
+            fs::remove_file(&fc).unwrap();
+        }
+        // World-writable: FAIL, and it is never executed.
+        let marker = t.path().join("ran");
+        let fc = script(
+            t.path(),
+            "fc-ww",
+            &format!("touch {}; echo 'Firecracker v1.16.1'", marker.display()),
+            0o757,
+        );
+        let c = check_firecracker(Some(&fc));
+        assert_eq!(c.level, Level::Fail);
+        assert!(
+            c.details.iter().any(|d| d.contains("world-writable")),
+            "{c:?}"
+        );
+        assert!(!marker.exists(), "an untrusted firecracker must not be run");
+    }
+
+    #[test]
+    fn kvm_check_table() {
+        let t = TempDir::new();
+        let c = check_kvm(&t.path().join("kvm"));
+        assert_eq!(c.level, Level::Fail);
+        assert!(c.details[0].contains("missing"));
+        fs::write(t.path().join("file"), b"").unwrap();
+        assert_eq!(check_kvm(&t.path().join("file")).level, Level::Fail);
+        // /dev/null: a character device anyone may open read/write.
+        assert_eq!(check_kvm(Path::new("/dev/null")).level, Level::Pass);
+    }
+
+    #[test]
+    fn architecture_table() {
+        assert_eq!(check_architecture("x86_64").level, Level::Pass);
+        assert_eq!(check_architecture("aarch64").level, Level::Fail);
+    }
+
+    #[test]
+    fn version_check_table() {
+        let cur = BuildInfo::current();
+        let c = check_version(&Ok(None), &cur);
+        assert_eq!(c.level, Level::Warn);
+        assert!(c
+            .details
+            .iter()
+            .any(|d| d == "run sudo banger system install --owner USER"));
+        assert_eq!(
+            check_version(&Ok(Some(info_for(1))), &cur).level,
+            Level::Pass
+        );
+        let mut old = info_for(1);
+        old.commit = "deadbeef".into();
+        let c = check_version(&Ok(Some(old)), &cur);
+        assert_eq!(c.level, Level::Warn);
+        assert!(c.details[1].contains("deadbeef"), "{c:?}");
+        let c = check_version(&Err(crate::error::Error::new("parsing x", "bad")), &cur);
+        assert_eq!(c.level, Level::Fail);
+    }
+
+    #[test]
+    fn units_check() {
+        let t = TempDir::new();
+        let svc = FakeServices::new();
+        let bare = Layout::under(t.path().join("bare"));
+        assert_eq!(check_units(&bare, &svc, false, true).level, Level::Warn);
+
+        let l = installed_layout(&t, 1000);
+        svc.set_active(HELPER_UNIT, true);
+        svc.set_active(DAEMON_UNIT, true);
+        assert_eq!(check_units(&l, &svc, true, true).level, Level::Pass);
+
+        svc.set_active(DAEMON_UNIT, false);
+        let c = check_units(&l, &svc, true, true);
+        assert_eq!(c.level, Level::Fail);
+        assert!(
+            c.details[1].contains("journalctl -u bangerd.service"),
+            "{c:?}"
+        );
+
+        let c = check_units(&l, &svc, true, false);
+        assert_eq!(c.level, Level::Warn);
+        assert!(c.details[0].contains("systemd is not running"), "{c:?}");
+
+        svc.fail_on("is-active");
+        assert_eq!(check_units(&l, &svc, true, true).level, Level::Fail);
+
+        fs::remove_file(l.unit_file(HELPER_UNIT)).unwrap();
+        let c = check_units(&l, &svc, true, false);
+        assert_eq!(
+            c.level,
+            Level::Fail,
+            "a missing unit file fails even without systemd"
+        );
+    }
+
+    #[test]
+    fn unit_directives_check() {
+        let t = TempDir::new();
+        let l = installed_layout(&t, 1000);
+        let c = check_unit_directives(&l, true);
+        assert_eq!(c.level, Level::Pass, "{c:?}");
+        assert_eq!(
+            c.details[0],
+            "bangerd-root.service: Type=notify KillMode=process SendSIGKILL=no RuntimeDirectoryPreserve=yes"
+        );
+
+        // A drop-in that undoes KillMode=process is caught.
+        let dropins = l.unit_dir().join("bangerd.service.d");
+        fs::create_dir_all(&dropins).unwrap();
+        fs::write(
+            dropins.join("override.conf"),
+            "[Service]\nKillMode=control-group\n",
+        )
+        .unwrap();
+        let c = check_unit_directives(&l, true);
+        assert_eq!(c.level, Level::Fail);
+        assert!(
+            c.details
+                .iter()
+                .any(|d| d.contains("KillMode=control-group, expected KillMode=process")),
+            "{c:?}"
+        );
+        fs::remove_dir_all(&dropins).unwrap();
+
+        let path = l.unit_file(HELPER_UNIT);
+        let text = fs::read_to_string(&path).unwrap();
+        fs::write(&path, text.replace("SendSIGKILL=no\n", "")).unwrap();
+        let c = check_unit_directives(&l, true);
+        assert_eq!(c.level, Level::Fail);
+        assert!(c.details[0].contains("SendSIGKILL=<unset>"), "{c:?}");
+
+        assert_eq!(check_unit_directives(&l, false).level, Level::Warn);
+    }
+
+    #[test]
+    fn check_node_table() {
+        let t = TempDir::new();
+        let me = euid();
+        let sock = t.path().join("s.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        fs::set_permissions(&sock, fs::Permissions::from_mode(0o600)).unwrap();
+        let dir = t.path().join("d");
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o711)).unwrap();
+        let file = t.path().join("f");
+        fs::write(&file, b"").unwrap();
+
+        assert!(check_node(&sock, Kind::Socket, 0o600, me).is_ok());
+        assert!(check_node(&dir, Kind::Dir, 0o711, me).is_ok());
+        let cases: &[(&Path, Kind, u32, u32, &str)] = &[
+            (&sock, Kind::Socket, 0o660, me, "mode 0600, expected 0660"),
+            (&sock, Kind::Socket, 0o600, me + 1, "expected"),
+            (&dir, Kind::Socket, 0o711, me, "not a socket"),
+            (&file, Kind::Dir, 0o644, me, "not a directory"),
+            (&t.path().join("none"), Kind::Socket, 0o600, me, "missing"),
+        ];
+        for (p, k, m, u, want) in cases {
+            let e = check_node(p, *k, *m, *u).unwrap_err();
+            assert!(e.contains(want), "{e} should mention {want}");
+        }
+    }
+
+    #[test]
+    fn sockets_check_end_to_end() {
+        let t = TempDir::new();
+        assert_eq!(
+            check_sockets(&Layout::under(t.path()), None).level,
+            Level::Warn
+        );
+        if euid() != 0 {
+            eprintln!("SKIP sockets_check_end_to_end: the helper dir must be owned by root");
+            return;
+        }
+        let l = installed_layout(&t, 0);
+        let c = check_sockets(&l, Some(0));
+        assert_eq!(c.level, Level::Fail, "sockets missing");
+        assert!(c.details[0].contains("missing"), "{c:?}");
+        fs::create_dir_all(l.run_dir()).unwrap();
+        fs::create_dir_all(l.helper_run_dir()).unwrap();
+        fs::set_permissions(l.helper_run_dir(), fs::Permissions::from_mode(0o711)).unwrap();
+        let _a = std::os::unix::net::UnixListener::bind(l.daemon_socket()).unwrap();
+        let _b = std::os::unix::net::UnixListener::bind(l.helper_socket()).unwrap();
+        for s in [l.daemon_socket(), l.helper_socket()] {
+            fs::set_permissions(s, fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let c = check_sockets(&l, Some(0));
+        assert_eq!(c.level, Level::Pass, "{c:?}");
+        fs::set_permissions(l.helper_run_dir(), fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(check_sockets(&l, Some(0)).level, Level::Fail);
+    }
+
+    #[test]
+    fn run_orders_rows_splices_extra_and_writes_nothing() {
+        let t = TempDir::new();
+        let l = installed_layout(&t, 1000);
+        let snapshot = |root: &Path| {
+            let mut v = vec![];
+            let mut stack = vec![root.to_path_buf()];
+            while let Some(d) = stack.pop() {
+                for e in fs::read_dir(&d).unwrap() {
+                    let p = e.unwrap().path();
+                    let m = fs::symlink_metadata(&p).unwrap();
+                    v.push((p.clone(), m.len(), m.mtime(), m.mtime_nsec(), m.mode()));
+                    if m.is_dir() {
+                        stack.push(p);
+                    }
+                }
+            }
+            v.sort();
+            v
+        };
+        let before = snapshot(t.path());
+        let svc = FakeServices::new();
+        let opts = DoctorOptions {
+            firecracker: Some(t.path().join("no-firecracker")),
+            kvm: PathBuf::from("/dev/null"),
+            systemd: false,
+            extra: vec![Check::new(Level::Pass, "state store", vec!["ok".into()])],
+        };
+        let checks = run(&l, &svc, &opts);
+        let names: Vec<&str> = checks.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "architecture",
+                "version",
+                "state store",
+                "units",
+                "unit directives",
+                "sockets",
+                "kvm",
+                "firecracker"
+            ]
+        );
+        assert!(any_fail(&checks), "sockets and firecracker are missing");
+        assert_eq!(snapshot(t.path()), before, "doctor must not write");
+        assert!(svc.actions().is_empty(), "doctor must not act on services");
+    }
+
+    fn sample_checks() -> Vec<Check> {
+        vec![
+            Check::new(Level::Pass, "architecture", vec!["x86_64".into()]),
+            Check::new(Level::Warn, "units", vec!["a".into(), "b".into()]),
+            Check::new(Level::Fail, "kvm", vec![]),
+        ]
+    }
+
+    #[test]
+    fn render_text_plain_and_colour() {
+        assert_eq!(
+            render_text(&sample_checks(), false),
+            "PASS architecture\n  x86_64\nWARN units\n  a\n  b\nFAIL kvm\n"
+        );
+        assert_eq!(
+            render_text(&sample_checks(), true),
+            "\x1b[32mPASS\x1b[0m architecture\n  x86_64\n\x1b[33mWARN\x1b[0m units\n  a\n  b\n\x1b[31mFAIL\x1b[0m kvm\n"
+        );
+        assert_eq!(render_text(&[], false), "");
+    }
+
+    #[test]
+    fn render_json_shape() {
+        let v: serde_json::Value = serde_json::from_str(&render_json(&sample_checks())).unwrap();
+        assert_eq!(v["ok"], false);
+        assert_eq!(v["checks"][0]["level"], "PASS");
+        assert_eq!(v["checks"][1]["details"][1], "b");
+        assert_eq!(v["checks"][2]["name"], "kvm");
+        let ok: serde_json::Value =
+            serde_json::from_str(&render_json(&sample_checks()[..2])).unwrap();
+        assert_eq!(ok["ok"], true);
+    }
+
+    #[test]
+    fn any_fail_and_colour_table() {
+        assert!(any_fail(&sample_checks()));
+        assert!(!any_fail(&sample_checks()[..2]));
+        let dumb = OsStr::new("dumb");
+        let xterm = OsStr::new("xterm-256color");
+        for (tty, no_color, term, want) in [
+            (true, false, Some(xterm), true),
+            (true, false, None, true),
+            (false, false, Some(xterm), false),
+            (true, true, Some(xterm), false),
+            (true, false, Some(dumb), false),
+        ] {
+            assert_eq!(
+                use_color_from(tty, no_color, term),
+                want,
+                "{tty} {no_color} {term:?}"
+            );
+        }
+    }
+}

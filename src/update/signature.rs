@@ -1,0 +1,363 @@
+//! Release signature verification: a base64 ASN.1 DER ECDSA P-256 / SHA-256 signature over the
+//! exact bytes of `SHA256SUMS` (the `cosign sign-blob` format, and what `openssl dgst -sha256 -sign`
+//! makes), checked with ring against trusted public keys.
+//!
+//! Trusted keys are embedded at compile time, with room for two (current and next) so the signing
+//! key can rotate without a flag day: release N+1 ships signed by the current key while embedding
+//! the next one. Tests and the smoke suite pass a key file instead (hidden `--pubkey-file`).
+//! While the embedded key is the PLACEHOLDER, every update is refused: this module must never
+//! fall back to "unverified".
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1};
+
+use crate::error::{Context, Error, Result};
+
+/// Marker that starts a placeholder key constant.
+pub const PLACEHOLDER_MARKER: &str = "PLACEHOLDER";
+
+/// The current release signing key (SubjectPublicKeyInfo PEM).
+///
+/// PLACEHOLDER: replace with the output of `packaging/release.sh --key KEY.pem --print-pubkey`.
+pub const EMBEDDED_KEY_CURRENT: &str =
+    "PLACEHOLDER: no release signing key has been embedded in this build";
+
+/// The next release signing key during a rotation, or empty.
+pub const EMBEDDED_KEY_NEXT: &str = "";
+
+/// Largest signature file accepted, in bytes (the download cap is the same).
+pub const SIGNATURE_MAX: usize = super::download::SIGNATURE_MAX as usize;
+
+/// The fixed DER prefix of a P-256 SubjectPublicKeyInfo: SEQUENCE { SEQUENCE { OID ecPublicKey,
+/// OID prime256v1 }, BIT STRING (66 bytes, 0 unused bits) }, followed by the 65-byte point.
+const SPKI_P256_PREFIX: [u8; 26] = [
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
+    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+];
+const POINT_LEN: usize = 65;
+
+/// A trusted ECDSA P-256 public key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicKey {
+    label: String,
+    point: [u8; POINT_LEN],
+}
+
+impl PublicKey {
+    /// Where this key came from ("embedded current key", a file path, …).
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// The key from one DER SubjectPublicKeyInfo.
+    pub fn from_spki_der(label: &str, der: &[u8]) -> Result<PublicKey> {
+        let bad = |why: &str| {
+            Error::new(format!("reading public key {label}"), why).hint(
+                "release keys are ECDSA P-256 public keys in PEM (`openssl pkey -in KEY -pubout`)",
+            )
+        };
+        if der.len() != SPKI_P256_PREFIX.len() + POINT_LEN
+            || der[..SPKI_P256_PREFIX.len()] != SPKI_P256_PREFIX
+        {
+            return Err(bad("not an ECDSA P-256 SubjectPublicKeyInfo"));
+        }
+        let mut point = [0u8; POINT_LEN];
+        point.copy_from_slice(&der[SPKI_P256_PREFIX.len()..]);
+        if point[0] != 0x04 {
+            return Err(bad("not an uncompressed P-256 point"));
+        }
+        Ok(PublicKey {
+            label: label.to_string(),
+            point,
+        })
+    }
+
+    /// Every `PUBLIC KEY` block in a PEM text (at least one).
+    pub fn from_pem(label: &str, pem: &str) -> Result<Vec<PublicKey>> {
+        const BEGIN: &str = "-----BEGIN PUBLIC KEY-----";
+        const END: &str = "-----END PUBLIC KEY-----";
+        let what = || format!("reading public key {label}");
+        let mut keys = Vec::new();
+        let mut rest = pem;
+        while let Some(start) = rest.find(BEGIN) {
+            let body_start = start + BEGIN.len();
+            let end = rest[body_start..]
+                .find(END)
+                .ok_or_else(|| Error::new(what(), "PEM block has no END line"))?;
+            let body: String = rest[body_start..body_start + end]
+                .chars()
+                .filter(|c| !c.is_whitespace())
+                .collect();
+            let der = base64::engine::general_purpose::STANDARD
+                .decode(body.as_bytes())
+                .map_err(|e| Error::new(what(), format!("PEM body is not base64 ({e})")))?;
+            keys.push(PublicKey::from_spki_der(label, &der)?);
+            rest = &rest[body_start + end + END.len()..];
+        }
+        if keys.is_empty() {
+            let e = Error::new(what(), "no `BEGIN PUBLIC KEY` block found");
+            return Err(if pem.contains("PRIVATE KEY") {
+                e.hint(
+                    "that is a private key; give its public half: openssl pkey -in KEY.pem -pubout",
+                )
+            } else {
+                e.hint("expected an ECDSA P-256 public key in PEM form")
+            });
+        }
+        Ok(keys)
+    }
+
+    /// All public keys in a PEM file.
+    pub fn from_file(path: &Path) -> Result<Vec<PublicKey>> {
+        let text = std::fs::read_to_string(path)
+            .ctx(|| format!("reading public key file {}", path.display()))?;
+        PublicKey::from_pem(&path.display().to_string(), &text)
+    }
+}
+
+/// Which keys to trust.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// The keys compiled into this binary.
+    Embedded,
+    /// A PEM file (hidden `--pubkey-file`, tests and smoke suite).
+    File(PathBuf),
+}
+
+/// Loads the keys `source` names.
+pub fn trusted_keys(source: &KeySource) -> Result<Vec<PublicKey>> {
+    match source {
+        KeySource::Embedded => keys_from_consts(&[
+            ("embedded current key", EMBEDDED_KEY_CURRENT),
+            ("embedded next key", EMBEDDED_KEY_NEXT),
+        ]),
+        KeySource::File(p) => PublicKey::from_file(p),
+    }
+}
+
+/// The embedded key constants to keys; a placeholder refuses everything.
+fn keys_from_consts(consts: &[(&str, &str)]) -> Result<Vec<PublicKey>> {
+    let mut keys = Vec::new();
+    for (label, pem) in consts {
+        if pem.trim().is_empty() {
+            continue;
+        }
+        if pem.trim_start().starts_with(PLACEHOLDER_MARKER) {
+            return Err(Error::new(
+                "verifying the release signature",
+                format!("this build of banger has a PLACEHOLDER {label}, so it cannot verify any release and refuses to update"),
+            )
+            .hint("maintainer: embed the real public key in src/update/signature.rs (packaging/release.sh --key KEY.pem --print-pubkey prints it); operator: install a released build of banger"));
+        }
+        keys.extend(PublicKey::from_pem(label, pem)?);
+    }
+    if keys.is_empty() {
+        return Err(Error::new(
+            "verifying the release signature",
+            "no release signing key is embedded in this build",
+        )
+        .hint("maintainer: embed the public key in src/update/signature.rs"));
+    }
+    Ok(keys)
+}
+
+/// Verifies `sig_b64` (base64 of a DER ECDSA P-256 signature; surrounding whitespace allowed) over
+/// `data` against `keys`. Returns the key that verified.
+pub fn verify<'k>(keys: &'k [PublicKey], data: &[u8], sig_b64: &[u8]) -> Result<&'k PublicKey> {
+    let what = "verifying the SHA256SUMS signature";
+    let hint = "the release is corrupted or not signed by a trusted key; do not install it";
+    if sig_b64.len() > SIGNATURE_MAX {
+        return Err(Error::new(
+            what,
+            format!("the signature is larger than {SIGNATURE_MAX} bytes"),
+        )
+        .hint(hint));
+    }
+    let text = std::str::from_utf8(sig_b64)
+        .map_err(|_| Error::new(what, "the signature file is not base64 text").hint(hint))?
+        .trim();
+    if text.is_empty() {
+        return Err(Error::new(what, "the signature file is empty").hint(hint));
+    }
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|e| {
+            Error::new(what, format!("the signature is not valid base64 ({e})")).hint(hint)
+        })?;
+    // A DER ECDSA P-256 signature is 8..=72 bytes; ring re-checks the encoding strictly.
+    if !(8..=72).contains(&der.len()) {
+        return Err(Error::new(
+            what,
+            format!(
+                "the signature is {} bytes, not a DER ECDSA P-256 signature",
+                der.len()
+            ),
+        )
+        .hint(hint));
+    }
+    for key in keys {
+        if UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &key.point[..])
+            .verify(data, &der)
+            .is_ok()
+        {
+            return Ok(key);
+        }
+    }
+    let labels: Vec<&str> = keys.iter().map(|k| k.label.as_str()).collect();
+    Err(Error::new(
+        what,
+        format!(
+            "it does not verify against any trusted key ({})",
+            labels.join(", ")
+        ),
+    )
+    .hint(hint))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const K1: &str = "-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEJ3her3wCpzUIXdtg++xDg6NM6/cE
+e+suE9oolR+kvZCmBDJ6zFTeQQqhdqqVLEuA3oEf8iJwfE5oZUliYMfAmA==
+-----END PUBLIC KEY-----
+";
+    const K2: &str = "-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEJKUwlwbCahLeTxKCA4Ua4OpwpbVz
+wPOESZlRnoRj7kKgunkYMQ0mq6ycIvPPacK1+NknaTAwNcCoVXRCBRhvow==
+-----END PUBLIC KEY-----
+";
+    const P384: &str = "-----BEGIN PUBLIC KEY-----
+MHYwEAYHKoZIzj0CAQYFK4EEACIDYgAEHSyew1tWEP8Gvzh53WRQ2Bi4NNZzEx0R
+WbRw/CnKLRN4z9OeZNxYv1Ub8RJZxNI9hGvwdCYtmjQSuPlkddJ1KNP9nKte7oXb
+5dzL6i6VdO9rktt2d0SGc+ldgTJwWSnZ
+-----END PUBLIC KEY-----
+";
+    /// `printf 'hello SHA256SUMS\n' | openssl dgst -sha256 -sign k1.pem | base64 -w0`
+    const MSG: &[u8] = b"hello SHA256SUMS\n";
+    const SIG: &str = "MEQCICbVxTcozCk4PKypsfxIgVgw3WZ3L/VLxcqoF/RO8bMPAiAD071vFRN4H0mucD7GUgOaOvEKRAI6h3AulW2mdlpuHg==";
+
+    fn keys(pems: &[&str]) -> Vec<PublicKey> {
+        pems.iter()
+            .flat_map(|p| PublicKey::from_pem("test", p).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn accepts_real_openssl_signature() {
+        let k = keys(&[K1]);
+        assert!(verify(&k, MSG, SIG.as_bytes()).is_ok());
+        // Trailing newline as `base64` without -w0 leaves it.
+        assert!(verify(&k, MSG, format!("{SIG}\n").as_bytes()).is_ok());
+        // Either of two keys (rotation).
+        let both = keys(&[K2, K1]);
+        assert!(verify(&both, MSG, SIG.as_bytes()).is_ok());
+        // Two blocks in one PEM text.
+        assert_eq!(
+            PublicKey::from_pem("x", &format!("{K1}{K2}"))
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn rejections() {
+        let k = keys(&[K1]);
+        let k2 = keys(&[K2]);
+        let mut truncated = SIG.to_string();
+        truncated.truncate(40);
+        let mut flipped = SIG.as_bytes().to_vec();
+        flipped[20] = if flipped[20] == b'A' { b'B' } else { b'A' };
+        type Case<'a> = (&'a [PublicKey], Vec<u8>, Vec<u8>, &'a str);
+        let cases: Vec<Case> = vec![
+            (
+                &k,
+                b"hello SHA256SUMS\r\n".to_vec(),
+                SIG.into(),
+                "does not verify",
+            ),
+            (&k, b"".to_vec(), SIG.into(), "does not verify"),
+            (&k2, MSG.to_vec(), SIG.into(), "does not verify"),
+            (&k, MSG.to_vec(), truncated.into_bytes(), "signature"),
+            (&k, MSG.to_vec(), flipped, "does not verify"),
+            (
+                &k,
+                MSG.to_vec(),
+                b"!!!not base64!!!".to_vec(),
+                "not valid base64",
+            ),
+            (&k, MSG.to_vec(), b"\xff\xfe".to_vec(), "not base64 text"),
+            (&k, MSG.to_vec(), b"  \n".to_vec(), "empty"),
+            (&k, MSG.to_vec(), b"AAAA".to_vec(), "not a DER ECDSA"),
+            (&k, MSG.to_vec(), vec![b'A'; 2000], "larger than"),
+            (&[], MSG.to_vec(), SIG.into(), "does not verify"),
+        ];
+        for (keys, data, sig, want) in cases {
+            let e = verify(keys, &data, &sig).unwrap_err().to_string();
+            assert!(e.contains(want), "want {want:?} in {e}");
+            assert!(e.contains("do not install it"), "{e}");
+        }
+    }
+
+    #[test]
+    fn key_parsing_rejections() {
+        let cases = [
+            (P384, "not an ECDSA P-256"),
+            ("", "no `BEGIN PUBLIC KEY` block"),
+            (
+                "-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END EC PRIVATE KEY-----\n",
+                "private key",
+            ),
+            ("-----BEGIN PUBLIC KEY-----\nAAAA\n", "no END line"),
+            (
+                "-----BEGIN PUBLIC KEY-----\n!!!!\n-----END PUBLIC KEY-----\n",
+                "not base64",
+            ),
+        ];
+        for (pem, want) in cases {
+            let e = PublicKey::from_pem("k", pem).unwrap_err().to_string();
+            assert!(e.contains(want), "want {want:?} in {e}");
+        }
+    }
+
+    #[test]
+    fn placeholder_refuses_every_update() {
+        if EMBEDDED_KEY_CURRENT.starts_with(PLACEHOLDER_MARKER) {
+            let e = trusted_keys(&KeySource::Embedded).unwrap_err().to_string();
+            assert!(e.contains("PLACEHOLDER"), "{e}");
+            assert!(e.contains("--print-pubkey"), "{e}");
+        }
+        let e = keys_from_consts(&[("current", "PLACEHOLDER x"), ("next", K1)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("PLACEHOLDER"), "{e}");
+        assert!(keys_from_consts(&[("current", ""), ("next", "")]).is_err());
+        assert_eq!(
+            keys_from_consts(&[("current", K1), ("next", K2)])
+                .unwrap()
+                .len(),
+            2
+        );
+        assert_eq!(
+            keys_from_consts(&[("current", K1), ("next", "")])
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn key_file() {
+        let dir = crate::update::testutil::TempDir::new("sigkey");
+        let p = dir.path().join("k.pub");
+        std::fs::write(&p, K1).unwrap();
+        let k = trusted_keys(&KeySource::File(p.clone())).unwrap();
+        assert_eq!(k[0].label(), p.display().to_string());
+        assert!(verify(&k, MSG, SIG.as_bytes()).is_ok());
+        assert!(trusted_keys(&KeySource::File(dir.path().join("missing"))).is_err());
+    }
+}

@@ -1,0 +1,255 @@
+//! The release builder (`packaging/release.sh`) and banger's verifier agree: what openssl signs,
+//! banger accepts; what is tampered with, banger rejects; and `openssl dgst -verify` accepts the
+//! builder's signature (the `cosign sign-blob` format is the same bytes).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use banger::update::manifest::Manifest;
+use banger::update::sha256sums::Sha256Sums;
+use banger::update::signature::{self, PublicKey};
+use banger::update::staging::{self, ExtractSpec};
+use base64::Engine;
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let p =
+            std::env::temp_dir().join(format!("banger-release-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn have(tool: &str, arg: &str) -> bool {
+    Command::new(tool)
+        .arg(arg)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/release.sh")
+}
+
+fn release(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("bash")
+        .arg(script())
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("running bash packaging/release.sh")
+}
+
+fn ok(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "release.sh failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn builder_signatures_verify_with_banger_and_openssl() {
+    if !have("openssl", "version") {
+        println!("SKIP: openssl not found");
+        return;
+    }
+    let tmp = TempDir::new("sig");
+    let dir = &tmp.0;
+    let payload = dir.join("payload");
+    std::fs::write(&payload, b"#!/bin/sh\necho 'banger stand-in'\n").unwrap();
+    let p = payload.to_str().unwrap();
+
+    ok(&release(
+        dir,
+        &[
+            "--version",
+            "v0.9.1",
+            "--out",
+            "out",
+            "--key",
+            "key.pem",
+            "--gen-key",
+            "--binary",
+            p,
+        ],
+    ));
+    let rel = dir.join("out/v0.9.1");
+    let tar_name = "banger-v0.9.1-linux-amd64.tar.gz";
+    let sums_bytes = std::fs::read(rel.join("SHA256SUMS")).unwrap();
+    let sig = std::fs::read(rel.join("SHA256SUMS.sig")).unwrap();
+    let pub_pem = dir.join("key.pub.pem");
+
+    // --print-pubkey prints the same public key --gen-key wrote.
+    let printed = release(dir, &["--key", "key.pem", "--print-pubkey"]);
+    ok(&printed);
+    assert_eq!(
+        String::from_utf8_lossy(&printed.stdout),
+        std::fs::read_to_string(&pub_pem).unwrap()
+    );
+
+    // banger's verifier accepts the builder's signature...
+    let keys = PublicKey::from_file(&pub_pem).unwrap();
+    signature::verify(&keys, &sums_bytes, &sig).expect("banger rejects what openssl signed");
+
+    // ...and rejects tampered SHA256SUMS, a tampered signature and a different key.
+    let mut tampered = sums_bytes.clone();
+    tampered[0] = if tampered[0] == b'0' { b'1' } else { b'0' };
+    let e = signature::verify(&keys, &tampered, &sig)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("does not verify"), "{e}");
+    let mut extra = sums_bytes.clone();
+    extra.extend_from_slice(format!("{}  evil\n", "0".repeat(64)).as_bytes());
+    assert!(signature::verify(&keys, &extra, &sig).is_err());
+    assert!(signature::verify(&keys, &sums_bytes, &sig[..sig.len() / 2]).is_err());
+    ok(&release(
+        dir,
+        &["--key", "other.pem", "--gen-key", "--print-pubkey"],
+    ));
+    let other = PublicKey::from_file(&dir.join("other.pub.pem")).unwrap();
+    assert!(signature::verify(&other, &sums_bytes, &sig).is_err());
+    // Rotation: either trusted key may sign.
+    let both: Vec<PublicKey> = other.iter().chain(&keys).cloned().collect();
+    assert!(signature::verify(&both, &sums_bytes, &sig).is_ok());
+
+    // openssl itself accepts the DER signature the builder made (cosign's blob format).
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(String::from_utf8(sig.clone()).unwrap().trim())
+        .unwrap();
+    std::fs::write(dir.join("sig.der"), &der).unwrap();
+    let v = Command::new("openssl")
+        .args(["dgst", "-sha256", "-verify"])
+        .arg(&pub_pem)
+        .arg("-signature")
+        .arg(dir.join("sig.der"))
+        .arg(rel.join("SHA256SUMS"))
+        .output()
+        .unwrap();
+    assert!(
+        v.status.success(),
+        "openssl -verify: {}",
+        String::from_utf8_lossy(&v.stderr)
+    );
+    assert!(String::from_utf8_lossy(&v.stdout).contains("Verified OK"));
+    std::fs::write(dir.join("tampered"), &tampered).unwrap();
+    let v = Command::new("openssl")
+        .args(["dgst", "-sha256", "-verify"])
+        .arg(&pub_pem)
+        .arg("-signature")
+        .arg(dir.join("sig.der"))
+        .arg(dir.join("tampered"))
+        .output()
+        .unwrap();
+    assert!(
+        !v.status.success(),
+        "openssl accepted a tampered SHA256SUMS"
+    );
+
+    // SHA256SUMS names the tarball with its real hash, and the tarball is exactly `banger`, 0755.
+    let sums = Sha256Sums::parse(&sums_bytes).unwrap();
+    let tarball = rel.join(tar_name);
+    let actual = banger::update::sha256_file(&tarball).unwrap();
+    staging::verify_hash(tar_name, &actual, &sums).unwrap();
+    let files = staging::extract(&tarball, &dir.join("x"), &ExtractSpec::default()).unwrap();
+    assert_eq!(
+        std::fs::read(&files[0]).unwrap(),
+        std::fs::read(&payload).unwrap()
+    );
+    assert_eq!(
+        std::fs::metadata(&files[0]).unwrap().permissions().mode() & 0o7777,
+        0o755
+    );
+
+    // The manifest parses with banger's parser; relative URLs resolve against its location.
+    let murl = "http://127.0.0.1:8000/manifest.json";
+    let m = Manifest::parse(&std::fs::read(dir.join("out/manifest.json")).unwrap(), murl).unwrap();
+    let t = m.target(None).unwrap();
+    assert_eq!(t.version.to_string(), "v0.9.1");
+    assert_eq!(t.tarball_file_name().unwrap(), tar_name);
+    assert_eq!(t.sha256sums_url, "http://127.0.0.1:8000/v0.9.1/SHA256SUMS");
+
+    // A second release merges in; --no-latest keeps latest_stable; --base-url makes absolute URLs.
+    ok(&release(
+        dir,
+        &[
+            "--version",
+            "0.9.2",
+            "--out",
+            "out",
+            "--key",
+            "key.pem",
+            "--binary",
+            p,
+            "--no-latest",
+            "--base-url",
+            "https://dl.test/rel/",
+        ],
+    ));
+    let m = Manifest::parse(&std::fs::read(dir.join("out/manifest.json")).unwrap(), murl).unwrap();
+    assert_eq!(m.known_versions(), "v0.9.2, v0.9.1");
+    assert_eq!(m.latest_stable.to_string(), "v0.9.1");
+    assert_eq!(
+        m.target(Some("v0.9.2")).unwrap().sha256sums_sig_url,
+        "https://dl.test/rel/v0.9.2/SHA256SUMS.sig"
+    );
+
+    // Refusals: an existing release, an existing key under --gen-key, a bad version.
+    let e = release(
+        dir,
+        &[
+            "--version",
+            "v0.9.1",
+            "--out",
+            "out",
+            "--key",
+            "key.pem",
+            "--binary",
+            p,
+        ],
+    );
+    assert!(!e.status.success());
+    assert!(String::from_utf8_lossy(&e.stderr).contains("already exists"));
+    let e = release(dir, &["--key", "key.pem", "--gen-key", "--print-pubkey"]);
+    assert!(String::from_utf8_lossy(&e.stderr).contains("refusing to overwrite"));
+    let e = release(
+        dir,
+        &[
+            "--version",
+            "v1/../x",
+            "--out",
+            "out",
+            "--key",
+            "key.pem",
+            "--binary",
+            p,
+        ],
+    );
+    assert!(!e.status.success());
+}
+
+#[test]
+fn builder_is_shellcheck_clean() {
+    if !have("shellcheck", "--version") {
+        println!("SKIP: shellcheck not found");
+        return;
+    }
+    let out = Command::new("shellcheck").arg(script()).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
