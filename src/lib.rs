@@ -3,6 +3,7 @@
 //! One binary plays four roles (see [`applets`]); the library modules below know nothing about argv.
 #![warn(missing_docs)]
 
+pub mod agent;
 pub mod applets;
 pub mod buildinfo;
 pub mod cli;

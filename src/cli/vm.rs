@@ -32,10 +32,10 @@ pub struct VmCmd {
 #[argh(subcommand)]
 enum VmSub {
     Create(CreateCmd),
-    Start(RefCmd<StartTag>),
+    Start(StartCmd),
     Stop(StopCmd),
     Kill(KillCmd),
-    Restart(RefCmd<RestartTag>),
+    Restart(RestartCmd),
     Delete(DeleteCmd),
     List(ListCmd),
     Ps(PsCmd),
@@ -64,61 +64,23 @@ struct CreateCmd {
     no_start: bool,
 }
 
-/// Marker types so `start` and `restart` share one shape.
-trait Verb {
-    const METHOD: &'static str;
-}
-struct StartTag;
-struct RestartTag;
-impl Verb for StartTag {
-    const METHOD: &'static str = "vm.start";
-}
-impl Verb for RestartTag {
-    const METHOD: &'static str = "vm.restart";
+#[derive(FromArgs)]
+/// Start a stopped VM; returns once the guest is ready.
+#[argh(subcommand, name = "start")]
+struct StartCmd {
+    /// VM name or id
+    #[argh(positional)]
+    vm: String,
 }
 
 #[derive(FromArgs)]
-/// Start (or restart) a VM; returns once the guest is ready.
-#[argh(subcommand, name = "start")]
-struct RefCmdStart {}
-
-/// A verb that takes one VM reference.
-struct RefCmd<T> {
+/// Stop a VM and start it again: a new boot with a new boot_id.
+#[argh(subcommand, name = "restart")]
+struct RestartCmd {
+    /// VM name or id
+    #[argh(positional)]
     vm: String,
-    _t: std::marker::PhantomData<T>,
 }
-
-macro_rules! ref_cmd {
-    ($tag:ty, $name:literal, $doc:literal) => {
-        impl argh::FromArgs for RefCmd<$tag> {
-            fn from_args(cmd: &[&str], args: &[&str]) -> std::result::Result<Self, argh::EarlyExit> {
-                #[derive(FromArgs)]
-                #[doc = $doc]
-                struct Inner {
-                    /// VM name or id
-                    #[argh(positional)]
-                    vm: String,
-                }
-                Inner::from_args(cmd, args).map(|i| RefCmd {
-                    vm: i.vm,
-                    _t: std::marker::PhantomData,
-                })
-            }
-        }
-        impl argh::SubCommand for RefCmd<$tag> {
-            const COMMAND: &'static argh::CommandInfo = &argh::CommandInfo {
-                name: $name,
-                description: $doc,
-            };
-        }
-    };
-}
-ref_cmd!(StartTag, "start", "Start a stopped VM; returns once the guest is ready.");
-ref_cmd!(
-    RestartTag,
-    "restart",
-    "Stop a VM and start it again (a new boot, a new boot_id)."
-);
 
 #[derive(FromArgs)]
 /// Stop a VM gracefully (Ctrl-Alt-Del), killing it after --timeout seconds if it does not stop.

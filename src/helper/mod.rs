@@ -5,6 +5,7 @@
 //! it did not start.
 
 pub mod validate;
+pub mod vm;
 
 use crate::layout::Layout;
 use crate::rpc::server::{Call, Handler};
@@ -13,17 +14,28 @@ use serde_json::{json, Value};
 
 /// The helper's method table.
 pub struct Helper {
-    #[allow(dead_code)]
     layout: Layout,
+    vm: vm::VmConfig,
 }
 
 /// Every method the helper serves.
-pub const METHODS: [&str; 1] = ["priv.ping"];
+pub const METHODS: [&str; 4] = [
+    "priv.ping",
+    "priv.vm_launch",
+    "priv.vm_signal",
+    "priv.vm_cleanup",
+];
 
 impl Helper {
     /// A helper over `layout`.
     pub fn new(layout: Layout) -> Self {
-        Helper { layout }
+        let vm = vm::VmConfig::from_env(&layout);
+        Helper { layout, vm }
+    }
+
+    /// A helper over `layout` with an explicit VMM configuration (tests).
+    pub fn with_vm_config(layout: Layout, vm: vm::VmConfig) -> Self {
+        Helper { layout, vm }
     }
 }
 
@@ -36,6 +48,9 @@ impl Handler for Helper {
                     json!({"pong": true, "version": crate::buildinfo::VERSION, "uid": rustix::process::geteuid().as_raw()}),
                 )
             }
+            "priv.vm_launch" => vm::vm_launch(&self.layout, &self.vm, &params),
+            "priv.vm_signal" => vm::vm_signal(&self.layout, &self.vm, &params),
+            "priv.vm_cleanup" => vm::vm_cleanup(&self.layout, &self.vm, &params),
             other => Err(RpcError::new(
                 ErrorCode::UnknownMethod,
                 format!(
