@@ -21,7 +21,7 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HELPERS_DIR=$REPO_ROOT/scripts/smoke
 CACHE_DIR=${SMOKE_CACHE_DIR:-$REPO_ROOT/.smoke-cache}
 SUITE=bookworm
-BOOT_TIMEOUT=60      # seconds until `systemctl is-system-running` must say running/degraded
+BOOT_TIMEOUT=${SMOKE_BOOT_TIMEOUT:-60}  # seconds until `systemctl is-system-running` must say running/degraded
 CMD_TIMEOUT=90       # seconds any one command inside the container may take
 STOP_TIMEOUT=20      # seconds for an orderly poweroff before the container is killed
 TEST_USER=dev
@@ -58,6 +58,8 @@ declare -A DOCTOR_CANNOT_PASS=()
 
 scenario_system_install() {
     install_banger
+    # install returns only once the daemon answers: no wait, no retry here.
+    must "daemon status right after install" cu banger daemon status
     expect_active bangerd bangerd-root
 
     local unit=/etc/systemd/system/bangerd.service root_unit=/etc/systemd/system/bangerd-root.service
@@ -512,7 +514,8 @@ NSPAWN_PID=""
 LEADER=""
 CT_CGROUPS=()
 
-# Boots a fresh container; sets CT_NAME, NSPAWN_PID, LEADER and BENCH_BOOT_MS.
+# Boots a fresh container; sets CT_NAME, NSPAWN_PID, LEADER and BENCH_BOOT_MS, or returns 1 with
+# BOOT_ERROR set (the caller still owes a stop_container).
 start_container() {
     CT_SEQ=$((CT_SEQ + 1))
     CT_NAME=banger-smoke-$$-$CT_SEQ
@@ -539,8 +542,10 @@ start_container() {
 
     local deadline=$((started + BOOT_TIMEOUT * 1000)) state=""
     while (($(now_ms) < deadline)); do
-        kill -0 "$NSPAWN_PID" 2>/dev/null \
-            || { tail -n 20 "$RUN_DIR/$CT_NAME.console" >&2; die "container $CT_NAME exited during boot"; }
+        if ! kill -0 "$NSPAWN_PID" 2>/dev/null; then
+            BOOT_ERROR="container $CT_NAME exited during boot (console: $RUN_DIR/$CT_NAME.console)"
+            return 1
+        fi
         if [[ -z $LEADER ]]; then
             LEADER=$(find_leader)
         else
@@ -549,10 +554,10 @@ start_container() {
         fi
         sleep 0.1
     done
-    [[ $state == running || $state == degraded ]] || {
-        tail -n 20 "$RUN_DIR/$CT_NAME.console" >&2
-        die "container $CT_NAME not up after ${BOOT_TIMEOUT}s (state '${state:-no leader}')"
-    }
+    if [[ $state != running && $state != degraded ]]; then
+        BOOT_ERROR="container $CT_NAME not up after ${BOOT_TIMEOUT}s: is-system-running says '${state:-<no leader>}' (console: $RUN_DIR/$CT_NAME.console)"
+        return 1
+    fi
     BENCH_BOOT_MS=$(($(now_ms) - started))
     if [[ $state == degraded ]]; then
         log "note: $CT_NAME boots degraded: $(cx systemctl --failed --plain --no-legend | awk '{print $1}' | tr '\n' ' ')"
@@ -600,17 +605,25 @@ stop_container() {
     } 2>/dev/null
     TRACKED_PID=""
     kill_injected
-    if kill -0 "$NSPAWN_PID" 2>/dev/null; then
-        if [[ -n $LEADER ]]; then kill -s RTMIN+4 "$LEADER" 2>/dev/null || true
-        else kill -TERM "$NSPAWN_PID" 2>/dev/null || true; fi
-        local deadline=$(($(now_ms) + STOP_TIMEOUT * 1000))
-        while kill -0 "$NSPAWN_PID" 2>/dev/null && (($(now_ms) < deadline)); do sleep 0.1; done
-        if kill -0 "$NSPAWN_PID" 2>/dev/null; then
-            log "warning: $CT_NAME did not power off within ${STOP_TIMEOUT}s; killing it"
+    # SIGRTMIN+4 asks systemd for a poweroff. Resent every second: PID 1 of a namespace drops a
+    # signal it has no handler for yet, so one sent early in boot is lost.
+    local deadline=$(($(now_ms) + STOP_TIMEOUT * 1000)) next=0
+    while kill -0 "$NSPAWN_PID" 2>/dev/null && (($(now_ms) < deadline)); do
+        if (($(now_ms) >= next)); then
+            [[ -n $LEADER ]] || LEADER=$(find_leader)
+            if [[ -n $LEADER ]]; then kill -s RTMIN+4 "$LEADER" 2>/dev/null || true
+            else kill -TERM "$NSPAWN_PID" 2>/dev/null || true; fi
+            next=$(($(now_ms) + 1000))
         fi
+        sleep 0.1
+    done
+    if kill -0 "$NSPAWN_PID" 2>/dev/null; then
+        log "warning: $CT_NAME did not power off within ${STOP_TIMEOUT}s; killing it"
     fi
-    for cg in "${CT_CGROUPS[@]}"; do cgroup_destroy "$cg"; done
-    wait "$NSPAWN_PID" 2>/dev/null || true
+    {
+        for cg in "${CT_CGROUPS[@]}"; do cgroup_destroy "$cg"; done
+        wait "$NSPAWN_PID" || true
+    } 2>/dev/null
     NSPAWN_PID="" LEADER="" CT_CGROUPS=()
 }
 
@@ -673,7 +686,14 @@ run_tracked() {
 run_scenario() {
     local name=$1 started rc=0 reason elapsed
     started=$(now_ms)
-    start_container
+    if ! start_container; then
+        FAILED=$((FAILED + 1))
+        echo "FAIL $name: $BOOT_ERROR"
+        { tail -n 20 "$RUN_DIR/$CT_NAME.console" 2>/dev/null || true; } | sed 's/^/  | /'
+        KEEP_LOGS=yes
+        stop_container
+        return
+    fi
     BOOT_TIMES+=("$BENCH_BOOT_MS")
     REASON_FILE=$RUN_DIR/$name.reason
     NOTES_FILE=$RUN_DIR/$name.notes
@@ -702,7 +722,12 @@ run_scenario() {
 
 # Daemon unavailability around `systemctl restart bangerd`, a few times, in one container.
 bench_restart() {
-    start_container
+    if ! start_container; then
+        echo "bench: restart gap: $BOOT_ERROR"
+        KEEP_LOGS=yes
+        stop_container
+        return
+    fi
     BOOT_TIMES+=("$BENCH_BOOT_MS")
     if ! cx "$SRC_BIN" system install --owner "$TEST_USER" >"$RUN_DIR/bench-install.log" 2>&1; then
         echo "bench: restart gap: install failed (see $RUN_DIR/bench-install.log)"
@@ -715,17 +740,26 @@ bench_restart() {
 }
 
 bench_restart_body() {
-    local i out
+    local i out results=()
     for i in 1 2 3 4 5; do
         # reset-failed clears systemd's start rate limit (5 starts in 10 s) between rounds.
         cx systemctl reset-failed bangerd
         if out=$(cx python3 "$SMOKE_LIB/restart_gap.py" "$DAEMON_SOCK" bangerd 2>&1); then
             echo "bench: restart #$i: $out"
+            results+=("$out")
         else
             echo "bench: restart #$i: failed: $(last_line "$out")"
             return
         fi
     done
+    printf '%s\n' "${results[@]}" | cx python3 -c 'import json, statistics, sys
+rs = [json.loads(l) for l in sys.stdin if l.strip()]
+def med_max(k):
+    v = [r[k] for r in rs]
+    return "median %.1f ms, max %.1f ms" % (statistics.median(v), max(v))
+print("bench: restart unavailability, last failed -> first answered ping:", med_max("last_fail_to_ok_ms"))
+print("bench: restart unavailability, last answered -> next answered ping:", med_max("outage_ms"), "(target <= 150 ms)")
+print("bench: systemctl restart bangerd took:", med_max("restart_ms"))'
 }
 
 cleanup() {
@@ -753,8 +787,8 @@ main() {
     while (($#)); do
         case $1 in
             --list) list_scenarios; return 0 ;;
-            --scenario) [[ $# -ge 2 ]] || die "--scenario needs a comma-separated list"; selected=$2; shift ;;
-            --scenario=*) selected=${1#*=} ;;
+            --scenario) [[ -n ${2:-} ]] || die "--scenario needs a comma-separated list (see --list)"; selected=$2; shift ;;
+            --scenario=?*) selected=${1#*=} ;;
             --bench) bench=yes ;;
             --rebuild) rebuild=yes ;;
             -h | --help) usage; return 0 ;;
