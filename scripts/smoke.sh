@@ -506,6 +506,23 @@ cgroup_destroy() {
     log "warning: could not remove cgroup $cg (tries $tries)"
 }
 
+# Cgroups of runs that died without running their trap (SIGKILL, a lost machine): a cgroup named
+# banger-smoke-<pid>-<n> whose runner <pid> is gone. What is left in it is killed and it is removed.
+sweep_stale_cgroups() {
+    local root cg pid
+    while read -r root; do
+        for cg in "$root"/banger-smoke-*-*; do
+            [[ -d $cg ]] || continue
+            pid=${cg##*/banger-smoke-}
+            pid=${pid%-*}
+            [[ $pid =~ ^[0-9]+$ ]] || continue
+            ! kill -0 "$pid" 2>/dev/null || continue
+            log "removing what an earlier, killed run left: $cg"
+            cgroup_destroy "$cg"
+        done
+    done < <(cgroup_roots)
+}
+
 # --- one container ---------------------------------------------------------------------------------
 
 CT_SEQ=0
@@ -815,6 +832,7 @@ main() {
     trap 'echo "smoke: interrupted" >&"$ORIG_STDERR"; exit 130' INT
     trap 'echo "smoke: terminated" >&"$ORIG_STDERR"; exit 143' TERM
 
+    sweep_stale_cgroups
     prepare_binary
     prepare_rootfs "$rebuild"
     log "rootfs $ROOTFS ($BENCH_ROOTFS_KIND, $(secs "$BENCH_ROOTFS_MS")); binary $BIN"
