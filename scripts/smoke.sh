@@ -428,34 +428,39 @@ rootfs_hash() {
         | sha256sum | cut -c1-16
 }
 
-# Sets ROOTFS to a ready tree, building it first when its recipe changed. A lock makes concurrent
-# runs wait for one build instead of racing; a tree is only ever used once complete (.smoke-ready).
+# Sets ROOTFS to a ready tree, building it first when its recipe changed (or with --rebuild).
+# Two locks in the cache dir: build.lock (exclusive) makes concurrent runs wait for one build
+# instead of racing; use.lock is held shared by every run for as long as it boots containers, and
+# taken exclusively only to replace or delete trees, so no tree vanishes under a running container.
+# A tree is only ever used once complete (.smoke-ready).
 prepare_rootfs() {
-    local rebuild=$1 hash dir started lock_fd
+    local rebuild=$1 hash dir started build_fd
     started=$(now_ms)
     hash=$(rootfs_hash)
     dir=$CACHE_DIR/rootfs-$hash
     mkdir -p "$CACHE_DIR"
-    exec {lock_fd}>"$CACHE_DIR/rootfs.lock"
-    flock "$lock_fd"
+    exec {build_fd}>"$CACHE_DIR/build.lock" {USE_LOCK_FD}>"$CACHE_DIR/use.lock"
+    flock "$build_fd"
     BENCH_ROOTFS_KIND=cached
     if [[ $rebuild == yes || ! -f $dir/.smoke-ready ]]; then
         local mirror
         mirror=$(debian_mirror)
         log "building rootfs $dir (debootstrap $SUITE from $mirror)"
-        rm -rf "$dir.tmp" "$dir"
+        rm -rf "$dir.tmp" "$dir.tmp.log"
         mkdir -p "$dir.tmp"
         rootfs_recipe "$dir.tmp" "$mirror"
-        mv "$dir.tmp.log" "$dir.log"
         touch "$dir.tmp/.smoke-ready"
+        flock "$USE_LOCK_FD"
+        rm -rf "$dir"
+        mv "$dir.tmp.log" "$dir.log"
         mv "$dir.tmp" "$dir"
-        BENCH_ROOTFS_KIND=built
-        # Trees of older recipes are dead weight (no run can be using them: we hold the lock
-        # and runs only ever boot the current recipe's tree).
+        # Trees of older recipes are dead weight, and no run is using any tree right now.
         find "$CACHE_DIR" -maxdepth 1 -name 'rootfs-*' ! -name "rootfs-$hash" ! -name "rootfs-$hash.*" \
             -exec rm -rf {} +
+        BENCH_ROOTFS_KIND=built
     fi
-    exec {lock_fd}>&-
+    flock -s "$USE_LOCK_FD"
+    exec {build_fd}>&-
     BENCH_ROOTFS_MS=$(($(now_ms) - started))
     ROOTFS=$dir
 }
