@@ -81,10 +81,15 @@ def raw(args):
         p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                              start_new_session=True, **kw)
     try:
-        while not os.path.exists(api):
+        while True:  # the socket file appears before the VMM listens on it
             if p.poll() is not None:
                 raise RuntimeError(f"VMM exited {p.returncode}: {open(console).read()[-300:]}")
-            time.sleep(0.0005)
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.connect(api)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                time.sleep(0.0005)
         spawned = ms(t0)
         c = UnixHTTP(api)
         put(c, "/machine-config", {"vcpu_count": 1, "mem_size_mib": 512})
