@@ -9,7 +9,7 @@
       does, inside `systemd-run --scope --slice=banger.slice`.
   vmbench.py create NAME IMAGE         wall time of `banger vm create --name NAME --image IMAGE`
   vmbench.py list N                    median/min/max of N `banger vm list --json` (CLI process)
-                                       and of N bare `vm.list` RPCs, plus the row count
+                                       and of N bare `vm.list` and `ping` RPCs, plus the row count
   vmbench.py seed DB N                 inserts N stopped VM rows into state.db (daemon stopped)
 """
 import http.client
@@ -131,6 +131,7 @@ def create(args):
 
 
 def rpc(method):
+    """One request; the raw answer line (parse it outside any timing)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(30)
         s.connect(DAEMON_SOCK)
@@ -143,7 +144,7 @@ def rpc(method):
             if not chunk:
                 break
             buf += chunk
-    return json.loads(buf.split(b"\n", 1)[0])
+    return buf.split(b"\n", 1)[0]
 
 
 def summary(v):
@@ -155,17 +156,22 @@ def list_bench(args):
     n = int(args[0])
     rows = len(json.loads(subprocess.run(["banger", "vm", "list", "--json"], check=True,
                                          capture_output=True, text=True).stdout))
-    cli, bare = [], []
+    cli, bare, ping = [], [], []
     for _ in range(n):
+        t0 = time.monotonic()
+        rpc("ping")
+        ping.append((time.monotonic() - t0) * 1000)
         t0 = time.monotonic()
         subprocess.run(["banger", "vm", "list", "--json"], check=True, stdout=subprocess.DEVNULL)
         cli.append((time.monotonic() - t0) * 1000)
         t0 = time.monotonic()
         r = rpc("vm.list")
         bare.append((time.monotonic() - t0) * 1000)
+        r = json.loads(r)
         if not r.get("ok"):
             raise RuntimeError(f"vm.list: {r}")
-    print(json.dumps({"rows": rows, "cli_ms": summary(cli), "rpc_ms": summary(bare)}))
+    print(json.dumps({"rows": rows, "cli_ms": summary(cli), "rpc_ms": summary(bare),
+                      "ping_ms": summary(ping)}))
 
 
 def seed(args):
