@@ -271,6 +271,7 @@ scenario_vm_lifecycle() {
     expect_eq "$RC" 1 "vm show (deleted) exit code"
     expect_clear_error "$OUT" "vm show (deleted)"
     expect_match "$OUT" "no VM named .life." "vm show (deleted) says why"
+    expect_no_error_logs "in this scenario"
 }
 
 scenario_helper_restart_keeps_vm_alive() { restart_keeps_vm_alive bangerd-root; }
@@ -314,6 +315,7 @@ restart_keeps_vm_alive() {
     expect_vmm_gone "$pid" "$start" "after stop"
     must "vm delete" cu banger vm delete keep
     expect_no_vms "after delete"
+    expect_no_error_logs "in this scenario"
 }
 
 scenario_daemon_down_vm_survives() {
@@ -342,6 +344,7 @@ scenario_daemon_down_vm_survives() {
     expect_vmm_gone "$pid" "$start" "after stop"
     must "vm delete" cu banger vm delete survivor
     expect_no_vms "after delete"
+    expect_no_error_logs "in this scenario"
 }
 
 scenario_vm_died_while_daemon_down() {
@@ -371,6 +374,7 @@ scenario_vm_died_while_daemon_down() {
     [[ $VM_BOOT != "$boot" ]] || fail "start after the VMM died kept boot_id $boot"
     must "vm delete" cu banger vm delete doomed
     expect_no_vms "after delete"
+    expect_no_error_logs "in this scenario"
 }
 
 scenario_invalid_spec_rejected() {
@@ -457,6 +461,7 @@ scenario_concurrent_creates() {
 
     must "vm delete all at once" cu banger vm delete cc-1 cc-2 cc-3 cc-4 cc-5 cc-6 cc-7 cc-8 twin
     expect_no_vms "after delete"
+    expect_no_error_logs "in this scenario"
 }
 
 # --- VM helpers ---
@@ -590,6 +595,13 @@ expect_no_vms() {
     expect_eq "$(cx pgrep -x firecracker | tr '\n' ' ' || true)" "" "firecracker processes $1"
     expect_eq "$(cx systemctl list-units --plain --no-legend 'banger-vm-*' | awk '{print $1}' | tr '\n' ' ')" "" \
         "VM scopes $1"
+}
+
+# Neither service logged an error (a VM scenario that went as planned leaves none).
+expect_no_error_logs() {
+    local errs
+    errs=$(cx journalctl -u bangerd -u bangerd-root -o cat --no-pager | grep '"level":"error"' || true)
+    [[ -z $errs ]] || fail "error logged $1: $(last_line "$errs")"
 }
 
 # The daemon's last reconcile (journal) counted N VMs as KIND (adopted/stopped/unsure).
