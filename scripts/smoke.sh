@@ -1297,7 +1297,7 @@ bench() { echo "bench: $*" | tee -a "$BENCH_OUT"; }
 med() {
     jq -rs 'sort as $v | ($v | length) as $n
         | (if $n % 2 == 1 then $v[($n - 1) / 2] else ($v[$n / 2 - 1] + $v[$n / 2]) / 2 end) as $m
-        | "median \($m * 10 | round / 10) ms (min \($v[0]), max \($v[-1]), n=\($n))"'
+        | "median \($m * 10 | round / 10) ms (min \($v[0] * 10 | round / 10), max \($v[-1] * 10 | round / 10), n=\($n))"'
 }
 
 # shellcheck disable=SC2016 # awk's own $2
