@@ -1138,4 +1138,46 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn leftover_update_journal_fails_with_the_command_to_run() {
+        use crate::update::journal::{Journal, UpdateInfo};
+        let t = TempDir::new();
+        let l = Layout::under(t.path());
+        let c = check_update(&l);
+        assert_eq!(
+            (c.level, c.details[0].as_str()),
+            (Level::Pass, "no interrupted update")
+        );
+
+        fs::create_dir_all(l.updates_dir()).unwrap();
+        let info = UpdateInfo {
+            from: "0.1.0".into(),
+            to: "0.2.0".into(),
+            old_sha256: "aa".into(),
+            new_sha256: "bb".into(),
+        };
+        let j = Journal::create(&l, info).unwrap();
+        let c = check_update(&l);
+        assert_eq!(c.level, Level::Fail, "{c:?}");
+        assert!(
+            c.details[0].contains("v0.1.0 -> v0.2.0 was interrupted"),
+            "{c:?}"
+        );
+        assert_eq!(
+            c.details[1],
+            "run sudo banger update to finish or roll it back"
+        );
+
+        // While an update holds the lock, its own journal is not a leftover.
+        let lock = crate::update::flow::UpdateLock::acquire(&l).unwrap();
+        let c = check_update(&l);
+        assert_eq!(c.level, Level::Warn, "{c:?}");
+        assert!(c.details[0].contains("in progress"), "{c:?}");
+        drop(lock);
+        drop(j);
+
+        fs::write(crate::update::journal::path(&l), "{not json}\n{}\n").unwrap();
+        assert_eq!(check_update(&l).level, Level::Fail);
+    }
 }
