@@ -36,8 +36,7 @@ pub fn main(args: Vec<String>) -> i32 {
         Err(code) => return code,
     };
     if a.version {
-        println!("{}", crate::buildinfo::BuildInfo::current().one_line());
-        return 0;
+        return super::print_version();
     }
     if a.check_migrations {
         // `--system` names the installed layout, which is `Layout::from_env()`: the production
@@ -55,17 +54,7 @@ pub fn main(args: Vec<String>) -> i32 {
             }
         };
     }
-    match run(Layout::from_env()) {
-        Ok(()) => 0,
-        Err(e) => {
-            crate::logging::error(
-                "bangerd",
-                "fatal",
-                serde_json::json!({"error": e.to_string()}),
-            );
-            1
-        }
-    }
+    super::run_service("bangerd", || run(Layout::from_env()))
 }
 
 fn run(layout: Layout) -> Result<()> {

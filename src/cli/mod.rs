@@ -47,8 +47,7 @@ struct VersionCmd {}
 /// Runs the CLI with `args` (argv[0] first); returns the exit code.
 pub fn run(args: Vec<String>) -> i32 {
     if args.len() == 2 && (args[1] == "--version" || args[1] == "-V") {
-        println!("{}", crate::buildinfo::BuildInfo::current().one_line());
-        return 0;
+        return crate::applets::print_version();
     }
     let top: Top = match crate::applets::parse_args(&args) {
         Ok(t) => t,
