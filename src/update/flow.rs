@@ -219,6 +219,9 @@ pub fn run(layout: &Layout, opts: &Options, seams: &Seams) -> Result<Outcome> {
         }
         Some(lock)
     } else {
+        if opts.check && journal::Journal::read(layout).is_ok_and(|r| !journal::is_finished(&r)) {
+            (seams.say)("note: an interrupted update is pending; run sudo banger update to finish or roll it back");
+        }
         None
     };
     let target = fetch_manifest_and_choose_target(opts, seams, &running)?; // 1
@@ -780,8 +783,7 @@ fn roll_back(
 ) -> Error {
     let say = seams.say;
     let from = format!("v{}", journal.info().from);
-    say(&format!("{original}"));
-    say(&format!("rolling back to {from}"));
+    say(&format!("{} failed; rolling back to {from}", original.what));
     let mut failures: Vec<String> = Vec::new();
     if let Err(e) = swap::restore(layout, journal) {
         failures.push(format!("restoring the binary: {e}"));
@@ -859,6 +861,7 @@ impl UpdateLock {
             .truncate(false)
             .write(true)
             .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&p)
             .map_err(|e| Error::new(what(), e))?;
         match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
@@ -1749,7 +1752,7 @@ mod tests {
                 .said
                 .borrow()
                 .iter()
-                .any(|l| l == "rolling back to v0.1.0"));
+                .any(|l| l.ends_with("failed; rolling back to v0.1.0")));
         }
     }
 
