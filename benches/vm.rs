@@ -4,7 +4,6 @@
 //! scripts/bench.sh). Run with `cargo bench --bench vm`.
 
 #[path = "../tests/guest/mod.rs"]
-#[allow(dead_code)]
 mod guest;
 
 use banger::rpc::client;
