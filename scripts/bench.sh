@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release --quiet
+cargo build --release --quiet --workspace
 bin=target/x86_64-unknown-linux-gnu/release/banger
 
 n=${BENCH_SPAWNS:-2000}
@@ -25,3 +25,4 @@ awk -v s="$size" 'BEGIN { printf "binary size (stripped, static): %.2f MiB\n", s
 file "$bin" 2>/dev/null | sed 's/^/file: /' || true
 
 BANGER_BENCH_BIN="$PWD/$bin" cargo bench --quiet --bench rpc
+BANGER_BENCH_BIN="$PWD/$bin" cargo bench --quiet --bench vm

@@ -306,3 +306,55 @@ fn second_daemon_on_same_socket_is_refused() {
     assert!(stderr(&o).contains("already answering"), "{}", stderr(&o));
     assert!(client::call(&l.daemon_socket(), "ping", json!({})).is_ok());
 }
+
+#[test]
+fn root_only_commands_refuse_without_root_and_change_nothing() {
+    if !is_root() {
+        println!("SKIP: root_only_commands_refuse_without_root_and_change_nothing needs root to switch to nobody");
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let bed = Bed::new("noroot");
+    std::fs::set_permissions(&bed.root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let snapshot = || {
+        let mut names: Vec<String> = walk(&bed.root);
+        names.sort();
+        names
+    };
+    let before = snapshot();
+    for (args, hint) in [
+        (vec!["daemon", "stop"], "sudo banger daemon stop"),
+        (
+            vec!["system", "install", "--owner", "nobody"],
+            "sudo banger system install --owner nobody",
+        ),
+        (vec!["system", "restart"], "sudo banger system restart"),
+        (
+            vec!["system", "uninstall", "--purge"],
+            "sudo banger system uninstall --purge",
+        ),
+    ] {
+        let mut c = bed.cmd("banger");
+        c.args(&args).uid(65534).gid(65534);
+        let o = c.output().unwrap();
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        let e = stderr(&o);
+        assert!(
+            e.starts_with("banger: ") && e.contains("root is required"),
+            "{args:?}: {e}"
+        );
+        assert!(e.contains(hint), "{args:?}: {e}");
+    }
+    assert_eq!(before, snapshot(), "a refused command changed the layout");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        out.push(e.path().display().to_string());
+        if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            out.extend(walk(&e.path()));
+        }
+    }
+    out
+}

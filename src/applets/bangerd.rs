@@ -20,7 +20,8 @@ struct Args {
     /// print whether state.db is compatible with this binary and exit (read-only)
     #[argh(switch)]
     check_migrations: bool,
-    /// with --check-migrations: check the installed system's database, ignoring BANGER_ROOT
+    /// with --check-migrations: check the installed layout's database (/var/lib/banger/state.db,
+    /// relocated by BANGER_ROOT like every path)
     #[argh(switch)]
     system: bool,
     /// print the version and exit
@@ -35,15 +36,13 @@ pub fn main(args: Vec<String>) -> i32 {
         Err(code) => return code,
     };
     if a.version {
-        println!("{}", crate::buildinfo::BuildInfo::current().one_line());
-        return 0;
+        return super::print_version();
     }
     if a.check_migrations {
-        let layout = if a.system {
-            Layout::system()
-        } else {
-            Layout::from_env()
-        };
+        // `--system` names the installed layout, which is `Layout::from_env()`: the production
+        // paths unless BANGER_ROOT relocates them (the updater's tests must never read /var).
+        let _ = a.system;
+        let layout = Layout::from_env();
         return match store::check(&layout.state_db()) {
             Ok(c) => {
                 println!("{}", c.line());
@@ -55,17 +54,7 @@ pub fn main(args: Vec<String>) -> i32 {
             }
         };
     }
-    match run(Layout::from_env()) {
-        Ok(()) => 0,
-        Err(e) => {
-            crate::logging::error(
-                "bangerd",
-                "fatal",
-                serde_json::json!({"error": e.to_string()}),
-            );
-            1
-        }
-    }
+    super::run_service("bangerd", || run(Layout::from_env()))
 }
 
 fn run(layout: Layout) -> Result<()> {

@@ -26,20 +26,9 @@ pub fn main(args: Vec<String>) -> i32 {
         Err(code) => return code,
     };
     if a.version {
-        println!("{}", crate::buildinfo::BuildInfo::current().one_line());
-        return 0;
+        return super::print_version();
     }
-    match run(Layout::from_env()) {
-        Ok(()) => 0,
-        Err(e) => {
-            crate::logging::error(
-                "bangerd-root",
-                "fatal",
-                serde_json::json!({"error": e.to_string()}),
-            );
-            1
-        }
-    }
+    super::run_service("bangerd-root", || run(Layout::from_env()))
 }
 
 fn run(layout: Layout) -> Result<()> {

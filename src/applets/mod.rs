@@ -112,3 +112,20 @@ pub(crate) fn serve_role(
     crate::logging::info(role, "stopped", serde_json::json!({}));
     Ok(())
 }
+
+/// Prints the one-line version (`--version` of every role).
+pub(crate) fn print_version() -> i32 {
+    println!("{}", crate::buildinfo::BuildInfo::current().one_line());
+    0
+}
+
+/// Runs a long-lived role's body; a failure is logged as one JSON line and exits 1.
+pub(crate) fn run_service(role: &str, body: impl FnOnce() -> crate::error::Result<()>) -> i32 {
+    match body() {
+        Ok(()) => 0,
+        Err(e) => {
+            crate::logging::error(role, "fatal", serde_json::json!({"error": e.to_string()}));
+            1
+        }
+    }
+}

@@ -27,8 +27,7 @@ pub fn main(args: Vec<String>) -> i32 {
         Err(code) => return code,
     };
     if a.version {
-        println!("{}", crate::buildinfo::BuildInfo::current().one_line());
-        return 0;
+        return super::print_version();
     }
     let listener = match listen(a.port) {
         Ok(l) => l,

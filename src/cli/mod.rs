@@ -6,6 +6,7 @@
 mod daemon;
 mod doctor;
 mod system;
+mod update;
 mod vm;
 
 use crate::error::{Error, Result};
@@ -17,6 +18,7 @@ use argh::FromArgs;
     example = "Install banger on this host for user alice (once, as root):\n  sudo banger system install --owner alice",
     example = "Check that everything is in order:\n  banger doctor",
     example = "Is the daemon up?\n  banger daemon status",
+    example = "Is a newer banger out? Install it (VMs keep running):\n  banger update --check\n  sudo banger update",
     note = "Run `banger <command> --help` for a command's options. `banger --version` prints one line."
 )]
 struct Top {
@@ -34,6 +36,7 @@ enum Cmd {
     Vm(vm::VmCmd),
     Image(vm::ImageCmd),
     Kernel(vm::KernelCmd),
+    Update(update::UpdateCmd),
 }
 
 #[derive(FromArgs)]
@@ -44,8 +47,7 @@ struct VersionCmd {}
 /// Runs the CLI with `args` (argv[0] first); returns the exit code.
 pub fn run(args: Vec<String>) -> i32 {
     if args.len() == 2 && (args[1] == "--version" || args[1] == "-V") {
-        println!("{}", crate::buildinfo::BuildInfo::current().one_line());
-        return 0;
+        return crate::applets::print_version();
     }
     let top: Top = match crate::applets::parse_args(&args) {
         Ok(t) => t,
@@ -62,6 +64,7 @@ pub fn run(args: Vec<String>) -> i32 {
         Cmd::Vm(c) => vm::run(c),
         Cmd::Image(c) => vm::run_image(c),
         Cmd::Kernel(c) => vm::run_kernel(c),
+        Cmd::Update(c) => update::run(c),
     };
     match result {
         Ok(code) => code,

@@ -111,7 +111,7 @@ impl Default for DoctorOptions {
 }
 
 /// Runs every check, in a fixed order: architecture, version, `opts.extra`, units, unit
-/// directives, sockets, kvm, firecracker.
+/// directives, sockets, kvm, firecracker, update.
 pub fn run(layout: &Layout, svc: &dyn ServiceManager, opts: &DoctorOptions) -> Vec<Check> {
     let install = install_toml::load(layout);
     let owner_uid = match &install {
@@ -129,7 +129,69 @@ pub fn run(layout: &Layout, svc: &dyn ServiceManager, opts: &DoctorOptions) -> V
     checks.push(check_sockets(layout, owner_uid));
     checks.push(check_kvm(&opts.kvm));
     checks.push(check_firecracker(opts.firecracker.as_deref()));
+    checks.push(check_update(layout));
     checks
+}
+
+/// An update journal that does not end is an update a crash interrupted: FAIL with the command
+/// that finishes or rolls it back. While `banger update` runs (it holds the update lock; this is
+/// also how the new binary's doctor sees it mid-update) the same journal is only a WARN.
+fn check_update(layout: &Layout) -> Check {
+    use crate::update::journal::{self, Journal};
+    let name = "update";
+    let path = journal::path(layout);
+    let records = match Journal::read(layout) {
+        Ok(r) => r,
+        Err(e) if e.why.contains("Permission denied") => {
+            return Check::new(
+                Level::Warn,
+                name,
+                vec![
+                    format!("cannot read {} as this user", path.display()),
+                    "run sudo banger doctor to check for an interrupted update".into(),
+                ],
+            )
+        }
+        Err(e) => {
+            return Check::new(
+                Level::Fail,
+                name,
+                vec![
+                    e.to_string(),
+                    "inspect it, then run sudo banger update".into(),
+                ],
+            )
+        }
+    };
+    if journal::is_finished(&records) {
+        return Check::new(Level::Pass, name, vec!["no interrupted update".into()]);
+    }
+    let what = records
+        .first()
+        .and_then(|r| r.info.as_ref())
+        .map(|i| format!("v{} -> v{}", i.from, i.to))
+        .unwrap_or_else(|| "of unknown versions".into());
+    if crate::update::flow::update_in_progress(layout) {
+        return Check::new(
+            Level::Warn,
+            name,
+            vec![
+                format!("an update {what} is in progress ({})", path.display()),
+                "let it finish; run banger doctor again afterwards".into(),
+            ],
+        );
+    }
+    Check::new(
+        Level::Fail,
+        name,
+        vec![
+            format!(
+                "an update {what} was interrupted (journal {})",
+                path.display()
+            ),
+            "run sudo banger update to finish or roll it back".into(),
+        ],
+    )
 }
 
 /// True when any check failed (the CLI exits 1).
@@ -1014,7 +1076,8 @@ mod tests {
                 "unit directives",
                 "sockets",
                 "kvm",
-                "firecracker"
+                "firecracker",
+                "update"
             ]
         );
         assert!(any_fail(&checks), "sockets and firecracker are missing");
@@ -1074,5 +1137,47 @@ mod tests {
                 "{tty} {no_color} {term:?}"
             );
         }
+    }
+
+    #[test]
+    fn leftover_update_journal_fails_with_the_command_to_run() {
+        use crate::update::journal::{Journal, UpdateInfo};
+        let t = TempDir::new();
+        let l = Layout::under(t.path());
+        let c = check_update(&l);
+        assert_eq!(
+            (c.level, c.details[0].as_str()),
+            (Level::Pass, "no interrupted update")
+        );
+
+        fs::create_dir_all(l.updates_dir()).unwrap();
+        let info = UpdateInfo {
+            from: "0.1.0".into(),
+            to: "0.2.0".into(),
+            old_sha256: "aa".into(),
+            new_sha256: "bb".into(),
+        };
+        let j = Journal::create(&l, info).unwrap();
+        let c = check_update(&l);
+        assert_eq!(c.level, Level::Fail, "{c:?}");
+        assert!(
+            c.details[0].contains("v0.1.0 -> v0.2.0 was interrupted"),
+            "{c:?}"
+        );
+        assert_eq!(
+            c.details[1],
+            "run sudo banger update to finish or roll it back"
+        );
+
+        // While an update holds the lock, its own journal is not a leftover.
+        let lock = crate::update::flow::UpdateLock::acquire(&l).unwrap();
+        let c = check_update(&l);
+        assert_eq!(c.level, Level::Warn, "{c:?}");
+        assert!(c.details[0].contains("in progress"), "{c:?}");
+        drop(lock);
+        drop(j);
+
+        fs::write(crate::update::journal::path(&l), "{not json}\n{}\n").unwrap();
+        assert_eq!(check_update(&l).level, Level::Fail);
     }
 }

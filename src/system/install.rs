@@ -24,6 +24,9 @@ use crate::layout::{Layout, DAEMON_UNIT, HELPER_UNIT, LINK_NAMES};
 pub const BINARY_MODE: u32 = 0o755;
 /// Mode of unit files.
 pub const UNIT_MODE: u32 = 0o644;
+/// Mode of the cache directory, root's: update staging lives below it.
+const ROOT_CACHE_DIR_MODE: u32 = 0o755;
+
 /// Mode of the owner's state and cache directories (matches `StateDirectoryMode=`).
 pub const OWNER_DIR_MODE: u32 = 0o750;
 
@@ -297,13 +300,21 @@ fn install_dirs(layout: &Layout, user: &User) -> Result<Vec<PathBuf>> {
     if fsutil::ensure_dir(&layout.etc_dir(), 0o755)? {
         changed.push(layout.etc_dir());
     }
-    for dir in [layout.state_dir(), layout.cache_dir()] {
-        let created = fsutil::ensure_dir(&dir, OWNER_DIR_MODE)?;
+    // State belongs to the owner; the cache dir stays root's (0755): root stages updates in it,
+    // so the owner must not be able to swap what lies below it. The daemon's own cache is the
+    // `daemon/` subdirectory systemd makes for it (`CacheDirectory=banger/daemon`).
+    for (dir, uid, gid, mode) in [
+        (layout.state_dir(), user.uid, user.gid, OWNER_DIR_MODE),
+        (layout.cache_dir(), 0, 0, ROOT_CACHE_DIR_MODE),
+    ] {
+        let created = fsutil::ensure_dir(&dir, mode)?;
         let meta = fs::metadata(&dir).ctx(|| format!("reading {}", dir.display()))?;
-        let reowned = meta.uid() != user.uid || meta.gid() != user.gid;
+        let reowned = meta.uid() != uid || meta.gid() != gid || meta.mode() & 0o7777 != mode;
         if reowned {
-            std::os::unix::fs::chown(&dir, Some(user.uid), Some(user.gid))
-                .ctx(|| format!("giving {} to {}", dir.display(), user.name))?;
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
+                .ctx(|| format!("giving {} to uid {uid}", dir.display()))?;
+            fs::set_permissions(&dir, fs::Permissions::from_mode(mode))
+                .ctx(|| format!("setting mode {mode:o} on {}", dir.display()))?;
         }
         if created || reowned {
             changed.push(dir);
@@ -633,9 +644,10 @@ mod tests {
             assert_eq!(fs::read_to_string(l.unit_file(unit)).unwrap(), text);
             assert_eq!(mode(&l.unit_file(unit)), 0o644);
         }
-        for d in [l.state_dir(), l.cache_dir()] {
-            assert_eq!(mode(&d), 0o750, "{}", d.display());
-        }
+        assert_eq!(mode(&l.state_dir()), 0o750);
+        // The cache dir stays root's: update staging lives below it.
+        assert_eq!(mode(&l.cache_dir()), 0o755);
+        assert_eq!(fs::metadata(l.cache_dir()).unwrap().uid(), 0);
         assert!(r.binary_changed && r.install_toml_changed);
         assert_eq!(r.links_changed.len(), 3);
         assert_eq!(r.units_changed, [HELPER_UNIT, DAEMON_UNIT]);

@@ -13,8 +13,10 @@
 //! - [`staging`]: the staging dir and the strict tarball extractor.
 //! - [`journal`]: the crash-safe update journal and the recovery decision.
 //! - [`swap`]: putting the staged binary in place, restoring and committing.
+//! - [`flow`]: `banger update` itself, the eleven steps in order, with recovery and rollback.
 
 pub mod download;
+pub mod flow;
 pub mod journal;
 pub mod manifest;
 pub mod sha256sums;

@@ -103,13 +103,36 @@ pub fn prepare(layout: &Layout) -> Result<StagingPaths> {
         .hint("run sudo banger update to finish or roll it back first"));
     }
     let paths = StagingPaths::new(layout);
-    remove_tree(&paths.dir)?;
     if let Some(parent) = paths.dir.parent() {
         std::fs::create_dir_all(parent)
             .map_err(|e| Error::new(format!("creating {}", parent.display()), e))?;
+        if rustix::process::geteuid().is_root() {
+            parent_is_roots(parent)?;
+        }
     }
+    remove_tree(&paths.dir)?;
     make_private_dir(&paths.dir, 0o700)?;
     Ok(paths)
+}
+
+/// Root runs what it stages: refuse a staging parent that anyone but root could rename or fill.
+fn parent_is_roots(parent: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(parent)
+        .map_err(|e| Error::new(format!("checking {}", parent.display()), e))?;
+    if !m.is_dir() || m.uid() != 0 || m.mode() & 0o022 != 0 {
+        return Err(Error::new(
+            format!("checking the update staging parent {}", parent.display()),
+            format!(
+                "it must be a directory owned by root and writable only by root (it is uid {}, mode {:o}{})",
+                m.uid(),
+                m.mode() & 0o7777,
+                if m.is_dir() { "" } else { ", not a directory" }
+            ),
+        )
+        .hint("re-run `sudo banger system install --owner USER`, which fixes its ownership"));
+    }
+    Ok(())
 }
 
 /// Removes the staging dir and everything in it (journal included): the end of every update.
@@ -467,6 +490,34 @@ mod tests {
             .to_string();
         assert!(e.contains("extracting"), "{e}");
         assert!(!dir.path().join("x").exists());
+    }
+
+    #[test]
+    fn prepare_refuses_a_staging_parent_the_owner_controls() {
+        if !rustix::process::geteuid().is_root() {
+            println!("SKIP: needs root to hand the cache dir to another user");
+            return;
+        }
+        let dir = TempDir::new("stage-owner");
+        let layout = Layout::under(dir.path());
+        std::fs::create_dir_all(layout.updates_dir()).unwrap();
+        std::fs::write(layout.updates_dir().join("planted"), b"x").unwrap();
+        std::os::unix::fs::chown(layout.cache_dir(), Some(65534), Some(65534)).unwrap();
+        let e = prepare(&layout).unwrap_err().to_string();
+        assert!(e.contains("owned by root"), "{e}");
+        assert!(e.contains("system install"), "{e}");
+        // Refused before anything below it was touched.
+        assert!(layout.updates_dir().join("planted").exists());
+        std::os::unix::fs::chown(layout.cache_dir(), Some(0), Some(0)).unwrap();
+        std::fs::set_permissions(layout.cache_dir(), std::fs::Permissions::from_mode(0o777))
+            .unwrap();
+        assert!(
+            prepare(&layout).is_err(),
+            "a world-writable parent must be refused too"
+        );
+        std::fs::set_permissions(layout.cache_dir(), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        assert!(prepare(&layout).is_ok());
     }
 
     #[test]

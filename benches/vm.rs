@@ -1,0 +1,254 @@
+//! VM benchmark (not a test; needs root): `vm create` → running through daemon + helper, beside
+//! the raw VMM start of the same config; `vm list --json` with 1,000 rows; daemon and helper RSS
+//! with 20 running VMs. The VMM is `BANGER_TEST_FIRECRACKER` or the stand-in (built by
+//! scripts/bench.sh). Run with `cargo bench --bench vm`.
+
+#[path = "../tests/guest/mod.rs"]
+mod guest;
+
+use banger::rpc::client;
+use banger::vmm::api::{wait_for_socket, Client};
+use banger::vmm::models::{BootSource, Drive, MachineConfiguration, Vsock};
+use serde_json::json;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn wait_call(sock: &Path, method: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client::call(sock, method, json!({})).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never answered",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Raw start of the VMM with the same config banger uses: spawn → API → InstanceStart → ready line.
+fn raw_start(vmm: &Path, dir: &Path, kernel: &Path, rootfs: &Path) -> f64 {
+    let api = dir.join("raw.sock");
+    let vsock = dir.join("raw-vsock.sock");
+    let _ = std::fs::remove_file(&api);
+    let _ = std::fs::remove_file(&vsock);
+    let t = Instant::now();
+    let mut child: Child = Command::new(vmm)
+        .args([
+            "--api-sock",
+            api.to_str().unwrap_or_default(),
+            "--id",
+            "raw",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn VMM");
+    wait_for_socket(&api, Duration::from_secs(10)).expect("api socket");
+    let c = Client::new(&api);
+    c.put_machine_config(&MachineConfiguration {
+        vcpu_count: 1,
+        mem_size_mib: 128,
+        smt: None,
+        track_dirty_pages: None,
+        cpu_template: None,
+        huge_pages: None,
+    })
+    .expect("machine-config");
+    c.put_boot_source(&BootSource {
+        kernel_image_path: kernel.to_path_buf(),
+        boot_args: Some("console=ttyS0 reboot=k panic=1 pci=off".into()),
+        initrd_path: None,
+    })
+    .expect("boot-source");
+    c.put_drive(&Drive {
+        drive_id: "rootfs".into(),
+        partuuid: None,
+        is_root_device: true,
+        cache_type: None,
+        is_read_only: Some(false),
+        path_on_host: Some(rootfs.to_path_buf()),
+        rate_limiter: None,
+        io_engine: None,
+        socket: None,
+    })
+    .expect("drive");
+    c.put_vsock(&Vsock {
+        guest_cid: 3,
+        uds_path: vsock,
+        vsock_id: None,
+    })
+    .expect("vsock");
+    c.instance_start().expect("start");
+    let out = child.stdout.take().expect("stdout");
+    for line in BufReader::new(out).lines() {
+        if line
+            .map(|l| banger::agent::parse_ready_line(&l).is_some())
+            .unwrap_or(false)
+        {
+            break;
+        }
+    }
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    let _ = child.kill();
+    let _ = child.wait();
+    ms
+}
+
+fn main() {
+    if !rustix::process::geteuid().is_root() {
+        println!("SKIP: vm bench needs root (the helper launches VMMs)");
+        return;
+    }
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/x86_64-unknown-linux-gnu");
+    let bin = std::env::var("BANGER_BENCH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| target.join("release/banger"));
+    let vmm = std::env::var("BANGER_TEST_FIRECRACKER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| target.join("release/firecracker"));
+    if !vmm.is_file() {
+        println!(
+            "SKIP: no VMM at {} (build the stand-in: cargo build --release -p banger-fc-standin)",
+            vmm.display()
+        );
+        return;
+    }
+    let root = std::env::temp_dir().join(format!("banger-vmbench-{}", std::process::id()));
+    let bindir = root.join("bin");
+    std::fs::create_dir_all(&bindir).expect("temp dir");
+    for r in ["bangerd", "bangerd-root"] {
+        std::os::unix::fs::symlink(&bin, bindir.join(r)).expect("link");
+    }
+    let layout = banger::layout::Layout::under(&root);
+    let spawn = |role: &str| {
+        Command::new(bindir.join(role))
+            .env("BANGER_ROOT", &root)
+            .env("BANGER_FIRECRACKER", &vmm)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn")
+    };
+    let mut helper = spawn("bangerd-root");
+    let mut daemon = spawn("bangerd");
+    wait_call(&layout.helper_socket(), "priv.ping");
+    wait_call(&layout.daemon_socket(), "ping");
+    let sock = layout.daemon_socket();
+    let kernel = guest::build_tiny_guest(&root).expect("building the tiny guest");
+    let rootfs = root.join("rootfs.img");
+    std::fs::write(&rootfs, vec![0u8; 1 << 20]).expect("rootfs");
+    client::call(&sock, "kernel.import", json!({"name": "k", "path": kernel}))
+        .expect("kernel import");
+    client::call(&sock, "image.import", json!({"name": "i", "rootfs": rootfs, "kernel": "k", "ready_console": "banger-guest: ready boot_id="}))
+        .expect("image import");
+
+    let raw: Vec<f64> = (0..10)
+        .map(|_| raw_start(&vmm, &root, &kernel, &rootfs))
+        .collect();
+    let mut created = Vec::new();
+    let banger: Vec<f64> = (0..10)
+        .map(|i| {
+            let t = Instant::now();
+            client::call_with_timeout(
+                &sock,
+                "vm.create",
+                json!({"name": format!("b{i}"), "image": "i", "memory_mib": 128}),
+                Duration::from_secs(60),
+            )
+            .expect("vm.create");
+            created.push(format!("b{i}"));
+            t.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    let (r, b) = (median(raw), median(banger));
+    println!("VMM start to ready, raw: median {r:.1} ms; banger vm create to running: median {b:.1} ms; ratio {:.2}x (10 each, {})", b / r, vmm.display());
+
+    for i in 10..20 {
+        client::call_with_timeout(
+            &sock,
+            "vm.create",
+            json!({"name": format!("b{i}"), "image": "i", "memory_mib": 128}),
+            Duration::from_secs(60),
+        )
+        .expect("vm.create");
+        created.push(format!("b{i}"));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    println!(
+        "RSS with 20 running VMs: bangerd {} KiB, bangerd-root {} KiB",
+        rss_kib(daemon.id()),
+        rss_kib(helper.id())
+    );
+    client::call_with_timeout(
+        &sock,
+        "vm.delete",
+        json!({"vms": created}),
+        Duration::from_secs(120),
+    )
+    .expect("delete");
+
+    // 1,000 rows: written straight into the store while the daemon is stopped.
+    let _ = client::call(&sock, "daemon.shutdown", json!({}));
+    let _ = daemon.wait();
+    {
+        let store = banger::store::Store::open(&layout.state_db()).expect("store");
+        for i in 0..1000 {
+            let now = banger::clock::now_rfc3339();
+            store
+                .vm_insert(&banger::store::Vm {
+                    id: format!("{i:012x}"),
+                    name: format!("row-{i}"),
+                    image: Some("i".into()),
+                    vcpu: 1,
+                    memory_mib: 128,
+                    state: "stopped".into(),
+                    pid: None,
+                    start_time: None,
+                    comm: None,
+                    boot_id: None,
+                    created_at: now.clone(),
+                    updated_at: now,
+                })
+                .expect("insert");
+        }
+    }
+    let mut daemon = spawn("bangerd");
+    wait_call(&sock, "ping");
+    let list: Vec<f64> = (0..30)
+        .map(|_| {
+            let t = Instant::now();
+            let v = client::call(&sock, "vm.list", json!({})).expect("vm.list");
+            assert_eq!(v["vms"].as_array().map(Vec::len), Some(1000));
+            t.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    println!(
+        "vm.list with 1000 rows: median {:.2} ms (30 calls, RPC round trip included)",
+        median(list)
+    );
+    let _ = daemon.kill();
+    let _ = helper.kill();
+    let _ = daemon.wait();
+    let _ = helper.wait();
+    let _ = std::fs::remove_dir_all(&root);
+}
