@@ -327,6 +327,8 @@ fn invalid_specs_are_rejected_and_leave_nothing() {
     for args in [
         vec!["vm", "create", "--vcpu", "0"],
         vec!["vm", "create", "--memory", "0"],
+        vec!["vm", "create", "--memory", "8"],
+        vec!["vm", "create", "--vcpu", "33"],
         vec!["vm", "create", "--name", "Bad_Name"],
         vec!["vm", "create", "--name", "-x"],
     ] {

@@ -234,12 +234,8 @@ pub fn run(c: VmCmd) -> Result<i32> {
             if let Some(n) = &c.name {
                 check_name(n)?;
             }
-            if c.vcpu == 0 || c.memory == 0 {
-                return Err(Error::usage(
-                    "creating a VM",
-                    "--vcpu and --memory must be at least 1",
-                ));
-            }
+            crate::daemon::vms::check_size(u64::from(c.vcpu), u64::from(c.memory))
+                .map_err(|why| Error::usage("creating a VM", why))?;
             let target = c.name.clone().unwrap_or_default();
             let v = long_call(
                 "vm.create",

@@ -22,6 +22,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// Most vCPUs a VM may have (Firecracker's limit).
+pub const VCPU_MAX: u64 = 32;
+/// Least and most memory a VM may have, in MiB.
+pub const MEMORY_MIB: std::ops::RangeInclusive<u64> = 16..=1 << 20;
+
 /// How long a guest has to become ready after InstanceStart.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a VM that was killed has to disappear from /proc.
@@ -87,6 +92,21 @@ fn check_name(kind: &str, name: &str) -> Result<(), RpcError> {
             "{kind} name `{name}` is invalid: use 1-63 of a-z, 0-9 and '-', not starting or ending with '-'"
         ))
     })
+}
+
+/// Checks a VM's size; the CLI runs the same check before asking the daemon.
+pub fn check_size(vcpu: u64, memory_mib: u64) -> Result<(), String> {
+    if vcpu == 0 || vcpu > VCPU_MAX {
+        return Err(format!("vcpu {vcpu} is out of range (1-{VCPU_MAX})"));
+    }
+    if !MEMORY_MIB.contains(&memory_mib) {
+        return Err(format!(
+            "memory {memory_mib} MiB is out of range ({}-{} MiB)",
+            MEMORY_MIB.start(),
+            MEMORY_MIB.end()
+        ));
+    }
+    Ok(())
 }
 
 fn random_hex(bytes: usize) -> String {

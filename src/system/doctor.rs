@@ -127,7 +127,11 @@ pub fn run(layout: &Layout, svc: &dyn ServiceManager, opts: &DoctorOptions) -> V
     checks.push(check_units(layout, svc, installed, opts.systemd));
     checks.push(check_unit_directives(layout, installed));
     checks.push(check_sockets(layout, owner_uid));
-    checks.push(check_kvm(&opts.kvm));
+    let owner = match &install {
+        Ok(Some(i)) => Some((i.owner_uid, i.owner_gid, i.owner_user.clone())),
+        _ => None,
+    };
+    checks.push(with_owner_kvm(check_kvm(&opts.kvm), &opts.kvm, owner));
     checks.push(check_firecracker(opts.firecracker.as_deref()));
     checks.push(check_update(layout));
     checks
@@ -509,7 +513,7 @@ fn check_kvm(kvm: &Path) -> Check {
             Level::Warn,
             name,
             vec![format!(
-                "{shown}: not accessible to uid {}; the helper opens it as root (run sudo banger doctor to check that)",
+                "{shown}: this uid ({}) cannot open it (run sudo banger doctor for the full check of what the VMMs can open)",
                 rustix::process::geteuid().as_raw()
             )],
         ),
@@ -519,6 +523,42 @@ fn check_kvm(kvm: &Path) -> Check {
             vec![format!("{shown}: cannot open read/write: {e}")],
         ),
     }
+}
+
+/// Whether the owner — whom the helper runs every VMM as, with /dev/kvm's group added when that
+/// group is not root — may open `/dev/kvm` read/write, judged from its owner, group and mode.
+pub fn owner_can_use_kvm(
+    dev_uid: u32,
+    dev_gid: u32,
+    mode: u32,
+    owner_uid: u32,
+    owner_gid: u32,
+) -> bool {
+    let rw = |bits: u32| mode & bits == bits;
+    (dev_uid == owner_uid && rw(0o600))
+        || ((dev_gid == owner_gid || dev_gid != 0) && rw(0o060))
+        || rw(0o006)
+}
+
+/// Downgrades a passing kvm row when the owner's VMMs could not open the device.
+fn with_owner_kvm(check: Check, kvm: &Path, owner: Option<(u32, u32, String)>) -> Check {
+    let (Some((uid, gid, user)), Ok(m)) = (owner, fs::metadata(kvm)) else {
+        return check;
+    };
+    if check.level == Level::Fail || owner_can_use_kvm(m.uid(), m.gid(), m.mode(), uid, gid) {
+        return check;
+    }
+    Check::new(
+        Level::Fail,
+        "kvm",
+        vec![format!(
+            "{}: VMMs run as {user} (uid {uid}), who cannot open it (owner {}, group {}, mode {:o}); give it a kvm group: groupadd -r kvm; chgrp kvm {0}; chmod 0660 {0} (udev does this on most distributions)",
+            kvm.display(),
+            m.uid(),
+            m.gid(),
+            m.mode() & 0o777
+        )],
+    )
 }
 
 fn is_root() -> bool {
@@ -874,6 +914,22 @@ mod tests {
         assert_eq!(check_kvm(&t.path().join("file")).level, Level::Fail);
         // /dev/null: a character device anyone may open read/write.
         assert_eq!(check_kvm(Path::new("/dev/null")).level, Level::Pass);
+    }
+
+    #[test]
+    fn owner_kvm_table() {
+        // (dev uid, dev gid, mode, owner uid, owner gid) -> usable
+        for (u, g, m, ou, og, want) in [
+            (0, 0, 0o600, 1000, 1000, false), // root-only node, as on this build machine
+            (0, 0, 0o660, 1000, 1000, false), // group root is never added to a VMM
+            (0, 107, 0o660, 1000, 1000, true), // kvm group: the helper adds it
+            (0, 1000, 0o660, 1000, 1000, true),
+            (0, 0, 0o666, 1000, 1000, true),
+            (1000, 0, 0o600, 1000, 1000, true),
+            (0, 107, 0o600, 1000, 1000, false),
+        ] {
+            assert_eq!(owner_can_use_kvm(u, g, m, ou, og), want, "{u} {g} {m:o}");
+        }
     }
 
     #[test]
