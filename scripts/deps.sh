@@ -5,7 +5,7 @@ set -euo pipefail
 
 want=(openssl python3 shellcheck binutils)
 if [[ "${1:-}" == "--smoke" ]]; then
-  want+=(debootstrap systemd-container)
+  want+=(debootstrap systemd-container jq)
 fi
 
 missing=()
