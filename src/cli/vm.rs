@@ -280,10 +280,21 @@ pub fn run(c: VmCmd) -> Result<i32> {
             Ok(0)
         }
         VmSub::List(ListCmd { json }) | VmSub::Ps(PsCmd { json }) => {
-            let v = call("vm.list", json!({}), "listing VMs")?;
+            let raw = client::call_raw(&socket(), "vm.list", json!({}), client::DEFAULT_TIMEOUT)
+                .map_err(|e| e.into_error("listing VMs"))?;
             if json {
-                println!("{}", v["vms"]);
+                // Printed as the daemon wrote it: no parse and re-encode of a long list.
+                #[derive(serde::Deserialize)]
+                struct List<'a> {
+                    #[serde(borrow)]
+                    vms: &'a serde_json::value::RawValue,
+                }
+                let l: List<'_> = serde_json::from_str(raw.get())
+                    .map_err(|e| Error::new("reading the daemon's VM list", e))?;
+                println!("{}", l.vms.get());
             } else {
+                let v: Value = serde_json::from_str(raw.get())
+                    .map_err(|e| Error::new("reading the daemon's VM list", e))?;
                 print!("{}", table(&v["vms"]));
             }
             Ok(0)

@@ -7,7 +7,7 @@ pub mod vms;
 
 use crate::buildinfo::BuildInfo;
 use crate::layout::Layout;
-use crate::rpc::server::{Call, Handler};
+use crate::rpc::server::{Call, Handler, Reply};
 use crate::rpc::{ErrorCode, RpcError};
 use crate::store::Store;
 use ops::Operations;
@@ -82,6 +82,13 @@ fn no_params(params: &Value) -> Result<(), RpcError> {
 }
 
 impl Handler for Daemon {
+    fn handle_reply(&self, call: &Call, params: Value) -> Result<Reply, RpcError> {
+        if call.method == "vm.list" {
+            return self.vms.list_raw(&params).map(Reply::Raw);
+        }
+        self.handle(call, params).map(Reply::Json)
+    }
+
     fn handle(&self, call: &Call, params: Value) -> Result<Value, RpcError> {
         match call.method.as_str() {
             "ping" => {

@@ -80,14 +80,7 @@ pub fn call_with_timeout(
     params: Value,
     timeout: Duration,
 ) -> Result<Value, CallError> {
-    let req = Request {
-        v: proto::PROTOCOL_VERSION,
-        method: method.to_string(),
-        params,
-        op_id: Some(proto::new_op_id()),
-    };
-    let mut body = serde_json::to_vec(&req).map_err(|e| CallError::BadResponse(e.to_string()))?;
-    body.push(b'\n');
+    let body = request_body(method, params)?;
     let resp = exchange(socket, &body, timeout)?;
     match resp {
         Response {
@@ -103,8 +96,57 @@ pub fn call_with_timeout(
     }
 }
 
+/// Like [`call_with_timeout`], but hands back the result as unparsed JSON (for large answers a
+/// caller only prints).
+pub fn call_raw(
+    socket: &Path,
+    method: &str,
+    params: Value,
+    timeout: Duration,
+) -> Result<Box<serde_json::value::RawValue>, CallError> {
+    #[derive(serde::Deserialize)]
+    struct RawResponse {
+        ok: bool,
+        #[serde(default)]
+        result: Option<Box<serde_json::value::RawValue>>,
+        #[serde(default)]
+        error: Option<RpcError>,
+    }
+    let body = request_body(method, params)?;
+    let bytes = exchange_bytes(socket, &body, timeout)?;
+    let resp: RawResponse =
+        serde_json::from_slice(&bytes).map_err(|e| CallError::BadResponse(e.to_string()))?;
+    match resp {
+        RawResponse {
+            ok: true,
+            result: Some(r),
+            ..
+        } => Ok(r),
+        RawResponse { error: Some(e), .. } => Err(CallError::Rpc(e)),
+        _ => Err(CallError::BadResponse("no result and no error".into())),
+    }
+}
+
+fn request_body(method: &str, params: Value) -> Result<Vec<u8>, CallError> {
+    let req = Request {
+        v: proto::PROTOCOL_VERSION,
+        method: method.to_string(),
+        params,
+        op_id: Some(proto::new_op_id()),
+    };
+    let mut body = serde_json::to_vec(&req).map_err(|e| CallError::BadResponse(e.to_string()))?;
+    body.push(b'\n');
+    Ok(body)
+}
+
 /// Sends raw bytes and parses one response (used by tests to send malformed requests).
 pub fn exchange(socket: &Path, body: &[u8], timeout: Duration) -> Result<Response, CallError> {
+    let buf = exchange_bytes(socket, body, timeout)?;
+    serde_json::from_slice(&buf).map_err(|e| CallError::BadResponse(e.to_string()))
+}
+
+/// Sends raw bytes and returns the raw response.
+fn exchange_bytes(socket: &Path, body: &[u8], timeout: Duration) -> Result<Vec<u8>, CallError> {
     let mut s = UnixStream::connect(socket).map_err(|e| match e.kind() {
         std::io::ErrorKind::PermissionDenied => CallError::Denied {
             socket: socket.to_path_buf(),
@@ -139,5 +181,5 @@ pub fn exchange(socket: &Path, body: &[u8], timeout: Duration) -> Result<Respons
             "the server closed the connection without answering".into(),
         ));
     }
-    serde_json::from_slice(&buf).map_err(|e| CallError::BadResponse(e.to_string()))
+    Ok(buf)
 }

@@ -29,10 +29,25 @@ pub struct Call {
     pub peer: Peer,
 }
 
+/// A result ready for the wire: a JSON value, or JSON already serialized (large lists skip the
+/// intermediate `Value` tree).
+#[derive(Debug)]
+pub enum Reply {
+    /// A JSON value.
+    Json(Value),
+    /// Serialized JSON, sent as it is.
+    Raw(Box<serde_json::value::RawValue>),
+}
+
 /// A method table. Runs on a blocking thread: it may block.
 pub trait Handler: Send + Sync + 'static {
     /// Handles one call.
     fn handle(&self, call: &Call, params: Value) -> Result<Value, RpcError>;
+
+    /// Handles one call, possibly answering with pre-serialized JSON. The server calls this.
+    fn handle_reply(&self, call: &Call, params: Value) -> Result<Reply, RpcError> {
+        self.handle(call, params).map(Reply::Json)
+    }
 }
 
 /// How a server behaves.
@@ -199,7 +214,7 @@ async fn connection(stream: Async<UnixStream>, cfg: &ServerConfig, handler: Arc<
     };
     let mut op_id = proto::new_op_id();
     let mut method = String::new();
-    let outcome: Result<Value, RpcError> = if !cfg.allowed_uids.contains(&peer.uid) {
+    let outcome: Result<Reply, RpcError> = if !cfg.allowed_uids.contains(&peer.uid) {
         Err(RpcError::new(
             ErrorCode::Unauthorized,
             format!(
@@ -234,20 +249,27 @@ async fn connection(stream: Async<UnixStream>, cfg: &ServerConfig, handler: Arc<
                         op_id: op_id.clone(),
                         peer,
                     };
-                    smol::unblock(move || handler.handle(&call, req.params)).await
+                    smol::unblock(move || handler.handle_reply(&call, req.params)).await
                 }
             },
         }
     };
-    let (resp, code) = match outcome {
-        Ok(v) => (Response::success(v), None),
+    let (body, code) = match outcome {
+        Ok(Reply::Json(v)) => (serde_json::to_vec(&Response::success(v)), None),
+        Ok(Reply::Raw(raw)) => {
+            let mut b = Vec::with_capacity(raw.get().len() + 24);
+            b.extend_from_slice(br#"{"ok":true,"result":"#);
+            b.extend_from_slice(raw.get().as_bytes());
+            b.push(b'}');
+            (Ok(b), None)
+        }
         Err(mut e) => {
             e.op_id = op_id.clone();
             let c = e.code.as_str();
-            (Response::failure(e), Some(c))
+            (serde_json::to_vec(&Response::failure(e)), Some(c))
         }
     };
-    let mut body = serde_json::to_vec(&resp).unwrap_or_else(|_| {
+    let mut body = body.unwrap_or_else(|_| {
         br#"{"ok":false,"error":{"code":"operation_failed","message":"response not serializable"}}"#
             .to_vec()
     });
