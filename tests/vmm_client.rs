@@ -307,6 +307,15 @@ fn spec_rejections_surface_fault_message() {
     let mut vmm = Vmm::spawn(&bin, standin);
     let kernel = tiny_guest(&vmm.dir);
     let api = &vmm.api;
+    // Firecracker logs to stdout (the console) until told otherwise, and its lines can land in
+    // the middle of the guest's: send them to a file, as banger does with --log-path.
+    let log = vmm.path("firecracker.log");
+    std::fs::write(&log, b"").unwrap();
+    api.put_logger(&Logger {
+        log_path: Some(log),
+        ..Logger::default()
+    })
+    .unwrap();
 
     assert_fault(
         api.put_json("/boot-source", &json!({"boot_args": "console=ttyS0"})),
@@ -336,7 +345,8 @@ fn spec_rejections_surface_fault_message() {
             "/machine-config",
             &json!({"vcpu_count": 0, "mem_size_mib": 128}),
         ),
-        "vCPU number is invalid",
+        // Firecracker 1.16.1's own words (checked against the real binary).
+        "The number of vCPUs must be greater than 0",
     );
     assert_fault(
         api.put_json(

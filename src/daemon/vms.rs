@@ -933,19 +933,66 @@ impl Vms {
     }
 }
 
-/// Scans `console` from `offset` for a line containing `prefix`; returns the rest of that line.
+/// Scans `console` from `offset` for a whole line containing `prefix` followed by a boot id
+/// (1–64 hex digits and dashes); returns the id. A line still being written (no newline yet) is
+/// not read, and text that is not a boot id never counts: a split or garbled line is no answer.
 fn console_ready(console: &Path, offset: u64, prefix: &str) -> Option<String> {
     use std::io::{Read, Seek, SeekFrom};
     let mut f = std::fs::File::open(console).ok()?;
     f.seek(SeekFrom::Start(offset)).ok()?;
     let mut buf = Vec::new();
     f.take(4 << 20).read_to_end(&mut buf).ok()?;
-    let text = String::from_utf8_lossy(&buf);
-    text.lines().find_map(|l| {
+    let whole = &buf[..buf.iter().rposition(|&b| b == b'\n')?];
+    String::from_utf8_lossy(whole).lines().find_map(|l| {
         let at = l.find(prefix)?;
-        // The standard banger marker is `…boot_id=<id>`; after a custom prefix comes the id.
-        let id =
-            agent::parse_ready_line(l).unwrap_or_else(|| l[at + prefix.len()..].trim().to_string());
-        (!id.is_empty()).then_some(id)
+        let id = l[at + prefix.len()..].trim();
+        let valid = !id.is_empty()
+            && id.len() <= 64
+            && id.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+            && id.chars().any(|c| c.is_ascii_hexdigit());
+        valid.then(|| id.to_string())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::console_ready;
+
+    #[test]
+    fn console_ready_table() {
+        let dir = std::env::temp_dir().join(format!("banger-console-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("console.log");
+        let prefix = "banger-guest: ready boot_id=";
+        let cases: &[(&str, Option<&str>)] = &[
+            ("banger-guest: ready boot_id=0123abcd\n", Some("0123abcd")),
+            (
+                "[ 1.0] banger-guest: ready boot_id=0123-abcd\r\n",
+                Some("0123-abcd"),
+            ),
+            ("noise\nbanger-guest: ready boot_id=ff\nmore\n", Some("ff")),
+            // Still being written: not yet.
+            ("banger-guest: ready boot_id=0000082", None),
+            // A VMM log line split the guest's line: not a boot id.
+            (
+                "banger-guest: rea2026-11-27T11:37:27 Status code: 204 | dy boot_id=0000\n",
+                None,
+            ),
+            (
+                "banger-guest: ready boot_id=2026-11-27T11:42:03.145 Status code: 204\n",
+                None,
+            ),
+            ("banger-guest: ready boot_id=\n", None),
+            ("banger-guest: ready boot_id=xyz\n", None),
+            ("", None),
+        ];
+        for (text, want) in cases {
+            std::fs::write(&p, text).unwrap();
+            assert_eq!(console_ready(&p, 0, prefix).as_deref(), *want, "{text:?}");
+        }
+        // Only what the current boot wrote counts.
+        std::fs::write(&p, "banger-guest: ready boot_id=aa\n").unwrap();
+        assert_eq!(console_ready(&p, 31, prefix), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

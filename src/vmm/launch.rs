@@ -51,6 +51,8 @@ pub const CONSOLE_LOG: &str = "console.log";
 pub const PIDFILE: &str = "vmm.pid";
 /// The VM's identity record ([`identity::Handles`]), in the VM directory.
 pub const HANDLES: &str = "handles.json";
+/// File name of the VMM's own log.
+pub const VMM_LOG: &str = "firecracker.log";
 /// The slice every VMM scope lives in.
 pub const SLICE: &str = "banger.slice";
 /// How long [`launch`] waits for the VMM to exec, by default.
@@ -73,6 +75,9 @@ pub struct VmFiles {
     pub pidfile: PathBuf,
     /// `vms/<id>/handles.json`.
     pub handles: PathBuf,
+    /// `vms/<id>/firecracker.log`: the VMM's own log, kept out of the guest console (Firecracker
+    /// logs to stdout by default, and its lines would split the guest's on the shared stream).
+    pub vmm_log: PathBuf,
 }
 
 impl VmFiles {
@@ -85,6 +90,7 @@ impl VmFiles {
             console_log: dir.join(CONSOLE_LOG),
             pidfile: dir.join(PIDFILE),
             handles: dir.join(HANDLES),
+            vmm_log: dir.join(VMM_LOG),
         }
     }
 }
@@ -147,7 +153,11 @@ impl LaunchSpec {
             api_socket: files.api_socket.clone(),
             console_log: files.console_log.clone(),
             pidfile: files.pidfile.clone(),
-            extra_args: Vec::new(),
+            // Firecracker (run as the owner) creates this file itself in the owner's VM dir.
+            extra_args: vec![
+                "--log-path".into(),
+                files.vmm_log.to_string_lossy().into_owned(),
+            ],
             use_scope: systemd_running(),
             run_as: None,
             start_timeout: START_TIMEOUT,
@@ -574,7 +584,15 @@ mod tests {
         assert_eq!(p, Path::new("/usr/local/bin/firecracker"));
         assert_eq!(
             a,
-            ["--api-sock", "/r/vms/a/fc.sock", "--id", "a"].map(OsString::from)
+            [
+                "--api-sock",
+                "/r/vms/a/fc.sock",
+                "--id",
+                "a",
+                "--log-path",
+                "/r/vms/a/firecracker.log"
+            ]
+            .map(OsString::from)
         );
         s.use_scope = true;
         s.run_as = Some(RunAs {
@@ -598,6 +616,8 @@ mod tests {
             "/r/vms/a/fc.sock",
             "--id",
             "a",
+            "--log-path",
+            "/r/vms/a/firecracker.log",
         ];
         assert_eq!(a, want.map(OsString::from));
     }

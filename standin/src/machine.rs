@@ -239,6 +239,10 @@ impl Machine {
     fn put_action(&mut self, body: &[u8]) -> Result<Reply, Answer> {
         let a: InstanceActionInfo = parse(body)?;
         match a.action_type {
+            ActionType::FlushMetrics if !self.started => Err(Answer::fault(
+                400,
+                "The requested operation is not supported before starting the microVM.",
+            )),
             ActionType::FlushMetrics => {
                 if let Some(p) = &self.metrics {
                     let line = format!(
@@ -314,16 +318,16 @@ impl Machine {
         {
             return Err(Answer::fault(
                 400,
-                "The vCPU number is invalid! The vCPU number can only be 1 or an even number when SMT is enabled.",
+                "Machine config error: The number of vCPUs must be greater than 0, less than 32 and must be 1 or an even number if SMT is enabled.",
             ));
         }
         if m.mem_size_mib == 0 {
-            return Err(Answer::fault(400, "The memory size (MiB) is invalid."));
+            return Err(Answer::fault(400, "Machine config error: The memory size (MiB) is either 0, or not a multiple of the configured page size."));
         }
         if m.huge_pages == Some(HugePages::Hugetlbfs2M) && !m.mem_size_mib.is_multiple_of(2) {
             return Err(Answer::fault(
                 400,
-                "The memory size (MiB) is invalid: with 2M huge pages it must be a multiple of 2.",
+                "Machine config error: The memory size (MiB) is either 0, or not a multiple of the configured page size.",
             ));
         }
         self.machine = m;
@@ -537,17 +541,17 @@ mod tests {
             (
                 "/machine-config",
                 json!({"vcpu_count": 0, "mem_size_mib": 128}),
-                "The vCPU number is invalid",
+                "The number of vCPUs must be greater than 0",
             ),
             (
                 "/machine-config",
                 json!({"vcpu_count": 33, "mem_size_mib": 128}),
-                "The vCPU number is invalid",
+                "The number of vCPUs must be greater than 0",
             ),
             (
                 "/machine-config",
                 json!({"vcpu_count": 3, "mem_size_mib": 128, "smt": true}),
-                "The vCPU number is invalid",
+                "The number of vCPUs must be greater than 0",
             ),
             (
                 "/machine-config",
@@ -562,7 +566,7 @@ mod tests {
             (
                 "/machine-config",
                 json!({"vcpu_count": 2, "mem_size_mib": 0}),
-                "The memory size (MiB) is invalid.",
+                "The memory size (MiB) is either 0",
             ),
             (
                 "/drives/rootfs",
