@@ -94,6 +94,11 @@ impl Store {
         }
         conn.pragma_update(None, "foreign_keys", true)
             .map_err(|e| db_error(path, "enabling foreign keys on", e))?;
+        // WAL + NORMAL: a commit survives a crash of banger (what restarts and updates are about)
+        // without an fsync per commit; only a power cut can drop the last few, and reconcile
+        // re-derives VM liveness from /proc and handles.json anyway.
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(|e| db_error(path, "setting synchronous=NORMAL on", e))?;
 
         let applied = migrations::apply(&mut conn, path, migrations)?;
         Ok(Store {
