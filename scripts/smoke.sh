@@ -533,6 +533,12 @@ expect_untouched() {
     [[ $now == "$ORIG_FP" ]] || fail "$1: the install changed: $(diff <(echo "$ORIG_FP") <(echo "$now") | grep '^[<>]' | tr '\n' ' ')"
 }
 
+# A failed `banger update`: progress lines, then the error in the `banger: what: why (hint)` shape.
+expect_update_error() {
+    expect_clear_error "$(last_line "$OUT")" "$1"
+    expect_eq "$(grep -vc '^banger update: ' <<<"$OUT")" 1 "$1: lines besides the progress lines (one error line)"
+}
+
 # The installed version, as `banger version` says.
 expect_version() {
     must "banger version" cu banger version
@@ -597,7 +603,7 @@ scenario_update_check() {
     expect_eq "$(outcome_line)" "up to date (v0.1.0)" "update when up to date"
     # No manifest at all: a clear error.
     must_fail "update --check, no manifest" cu banger update --check --manifest-url "$REL_URL/nowhere/manifest.json"
-    expect_clear_error "$OUT" "update --check, no manifest"
+    expect_update_error "update --check, no manifest"
     expect_untouched "after --check"
     expect_version 0.1.0 "after --check"
 }
@@ -608,12 +614,12 @@ scenario_update_to_unknown() {
     for v in v9.9.9 v0.0.0 not-a-version; do
         must_fail "update --to $v" cx banger update --to "$v" "${UPD[@]}"
         expect_eq "$RC" 1 "update --to $v exit code"
-        expect_clear_error "$OUT" "update --to $v"
+        expect_update_error "update --to $v"
         expect_match "$OUT" "${v#v}" "update --to $v names the version"
         expect_untouched "after update --to $v"
     done
     must_fail "update --check --to v9.9.9" cu banger update --check --to v9.9.9 "${UPD[@]}"
-    expect_clear_error "$OUT" "update --check --to v9.9.9"
+    expect_update_error "update --check --to v9.9.9"
     expect_untouched "after update --check --to v9.9.9"
     must "daemon status" cu banger daemon status
     expect_version 0.1.0 "after the refused updates"
@@ -623,7 +629,7 @@ scenario_update_no_root() {
     update_setup
     must_fail "update as $TEST_USER" cu banger update "${UPD[@]}"
     expect_eq "$RC" 1 "update as $TEST_USER exit code"
-    expect_clear_error "$OUT" "update as $TEST_USER"
+    expect_update_error "update as $TEST_USER"
     expect_match "$OUT" 'root is required \(run: sudo banger update\)' "update as $TEST_USER says why"
     must_fail "update --to as $TEST_USER" cu banger update --to v0.smoke.0 "${UPD[@]}"
     expect_match "$OUT" 'root is required \(run: sudo banger update --to v0.smoke.0\)' "update --to as $TEST_USER"
@@ -710,7 +716,7 @@ scenario_update_rollback_keeps_vm_alive() {
     helper_before=$(cx systemctl show -P MainPID bangerd-root)
     must_fail "update to v0.smoke.broken" cx banger update --to v0.smoke.broken "${UPD[@]}"
     expect_eq "$RC" 1 "failed update exit code"
-    expect_clear_error "$OUT" "update to v0.smoke.broken"
+    expect_update_error "update to v0.smoke.broken"
     expect_match "$OUT" '\(rolled back to previous install\)' "the failed update says it rolled back"
     expect_match "$OUT" 'rolling back to v0\.1\.0' "the failed update's progress"
     expect_active bangerd bangerd-root
@@ -750,7 +756,7 @@ scenario_update_busy_refused() {
     printf 'operations: %s\n' "$ops"
     must_fail "update with an operation in flight" cx banger update "${UPD[@]}"
     expect_eq "$RC" 1 "refused update exit code"
-    expect_clear_error "$OUT" "update with an operation in flight"
+    expect_update_error "update with an operation in flight"
     expect_match "$OUT" '[0-9]+ operation\(s\) are in flight: op-' "the refusal lists the operations"
     expect_match "$OUT" '--force' "the refusal names --force"
     expect_untouched "after the refused update"
@@ -904,7 +910,7 @@ scenario_update_bad_artifacts() {
         args=(--manifest-url "$REL_URL/bad/$c/manifest.json" --pubkey-file "$REL_DIR/keys/key.pub.pem")
         must_fail "update from the $c release" cx banger update "${args[@]}"
         expect_eq "$RC" 1 "$c: exit code"
-        expect_clear_error "$OUT" "$c"
+        expect_update_error "$c"
         expect_match "$OUT" "${WANT[$c]}" "$c: the refusal says why"
         expect_untouched "after the $c release"
         printf 'refused %s: %s\n' "$c" "$(last_line "$OUT")" | tee -a "$RUN_DIR/bad-artifacts.txt"
@@ -921,7 +927,7 @@ scenario_update_bad_artifacts() {
     expect_untouched "after the wrong --pubkey-file"
     # A private key where the public one belongs.
     must_fail "update with a private key as --pubkey-file" cx banger update "${UPD[@]:0:2}" --pubkey-file "$REL_DIR/keys/key.pem"
-    expect_clear_error "$OUT" "private key as --pubkey-file"
+    expect_update_error "private key as --pubkey-file"
     expect_untouched "after the private key"
     expect_version 0.1.0 "after every bad release"
     expect_no_pending_update "after every bad release"
