@@ -1539,7 +1539,12 @@ prepare_releases() {
         make_release "$d/www/big" --version v0.smoke.0 --binary "$d/bin/banger-big"
         rm -f "$d/bin/banger-big" "$d/bin/banger-v0.1.0"
         local rel=${SMOKE_RELEASE_BIN:-$REPO_ROOT/target/x86_64-unknown-linux-gnu/release/banger}
-        if [[ -x $rel ]]; then
+        BENCH_RELEASE_SKIP=""
+        if [[ ! -x $rel ]]; then
+            BENCH_RELEASE_SKIP="no release-profile build at $rel (set SMOKE_RELEASE_BIN)"
+        elif ! "$rel" update --help >/dev/null 2>&1; then
+            BENCH_RELEASE_SKIP="$rel ($("$rel" --version 2>&1)) predates banger update; rebuild it (cargo build --release) or set SMOKE_RELEASE_BIN"
+        else
             mkdir -p "$d/bin/release"
             cp "$rel" "$d/bin/release/banger"
         fi
@@ -2053,7 +2058,9 @@ shutil.copyfileobj(urllib.request.urlopen(sys.argv[1]), open("/dev/null", "wb"),
         gz+=("$(jq .total_ms <<<"$OUT")")
     done
     bench "update: for reference, fetching the tarball from the server alone (python urllib): $(printf '%s\n' "${fetch[@]}" | med); gzip -dc alone: $(printf '%s\n' "${gz[@]}" | med)"
-    if cx test -x "$REL_DIR/bin/release/banger"; then
+    if [[ -n ${BENCH_RELEASE_SKIP:-} ]]; then
+        bench "update: staging by a release-profile build: skipped: $BENCH_RELEASE_SKIP"
+    else
         local rstage=() rv rms
         rv=$(cx "$REL_DIR/bin/release/banger" --version)
         for i in 1 2 3; do
