@@ -766,7 +766,10 @@ scenario_update_busy_refused() {
     expect_match "$OUT" '--force' "the refusal names --force"
     expect_untouched "after the refused update"
     kill -0 "$create_pid" 2>/dev/null || fail "the create finished before the update was tried: $(cat "$RUN_DIR/busy-create.out")"
+    local started
+    started=$(now_ms)
     must "update --force with an operation in flight" cx banger update --force "${UPD[@]}"
+    note "update --force with a vm create in flight took $(($(now_ms) - started)) ms"
     expect_eq "$(outcome_line)" "updated v0.1.0 -> v0.smoke.0" "update --force outcome"
     expect_match "$OUT" '--force: updating although [0-9]+ operation\(s\) are in flight' "update --force says what it overrode"
     expect_version 0.smoke.0 "after update --force"
