@@ -787,7 +787,8 @@ start_update_bg() {
     UPD_LOG=$RUN_DIR/update-bg.$UPD_BG_SEQ.out
     cx rm -f /run/smoke-update.pid
     # shellcheck disable=SC2016 # expanded inside the container
-    cx sh -c 'echo $$ >/run/smoke-update.pid; exec banger update "$@"' update "$@" >"$UPD_LOG" 2>&1 &
+    # (Its cx dies with the same SIGKILL, which bash would report on stderr: hence the braces.)
+    { cx sh -c 'echo $$ >/run/smoke-update.pid; exec banger update "$@"' update "$@" >"$UPD_LOG" 2>&1 & } 2>/dev/null
     local deadline=$(($(now_ms) + 5000))
     UPD_PID=""
     while [[ -z $UPD_PID ]] && (($(now_ms) < deadline)); do
@@ -816,7 +817,7 @@ kill_update() {
     must "SIGKILL the update (pid $UPD_PID) and its children ($kids)" cx kill -KILL "$UPD_PID" $kids
     local deadline=$(($(now_ms) + 5000))
     while cx kill -0 "$UPD_PID" 2>/dev/null && (($(now_ms) < deadline)); do sleep 0.05; done
-    printf '$ (killed update output)\n%s\n' "$(cat "$UPD_LOG")"
+    printf '$ (killed update output)\n%s\n' "$(grep -v '^scripts/smoke.sh: line [0-9]*: .* Killed' "$UPD_LOG")"
 }
 
 scenario_update_crash_recovery() {
@@ -1105,8 +1106,10 @@ must() {
     local what=$1
     shift
     RC=0
+    local t0
+    t0=$(now_ms)
     OUT=$("$@" 2>&1) || RC=$?
-    printf '$ %s\n%s\n' "$*" "$OUT"
+    printf '$ %s  [%d ms]\n%s\n' "$*" "$(($(now_ms) - t0))" "$OUT"
     ((RC == 0)) || fail "$what: exited $RC: $(last_line "$OUT")"
 }
 
@@ -1115,8 +1118,10 @@ must_fail() {
     local what=$1
     shift
     RC=0
+    local t0
+    t0=$(now_ms)
     OUT=$("$@" 2>&1) || RC=$?
-    printf '$ %s  (expected to fail)\n%s\n' "$*" "$OUT"
+    printf '$ %s  (expected to fail) [%d ms]\n%s\n' "$*" "$(($(now_ms) - t0))" "$OUT"
     ((RC != 0)) || fail "$what: succeeded but should have failed"
 }
 
