@@ -2,9 +2,11 @@
 """Daemon unavailability during `systemctl restart UNIT`, seen by a tight loop of pings.
 
 usage: restart_gap.py SOCKET UNIT
-Pings SOCKET back to back, restarts UNIT once the loop is going, keeps pinging until the daemon has
+       restart_gap.py SOCKET -- CMD [ARGS...]
+Pings SOCKET back to back, restarts UNIT (or runs CMD, e.g. `banger update`) once the loop is going, keeps pinging until the daemon has
 answered for a while after the restart returned, and prints one JSON object:
-  restart_ms       how long `systemctl restart` took
+  restart_ms       how long `systemctl restart` (or CMD) took
+  rc, output       with CMD: its exit code and the last line of its output
   failed           pings that failed
   last_fail_to_ok_ms   last failed ping (its start) -> first answered ping after it (its end)
   outage_ms        last answered ping before the first failure -> first answered ping after the last
@@ -27,6 +29,7 @@ def now_ms():
 
 def main():
     sock, unit = sys.argv[1], sys.argv[2]
+    cmd = sys.argv[3:] if unit == "--" else ["systemctl", "restart", unit]
     samples = []  # (start_ms, end_ms, ok)
     stop = threading.Event()
 
@@ -43,8 +46,11 @@ def main():
     th.start()
     time.sleep(0.3)
     r0 = now_ms()
-    subprocess.run(["systemctl", "restart", unit], check=True)
+    done = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
     r1 = now_ms()
+    if unit != "--" and done.returncode != 0:
+        raise subprocess.CalledProcessError(done.returncode, cmd, done.stdout)
     deadline = r1 + 10_000
     while now_ms() < deadline:
         time.sleep(0.2)
@@ -57,6 +63,10 @@ def main():
     fails = [i for i, s in enumerate(samples) if not s[2]]
     out = {"restart_ms": round(r1 - r0, 1), "pings": len(samples), "failed": len(fails),
            "last_fail_to_ok_ms": 0.0, "outage_ms": 0.0}
+    if unit == "--":
+        tail = [line for line in done.stdout.splitlines() if line.strip()]
+        out["rc"] = done.returncode
+        out["output"] = tail[-1] if tail else ""
     if fails:
         first, last = fails[0], fails[-1]
         after = next((s for s in samples[last + 1:] if s[2]), None)

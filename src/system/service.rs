@@ -66,6 +66,9 @@ impl Systemctl {
         if ok {
             return Ok(());
         }
+        // One line: systemctl's stderr often spans two ("Job for … failed …" / "See …"), and
+        // banger's errors are one `banger: what: why (hint)` line.
+        let stderr = stderr.split_whitespace().collect::<Vec<_>>().join(" ");
         let why = if stderr.is_empty() {
             "systemctl failed without a message".to_string()
         } else {
