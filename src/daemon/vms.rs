@@ -591,7 +591,13 @@ impl Vms {
                     }
                 }
             }
-            std::thread::sleep(Duration::from_millis(20));
+            // A guest is usually ready within tens of milliseconds: look often at first.
+            let pause = if start.elapsed() < Duration::from_millis(300) {
+                2
+            } else {
+                20
+            };
+            std::thread::sleep(Duration::from_millis(pause));
         }
         Err(failed(
             Error::new(
