@@ -2,45 +2,14 @@
 //! measures the `ping` round trip (median/p99 of 1,000), RPCs/s with 8 concurrent clients, and the
 //! idle RSS of both. Run with `cargo bench --bench rpc` (or scripts/bench.sh).
 
+mod common;
+
 use banger::rpc::client;
+use common::{rss_kib, wait_call};
 use serde_json::json;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn wait_for(sock: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while client::call(
-        sock,
-        if sock.ends_with("bangerd.sock") {
-            "ping"
-        } else {
-            "priv.ping"
-        },
-        json!({}),
-    )
-    .is_err()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "{} never answered",
-            sock.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
 
 fn main() {
     let bin = std::env::var("BANGER_BENCH_BIN").unwrap_or_else(|_| {
@@ -65,8 +34,8 @@ fn main() {
     };
     let mut d = spawn("bangerd");
     let mut h = spawn("bangerd-root");
-    wait_for(&layout.daemon_socket());
-    wait_for(&layout.helper_socket());
+    wait_call(&layout.daemon_socket(), "ping");
+    wait_call(&layout.helper_socket(), "priv.ping");
     let sock = layout.daemon_socket();
 
     for _ in 0..100 {

@@ -3,8 +3,11 @@
 //! with 20 running VMs. The VMM is `BANGER_TEST_FIRECRACKER` or the stand-in (built by
 //! scripts/bench.sh). Run with `cargo bench --bench vm`.
 
+mod common;
 #[path = "../tests/guest/mod.rs"]
 mod guest;
+
+use common::{rss_kib, wait_call};
 
 use banger::rpc::client;
 use banger::vmm::api::{wait_for_socket, Client};
@@ -18,30 +21,6 @@ use std::time::{Duration, Instant};
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn wait_call(sock: &Path, method: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while client::call(sock, method, json!({})).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never answered",
-            sock.display()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// Raw start of the VMM with the same config banger uses: spawn → API → InstanceStart → ready line.

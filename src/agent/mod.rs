@@ -251,13 +251,22 @@ pub fn ready_line(boot_id: &str) -> String {
 /// `<id>` is 1–64 hex digits and dashes (a UUID or the tiny guest's 16 hex digits). The marker may
 /// follow other text on the line (a kernel log prefix); trailing whitespace and `\r` are ignored.
 pub fn parse_ready_line(line: &str) -> Option<String> {
-    let at = line.find(READY_PREFIX)?;
-    let id = line[at + READY_PREFIX.len()..].trim_end();
-    let valid = !id.is_empty()
+    parse_ready_line_with(line, READY_PREFIX)
+}
+
+/// [`parse_ready_line`] for an image's own console marker `prefix`, followed by the boot id.
+pub fn parse_ready_line_with(line: &str, prefix: &str) -> Option<String> {
+    let at = line.find(prefix)?;
+    let id = line[at + prefix.len()..].trim();
+    is_boot_id(id).then(|| id.to_string())
+}
+
+/// A boot id as guests print it: 1–64 hex digits and dashes, at least one digit.
+pub fn is_boot_id(id: &str) -> bool {
+    !id.is_empty()
         && id.len() <= 64
         && id.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
-        && id.chars().any(|c| c.is_ascii_hexdigit());
-    valid.then(|| id.to_string())
+        && id.chars().any(|c| c.is_ascii_hexdigit())
 }
 
 #[cfg(test)]

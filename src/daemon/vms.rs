@@ -949,15 +949,9 @@ fn console_ready(console: &Path, offset: u64, prefix: &str) -> Option<String> {
     let mut buf = Vec::new();
     f.take(4 << 20).read_to_end(&mut buf).ok()?;
     let whole = &buf[..buf.iter().rposition(|&b| b == b'\n')?];
-    String::from_utf8_lossy(whole).lines().find_map(|l| {
-        let at = l.find(prefix)?;
-        let id = l[at + prefix.len()..].trim();
-        let valid = !id.is_empty()
-            && id.len() <= 64
-            && id.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
-            && id.chars().any(|c| c.is_ascii_hexdigit());
-        valid.then(|| id.to_string())
-    })
+    String::from_utf8_lossy(whole)
+        .lines()
+        .find_map(|l| agent::parse_ready_line_with(l, prefix))
 }
 
 #[cfg(test)]
