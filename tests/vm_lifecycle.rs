@@ -355,6 +355,17 @@ fn invalid_specs_are_rejected_and_leave_nothing() {
         }
     }
     assert!(h.list().is_empty(), "a rejected create left a row");
+    // A kernel that is not an ELF image is refused at import, not at boot.
+    let not_elf = h.bed.root.join("bzImage");
+    std::fs::write(&not_elf, b"MZ not an elf").unwrap();
+    let o = h.run(&["kernel", "import", "bz", not_elf.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("not an ELF kernel image"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!h.bed.layout().kernels_dir().join("bz").exists());
     assert!(std::fs::read_dir(h.bed.layout().vms_dir())
         .unwrap()
         .next()

@@ -901,6 +901,17 @@ impl Vms {
                 src.display()
             )));
         }
+        let mut magic = [0u8; 4];
+        let is_elf = std::fs::File::open(src)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+            .is_ok()
+            && magic == *b"\x7fELF";
+        if !is_elf {
+            return Err(bad(format!(
+                "{} is not an ELF kernel image (Firecracker on x86_64 boots an uncompressed vmlinux, not a bzImage)",
+                src.display()
+            )));
+        }
         let dir = self.layout.kernels_dir().join(name);
         std::fs::create_dir_all(&dir)
             .map_err(|e| failed(Error::new(format!("creating {}", dir.display()), e)))?;
