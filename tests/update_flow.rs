@@ -8,82 +8,20 @@
 //! rollback branches are unit-tested with fakes in `src/update/flow.rs` and run under real systemd
 //! by the smoke suite.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+
 use banger::layout::Layout;
 use banger::system::install_toml::{self, InstallInfo};
+use common::{have, serve, TempDir};
 
 const BIN: &str = env!("CARGO_BIN_EXE_banger");
 const TARGET: &str = "v99.1.0";
 const OLDER: &str = "v0.0.1";
 const MISLABELLED: &str = "v99.2.0";
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("banger-update-it-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn have(tool: &str, arg: &str) -> bool {
-    Command::new(tool)
-        .arg(arg)
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
-/// Serves files under `dir` over HTTP/1.1 on 127.0.0.1 (one thread per connection).
-fn serve(dir: PathBuf) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            let dir = dir.clone();
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(conn.try_clone().unwrap());
-                let mut first = String::new();
-                let _ = reader.read_line(&mut first);
-                loop {
-                    let mut h = String::new();
-                    if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-                        break;
-                    }
-                }
-                let path = first.split_whitespace().nth(1).unwrap_or("/").to_string();
-                let body = (!path.contains(".."))
-                    .then(|| std::fs::read(dir.join(path.trim_start_matches('/'))).ok())
-                    .flatten();
-                let (status, body) = match body {
-                    Some(b) => ("200 OK", b),
-                    None => ("404 Not Found", b"not found".to_vec()),
-                };
-                let head = format!(
-                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = conn.write_all(head.as_bytes());
-                let _ = conn.write_all(&body);
-            });
-        }
-    });
-    base
-}
 
 struct Bed {
     _tmp: TempDir,
