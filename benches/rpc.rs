@@ -5,38 +5,15 @@
 mod common;
 
 use banger::rpc::client;
-use common::{rss_kib, wait_call};
+use common::{rss_kib, Host};
 use serde_json::json;
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn main() {
-    let bin = std::env::var("BANGER_BENCH_BIN").unwrap_or_else(|_| {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("target/x86_64-unknown-linux-gnu/release/banger");
-        p.to_string_lossy().into_owned()
-    });
-    let root = std::env::temp_dir().join(format!("banger-bench-{}", std::process::id()));
-    let bindir = root.join("bin");
-    std::fs::create_dir_all(&bindir).expect("temp dir");
-    for r in ["bangerd", "bangerd-root"] {
-        std::os::unix::fs::symlink(&bin, bindir.join(r)).expect("link");
-    }
-    let layout = banger::layout::Layout::under(&root);
-    let spawn = |role: &str| {
-        Command::new(bindir.join(role))
-            .env("BANGER_ROOT", &root)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn")
-    };
-    let mut d = spawn("bangerd");
-    let mut h = spawn("bangerd-root");
-    wait_call(&layout.daemon_socket(), "ping");
-    wait_call(&layout.helper_socket(), "priv.ping");
-    let sock = layout.daemon_socket();
+    let mut host = Host::new("bench", &[]);
+    let d = host.start("bangerd");
+    let h = host.start("bangerd-root");
+    let sock = host.layout.daemon_socket();
 
     for _ in 0..100 {
         client::call(&sock, "ping", json!({})).expect("ping");
@@ -79,12 +56,7 @@ fn main() {
     std::thread::sleep(Duration::from_millis(500));
     println!(
         "idle RSS: bangerd {} KiB, bangerd-root {} KiB",
-        rss_kib(d.id()),
-        rss_kib(h.id())
+        rss_kib(d),
+        rss_kib(h)
     );
-    let _ = d.kill();
-    let _ = h.kill();
-    let _ = d.wait();
-    let _ = h.wait();
-    let _ = std::fs::remove_dir_all(&root);
 }

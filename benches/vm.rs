@@ -7,7 +7,7 @@ mod common;
 #[path = "../tests/guest/mod.rs"]
 mod guest;
 
-use common::{rss_kib, wait_call};
+use common::{rss_kib, Host};
 
 use banger::rpc::client;
 use banger::vmm::api::{wait_for_socket, Client};
@@ -99,9 +99,6 @@ fn main() {
         return;
     }
     let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/x86_64-unknown-linux-gnu");
-    let bin = std::env::var("BANGER_BENCH_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| target.join("release/banger"));
     let vmm = std::env::var("BANGER_TEST_FIRECRACKER")
         .map(PathBuf::from)
         .unwrap_or_else(|_| target.join("release/firecracker"));
@@ -112,26 +109,10 @@ fn main() {
         );
         return;
     }
-    let root = std::env::temp_dir().join(format!("banger-vmbench-{}", std::process::id()));
-    let bindir = root.join("bin");
-    std::fs::create_dir_all(&bindir).expect("temp dir");
-    for r in ["bangerd", "bangerd-root"] {
-        std::os::unix::fs::symlink(&bin, bindir.join(r)).expect("link");
-    }
-    let layout = banger::layout::Layout::under(&root);
-    let spawn = |role: &str| {
-        Command::new(bindir.join(role))
-            .env("BANGER_ROOT", &root)
-            .env("BANGER_FIRECRACKER", &vmm)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn")
-    };
-    let mut helper = spawn("bangerd-root");
-    let mut daemon = spawn("bangerd");
-    wait_call(&layout.helper_socket(), "priv.ping");
-    wait_call(&layout.daemon_socket(), "ping");
+    let mut host = Host::new("vmbench", &[("BANGER_FIRECRACKER", &vmm)]);
+    let helper = host.start("bangerd-root");
+    let daemon = host.start("bangerd");
+    let (root, layout) = (host.root.clone(), host.layout.clone());
     let sock = layout.daemon_socket();
     let kernel = guest::build_tiny_guest(&root).expect("building the tiny guest");
     let rootfs = root.join("rootfs.img");
@@ -184,8 +165,8 @@ fn main() {
     std::thread::sleep(Duration::from_millis(300));
     println!(
         "RSS with 20 running VMs: bangerd {} KiB, bangerd-root {} KiB",
-        rss_kib(daemon.id()),
-        rss_kib(helper.id())
+        rss_kib(daemon),
+        rss_kib(helper)
     );
     client::call_with_timeout(
         &sock,
@@ -196,8 +177,7 @@ fn main() {
     .expect("delete");
 
     // 1,000 rows: written straight into the store while the daemon is stopped.
-    let _ = client::call(&sock, "daemon.shutdown", json!({}));
-    let _ = daemon.wait();
+    host.stop_daemon(daemon);
     {
         let store = banger::store::Store::open(&layout.state_db()).expect("store");
         for i in 0..1000 {
@@ -220,8 +200,7 @@ fn main() {
                 .expect("insert");
         }
     }
-    let mut daemon = spawn("bangerd");
-    wait_call(&sock, "ping");
+    host.start("bangerd");
     let list: Vec<f64> = (0..30)
         .map(|_| {
             let t = Instant::now();
@@ -234,9 +213,4 @@ fn main() {
         "vm.list with 1000 rows: median {:.2} ms (30 calls, RPC round trip included)",
         median(list)
     );
-    let _ = daemon.kill();
-    let _ = helper.kill();
-    let _ = daemon.wait();
-    let _ = helper.wait();
-    let _ = std::fs::remove_dir_all(&root);
 }

@@ -1887,31 +1887,35 @@ print("bench: restart unavailability, last answered -> next answered ping:", med
 print("bench: systemctl restart bangerd took:", med_max("restart_ms"))'
 }
 
-# VM numbers in one container: `vm create` -> running beside the raw VMM start of the same config,
-# helper and daemon RSS with 0 and 20 running VMs, `vm list --json` with 20 running and with 1,000
-# rows. Numbers only; a step that fails says so and ends the VM benchmarks.
-bench_vm() {
+# Runs benchmark body BODY in a fresh container, as a scenario body (tracked, logged), and prints
+# what it measured; NAME labels its files and lines. Usage: bench_in_container NAME BODY
+bench_in_container() {
+    local name=$1 body=$2 rc=0
     if ! start_container; then
-        echo "bench: vm: $BOOT_ERROR"
+        echo "bench: $name: $BOOT_ERROR"
         KEEP_LOGS=yes
         stop_container
         return
     fi
     BOOT_TIMES+=("$BENCH_BOOT_MS")
-    REASON_FILE=$RUN_DIR/bench-vm.reason
-    NOTES_FILE=$RUN_DIR/bench-vm.notes
-    BENCH_OUT=$RUN_DIR/bench-vm.out
+    REASON_FILE=$RUN_DIR/bench-$name.reason
+    NOTES_FILE=$RUN_DIR/bench-$name.notes
+    BENCH_OUT=$RUN_DIR/bench-$name.out
     : >"$REASON_FILE"
     : >"$BENCH_OUT"
-    local rc=0
-    run_tracked scenario_body_fn bench_vm_body >"$RUN_DIR/bench-vm.log" 2>&1 || rc=$?
+    run_tracked scenario_body_fn "$body" >"$RUN_DIR/bench-$name.log" 2>&1 || rc=$?
     cat "$BENCH_OUT"
     if ((rc != 0)); then
-        echo "bench: vm: failed: $(head -n1 "$REASON_FILE") (log: $RUN_DIR/bench-vm.log)"
+        echo "bench: $name: failed: $(head -n1 "$REASON_FILE") (log: $RUN_DIR/bench-$name.log)"
         KEEP_LOGS=yes
     fi
     stop_container
 }
+
+# VM numbers in one container: `vm create` -> running beside the raw VMM start of the same config,
+# helper and daemon RSS with 0 and 20 running VMs, `vm list --json` with 20 running and with 1,000
+# rows. Numbers only; a step that fails says so and ends the VM benchmarks.
+bench_vm() { bench_in_container vm bench_vm_body; }
 
 bench() { echo "bench: $*" | tee -a "$BENCH_OUT"; }
 
@@ -1993,28 +1997,7 @@ bench_vm_body() {
 # `banger update` numbers in one container: the whole update v0.1.0 -> v0.smoke.0 and back (a
 # downgrade on purpose) with a tight ping loop on the daemon socket beside it; then the staging
 # throughput of `update --dry-run` on the 100 MiB release beside sha256sum of the same tarball.
-bench_update() {
-    if ! start_container; then
-        echo "bench: update: $BOOT_ERROR"
-        KEEP_LOGS=yes
-        stop_container
-        return
-    fi
-    BOOT_TIMES+=("$BENCH_BOOT_MS")
-    REASON_FILE=$RUN_DIR/bench-update.reason
-    NOTES_FILE=$RUN_DIR/bench-update.notes
-    BENCH_OUT=$RUN_DIR/bench-update.out
-    : >"$REASON_FILE"
-    : >"$BENCH_OUT"
-    local rc=0
-    run_tracked scenario_body_fn bench_update_body >"$RUN_DIR/bench-update.log" 2>&1 || rc=$?
-    cat "$BENCH_OUT"
-    if ((rc != 0)); then
-        echo "bench: update: failed: $(head -n1 "$REASON_FILE") (log: $RUN_DIR/bench-update.log)"
-        KEEP_LOGS=yes
-    fi
-    stop_container
-}
+bench_update() { bench_in_container update bench_update_body; }
 
 bench_update_body() {
     update_setup

@@ -31,3 +31,81 @@ pub fn wait_call(sock: &Path, method: &str) {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// A temp layout with `bangerd`/`bangerd-root` links to the binary under test; every service it
+/// spawned is killed and the root removed on drop (a failed `expect` included).
+pub struct Host {
+    /// The temp root (`BANGER_ROOT`).
+    pub root: std::path::PathBuf,
+    /// Its layout.
+    pub layout: banger::layout::Layout,
+    bindir: std::path::PathBuf,
+    envs: Vec<(String, std::path::PathBuf)>,
+    children: Vec<std::process::Child>,
+}
+
+impl Host {
+    /// A host named `tag` running `bin` (BANGER_BENCH_BIN, else the release build), with `envs`
+    /// set for every service.
+    pub fn new(tag: &str, envs: &[(&str, &Path)]) -> Host {
+        let bin = std::env::var("BANGER_BENCH_BIN")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|_| {
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("target/x86_64-unknown-linux-gnu/release/banger")
+            });
+        let root = std::env::temp_dir().join(format!("banger-{tag}-{}", std::process::id()));
+        let bindir = root.join("bin");
+        std::fs::create_dir_all(&bindir).expect("temp dir");
+        for r in ["bangerd", "bangerd-root"] {
+            std::os::unix::fs::symlink(&bin, bindir.join(r)).expect("link");
+        }
+        Host {
+            layout: banger::layout::Layout::under(&root),
+            root,
+            bindir,
+            envs: envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_path_buf()))
+                .collect(),
+            children: Vec::new(),
+        }
+    }
+
+    /// Starts `role` and waits until it answers; returns its pid.
+    pub fn start(&mut self, role: &str) -> u32 {
+        let mut cmd = std::process::Command::new(self.bindir.join(role));
+        cmd.env("BANGER_ROOT", &self.root)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        for (k, v) in &self.envs {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn");
+        let pid = child.id();
+        self.children.push(child);
+        match role {
+            "bangerd" => wait_call(&self.layout.daemon_socket(), "ping"),
+            _ => wait_call(&self.layout.helper_socket(), "priv.ping"),
+        }
+        pid
+    }
+
+    /// Stops the daemon through `daemon.shutdown` and reaps it.
+    pub fn stop_daemon(&mut self, pid: u32) {
+        let _ = client::call(&self.layout.daemon_socket(), "daemon.shutdown", json!({}));
+        if let Some(i) = self.children.iter().position(|c| c.id() == pid) {
+            let _ = self.children.remove(i).wait();
+        }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
