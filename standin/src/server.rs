@@ -231,10 +231,21 @@ fn serve_api_connection(mut s: UnixStream, machine: &Mutex<Machine>) {
             Ok(m) => m,
             Err(p) => p.into_inner(),
         };
-        let (answer, after) = m.handle(&method, &path, &body);
+        let (mut answer, after) = m.handle(&method, &path, &body);
         match after {
             After::Nothing => {}
-            After::Booted => boot(&m),
+            After::Booted => {
+                if let Err(fault) = boot(&m) {
+                    m.started = false;
+                    answer = fault;
+                }
+            }
+            After::Exit if crate::tcg::engine().is_some() => {
+                // A real guest: it reboots (and QEMU, then the stand-in, exits) by itself.
+                if let Some(Err(e)) = crate::tcg::engine().map(|e| e.ctrl_alt_del()) {
+                    eprintln!("stand-in: TCG engine: Ctrl+Alt+Del: {e}");
+                }
+            }
             After::Exit => {
                 // Firecracker answers, then exits when the guest resets; do the same, shortly.
                 thread::spawn(|| {
@@ -250,8 +261,27 @@ fn serve_api_connection(mut s: UnixStream, machine: &Mutex<Machine>) {
     }
 }
 
-/// What the "guest" does once started: say it is ready on the console, serve its agent on vsock.
-fn boot(m: &Machine) {
+/// What the "guest" does once started: a real kernel boots under QEMU ([`crate::tcg`]); otherwise
+/// the stand-in says it is ready on the console and serves its agent on vsock.
+fn boot(m: &Machine) -> Result<(), Answer> {
+    if let Some(qemu) = crate::tcg::engages(m) {
+        crate::tcg::start(m, &qemu, |code| exit_clean(code)).map_err(|e| {
+            Answer::fault(
+                400,
+                format!("Cannot start microvm: the stand-in's TCG engine failed: {e}"),
+            )
+        })?;
+        if let Some((v, l)) = &m.vsock {
+            remember(&VSOCK_SOCK, &v.uds_path);
+            match l.try_clone() {
+                Ok(l) => {
+                    thread::spawn(move || serve_vsock(l, AgentEnv::default()));
+                }
+                Err(e) => eprintln!("firecracker (banger stand-in): vsock listener: {e}"),
+            }
+        }
+        return Ok(());
+    }
     let boot_id = fresh_boot_id();
     if let Some((v, l)) = &m.vsock {
         remember(&VSOCK_SOCK, &v.uds_path);
@@ -268,6 +298,7 @@ fn boot(m: &Machine) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{}", agent::ready_line(&boot_id));
     let _ = out.flush();
+    Ok(())
 }
 
 /// Host-side port numbers Firecracker hands out for host-initiated connections start at 2^30.
@@ -298,6 +329,18 @@ fn vsock_connection(mut s: UnixStream, env: &AgentEnv) {
         .ok()
         .and_then(|l| l.strip_prefix("CONNECT "))
         .and_then(|p| p.trim().parse::<u32>().ok());
+    if let Some(engine) = crate::tcg::engine() {
+        // A real guest: its agent's port through the tap, or refused (closed) like a guest's RST.
+        let Some(guest) = port.and_then(|p| engine.connect_guest(p)) else {
+            return;
+        };
+        let host_port = NEXT_HOST_PORT.fetch_add(1, Ordering::SeqCst);
+        if s.write_all(format!("OK {host_port}\n").as_bytes()).is_ok() {
+            let _ = s.set_read_timeout(None);
+            crate::tcg::splice(s, guest);
+        }
+        return;
+    }
     // Only the agent listens in this "guest"; any other port is refused the way Firecracker
     // reports a guest's RST: by closing the connection.
     if port != Some(agent::AGENT_VSOCK_PORT) {
