@@ -29,6 +29,11 @@ pub fn main(args: Vec<String>) -> i32 {
     if a.version {
         return super::print_version();
     }
+    let env = std::sync::Arc::new(AgentEnv::default());
+    let tcp = std::fs::read_to_string(CMDLINE_PATH)
+        .ok()
+        .and_then(|c| agent_tcp_port(&c))
+        .and_then(|port| serve_tcp(port, env.clone()));
     let listener = match listen(a.port) {
         Ok(l) => l,
         Err(e) => {
@@ -36,6 +41,10 @@ pub fn main(args: Vec<String>) -> i32 {
                 "banger-vsock-agent: listening on vsock port {}: {e} (is this a VM with a vsock device? the agent runs only inside banger guests)",
                 a.port
             );
+            // A test guest without a vsock device (`banger.agent_tcp=`) still answers on TCP.
+            if let Some(t) = tcp {
+                let _ = t.join();
+            }
             return 1;
         }
     };
@@ -44,7 +53,6 @@ pub fn main(args: Vec<String>) -> i32 {
         "listening",
         serde_json::json!({"port": a.port}),
     );
-    let env = std::sync::Arc::new(AgentEnv::default());
     loop {
         match accept(&listener) {
             Ok(conn) => {
@@ -63,6 +71,58 @@ pub fn main(args: Vec<String>) -> i32 {
             }
         }
     }
+}
+
+/// Where the kernel command line is read from.
+const CMDLINE_PATH: &str = "/proc/cmdline";
+
+/// The kernel argument that makes the agent also listen on TCP: test guests only, where the
+/// stand-in VMM maps Firecracker's vsock onto the guest's TCP port (DESIGN §13).
+pub const AGENT_TCP_ARG: &str = "banger.agent_tcp";
+
+/// The TCP port from `banger.agent_tcp=<port>` on the kernel command line (last one wins, as the
+/// kernel does; arguments after `--` belong to init); `None` without one or for a bad port.
+pub fn agent_tcp_port(cmdline: &str) -> Option<u16> {
+    cmdline
+        .split_ascii_whitespace()
+        .take_while(|a| *a != "--")
+        .filter_map(|a| a.trim_matches('"').strip_prefix(AGENT_TCP_ARG)?.strip_prefix('='))
+        .last()
+        .and_then(|p| p.parse::<u16>().ok())
+        .filter(|p| *p != 0)
+}
+
+/// Serves the agent protocol on TCP `port` (all IPv4 addresses) in a thread; `None` (logged) when
+/// the port cannot be bound.
+fn serve_tcp(
+    port: u16,
+    env: std::sync::Arc<AgentEnv>,
+) -> Option<std::thread::JoinHandle<()>> {
+    let l = match std::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port)) {
+        Ok(l) => l,
+        Err(e) => {
+            crate::logging::error(
+                "banger-vsock-agent",
+                "tcp listen failed",
+                serde_json::json!({"port": port, "error": e.to_string()}),
+            );
+            return None;
+        }
+    };
+    crate::logging::info(
+        "banger-vsock-agent",
+        "listening",
+        serde_json::json!({"tcp_port": port}),
+    );
+    Some(std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(conn) = conn else { continue };
+            let env = env.clone();
+            std::thread::spawn(move || {
+                let _ = agent::serve_connection(conn, &env);
+            });
+        }
+    }))
 }
 
 /// A listening AF_VSOCK stream socket on `port`, any CID.
@@ -113,4 +173,30 @@ fn accept(listener: &OwnedFd) -> std::io::Result<OwnedFd> {
     }
     // SAFETY: `fd` is a freshly accepted descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::agent_tcp_port;
+
+    #[test]
+    fn agent_tcp_port_table() {
+        let cases: &[(&str, Option<u16>)] = &[
+            ("console=ttyS0 banger.agent_tcp=52", Some(52)),
+            ("banger.agent_tcp=52 quiet banger.agent_tcp=5252", Some(5252)),
+            ("\"banger.agent_tcp=52\"", Some(52)),
+            ("console=ttyS0", None),
+            ("banger.agent_tcp=", None),
+            ("banger.agent_tcp=0", None),
+            ("banger.agent_tcp=70000", None),
+            ("banger.agent_tcp=x52", None),
+            ("banger.agent_tcpx=52", None),
+            ("xbanger.agent_tcp=52", None),
+            ("quiet -- banger.agent_tcp=52", None),
+            ("", None),
+        ];
+        for (cmdline, want) in cases {
+            assert_eq!(agent_tcp_port(cmdline), *want, "{cmdline:?}");
+        }
+    }
 }
