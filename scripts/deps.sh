@@ -5,7 +5,8 @@ set -euo pipefail
 
 want=(openssl python3 shellcheck binutils)
 if [[ "${1:-}" == "--smoke" ]]; then
-  want+=(debootstrap systemd-container jq)
+  # qemu-system-x86: the stand-in VMM's TCG engine boots real Linux guests with it (DESIGN §13).
+  want+=(debootstrap systemd-container jq qemu-system-x86)
 fi
 
 missing=()

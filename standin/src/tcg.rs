@@ -61,8 +61,9 @@ const MAX_PROGRAM_HEADERS: u16 = 256;
 
 fn read_at(f: &File, off: u64, len: usize, what: &str) -> Result<Vec<u8>, String> {
     let mut b = vec![0u8; len];
-    f.read_exact_at(&mut b, off)
-        .map_err(|e| format!("truncated or unreadable ELF: reading {what} ({len} bytes at {off}): {e}"))?;
+    f.read_exact_at(&mut b, off).map_err(|e| {
+        format!("truncated or unreadable ELF: reading {what} ({len} bytes at {off}): {e}")
+    })?;
     Ok(b)
 }
 
@@ -101,7 +102,9 @@ pub fn pvh_entry(path: &Path) -> Result<u64, String> {
         return Err(format!("program header size {phentsize} is not 56"));
     }
     if phnum > MAX_PROGRAM_HEADERS {
-        return Err(format!("{phnum} program headers (more than {MAX_PROGRAM_HEADERS})"));
+        return Err(format!(
+            "{phnum} program headers (more than {MAX_PROGRAM_HEADERS})"
+        ));
     }
     let ph = read_at(&f, phoff, 56 * phnum as usize, "the program headers")?;
     for e in ph.chunks_exact(56) {
@@ -110,14 +113,19 @@ pub fn pvh_entry(path: &Path) -> Result<u64, String> {
         }
         let (off, size) = (u64_at(e, 8), u64_at(e, 32));
         if size > MAX_NOTE_SEGMENT {
-            return Err(format!("note segment of {size} bytes (more than {MAX_NOTE_SEGMENT})"));
+            return Err(format!(
+                "note segment of {size} bytes (more than {MAX_NOTE_SEGMENT})"
+            ));
         }
         let notes = read_at(&f, off, size as usize, "a note segment")?;
         if let Some(entry) = find_pvh_note(&notes)? {
             return Ok(entry);
         }
     }
-    Err("no PVH entry note (ELF note \"Xen\" type 18): not a Linux vmlinux built with CONFIG_PVH".into())
+    Err(
+        "no PVH entry note (ELF note \"Xen\" type 18): not a Linux vmlinux built with CONFIG_PVH"
+            .into(),
+    )
 }
 
 /// Walks one note segment; `Ok(None)` when it holds no PVH entry note.
@@ -309,7 +317,10 @@ pub fn plan(m: &Machine, qmp: &Path) -> Result<Plan, String> {
         "-serial".into(),
         "chardev:console".into(),
         "-qmp".into(),
-        format!("unix:{},server=on,wait=off", qemu_value(utf8_path(qmp, "QMP socket")?)),
+        format!(
+            "unix:{},server=on,wait=off",
+            qemu_value(utf8_path(qmp, "QMP socket")?)
+        ),
     ];
     for d in firecracker_drive_order(&m.drives) {
         let Some(p) = &d.path_on_host else {
@@ -324,7 +335,11 @@ pub fn plan(m: &Machine, qmp: &Path) -> Result<Plan, String> {
             "id=drive_{},file={},format=raw,if=none,readonly={},cache={cache}",
             d.drive_id,
             qemu_value(utf8_path(p, "drive")?),
-            if d.is_read_only.unwrap_or(false) { "on" } else { "off" },
+            if d.is_read_only.unwrap_or(false) {
+                "on"
+            } else {
+                "off"
+            },
         ));
         a.push("-device".into());
         a.push(format!("virtio-blk-device,drive=drive_{}", d.drive_id));
@@ -381,10 +396,7 @@ fn private_dir() -> Result<PathBuf, String> {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .subsec_nanos();
-    let d = std::env::temp_dir().join(format!(
-        "banger-standin-{}-{nanos:08x}",
-        std::process::id()
-    ));
+    let d = std::env::temp_dir().join(format!("banger-standin-{}-{nanos:08x}", std::process::id()));
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&d)
@@ -436,9 +448,7 @@ fn spawn_and_connect(
 ) -> Result<Engine, String> {
     let plan = plan(m, qmp_path)?;
     eprintln!("stand-in: TCG engine: {}", shell_words(qemu, &plan.args));
-    let guest = plan
-        .guest_ip
-        .map(|ip| SocketAddr::from((ip, AGENT_PORT)));
+    let guest = plan.guest_ip.map(|ip| SocketAddr::from((ip, AGENT_PORT)));
     match (&m.vsock, guest) {
         (Some(_), Some(g)) => eprintln!("stand-in: TCG engine: vsock port {AGENT_PORT} -> tcp {g}"),
         (Some(_), None) => eprintln!(
@@ -612,8 +622,8 @@ impl Qmp {
                 Ok(_) => {}
                 Err(e) => return Err(format!("reading QMP: {e}")),
             }
-            let v: serde_json::Value = serde_json::from_str(line.trim())
-                .map_err(|e| format!("QMP sent {line:?}: {e}"))?;
+            let v: serde_json::Value =
+                serde_json::from_str(line.trim()).map_err(|e| format!("QMP sent {line:?}: {e}"))?;
             if v.get("event").is_none() {
                 return Ok(v);
             }
@@ -631,7 +641,10 @@ impl Qmp {
         if let Some(r) = v.get("return") {
             return Ok(r.clone());
         }
-        Err(format!("QMP {cmd} failed: {}", v.get("error").unwrap_or(&v)))
+        Err(format!(
+            "QMP {cmd} failed: {}",
+            v.get("error").unwrap_or(&v)
+        ))
     }
 }
 
@@ -736,7 +749,13 @@ mod tests {
     #[test]
     fn pvh_note_table() {
         let t = tmp("pvh");
-        let gnu = note(b"GNU\0", 3, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]);
+        let gnu = note(
+            b"GNU\0",
+            3,
+            &[
+                1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,
+            ],
+        );
         let xen64 = note(b"Xen\0", 18, &0x0100_0abcu64.to_le_bytes());
         let xen32 = note(b"Xen\0", 18, &0x0100_0def_u32.to_le_bytes());
         let xen_other = note(b"Xen\0", 17, &0u64.to_le_bytes());
@@ -749,16 +768,45 @@ mod tests {
         let cases: Vec<(&str, Vec<u8>, Result<u64, &str>)> = vec![
             ("gnu then xen 64", good.clone(), Ok(0x0100_0abc)),
             ("xen 32", elf_with_notes(&xen32), Ok(0x0100_0def)),
-            ("no xen note", elf_with_notes(&[gnu.clone(), xen_other, not_xen].concat()), Err("no PVH entry note")),
+            (
+                "no xen note",
+                elf_with_notes(&[gnu.clone(), xen_other, not_xen].concat()),
+                Err("no PVH entry note"),
+            ),
             ("empty", vec![], Err("truncated")),
-            ("garbage", b"#!/bin/sh\necho not a kernel, not even close to one............................".to_vec(), Err("not an ELF")),
-            ("32-bit", { let mut b = good.clone(); b[4] = 1; b }, Err("not a 64-bit")),
+            (
+                "garbage",
+                b"#!/bin/sh\necho not a kernel, not even close to one............................"
+                    .to_vec(),
+                Err("not an ELF"),
+            ),
+            (
+                "32-bit",
+                {
+                    let mut b = good.clone();
+                    b[4] = 1;
+                    b
+                },
+                Err("not a 64-bit"),
+            ),
             ("arm64", wrong_machine, Err("not x86-64")),
             ("truncated header", good[..40].to_vec(), Err("truncated")),
             ("truncated phdrs", good[..100].to_vec(), Err("truncated")),
-            ("truncated notes", good[..good.len() - 6].to_vec(), Err("truncated")),
-            ("note size overflow", elf_with_notes(&huge_note), Err("truncated ELF note")),
-            ("tiny guest has no notes", elf_with_notes(&[]), Err("no PVH entry note")),
+            (
+                "truncated notes",
+                good[..good.len() - 6].to_vec(),
+                Err("truncated"),
+            ),
+            (
+                "note size overflow",
+                elf_with_notes(&huge_note),
+                Err("truncated ELF note"),
+            ),
+            (
+                "tiny guest has no notes",
+                elf_with_notes(&[]),
+                Err("no PVH entry note"),
+            ),
         ];
         for (name, bytes, want) in cases {
             let p = t.0.join("k");
@@ -769,7 +817,9 @@ mod tests {
                 (got, w) => panic!("{name}: got {got:?}, want {w:?}"),
             }
         }
-        assert!(pvh_entry(&t.0.join("missing")).unwrap_err().contains("opening"));
+        assert!(pvh_entry(&t.0.join("missing"))
+            .unwrap_err()
+            .contains("opening"));
     }
 
     /// Real kernels on this machine, when there are any: a vmlinux built with CONFIG_PVH has the
@@ -803,7 +853,10 @@ mod tests {
     #[test]
     fn kernel_args_and_guest_ip_table() {
         let cases: &[(&str, Option<&str>)] = &[
-            ("console=ttyS0 ip=172.30.0.2::172.30.0.1:255.255.255.0:dev:eth0:off", Some("172.30.0.2")),
+            (
+                "console=ttyS0 ip=172.30.0.2::172.30.0.1:255.255.255.0:dev:eth0:off",
+                Some("172.30.0.2"),
+            ),
             ("ip=10.0.0.9", Some("10.0.0.9")),
             ("ip=10.0.0.9:::255.0.0.0::eth0:none quiet", Some("10.0.0.9")),
             ("ip=dhcp", None),
@@ -813,7 +866,10 @@ mod tests {
             ("", None),
             ("ip=1.2.3.4 ip=5.6.7.8::", Some("5.6.7.8")),
             ("ip=1.2.3.4 ip=dhcp", None),
-            ("\"ip=10.1.2.3::10.1.2.1:255.255.255.0:a b:eth0:off\"", Some("10.1.2.3")),
+            (
+                "\"ip=10.1.2.3::10.1.2.1:255.255.255.0:a b:eth0:off\"",
+                Some("10.1.2.3"),
+            ),
             ("banger.name=\"x y\" ip=10.1.2.4", Some("10.1.2.4")),
             ("ip=300.1.2.3::", None),
             ("noip=1.2.3.4", None),
@@ -868,7 +924,10 @@ mod tests {
     }
 
     fn strings(p: &Plan) -> Vec<String> {
-        p.args.iter().map(|a| a.to_string_lossy().into_owned()).collect()
+        p.args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
     }
 
     fn value_of<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
@@ -904,8 +963,14 @@ mod tests {
         assert_eq!(
             value_of(&a, "-drive"),
             [
-                format!("id=drive_rootfs,file={},format=raw,if=none,readonly=off,cache=unsafe", root.display()),
-                format!("id=drive_data,file={},format=raw,if=none,readonly=on,cache=unsafe", data.display()),
+                format!(
+                    "id=drive_rootfs,file={},format=raw,if=none,readonly=off,cache=unsafe",
+                    root.display()
+                ),
+                format!(
+                    "id=drive_data,file={},format=raw,if=none,readonly=on,cache=unsafe",
+                    data.display()
+                ),
             ]
         );
         assert_eq!(
@@ -942,7 +1007,8 @@ mod tests {
         m.nets[0].mtu = Some(1400);
         let p = plan(&m, &qmp).unwrap();
         assert!(
-            p.cmdline.ends_with(" pci=off root=PARTUUID=abcd-01 ro banger.agent_tcp=52"),
+            p.cmdline
+                .ends_with(" pci=off root=PARTUUID=abcd-01 ro banger.agent_tcp=52"),
             "{}",
             p.cmdline
         );
@@ -986,18 +1052,16 @@ mod tests {
         assert_eq!(engages(&m), None);
     }
 
-}
-
-/// The development kernel, when one has been built: `BANGER_TEST_KERNEL`, else the newest
-/// `/var/tmp/banger-cache/kernel/*/vmlinux` (where `packaging/kernel/` caches its builds).
-#[cfg(test)]
-pub(crate) fn find_test_kernel() -> Option<PathBuf> {
-    if let Some(k) = std::env::var_os("BANGER_TEST_KERNEL") {
-        return Some(PathBuf::from(k));
+    /// The development kernel, when one has been built: `BANGER_TEST_KERNEL`, else the newest
+    /// `/var/tmp/banger-cache/kernel/*/vmlinux` (where `packaging/kernel/` caches its builds).
+    fn find_test_kernel() -> Option<PathBuf> {
+        if let Some(k) = std::env::var_os("BANGER_TEST_KERNEL") {
+            return Some(PathBuf::from(k));
+        }
+        let rd = std::fs::read_dir("/var/tmp/banger-cache/kernel").ok()?;
+        rd.flatten()
+            .map(|e| e.path().join("vmlinux"))
+            .filter(|p| p.is_file())
+            .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
     }
-    let rd = std::fs::read_dir("/var/tmp/banger-cache/kernel").ok()?;
-    rd.flatten()
-        .map(|e| e.path().join("vmlinux"))
-        .filter(|p| p.is_file())
-        .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
 }
