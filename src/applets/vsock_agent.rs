@@ -86,7 +86,11 @@ pub fn agent_tcp_port(cmdline: &str) -> Option<u16> {
     cmdline
         .split_ascii_whitespace()
         .take_while(|a| *a != "--")
-        .filter_map(|a| a.trim_matches('"').strip_prefix(AGENT_TCP_ARG)?.strip_prefix('='))
+        .filter_map(|a| {
+            a.trim_matches('"')
+                .strip_prefix(AGENT_TCP_ARG)?
+                .strip_prefix('=')
+        })
         .last()
         .and_then(|p| p.parse::<u16>().ok())
         .filter(|p| *p != 0)
@@ -94,10 +98,7 @@ pub fn agent_tcp_port(cmdline: &str) -> Option<u16> {
 
 /// Serves the agent protocol on TCP `port` (all IPv4 addresses) in a thread; `None` (logged) when
 /// the port cannot be bound.
-fn serve_tcp(
-    port: u16,
-    env: std::sync::Arc<AgentEnv>,
-) -> Option<std::thread::JoinHandle<()>> {
+fn serve_tcp(port: u16, env: std::sync::Arc<AgentEnv>) -> Option<std::thread::JoinHandle<()>> {
     let l = match std::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port)) {
         Ok(l) => l,
         Err(e) => {
@@ -183,7 +184,10 @@ mod tests {
     fn agent_tcp_port_table() {
         let cases: &[(&str, Option<u16>)] = &[
             ("console=ttyS0 banger.agent_tcp=52", Some(52)),
-            ("banger.agent_tcp=52 quiet banger.agent_tcp=5252", Some(5252)),
+            (
+                "banger.agent_tcp=52 quiet banger.agent_tcp=5252",
+                Some(5252),
+            ),
             ("\"banger.agent_tcp=52\"", Some(52)),
             ("console=ttyS0", None),
             ("banger.agent_tcp=", None),

@@ -101,6 +101,7 @@ pub fn run(opts: Options) -> Result<(), String> {
         )
     })?;
     remember(&API_SOCK, &opts.api_sock);
+    crate::tcg::init(&opts.api_sock);
     install_signal_handlers();
 
     let machine = Arc::new(Mutex::new(Machine::new(&opts.id)));

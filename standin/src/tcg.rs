@@ -390,13 +390,33 @@ pub fn engine() -> Option<&'static Engine> {
     ENGINE.get()
 }
 
+/// Where the private QMP directory goes: beside the API socket (set by [`init`]), which the VMM
+/// can always write (under the helper's `ProtectSystem=strict`, `/tmp` is read-only).
+static RUNTIME_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+/// Tells the engine where the stand-in's API socket lives.
+pub fn init(api_sock: &Path) {
+    if let Some(d) = api_sock.parent() {
+        let d = if d.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            d
+        };
+        let _ = RUNTIME_DIR.set(d.to_path_buf());
+    }
+}
+
 /// A private 0700 directory for the QMP socket (removed once QEMU's end is connected).
 fn private_dir() -> Result<PathBuf, String> {
+    let base = RUNTIME_DIR
+        .get()
+        .cloned()
+        .unwrap_or_else(std::env::temp_dir);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .subsec_nanos();
-    let d = std::env::temp_dir().join(format!("banger-standin-{}-{nanos:08x}", std::process::id()));
+    let d = base.join(format!(".standin-qmp-{}-{nanos:08x}", std::process::id()));
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&d)

@@ -438,6 +438,14 @@ fn tiny_pvh_guest_lifecycle() {
         .unwrap();
     let info = vmm.api.instance_info().unwrap();
     assert_eq!(info.state, banger::vmm::models::InstanceState::Running);
+    // QMP's socket is private and gone once the stand-in holds its end.
+    let leftovers: Vec<_> = std::fs::read_dir(&vmm.dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("qmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
     assert!(
         !vmm.console.lock().unwrap().contains("banger-guest: ready"),
         "the fake readiness line is printed for a real guest"
