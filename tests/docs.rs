@@ -6,6 +6,7 @@
 //!   (text written ahead of code still being built) are not checked; the commands there are.
 //! - README.md and docs/ never send a reader outside the repository (`../shared`, `shared/DESIGN`),
 //!   every relative link resolves to a file in the repository, and every `#anchor` to a heading.
+//! - Every row `banger doctor` prints is in the doctor table of docs/operations.md.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -455,4 +456,30 @@ fn slugs_match_githubs() {
     ] {
         assert_eq!(slug(heading), want);
     }
+}
+
+/// Every row `banger doctor` prints has a line in operations.md's doctor table saying what to do.
+#[test]
+fn every_doctor_row_is_documented() {
+    let bin = Binary::new();
+    // Read-only by contract; under a scratch BANGER_ROOT it also sees no install.
+    let o = bin.run(&["doctor", "--json"]);
+    let report: serde_json::Value =
+        serde_json::from_slice(&o.stdout).expect("banger doctor --json prints JSON");
+    let names: Vec<String> = report["checks"]
+        .as_array()
+        .expect("a `checks` list")
+        .iter()
+        .map(|c| c["name"].as_str().expect("a row name").to_string())
+        .collect();
+    assert!(names.len() >= 9, "doctor printed only {names:?}");
+    let ops = read(&Path::new(REPO).join("docs/operations.md"));
+    let missing: Vec<&String> = names
+        .iter()
+        .filter(|n| !ops.contains(&format!("| `{n}` ")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "doctor rows with no `| `name` |` row in docs/operations.md's doctor table: {missing:?}"
+    );
 }
