@@ -295,6 +295,7 @@ fn every_command_in_the_docs_exists_in_help() {
         "the docs name commands or flags the binary does not have:\n{}",
         problems.join("\n")
     );
+    eprintln!("checked {total} `banger …` invocations ({in_operations} in docs/operations.md)");
     // A parser that found nothing would pass vacuously: operations.md shows dozens of commands.
     assert!(
         in_operations >= 30,
