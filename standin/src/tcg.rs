@@ -326,6 +326,10 @@ pub fn plan(m: &Machine, qmp: &Path) -> Result<Plan, String> {
             qemu_value(utf8_path(qmp, "QMP socket")?)
         ),
     ];
+    if let Some(initrd) = &bs.initrd_path {
+        a.push("-initrd".into());
+        a.push(utf8_path(initrd, "initrd")?.into());
+    }
     for d in firecracker_drive_order(&m.drives) {
         let Some(p) = &d.path_on_host else {
             return Err(format!("drive {} has no path_on_host", d.drive_id));
@@ -1015,6 +1019,7 @@ mod tests {
             [format!("unix:{},server=on,wait=off", qmp.display())]
         );
         assert_eq!(value_of(&a, "-serial"), ["chardev:console"]);
+        assert!(value_of(&a, "-initrd").is_empty());
 
         // With a vsock device the guest is told to serve the agent on TCP too.
         let l = std::os::unix::net::UnixListener::bind(t.0.join("v.sock")).unwrap();
@@ -1026,6 +1031,7 @@ mod tests {
             },
             l,
         ));
+        m.boot_source.as_mut().unwrap().initrd_path = Some(t.0.join("initrd.img"));
         m.drives[1].is_read_only = Some(true);
         m.drives[1].partuuid = Some("abcd-01".into());
         m.nets[0].mtu = Some(1400);
@@ -1035,6 +1041,10 @@ mod tests {
                 .ends_with(" pci=off root=PARTUUID=abcd-01 ro banger.agent_tcp=52"),
             "{}",
             p.cmdline
+        );
+        assert_eq!(
+            value_of(&strings(&p), "-initrd"),
+            [t.0.join("initrd.img").to_str().unwrap()]
         );
         assert!(value_of(&strings(&p), "-device")
             .contains(&"virtio-net-device,netdev=net_eth0,mac=02:aa:bb:cc:dd:ee,host_mtu=1400"));
