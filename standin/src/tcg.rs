@@ -16,6 +16,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::os::fd::RawFd;
 use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -25,7 +26,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use banger::vmm::models::{CacheType, Drive};
+use banger::vmm::models::{CacheType, Drive, NetworkInterface};
 
 use crate::machine::Machine;
 
@@ -237,6 +238,8 @@ pub struct Plan {
     pub cmdline: String,
     /// The guest's address from `ip=`, where the vsock port is mapped to.
     pub guest_ip: Option<Ipv4Addr>,
+    /// Descriptors QEMU inherits (named by number in `args`).
+    pub pass_fds: Vec<RawFd>,
 }
 
 /// A value inside a QEMU `-opt key=value,…` list: commas are doubled.
@@ -352,13 +355,11 @@ pub fn plan(m: &Machine, qmp: &Path) -> Result<Plan, String> {
         a.push("-device".into());
         a.push(format!("virtio-blk-device,drive=drive_{}", d.drive_id));
     }
-    for n in &m.nets {
+    let mut pass_fds = Vec::new();
+    for (n, fd) in machine_nets(m) {
         a.push("-netdev".into());
-        a.push(format!(
-            "tap,id=net_{},ifname={},script=no,downscript=no,vnet_hdr=on",
-            n.iface_id,
-            qemu_value(&n.host_dev_name)
-        ));
+        a.push(netdev_arg(n, fd));
+        pass_fds.extend(fd);
         let mut dev = format!("virtio-net-device,netdev=net_{}", n.iface_id);
         if let Some(mac) = &n.guest_mac {
             dev.push_str(&format!(",mac={mac}"));
@@ -373,7 +374,28 @@ pub fn plan(m: &Machine, qmp: &Path) -> Result<Plan, String> {
         args: a.into_iter().map(OsString::from).collect(),
         cmdline,
         guest_ip,
+        pass_fds,
     })
+}
+
+/// QEMU's `-netdev` for interface `n`: the tap by name, or the queue the stand-in holds open (a
+/// held tap is busy for any other opener, so QEMU gets that very queue; it probes IFF_VNET_HDR
+/// on it itself, and QEMU refuses `ifname=`/`vnet_hdr=` next to `fd=`).
+fn netdev_arg(n: &NetworkInterface, fd: Option<RawFd>) -> String {
+    match fd {
+        Some(fd) => format!("tap,id=net_{},fd={fd}", n.iface_id),
+        None => format!(
+            "tap,id=net_{},ifname={},script=no,downscript=no,vnet_hdr=on",
+            n.iface_id,
+            qemu_value(&n.host_dev_name)
+        ),
+    }
+}
+
+/// The machine's network interfaces, each with the descriptor of its tap when the stand-in holds
+/// one open.
+fn machine_nets(m: &Machine) -> Vec<(&NetworkInterface, Option<RawFd>)> {
+    m.nets.iter().map(|n| (n, None)).collect()
 }
 
 /// Where the QEMU child is in its life.
@@ -488,7 +510,7 @@ fn spawn_and_connect(
     let phase = Arc::new((Mutex::new(Phase::Starting), Condvar::new()));
     let tail: Arc<Mutex<VecDeque<String>>> = Arc::default();
     let (tx, rx) = std::sync::mpsc::channel::<Result<u32, String>>();
-    let (qemu, args) = (qemu.to_path_buf(), plan.args.clone());
+    let (qemu, args, pass_fds) = (qemu.to_path_buf(), plan.args.clone(), plan.pass_fds.clone());
     let (phase2, tail2) = (Arc::clone(&phase), Arc::clone(&tail));
     // The thread that spawns QEMU lives exactly as long as QEMU: PR_SET_PDEATHSIG fires when the
     // spawning *thread* ends, so it must not be a short-lived API connection thread.
@@ -498,12 +520,17 @@ fn spawn_and_connect(
             .stdin(Stdio::null())
             .stdout(Stdio::inherit())
             .stderr(Stdio::piped());
-        // SAFETY: prctl(2) and getppid(2) are async-signal-safe; nothing else runs between fork
-        // and exec.
+        // SAFETY: prctl(2) and fcntl(2) are async-signal-safe and touch only the child: its
+        // descriptor table is its own copy, so clearing close-on-exec there leaves ours alone.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                for &fd in &pass_fds {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -1020,6 +1047,8 @@ mod tests {
         );
         assert_eq!(value_of(&a, "-serial"), ["chardev:console"]);
         assert!(value_of(&a, "-initrd").is_empty());
+        assert!(p.pass_fds.is_empty());
+        assert_eq!(netdev_arg(&m.nets[0], Some(7)), "tap,id=net_eth0,fd=7");
 
         // With a vsock device the guest is told to serve the agent on TCP too.
         let l = std::os::unix::net::UnixListener::bind(t.0.join("v.sock")).unwrap();
