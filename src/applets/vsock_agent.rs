@@ -1,23 +1,60 @@
-//! `banger-vsock-agent`: the in-guest agent. Listens on AF_VSOCK port 52 (any CID) and answers
-//! banger's line protocol ([`crate::agent`]): health, boot_id, uname. One thread per connection.
+//! `banger-vsock-agent`: the in-guest agent. At start it prepares the guest from the kernel command
+//! line ([`crate::agent::cmdline`], [`crate::agent::prepare`]: hostname, root's authorized key, sshd
+//! host keys), then listens on AF_VSOCK port 52 (any CID) and answers banger's line protocol
+//! ([`crate::agent`]): hello, ports, health, boot_id, uname. One thread per connection. systemd
+//! hears READY=1 once the preparation is done and the socket listens (the unit is Type=notify and
+//! ordered before sshd, so sshd starts with host keys).
 //!
-//! It runs as root inside the guest and answers only fixed questions: it executes nothing.
+//! It runs as root inside the guest and answers only fixed questions: it executes nothing a
+//! request names. `--root`, `--cmdline`, `--proc` and `--unix` exist for tests: with a root other
+//! than `/` the kernel hostname is left alone.
 
-use crate::agent::{self, AgentEnv, AGENT_VSOCK_PORT};
+use crate::agent::prepare::{self, HostnameSetter, KernelHostname};
+use crate::agent::{self, cmdline, AgentEnv, Source, AGENT_VSOCK_PORT};
 use argh::FromArgs;
 use std::fs::File;
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+const ROLE: &str = "banger-vsock-agent";
 
 #[derive(FromArgs)]
-/// banger's guest agent: answers the host over vsock (readiness, boot_id, uname). Runs inside a
-/// VM, started by the guest's init; it is the same static binary as banger.
+/// banger's guest agent: prepares the guest from the kernel command line (banger.name=,
+/// banger.key=), then answers the host over vsock (hello, ports, health, boot_id, uname). Runs
+/// inside a VM, started by banger-vsock-agent.service; it is the same static binary as banger.
 struct Args {
     /// vsock port to listen on (default 52)
     #[argh(option, default = "AGENT_VSOCK_PORT")]
     port: u32,
+    /// listen on this Unix socket instead of vsock (tests)
+    #[argh(option)]
+    unix: Option<PathBuf>,
+    /// the guest's root directory (default /; another root leaves the kernel hostname alone)
+    #[argh(option, default = "PathBuf::from(\"/\")")]
+    root: PathBuf,
+    /// the kernel command line file (default /proc/cmdline)
+    #[argh(option, default = "PathBuf::from(cmdline::CMDLINE_PATH)")]
+    cmdline: PathBuf,
+    /// the proc directory (default /proc)
+    #[argh(option, default = "PathBuf::from(\"/proc\")")]
+    proc: PathBuf,
     /// print the version and exit
     #[argh(switch)]
     version: bool,
+}
+
+/// With a root other than `/` (tests), the kernel's hostname is not the guest's to change.
+struct NotTheKernel;
+
+impl HostnameSetter for NotTheKernel {
+    fn set(&self, _name: &str) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+enum Listener {
+    Vsock(OwnedFd),
+    Unix(std::os::unix::net::UnixListener),
 }
 
 /// Entry point of the agent role.
@@ -29,39 +66,106 @@ pub fn main(args: Vec<String>) -> i32 {
     if a.version {
         return super::print_version();
     }
-    let listener = match listen(a.port) {
+    let in_guest = a.root == Path::new("/");
+    let env = prepare_guest(&a, in_guest);
+    let listener = match &a.unix {
+        Some(p) => std::os::unix::net::UnixListener::bind(p)
+            .map(Listener::Unix)
+            .map_err(|e| format!("listening on {}: {e}", p.display())),
+        None => listen(a.port).map(Listener::Vsock).map_err(|e| {
+            format!(
+                "listening on vsock port {}: {e} (is this a VM with a vsock device? the agent runs only inside banger guests)",
+                a.port
+            )
+        }),
+    };
+    let listener = match listener {
         Ok(l) => l,
         Err(e) => {
-            eprintln!(
-                "banger-vsock-agent: listening on vsock port {}: {e} (is this a VM with a vsock device? the agent runs only inside banger guests)",
-                a.port
-            );
+            eprintln!("{ROLE}: {e}");
             return 1;
         }
     };
     crate::logging::info(
-        "banger-vsock-agent",
+        ROLE,
         "listening",
-        serde_json::json!({"port": a.port}),
+        serde_json::json!({"port": a.port, "unix": a.unix}),
     );
-    let env = std::sync::Arc::new(AgentEnv::default());
+    if let Err(e) = crate::sdnotify::notify("READY=1") {
+        crate::logging::error(
+            ROLE,
+            "sd_notify failed",
+            serde_json::json!({"error": e.to_string()}),
+        );
+    }
+    let env = std::sync::Arc::new(env);
     loop {
-        match accept(&listener) {
+        let conn = match &listener {
+            Listener::Vsock(l) => accept(l).map(File::from),
+            Listener::Unix(l) => l.accept().map(|(s, _)| File::from(OwnedFd::from(s))),
+        };
+        match conn {
             Ok(conn) => {
                 let env = env.clone();
                 std::thread::spawn(move || {
-                    let _ = agent::serve_connection(File::from(conn), &env);
+                    let _ = agent::serve_connection(conn, &env);
                 });
             }
             Err(e) => {
                 crate::logging::error(
-                    "banger-vsock-agent",
+                    ROLE,
                     "accept failed",
                     serde_json::json!({"error": e.to_string()}),
                 );
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
         }
+    }
+}
+
+/// Reads the command line, prepares the guest, logs what happened, and returns what the handler
+/// serves from.
+fn prepare_guest(a: &Args, in_guest: bool) -> AgentEnv {
+    let cfg = match cmdline::read(&a.cmdline) {
+        Ok(c) => c,
+        Err(e) => cmdline::GuestConfig {
+            problems: vec![e.to_string()],
+            ..Default::default()
+        },
+    };
+    let opts = prepare::Options {
+        root: a.root.clone(),
+        owner: (rustix::process::geteuid().is_root()).then_some((0, 0)),
+        ..prepare::Options::guest()
+    };
+    let setter: &dyn HostnameSetter = if in_guest {
+        &KernelHostname
+    } else {
+        &NotTheKernel
+    };
+    let report = prepare::prepare(&cfg, &opts, setter);
+    crate::logging::info(
+        ROLE,
+        "prepared",
+        serde_json::json!({
+            "hostname": report.hostname,
+            "authorized_key": report.authorized_key,
+            "generated_host_keys": report.generated,
+        }),
+    );
+    for p in &report.problems {
+        crate::logging::error(ROLE, "preparation", serde_json::json!({"problem": p}));
+    }
+    AgentEnv {
+        boot_id: Source::File(a.proc.join("sys/kernel/random/boot_id")),
+        host_key: Source::File(a.root.join(agent::HOST_KEY_PUB)),
+        hostname: Source::File(if in_guest {
+            a.proc.join("sys/kernel/hostname")
+        } else {
+            a.root.join("etc/hostname")
+        }),
+        proc_dir: Some(a.proc.clone()),
+        problems: report.problems,
     }
 }
 
