@@ -59,12 +59,21 @@ enum Listener {
 
 /// Entry point of the agent role.
 pub fn main(args: Vec<String>) -> i32 {
-    let a: Args = match super::parse_args(&args) {
+    let mut a: Args = match super::parse_args(&args) {
         Ok(a) => a,
         Err(code) => return code,
     };
     if a.version {
         return super::print_version();
+    }
+    for p in [&mut a.root, &mut a.cmdline, &mut a.proc] {
+        match std::path::absolute(&*p) {
+            Ok(abs) => *p = abs,
+            Err(e) => {
+                eprintln!("{ROLE}: using {}: {e} (pass an absolute path)", p.display());
+                return 2;
+            }
+        }
     }
     let in_guest = a.root == Path::new("/");
     let env = prepare_guest(&a, in_guest);
@@ -89,7 +98,10 @@ pub fn main(args: Vec<String>) -> i32 {
     crate::logging::info(
         ROLE,
         "listening",
-        serde_json::json!({"port": a.port, "unix": a.unix}),
+        match &a.unix {
+            Some(p) => serde_json::json!({"unix": p}),
+            None => serde_json::json!({"vsock_port": a.port}),
+        },
     );
     if let Err(e) = crate::sdnotify::notify("READY=1") {
         crate::logging::error(
