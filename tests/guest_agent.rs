@@ -241,3 +241,98 @@ fn which(tool: &str) -> Option<PathBuf> {
             .find(|p| p.exists())
     })
 }
+
+/// `banger.agent_tcp=52` (the stand-in QEMU engine's transport): the agent also serves on TCP.
+/// Run in a network namespace of its own, so nothing listens on this machine's network.
+#[test]
+fn agent_tcp_transport_in_a_private_netns() {
+    if !is_root() || which("unshare").is_none() || which("ip").is_none() {
+        eprintln!("SKIP: agent_tcp_transport_in_a_private_netns: needs root, unshare and ip");
+        return;
+    }
+    if which("ssh-keygen").is_none() {
+        eprintln!("SKIP: agent_tcp_transport_in_a_private_netns: ssh-keygen not installed");
+        return;
+    }
+    let bed = Bed::new("gagent-tcp");
+    let root = bed.root.join("guest");
+    std::fs::create_dir_all(root.join("etc/ssh")).unwrap();
+    let cmdline = bed.root.join("cmdline");
+    std::fs::write(&cmdline, "banger.name=tcp-guest banger.agent_tcp=52\n").unwrap();
+    let log = bed.root.join("agent.log");
+    // vsock is not per network namespace: a port of its own, so it collides with nothing.
+    let vsock_port = 40000 + (std::process::id() % 20000);
+    let child = std::process::Command::new("unshare")
+        .args([
+            "-n",
+            "sh",
+            "-c",
+            "ip link set lo up && exec \"$0\" \"$@\"",
+            BIN,
+        ])
+        .args([
+            "--role",
+            "banger-vsock-agent",
+            "--port",
+            &vsock_port.to_string(),
+        ])
+        .args(["--root".as_ref(), root.as_os_str()])
+        .args(["--cmdline".as_ref(), cmdline.as_os_str()])
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let agent = Server { child, log };
+    let ns = format!("/proc/{}/ns/net", agent.pid());
+    // Until unshare(1) has run, the child is still in our namespace.
+    let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::fs::read_link(&ns).map_or(true, |l| l == ours) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent never left our network namespace"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // setns(2) changes only the calling thread: a thread of ours joins the agent's namespace.
+    let answer = std::thread::spawn(move || -> Result<Value, String> {
+        let f = std::fs::File::open(&ns).map_err(|e| format!("{ns}: {e}"))?;
+        rustix::thread::move_into_link_name_space(
+            std::os::fd::AsFd::as_fd(&f),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .map_err(|e| format!("setns {ns}: {e}"))?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let s = loop {
+            match std::net::TcpStream::connect("127.0.0.1:52") {
+                Ok(s) => break s,
+                Err(e) if std::time::Instant::now() > deadline => {
+                    return Err(format!(
+                        "connecting to 127.0.0.1:52 in the agent's netns: {e}"
+                    ))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut r = BufReader::new(s);
+        r.get_mut()
+            .write_all(b"{\"method\":\"hello\"}\n")
+            .map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        r.read_line(&mut line).map_err(|e| e.to_string())?;
+        serde_json::from_str(&line).map_err(|e| format!("{line:?}: {e}"))
+    })
+    .join()
+    .unwrap();
+    let hello = answer.unwrap_or_else(|e| panic!("{e}; agent log:\n{}", agent.log_text()));
+    assert_eq!(hello["ok"], true, "{hello}");
+    assert_eq!(hello["result"]["hostname"], "tcp-guest");
+    assert!(hello["result"]["host_key"]
+        .as_str()
+        .unwrap()
+        .starts_with("ssh-ed25519 "));
+    let log = agent.log_text();
+    assert!(log.contains("\"tcp_port\":52"), "{log}");
+}

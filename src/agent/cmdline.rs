@@ -28,6 +28,9 @@ pub struct GuestConfig {
     pub name: Option<String>,
     /// The authorized_keys line for root (decoded `banger.key=`, without newline), when valid.
     pub authorized_key: Option<String>,
+    /// `banger.agent_tcp=PORT`: also serve the agent on TCP PORT (any address). Test-only: the
+    /// stand-in's QEMU engine has no vsock device and reaches the agent through the tap instead.
+    pub agent_tcp: Option<u16>,
     /// Why a given value was refused, one line each.
     pub problems: Vec<String>,
 }
@@ -103,14 +106,25 @@ fn skip_spaces(b: &[u8], mut i: usize) -> usize {
 pub fn parse(cmdline: &str) -> GuestConfig {
     let mut name = None;
     let mut key = None;
+    let mut tcp = None;
     for (param, val) in tokenize(cmdline) {
         match param.as_str() {
             "banger.name" => name = Some(val.unwrap_or_default()),
             "banger.key" => key = Some(val.unwrap_or_default()),
+            "banger.agent_tcp" => tcp = Some(val.unwrap_or_default()),
             _ => {}
         }
     }
     let mut cfg = GuestConfig::default();
+    if let Some(t) = tcp {
+        match t.parse::<u16>() {
+            Ok(p) if p > 0 => cfg.agent_tcp = Some(p),
+            _ => cfg.problems.push(format!(
+                "banger.agent_tcp={:?} is not a TCP port (1-65535); serving on vsock only",
+                t.chars().take(16).collect::<String>()
+            )),
+        }
+    }
     if let Some(n) = name {
         match check_name(&n) {
             Ok(()) => cfg.name = Some(n),
@@ -402,6 +416,17 @@ mod tests {
                 assert!(got.contains(want), "{line}: {got:?} lacks {want:?}");
             }
         }
+    }
+
+    #[test]
+    fn agent_tcp_port() {
+        assert_eq!(parse("banger.agent_tcp=52").agent_tcp, Some(52));
+        assert_eq!(
+            parse("banger.agent_tcp=52 banger.agent_tcp=53").agent_tcp,
+            Some(53)
+        );
+        assert_eq!(parse("console=ttyS0").agent_tcp, None);
+        assert_eq!(parse("banger.agent_tcp=x").agent_tcp, None);
     }
 
     #[test]

@@ -248,6 +248,7 @@ mod tests {
             name: Some("dev-1".into()),
             authorized_key: Some(LINE.into()),
             problems: vec![],
+            agent_tcp: None,
         };
         let rec = Recorder::default();
         let mut o = opts(&root);
@@ -318,6 +319,7 @@ mod tests {
             name: Some("vm".into()),
             authorized_key: Some(LINE.into()),
             problems: vec!["banger.key is not base64".into()],
+            agent_tcp: None,
         };
         let rec = Recorder(RefCell::new(vec![]), true);
         let mut o = opts(&root);

@@ -5,6 +5,10 @@
 //! hears READY=1 once the preparation is done and the socket listens (the unit is Type=notify and
 //! ordered before sshd, so sshd starts with host keys).
 //!
+//! With `banger.agent_tcp=PORT` on the kernel command line it also serves on TCP PORT: a test-only
+//! transport for the stand-in's QEMU engine, which has no vsock device and reaches the guest
+//! through its tap instead (a missing vsock device is then not fatal).
+//!
 //! It runs as root inside the guest and answers only fixed questions: it executes nothing a
 //! request names. `--root`, `--cmdline`, `--proc` and `--unix` exist for tests: with a root other
 //! than `/` the kernel hostname is left alone.
@@ -52,9 +56,21 @@ impl HostnameSetter for NotTheKernel {
     }
 }
 
+/// A socket the agent serves on.
 enum Listener {
     Vsock(OwnedFd),
     Unix(std::os::unix::net::UnixListener),
+    Tcp(std::net::TcpListener),
+}
+
+impl Listener {
+    fn accept(&self) -> std::io::Result<File> {
+        match self {
+            Listener::Vsock(l) => accept(l).map(File::from),
+            Listener::Unix(l) => l.accept().map(|(s, _)| File::from(OwnedFd::from(s))),
+            Listener::Tcp(l) => l.accept().map(|(s, _)| File::from(OwnedFd::from(s))),
+        }
+    }
 }
 
 /// Entry point of the agent role.
@@ -76,33 +92,14 @@ pub fn main(args: Vec<String>) -> i32 {
         }
     }
     let in_guest = a.root == Path::new("/");
-    let env = prepare_guest(&a, in_guest);
-    let listener = match &a.unix {
-        Some(p) => std::os::unix::net::UnixListener::bind(p)
-            .map(Listener::Unix)
-            .map_err(|e| format!("listening on {}: {e}", p.display())),
-        None => listen(a.port).map(Listener::Vsock).map_err(|e| {
-            format!(
-                "listening on vsock port {}: {e} (is this a VM with a vsock device? the agent runs only inside banger guests)",
-                a.port
-            )
-        }),
-    };
-    let listener = match listener {
+    let (env, agent_tcp) = prepare_guest(&a, in_guest);
+    let listeners = match open_listeners(&a, agent_tcp) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("{ROLE}: {e}");
             return 1;
         }
     };
-    crate::logging::info(
-        ROLE,
-        "listening",
-        match &a.unix {
-            Some(p) => serde_json::json!({"unix": p}),
-            None => serde_json::json!({"vsock_port": a.port}),
-        },
-    );
     if let Err(e) = crate::sdnotify::notify("READY=1") {
         crate::logging::error(
             ROLE,
@@ -111,12 +108,64 @@ pub fn main(args: Vec<String>) -> i32 {
         );
     }
     let env = std::sync::Arc::new(env);
+    let threads: Vec<_> = listeners
+        .into_iter()
+        .map(|l| {
+            let env = env.clone();
+            std::thread::spawn(move || serve(l, env))
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+    1
+}
+
+/// The sockets to serve on: `--unix` alone (tests), else vsock plus TCP when the command line
+/// asks for it (the stand-in's QEMU engine). Fails only when there is none at all.
+fn open_listeners(a: &Args, agent_tcp: Option<u16>) -> Result<Vec<Listener>, String> {
+    if let Some(p) = &a.unix {
+        let l = std::os::unix::net::UnixListener::bind(p)
+            .map_err(|e| format!("listening on {}: {e}", p.display()))?;
+        crate::logging::info(ROLE, "listening", serde_json::json!({"unix": p}));
+        return Ok(vec![Listener::Unix(l)]);
+    }
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    match listen(a.port) {
+        Ok(l) => {
+            crate::logging::info(ROLE, "listening", serde_json::json!({"vsock_port": a.port}));
+            out.push(Listener::Vsock(l));
+        }
+        Err(e) => errors.push(format!(
+            "listening on vsock port {}: {e} (is this a VM with a vsock device? the agent runs only inside banger guests)",
+            a.port
+        )),
+    }
+    if let Some(port) = agent_tcp {
+        match std::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port)) {
+            Ok(l) => {
+                crate::logging::info(ROLE, "listening", serde_json::json!({"tcp_port": port}));
+                out.push(Listener::Tcp(l));
+            }
+            Err(e) => errors.push(format!(
+                "listening on TCP port {port} (banger.agent_tcp): {e}"
+            )),
+        }
+    }
+    if out.is_empty() {
+        return Err(errors.join("; "));
+    }
+    for e in errors {
+        crate::logging::error(ROLE, "listener", serde_json::json!({"error": e}));
+    }
+    Ok(out)
+}
+
+/// Accepts on `l` forever, one thread per connection.
+fn serve(l: Listener, env: std::sync::Arc<AgentEnv>) {
     loop {
-        let conn = match &listener {
-            Listener::Vsock(l) => accept(l).map(File::from),
-            Listener::Unix(l) => l.accept().map(|(s, _)| File::from(OwnedFd::from(s))),
-        };
-        match conn {
+        match l.accept() {
             Ok(conn) => {
                 let env = env.clone();
                 std::thread::spawn(move || {
@@ -136,8 +185,8 @@ pub fn main(args: Vec<String>) -> i32 {
 }
 
 /// Reads the command line, prepares the guest, logs what happened, and returns what the handler
-/// serves from.
-fn prepare_guest(a: &Args, in_guest: bool) -> AgentEnv {
+/// serves from and the test-only TCP port the command line asked for.
+fn prepare_guest(a: &Args, in_guest: bool) -> (AgentEnv, Option<u16>) {
     let cfg = match cmdline::read(&a.cmdline) {
         Ok(c) => c,
         Err(e) => cmdline::GuestConfig {
@@ -168,7 +217,7 @@ fn prepare_guest(a: &Args, in_guest: bool) -> AgentEnv {
     for p in &report.problems {
         crate::logging::error(ROLE, "preparation", serde_json::json!({"problem": p}));
     }
-    AgentEnv {
+    let env = AgentEnv {
         boot_id: Source::File(a.proc.join("sys/kernel/random/boot_id")),
         host_key: Source::File(a.root.join(agent::HOST_KEY_PUB)),
         hostname: Source::File(if in_guest {
@@ -178,7 +227,8 @@ fn prepare_guest(a: &Args, in_guest: bool) -> AgentEnv {
         }),
         proc_dir: Some(a.proc.clone()),
         problems: report.problems,
-    }
+    };
+    (env, cfg.agent_tcp)
 }
 
 /// A listening AF_VSOCK stream socket on `port`, any CID.
