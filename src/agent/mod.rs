@@ -5,6 +5,7 @@
 //! and the test stand-in VMM, the host side of Firecracker's vsock handshake, and the console
 //! readiness line of guests without the agent. Submodules: [`cmdline`] (the guest's configuration
 //! from the kernel command line), [`prepare`] (what the agent does to the guest at start),
+//! [`guest_files`] (its unit and the sshd drop-in, for images),
 //! [`ports`] (listening TCP sockets). It never listens on AF_VSOCK itself (that is the agent role's
 //! wiring) and never executes anything a request names: the method table is fixed.
 //!
@@ -19,6 +20,7 @@
 //! anything else → `{"ok":false,"error":"…"}`.
 
 pub mod cmdline;
+pub mod guest_files;
 pub mod ports;
 pub mod prepare;
 
