@@ -76,7 +76,7 @@ pub fn tokenize(cmdline: &str) -> Vec<(String, Option<String>)> {
                 let mut vs = eq + 1;
                 if vs < b.len() && b[vs] == b'"' && vs < end {
                     vs += 1;
-                    if b[end - 1] == b'"' && end - 1 >= vs {
+                    if b[end - 1] == b'"' && end > vs {
                         end -= 1;
                     }
                 } else if quoted && end > vs && b[end - 1] == b'"' {
@@ -241,7 +241,8 @@ mod tests {
     fn tokenizer_follows_the_kernel() {
         let t = |s: &str| tokenize(s);
         let p = |k: &str, v: Option<&str>| (k.to_string(), v.map(str::to_string));
-        let cases: Vec<(&str, Vec<(String, Option<String>)>)> = vec![
+        type Params = Vec<(String, Option<String>)>;
+        let cases: Vec<(&str, Params)> = vec![
             ("", vec![]),
             ("   \n", vec![]),
             (

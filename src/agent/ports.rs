@@ -141,8 +141,7 @@ pub fn listening(proc: &Path) -> Ports {
     for l in &mut all.ports {
         l.process = owners.get(&l.inode).cloned();
     }
-    all.ports
-        .sort_by(|a, b| (a.port, a.address).cmp(&(b.port, b.address)));
+    all.ports.sort_by_key(|l| (l.port, l.address));
     all
 }
 
