@@ -109,19 +109,38 @@ fn set_hostname(name: &str, opts: &Options, host: &dyn HostnameSetter) -> Result
         .map_err(|e| Error::new(format!("setting the hostname to {name:?}"), e))
 }
 
-/// Writes `<root>/root/.ssh/authorized_keys` (0600) with exactly `line`, in a 0700 `.ssh`.
+/// Makes sure `<root>/root/.ssh/authorized_keys` (0600, in a 0700 `.ssh`) holds `line`: keys
+/// already there are kept (a user may have added some, and the agent runs again at every boot and
+/// restart), the owner's key is appended when its type and key are not among them.
 fn write_authorized_key(line: &str, opts: &Options) -> Result<()> {
     let home = opts.root.join("root");
     let ssh = home.join(".ssh");
     for dir in [&home, &ssh] {
         ensure_private_dir(dir, opts.owner)?;
     }
-    crate::vmm::identity::write_atomic(
-        &ssh.join("authorized_keys"),
-        format!("{line}\n").as_bytes(),
-        0o600,
-        opts.owner,
-    )
+    let path = ssh.join("authorized_keys");
+    let existing = match std::fs::symlink_metadata(&path) {
+        Ok(m) if m.file_type().is_file() => {
+            std::fs::read_to_string(&path).ctx(|| format!("reading {}", path.display()))?
+        }
+        // A link or anything else is replaced, never followed.
+        _ => String::new(),
+    };
+    let mut content = existing.clone();
+    if !existing.lines().any(|l| key_of(l) == key_of(line)) {
+        if !content.is_empty() && !content.ends_with('\n') {
+            content.push('\n');
+        }
+        content.push_str(line);
+        content.push('\n');
+    }
+    // Rewritten even when unchanged, so mode and owner are right whatever the image had.
+    crate::vmm::identity::write_atomic(&path, content.as_bytes(), 0o600, opts.owner)
+}
+
+/// An authorized_keys line's type and key (options-less lines; the comment does not count).
+fn key_of(line: &str) -> Vec<&str> {
+    line.split_ascii_whitespace().take(2).collect()
 }
 
 /// Makes `dir` a real directory (not a link), mode 0700, owned by `owner` when given.
@@ -359,6 +378,40 @@ mod tests {
             std::fs::read_to_string(root.join("root/.ssh")).unwrap(),
             "not a dir"
         );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn authorized_key_is_added_once_and_other_keys_kept() {
+        let root = tmp("ak");
+        let o = opts(&root);
+        let other = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGposxU1u8AlmBpcq3yn+btS1uQymLutYq90E6gMTcpH colleague";
+        std::fs::create_dir_all(root.join("root/.ssh")).unwrap();
+        let ak = root.join("root/.ssh/authorized_keys");
+        // A user's key, no trailing newline, a file too open.
+        std::fs::write(&ak, other).unwrap();
+        std::fs::set_permissions(&ak, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_authorized_key(LINE, &o).unwrap();
+        let want = format!("{other}\n{LINE}\n");
+        assert_eq!(std::fs::read_to_string(&ak).unwrap(), want);
+        assert_eq!(mode(&ak), 0o600);
+        // Next boot: same key (even with another comment) is not added twice.
+        let recommented = LINE.replace("owner@host", "renamed");
+        write_authorized_key(&recommented, &o).unwrap();
+        write_authorized_key(LINE, &o).unwrap();
+        assert_eq!(std::fs::read_to_string(&ak).unwrap(), want);
+        // A link there is replaced by a file, not followed.
+        let target = root.join("elsewhere");
+        std::fs::write(&target, "secret\n").unwrap();
+        std::fs::remove_file(&ak).unwrap();
+        std::os::unix::fs::symlink(&target, &ak).unwrap();
+        write_authorized_key(LINE, &o).unwrap();
+        assert_eq!(std::fs::read_to_string(&ak).unwrap(), format!("{LINE}\n"));
+        assert!(std::fs::symlink_metadata(&ak)
+            .unwrap()
+            .file_type()
+            .is_file());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "secret\n");
         std::fs::remove_dir_all(&root).unwrap();
     }
 
