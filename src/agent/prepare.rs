@@ -12,8 +12,10 @@ use std::process::Command;
 use crate::agent::cmdline::GuestConfig;
 use crate::error::{Context, Error, Result};
 
-/// The sshd host key types `ssh-keygen -A` makes; any missing one triggers it.
-pub const HOST_KEY_TYPES: [&str; 3] = ["rsa", "ecdsa", "ed25519"];
+/// The one sshd host key type a guest gets: ed25519, the type banger pins. (`ssh-keygen -A` would
+/// also make an RSA key, which takes seconds on KVM and tens of seconds under TCG at every first
+/// boot; the drop-in tells sshd to use only this key.)
+pub const HOST_KEY_TYPES: [&str; 1] = ["ed25519"];
 
 /// Sets the kernel's hostname; a seam so tests never change the machine's name.
 pub trait HostnameSetter {
@@ -64,7 +66,7 @@ pub struct Report {
     pub hostname: Option<String>,
     /// Whether root's authorized_keys was written.
     pub authorized_key: bool,
-    /// The host key types `ssh-keygen -A` was run for (empty when all existed).
+    /// The host key types ssh-keygen was run for (empty when all existed).
     pub generated: Vec<String>,
     /// What failed or was refused, one line each (the command line's refusals first).
     pub problems: Vec<String>,
@@ -164,8 +166,8 @@ fn ensure_private_dir(dir: &Path, owner: Option<(u32, u32)>) -> Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).ctx(what)
 }
 
-/// Runs `ssh-keygen -A` (with `-f <root>` when the root is not `/`) when any of
-/// [`HOST_KEY_TYPES`] is missing; returns the types that were missing.
+/// Runs `ssh-keygen -t ed25519` for the host key when it is missing (under `<root>/etc/ssh`);
+/// returns the types that were missing.
 fn ensure_host_keys(opts: &Options) -> Result<Vec<String>> {
     let missing: Vec<String> = HOST_KEY_TYPES
         .iter()
@@ -177,14 +179,15 @@ fn ensure_host_keys(opts: &Options) -> Result<Vec<String>> {
     }
     let dir = opts.root.join("etc/ssh");
     std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+    let ed = opts.host_key_path("ed25519");
+    // A leftover private half without its public one would make ssh-keygen ask to overwrite.
+    let _ = std::fs::remove_file(&ed);
     let mut cmd = Command::new(&opts.keygen);
-    cmd.arg("-A");
-    if opts.root != Path::new("/") {
-        cmd.arg("-f").arg(&opts.root);
-    }
+    cmd.args(["-q", "-t", "ed25519", "-N", "", "-C", "", "-f"])
+        .arg(&ed);
     let what = || {
         format!(
-            "generating sshd host keys ({}) with {} -A in {}",
+            "generating sshd host keys ({}) with {} -t ed25519 in {}",
             missing.join(", "),
             opts.keygen.display(),
             dir.display()
@@ -203,7 +206,6 @@ fn ensure_host_keys(opts: &Options) -> Result<Vec<String>> {
             ),
         ));
     }
-    let ed = opts.host_key_path("ed25519");
     if !ed.with_extension("pub").exists() {
         return Err(Error::new(
             what(),
@@ -281,7 +283,7 @@ mod tests {
         assert_eq!(r.problems, Vec::<String>::new());
         assert_eq!(r.hostname.as_deref(), Some("dev-1"));
         assert!(r.authorized_key);
-        assert_eq!(r.generated, vec!["rsa", "ecdsa", "ed25519"]);
+        assert_eq!(r.generated, vec!["ed25519"]);
         assert_eq!(*rec.0.borrow(), vec!["dev-1".to_string()]);
         assert_eq!(
             std::fs::read_to_string(root.join("etc/hostname")).unwrap(),
@@ -421,7 +423,7 @@ mod tests {
         let mut o = opts(&root);
         o.keygen = PathBuf::from("false");
         let e = ensure_host_keys(&o).unwrap_err();
-        assert!(e.to_string().contains("rsa, ecdsa, ed25519"), "{e}");
+        assert!(e.to_string().contains("(ed25519)"), "{e}");
         assert!(e.why.contains("exit status: 1"), "{e}");
         std::fs::remove_dir_all(&root).unwrap();
     }
