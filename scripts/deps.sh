@@ -4,6 +4,8 @@
 set -euo pipefail
 
 want=(openssl python3 shellcheck binutils)
+# Guest agent tests: ssh-keygen (host keys), ip (the agent's TCP transport in a private netns).
+want+=(openssh-client iproute2)
 if [[ "${1:-}" == "--smoke" ]]; then
   # qemu-system-x86: the stand-in VMM's TCG engine boots real Linux guests with it (DESIGN §13).
   want+=(debootstrap systemd-container jq qemu-system-x86)
