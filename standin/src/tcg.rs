@@ -300,7 +300,8 @@ pub fn plan(m: &Machine, qmp: &Path) -> Result<Plan, String> {
         // No ACPI: the guest learns its virtio-mmio devices from the `virtio_mmio.device=`
         // arguments QEMU appends and finds the i8042 by probing its ports. (With ACPI, Debian's
         // 6.1 kernel hangs under TCG right after TSC calibration, and the ACPI tables list no
-        // i8042, so Ctrl+Alt+Del would reach nobody.)
+        // i8042, so Ctrl+Alt+Del would reach nobody.) Like Firecracker, which implements no
+        // guest power management, a guest's poweroff then halts it; its reboot ends QEMU.
         "-M".into(),
         "microvm,acpi=off".into(),
         "-nodefaults".into(),
