@@ -1118,6 +1118,94 @@ mod tests {
 
     /// The development kernel, when one has been built: `BANGER_TEST_KERNEL`, else the newest
     /// `/var/tmp/banger-cache/kernel/*/vmlinux` (where `packaging/kernel/` caches its builds).
+    /// The vsock bridge on loopback: only the agent's port is mapped, bytes flow both ways, and
+    /// each side's end of input reaches the other as a half-close.
+    #[test]
+    fn vsock_bridge_to_guest_tcp() {
+        use std::io::Read;
+        let guest = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = guest.local_addr().unwrap();
+        let agent = thread::spawn(move || {
+            let (mut c, _) = guest.accept().unwrap();
+            let mut got = String::new();
+            c.read_to_string(&mut got).unwrap();
+            c.write_all(format!("pong:{got}").as_bytes()).unwrap();
+        });
+        let (qmp, _qemu_end) = UnixStream::pair().unwrap();
+        let engine = Engine {
+            qmp: Mutex::new(Qmp {
+                r: BufReader::new(qmp.try_clone().unwrap()),
+                w: qmp,
+            }),
+            guest: Some(addr),
+        };
+        assert!(engine.connect_guest(53).is_none());
+        assert!(engine.connect_guest(22).is_none());
+        let tcp = engine
+            .connect_guest(52)
+            .expect("the agent's port is mapped");
+        let (mut host, vmm_end) = UnixStream::pair().unwrap();
+        let bridge = thread::spawn(move || splice(vmm_end, tcp));
+        host.write_all(b"ping").unwrap();
+        host.shutdown(Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        host.read_to_string(&mut answer).unwrap();
+        assert_eq!(answer, "pong:ping");
+        agent.join().unwrap();
+        bridge.join().unwrap();
+
+        let nowhere = Engine {
+            guest: None,
+            ..engine
+        };
+        assert!(nowhere.connect_guest(52).is_none());
+    }
+
+    /// The QMP client against a scripted QEMU end: greeting, capabilities, events skipped, the
+    /// Ctrl+Alt+Del chord as QEMU's qcodes, QMP errors reported.
+    #[test]
+    fn qmp_ctrl_alt_del() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let qemu = thread::spawn(move || {
+            let mut w = theirs.try_clone().unwrap();
+            let mut r = BufReader::new(theirs);
+            let mut got = Vec::new();
+            let mut line = String::new();
+            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": [\"oob\"]}}\r\n")
+                .unwrap();
+            for answer in [
+                "{\"return\": {}}",
+                "{\"timestamp\": {}, \"event\": \"RTC_CHANGE\"}\r\n{\"return\": {}}",
+                "{\"error\": {\"class\": \"GenericError\", \"desc\": \"no keyboard\"}}",
+            ] {
+                line.clear();
+                r.read_line(&mut line).unwrap();
+                got.push(serde_json::from_str::<serde_json::Value>(&line).unwrap());
+                w.write_all(format!("{answer}\r\n").as_bytes()).unwrap();
+            }
+            got
+        });
+        let engine = Engine {
+            qmp: Mutex::new(Qmp::handshake(ours).unwrap()),
+            guest: None,
+        };
+        engine.ctrl_alt_del().unwrap();
+        let err = engine.ctrl_alt_del().unwrap_err();
+        assert!(err.contains("no keyboard"), "{err}");
+        let got = qemu.join().unwrap();
+        assert_eq!(got[0], serde_json::json!({"execute": "qmp_capabilities"}));
+        assert_eq!(
+            got[1],
+            serde_json::json!({"execute": "send-key", "arguments": {"keys": [
+                {"type": "qcode", "data": "ctrl"},
+                {"type": "qcode", "data": "alt"},
+                {"type": "qcode", "data": "delete"}
+            ]}})
+        );
+        // QEMU gone: a clear error, not a hang.
+        assert!(engine.ctrl_alt_del().unwrap_err().contains("QMP"));
+    }
+
     fn find_test_kernel() -> Option<PathBuf> {
         if let Some(k) = std::env::var_os("BANGER_TEST_KERNEL") {
             return Some(PathBuf::from(k));
