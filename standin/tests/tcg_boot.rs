@@ -567,9 +567,9 @@ fn qemu_start_failure_is_a_fault() {
     );
 }
 
-/// A whole system (`BANGER_TEST_ROOTFS`: systemd, and the agent with TCP support): systemd boots,
-/// the agent answers over the vsock socket (mapped to TCP 52), and SendCtrlAltDel makes systemd
-/// reboot cleanly, after which the stand-in exits 0.
+/// A whole system (`BANGER_TEST_ROOTFS`: systemd and banger's agent unit): systemd boots, the
+/// guest's own agent answers `hello` and `ports` over the vsock socket (mapped to TCP 52), and
+/// SendCtrlAltDel makes systemd reboot cleanly, after which the stand-in exits 0.
 #[test]
 fn systemd_guest_agent_over_vsock() {
     let test = "systemd_guest_agent_over_vsock";
@@ -594,11 +594,11 @@ fn systemd_guest_agent_over_vsock() {
         disk.to_str().unwrap(),
     ]);
     let t0 = Instant::now();
-    vmm.configure_and_start(&kernel, "", Some(&disk));
+    vmm.configure_and_start(&kernel, "banger.name=tcgtest", Some(&disk));
     let uds = vmm.dir.join("vsock.sock");
     let mut answered = None;
     while t0.elapsed() < Duration::from_secs(180) {
-        if let Ok(v) = banger::agent::agent_call(&uds, 52, "boot_id") {
+        if let Ok(v) = banger::agent::agent_call(&uds, 52, "hello") {
             answered = Some((t0.elapsed(), v));
             break;
         }
@@ -613,6 +613,29 @@ fn systemd_guest_agent_over_vsock() {
     };
     let boot_id = v["boot_id"].as_str().unwrap_or_default().to_string();
     assert!(banger::agent::is_boot_id(&boot_id), "{v}");
+    // The real agent in the real guest: the name from banger.name=, the key sshd will present.
+    assert_eq!(v["hostname"], "tcgtest", "{v}");
+    assert!(
+        v["host_key"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("ssh-ed25519 "),
+        "{v}"
+    );
+    assert_ne!(
+        v["host_key"].as_str(),
+        Some("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGposxU1u8AlmBpcq3yn+btS1uQymLutYq90E6gMTcpH"),
+        "the stand-in's fake agent answered instead of the guest's"
+    );
+    let ports = banger::agent::agent_call(&uds, 52, "ports").expect("ports");
+    let listening: Vec<u64> = ports["ports"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p["port"].as_u64()).collect())
+        .unwrap_or_default();
+    assert!(
+        listening.contains(&52),
+        "the agent's own TCP port is not listed: {ports}"
+    );
     let reached = vmm
         .wait_console("Reached target", Duration::from_secs(120))
         .map(|_| ())
@@ -635,7 +658,7 @@ fn systemd_guest_agent_over_vsock() {
         "systemd did not reboot cleanly:\n{console}"
     );
     eprintln!(
-        "TCG-BENCH: InstanceStart -> agent boot_id over vsock {agent_at:?}; SendCtrlAltDel -> clean reboot and exit {:?}",
+        "TCG-BENCH: InstanceStart -> agent hello over vsock {agent_at:?}; SendCtrlAltDel -> clean reboot and exit {:?}",
         t1.elapsed()
     );
 }
