@@ -486,3 +486,114 @@ fn an_interface_that_is_not_banger_s_is_refused() {
     ns.call("priv.net_purge", json!({})).unwrap();
     assert!(ns.link("banger0").is_some());
 }
+
+/// The system python (a user's shims under /root would not be readable by the test uids).
+const SYS_PYTHON: &str = "/usr/bin/python3";
+
+/// Opens `tap` as `uid` the way Firecracker does (TUNSETIFF, IFF_TAP|IFF_NO_PI|IFF_VNET_HDR).
+fn open_tap_as(ns: &Ns, tap: &str, uid: u32) -> std::process::Output {
+    const PY: &str = "import fcntl, os, struct, sys\n\
+fd = os.open('/dev/net/tun', os.O_RDWR)\n\
+fcntl.ioctl(fd, 0x400454ca, struct.pack('16sh22x', sys.argv[1].encode(), 0x0002 | 0x1000 | 0x4000))\n";
+    let (u, g) = (format!("--reuid={uid}"), format!("--regid={uid}"));
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            "setpriv",
+            &u,
+            &g,
+            "--clear-groups",
+        ])
+        .args([SYS_PYTHON, "-c", PY, tap])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn only_the_owner_can_open_the_tap() {
+    need_netns!("only_the_owner_can_open_the_tap");
+    use std::os::unix::fs::MetadataExt;
+    let mode = std::fs::metadata("/dev/net/tun")
+        .map(|m| m.mode())
+        .unwrap_or(0);
+    if mode & 0o006 != 0o006 || !std::path::Path::new(SYS_PYTHON).exists() || !have("setpriv", "--version") {
+        eprintln!(
+            "SKIP: only_the_owner_can_open_the_tap: needs /dev/net/tun mode 0666 (scripts/deps.sh), {SYS_PYTHON} and setpriv"
+        );
+        return;
+    }
+    let ns = Ns::new("owner");
+    ns.call(
+        "priv.net_up",
+        json!({"id": A, "ip": "172.30.0.2", "nat": false}),
+    )
+    .unwrap();
+    let o = open_tap_as(&ns, &tap_name(A), OWNER);
+    assert!(
+        o.status.success(),
+        "the owner could not open its tap: {}",
+        stderr(&o)
+    );
+    let o = open_tap_as(&ns, &tap_name(A), OWNER + 1);
+    assert!(!o.status.success(), "another user opened the owner's tap");
+    assert!(
+        stderr(&o).contains("Operation not permitted"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn doctor_network_row_sees_the_namespace() {
+    need_netns!("doctor_network_row_sees_the_namespace");
+    let ns = Ns::new("doctor");
+    let row = |ns: &Ns| -> Value {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .arg(ns.bed.bin.join("banger"))
+            .args(["doctor", "--json"])
+            .env("BANGER_ROOT", &ns.bed.root)
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+        v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "network")
+            .cloned()
+            .unwrap()
+    };
+    let details = |r: &Value| r["details"].to_string();
+    let r = row(&ns);
+    assert!(details(&r).contains("bridge banger0 is absent"), "{r}");
+    ns.call(
+        "priv.net_up",
+        json!({"id": A, "ip": "172.30.0.2", "nat": true}),
+    )
+    .unwrap();
+    let r = row(&ns);
+    let d = details(&r);
+    assert!(d.contains("1 VM tap(s), 1 with NAT"), "{r}");
+    assert!(d.contains("ip_forward = 1"), "{r}");
+    assert!(
+        d.contains("table inet banger present, 1 NAT address(es)"),
+        "{r}"
+    );
+    // The table deleted behind banger's back while a VM runs: FAIL.
+    ns.out(&["nft", "delete", "table", "inet", "banger"]);
+    let r = row(&ns);
+    assert_eq!(r["level"], "FAIL", "{r}");
+    assert!(details(&r).contains("missing while VMs run"), "{r}");
+    // A bad config: FAIL naming the key.
+    std::fs::write(
+        ns.bed.layout().config_toml(),
+        "[network]\nsubnet = \"10.0.0.0/8\"\n",
+    )
+    .unwrap();
+    let r = row(&ns);
+    assert_eq!(r["level"], "FAIL", "{r}");
+    assert!(details(&r).contains("network.subnet"), "{r}");
+}

@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use std::io::Write;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 /// The iproute2 tool.
@@ -20,10 +21,26 @@ pub struct Ran {
     pub stderr: String,
 }
 
+/// Where `ip`/`nft` live when they are not on `PATH` (a user's PATH often lacks the sbin dirs).
+const FALLBACK_DIRS: [&str; 4] = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
+
+/// `prog` found on `PATH`, else in the usual system directories, else `prog` itself.
+pub fn resolve(prog: &str) -> PathBuf {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    on_path
+        .into_iter()
+        .chain(FALLBACK_DIRS.iter().map(PathBuf::from))
+        .map(|d| d.join(prog))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(prog))
+}
+
 /// Runs `prog args…`, feeding `stdin` if given; fails only when the program cannot be run.
 pub fn run(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<Ran> {
     let shown = || format!("running `{prog} {}`", args.join(" "));
-    let mut c = Command::new(prog);
+    let mut c = Command::new(resolve(prog));
     c.args(args)
         .env("LC_ALL", "C")
         .stdin(if stdin.is_some() {
