@@ -340,15 +340,36 @@ fn net_up_is_idempotent_and_survives_helper_restarts() {
     assert!(ns.table().nat.is_empty());
     assert_eq!(ns.ip_forward(), "0");
     assert_eq!(ns.link(&tap_name(A)).unwrap().ifindex, tap.ifindex);
-    // A rule deleted by hand comes back on the next net_up (the table is re-asserted).
-    ns.out(&["nft", "flush", "chain", "inet", "banger", "input"]);
-    assert!(!ns.table().rules_current("banger0"));
+    // The whole table deleted by hand: the next net_up notices (its transaction fails) and
+    // re-asserts the rules.
+    ns.out(&["nft", "delete", "table", "inet", "banger"]);
     ns.call(
         "priv.net_up",
-        json!({"id": B, "ip": "172.30.0.3", "nat": false}),
+        json!({"id": B, "ip": "172.30.0.3", "nat": true}),
+    )
+    .unwrap();
+    let st = ns.table();
+    assert!(st.rules_current("banger0"), "{st:?}");
+    assert_eq!(
+        st.nat_of(B),
+        vec!["172.30.0.3".parse::<std::net::Ipv4Addr>().unwrap()]
+    );
+    // A chain flushed by hand is only re-checked by a new helper process (doctor FAILs meanwhile);
+    // its first net_up puts the rules back.
+    ns.out(&["nft", "flush", "chain", "inet", "banger", "input"]);
+    assert!(!ns.table().rules_current("banger0"));
+    ns.restart_helper();
+    ns.call(
+        "priv.net_up",
+        json!({"id": B, "ip": "172.30.0.3", "nat": true}),
     )
     .unwrap();
     assert!(ns.table().rules_current("banger0"));
+    assert_eq!(
+        ns.table().nat.len(),
+        1,
+        "elements kept across the re-assert"
+    );
 }
 
 #[test]
@@ -518,7 +539,10 @@ fn only_the_owner_can_open_the_tap() {
     let mode = std::fs::metadata("/dev/net/tun")
         .map(|m| m.mode())
         .unwrap_or(0);
-    if mode & 0o006 != 0o006 || !std::path::Path::new(SYS_PYTHON).exists() || !have("setpriv", "--version") {
+    if mode & 0o006 != 0o006
+        || !std::path::Path::new(SYS_PYTHON).exists()
+        || !have("setpriv", "--version")
+    {
         eprintln!(
             "SKIP: only_the_owner_can_open_the_tap: needs /dev/net/tun mode 0666 (scripts/deps.sh), {SYS_PYTHON} and setpriv"
         );

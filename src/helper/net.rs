@@ -13,12 +13,12 @@ use crate::rpc::{ErrorCode, RpcError};
 use serde_json::{json, Value};
 use std::sync::Mutex;
 
-/// Serializes the net methods.
+/// Serializes the net methods; holds what the helper learned between calls.
 #[derive(Default)]
-pub struct NetLock(Mutex<()>);
+pub struct NetLock(Mutex<plumb::State>);
 
 impl NetLock {
-    fn hold(&self) -> std::sync::MutexGuard<'_, ()> {
+    fn hold(&self) -> std::sync::MutexGuard<'_, plumb::State> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -44,8 +44,8 @@ pub fn net_up(
     let cfg = config(layout)?;
     let ip = validate::guest_ip(validate::required_str(m, "ip")?, &cfg.subnet)?;
     let nat = validate::required_bool(m, "nat")?;
-    let _g = lock.hold();
-    let up = plumb::net_up(layout, &cfg, id, ip, nat, owner_uid).map_err(failed)?;
+    let mut state = lock.hold();
+    let up = plumb::net_up(layout, &mut state, &cfg, id, ip, nat, owner_uid).map_err(failed)?;
     Ok(json!({"tap": up.tap, "bridge": up.bridge}))
 }
 

@@ -1,5 +1,6 @@
 //! Reads network interfaces back from `ip -d -j addr show` (the namespace of the calling process,
-//! never sysfs, which shows the namespace that mounted it) and changes them with `ip link`.
+//! never sysfs, which shows the namespace that mounted it): doctor's and the tests' view, the same
+//! one an operator gets from `ip -d link`. Read-only; the helper changes links over rtnetlink.
 //!
 //! Owns the parsing of iproute2's JSON; table-tested against real output.
 
@@ -90,36 +91,9 @@ fn one(v: &Value) -> Link {
     }
 }
 
-/// The interface `name`, or `None` when it does not exist.
-pub fn show(name: &str) -> Result<Option<Link>> {
-    let r = cmd::run(IP, &["-d", "-j", "addr", "show", "dev", name], None)?;
-    if !r.ok {
-        if r.stderr.contains("does not exist") {
-            return Ok(None);
-        }
-        return Err(Error::new(format!("reading interface {name}"), r.stderr));
-    }
-    Ok(parse(&r.stdout)?.into_iter().next())
-}
-
 /// Every interface.
 pub fn all() -> Result<Vec<Link>> {
     parse(&cmd::check(IP, &["-d", "-j", "addr", "show"], None)?)
-}
-
-/// `ip link del dev name`; a link already gone is fine.
-pub fn delete(name: &str) -> Result<()> {
-    let r = cmd::run(IP, &["link", "del", "dev", name], None)?;
-    if r.ok || r.stderr.contains("Cannot find device") || r.stderr.contains("does not exist") {
-        Ok(())
-    } else {
-        Err(Error::new(format!("removing interface {name}"), r.stderr))
-    }
-}
-
-/// `ip <args>`, requiring success.
-pub fn ip(args: &[&str]) -> Result<()> {
-    cmd::check(IP, args, None).map(|_| ())
 }
 
 #[cfg(test)]

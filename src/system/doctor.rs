@@ -703,7 +703,7 @@ pub fn check_network(f: &NetFacts, owner: Option<&(u32, u32, String)>) -> Check 
             t.alias
                 .as_deref()
                 .and_then(plumb::parse_alias)
-                .is_some_and(|a| a.1)
+                .is_some_and(|a| a.nat)
         })
         .count();
     let running = !taps.is_empty();
@@ -1546,7 +1546,11 @@ banger0\t00001EAC\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
             l.push(crate::net::link::Link {
                 name: "bgr-0a0a0a0a0a".into(),
                 kind: Some("tun".into()),
-                alias: Some(crate::net::plumb::alias_for("0a0a0a0a0a01", nat)),
+                alias: Some(crate::net::plumb::alias_for(
+                    "0a0a0a0a0a01",
+                    "172.30.0.2".parse().unwrap(),
+                    nat,
+                )),
                 ..Default::default()
             });
         }
