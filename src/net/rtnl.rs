@@ -85,7 +85,7 @@ impl Msg {
         self
     }
     fn pad(&mut self) {
-        while self.0.len() % 4 != 0 {
+        while !self.0.len().is_multiple_of(4) {
             self.0.push(0);
         }
     }
@@ -431,7 +431,7 @@ mod tests {
             u32::from_ne_bytes(m[0..4].try_into().unwrap()) as usize,
             m.len()
         );
-        assert_eq!(m.len() % 4, 0);
+        assert!(m.len().is_multiple_of(4));
         let payload = &m[16..];
         let l = parse_link(payload).unwrap();
         assert_eq!(l.index, 7);
