@@ -14,8 +14,11 @@ if [[ -c /dev/net/tun && $(stat -c %a /dev/net/tun) != 666 ]]; then
   fi
 fi
 
-# iproute2 and nftables: the root helper's bridge/tap/nftables plumbing and its tests.
-want=(openssl python3 shellcheck binutils iproute2 nftables)
+want=(openssl python3 shellcheck binutils)
+# Guest agent tests: ssh-keygen (host keys), ip (the agent's TCP transport in a private netns).
+want+=(openssh-client iproute2)
+# Guest networking: the root helper's nftables table (iproute2 above: its tests and doctor's view).
+want+=(nftables)
 if [[ "${1:-}" == "--smoke" ]]; then
   want+=(debootstrap systemd-container jq)
 fi
