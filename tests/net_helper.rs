@@ -769,7 +769,7 @@ fn guests_cannot_reach_each_other() {
         frame.extend_from_slice(&[0x02, 0x0a, 0x0a, 0x0a, 0x0a, 0x0a]);
         frame.extend_from_slice(&[0x88, 0xb5]); // local experimental ethertype
         frame.extend_from_slice(b"banger-port-isolation-probe..................");
-        let mut seen = |b: &mut std::fs::File, a: &mut std::fs::File| {
+        let seen = |b: &mut std::fs::File, a: &mut std::fs::File| {
             let mut buf = [0u8; 2048];
             while b.read(&mut buf).is_ok() {}
             a.write_all(&frame).unwrap();
