@@ -816,3 +816,100 @@ fn guests_cannot_reach_each_other() {
         "control: without isolation B should have received it"
     );
 }
+
+#[test]
+fn only_nat_guests_are_forwarded_and_masqueraded() {
+    need_netns!("only_nat_guests_are_forwarded_and_masqueraded");
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    let ns = Ns::new("nat");
+    ns.call(
+        "priv.net_up",
+        json!({"id": A, "ip": "172.30.0.2", "nat": true}),
+    )
+    .unwrap();
+    ns.call(
+        "priv.net_up",
+        json!({"id": B, "ip": "172.30.0.3", "nat": false}),
+    )
+    .unwrap();
+    // The namespace's "uplink": a plain tap with an address, and a fixed neighbour behind it.
+    for args in [
+        &["ip", "tuntap", "add", "dev", "uplink0", "mode", "tap"][..],
+        &["ip", "addr", "add", "192.168.77.1/24", "dev", "uplink0"],
+        &["ip", "link", "set", "dev", "uplink0", "up"],
+        &[
+            "ip",
+            "neigh",
+            "add",
+            "192.168.77.2",
+            "lladdr",
+            "02:77:77:77:77:77",
+            "dev",
+            "uplink0",
+            "nud",
+            "permanent",
+        ],
+    ] {
+        ns.out(args);
+    }
+    let v: Value =
+        serde_json::from_str(&ns.out(&["ip", "-j", "link", "show", "dev", "banger0"])).unwrap();
+    let mac: [u8; 6] = v[0]["address"]
+        .as_str()
+        .unwrap()
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).unwrap())
+        .collect::<Vec<u8>>()
+        .try_into()
+        .unwrap();
+    let ns_file = format!("/run/netns/{}", ns.name);
+    let (ta, tb) = (tap_name(A), tap_name(B));
+    let outside = [192, 168, 77, 2];
+    // Each guest pings the outside address; what leaves the uplink is collected by source.
+    let sources = std::thread::spawn(move || {
+        let f = std::fs::File::open(&ns_file).unwrap();
+        // SAFETY: setns reads the open fd; it changes only this thread's network namespace.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        let mut up = banger::net::tap::open_like_firecracker("uplink0").unwrap();
+        // SAFETY: fcntl on an fd this thread owns.
+        unsafe { libc::fcntl(up.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        let mut a = banger::net::tap::open_like_firecracker(&ta).unwrap();
+        let mut b = banger::net::tap::open_like_firecracker(&tb).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let mut out = vec![];
+        for (t, src) in [(&mut a, [172, 30, 0, 2]), (&mut b, [172, 30, 0, 3])] {
+            let mut buf = [0u8; 2048];
+            while up.read(&mut buf).is_ok() {}
+            t.write_all(&echo_frame(mac, src, outside, 7)).unwrap();
+            let deadline = Instant::now() + Duration::from_millis(1000);
+            let mut seen: Vec<[u8; 4]> = vec![];
+            while Instant::now() < deadline {
+                match up.read(&mut buf) {
+                    Ok(len) if len >= 10 + 34 => {
+                        let f = &buf[10..len];
+                        if f[12..14] == [0x08, 0x00] && f[30..34] == outside {
+                            seen.push(f[26..30].try_into().unwrap());
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            out.push(seen);
+        }
+        out
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        sources[0],
+        vec![[192, 168, 77, 1]],
+        "the NAT guest's packet leaves once, masqueraded to the uplink's address"
+    );
+    assert!(
+        sources[1].is_empty(),
+        "a non-NAT guest was forwarded: {:?}",
+        sources[1]
+    );
+}
