@@ -224,6 +224,10 @@ fn copy_through_sqlite(db: &Path, out: &Path, dir: &Path) -> Result<()> {
 /// again. The caller must have stopped every process that has the database open.
 pub fn restore(snapshot: Option<&Path>, db: &Path, owner: FileOwner) -> Result<()> {
     let dir = parent(db);
+    if snapshot.is_none() && !dir.exists() {
+        // No database before, and nothing created one since.
+        return Ok(());
+    }
     for s in ["-wal", "-shm", "-journal"] {
         remove_if_exists(&sibling(db, s))?;
     }

@@ -13,6 +13,7 @@ mod ops;
 mod records;
 
 pub use compat::{check, open_read_only, Compat};
+#[cfg(test)]
 pub(crate) use compat::check_with;
 pub use migrations::{Migration, LATEST, MIGRATIONS};
 pub use ops::Operation;

@@ -19,7 +19,9 @@
 //! 5. Stage: signature before hash, hash before extract.
 //! 6. Sanity-run the staged binary.
 //! 7. `--dry-run` stops here.
-//! 8. Swap (journalled).
+//!    When the staged daemon reports pending migrations, snapshot `state.db` into the staging
+//!    dir (refusing, with nothing changed, when it cannot be written).
+//! 8. Swap (journalled; the snapshot is recorded first).
 //! 9. Restart `bangerd-root`, then `bangerd`; wait for the daemon.
 //! 10. Run the new `banger doctor`.
 //! 11. Record build info in install.toml, drop `.previous`, wipe staging.
@@ -30,6 +32,17 @@
 //! manual repair and the journal stays, so the next `banger update` retries the rollback. A failure
 //! in 11 leaves the verified new version running and the journal says so: the next
 //! `banger update` finishes the record.
+//!
+//! The database: a release whose daemon migrates `state.db` makes it unreadable to the old daemon
+//! (it refuses migrations it does not know). So when the staged binary's `--check-migrations`
+//! says "pending", a consistent copy of the live database is taken before the swap
+//! ([`crate::store::backup`], `VACUUM INTO` from a read-only connection, into the staging dir); a
+//! rollback at or after a restart stops `bangerd`, puts the copy back (owner and mode kept,
+//! `-wal`/`-shm` removed) and only then restarts both units; step 11 deletes it. What the daemons
+//! wrote between the snapshot and the rollback is lost with it (the update window: no operations
+//! are in flight unless `--force`); VMs themselves are re-adopted from their `handles.json` as after
+//! any restart. The copy costs the database's size in the staging filesystem and a full read of
+//! the database (see `docs/architecture.md`).
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -40,7 +53,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::download::{self, Fetcher, TtyProgress};
-use super::journal::{self, DiskState, FileState, Journal, RecoveryPlan, Step, UpdateInfo};
+use super::journal::{
+    self, DbSnapshot, DiskState, FileState, Journal, RecoveryPlan, Step, UpdateInfo,
+};
 use super::manifest::{Manifest, Release};
 use super::sha256sums::Sha256Sums;
 use super::signature::{self, KeySource};
@@ -50,6 +65,7 @@ use super::version::{self, Direction, Version};
 use crate::buildinfo::{parse_one_line_version, BuildInfo};
 use crate::error::{Error, Result};
 use crate::layout::{Layout, DAEMON_UNIT, HELPER_UNIT};
+use crate::store::backup;
 use crate::system::install_toml;
 use crate::system::service::ServiceManager;
 
@@ -233,9 +249,9 @@ pub fn run(layout: &Layout, opts: &Options, seams: &Seams) -> Result<Outcome> {
     }
     require_root_and_an_install(layout, opts, &target)?; // 3
     refuse_while_operations_in_flight(opts, seams)?; // 4
-    let staged =
+    let (staged, migrates) =
         match stage_verified_release(layout, opts, seams, &target) // 5
-        .and_then(|s| sanity_run_staged_binary(seams, &s, &target).map(|()| s)) // 6
+        .and_then(|s| sanity_run_staged_binary(seams, &s, &target).map(|m| (s, m))) // 6
     {
         Ok(s) => s,
         Err(e) => {
@@ -246,7 +262,18 @@ pub fn run(layout: &Layout, opts: &Options, seams: &Seams) -> Result<Outcome> {
     if opts.dry_run {
         return Ok(stop_for_dry_run(&target, &staged)); // 7
     }
-    let mut journal = swap_in_new_binary(layout, seams, &staged, &target)?; // 8
+    let snapshot = if migrates {
+        match snapshot_database(layout, seams) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                let _ = staging::wipe(layout);
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
+    let mut journal = swap_in_new_binary(layout, seams, &staged, &target, snapshot)?; // 8
     let mut restarted = false;
     let verified = restart_services(seams, &mut journal, &mut restarted) // 9
         .and_then(|()| run_new_doctor(layout, seams, &mut journal)); // 10
@@ -296,10 +323,13 @@ fn recover_interrupted_update(
         "found an interrupted update {from} -> {to} in {}; recovering it first",
         path.display()
     ));
-    let restart = match journal::recovery_plan(&records, layout) {
+    let (restart, restore_db) = match journal::recovery_plan(&records, layout) {
         RecoveryPlan::Nothing => return Ok(None),
-        RecoveryPlan::Discard => false,
-        RecoveryPlan::RollBack { restart_services } => restart_services,
+        RecoveryPlan::Discard => (false, false),
+        RecoveryPlan::RollBack {
+            restart_services,
+            restore_db,
+        } => (restart_services, restore_db),
         RecoveryPlan::Finish => {
             let target = info
                 .as_ref()
@@ -310,6 +340,7 @@ fn recover_interrupted_update(
             j.append(Step::CommitBegin)?;
             record_build_info(layout, seams, &target)?;
             swap::commit(layout)?;
+            remove_db_snapshot(layout)?;
             j.append(Step::Done)?;
             staging::wipe(layout)?;
             return Ok(Some(Outcome::Recovered {
@@ -331,6 +362,15 @@ fn recover_interrupted_update(
     let mut j = Journal::open(layout)?;
     swap::restore(layout, &mut j)?;
     say(&format!("restored {from} at {}", layout.binary().display()));
+    if restore_db {
+        restore_database(layout, seams, &mut j).map_err(|e| {
+            let hint = format!(
+                "{from} is back in place but its database is not; {}",
+                database_repair_hint(layout, &j)
+            );
+            e.hint(hint)
+        })?;
+    }
     if restart {
         j.append(Step::RollbackRestartBegin)?;
         restart_both(seams).map_err(|e| {
@@ -537,8 +577,9 @@ fn stage_verified_release(
 }
 
 /// Step 6: run the staged binary before trusting it: it must say it is the target, and its daemon
-/// must accept the installed database (`--check-migrations`: 0 or 1 go, 2 aborts).
-fn sanity_run_staged_binary(seams: &Seams, staged: &Staged, target: &Target) -> Result<()> {
+/// must accept the installed database (`--check-migrations`: 0 or 1 go, 2 aborts). Returns true
+/// when its daemon will migrate the database (1).
+fn sanity_run_staged_binary(seams: &Seams, staged: &Staged, target: &Target) -> Result<bool> {
     let what = format!("sanity-running the staged {}", target.to);
     let out = seams
         .runner
@@ -565,13 +606,13 @@ fn sanity_run_staged_binary(seams: &Seams, staged: &Staged, target: &Target) -> 
         MIGRATIONS_TIMEOUT,
     )?;
     match out.code {
-        Some(0) | Some(1) => {
+        Some(c @ (0 | 1)) => {
             (seams.say)(&format!(
                 "staged {} runs; database: {}",
                 target.to,
                 out.stdout.trim()
             ));
-            Ok(())
+            Ok(c == 1)
         }
         Some(2) => Err(Error::new(
             &what,
@@ -602,13 +643,132 @@ fn stop_for_dry_run(target: &Target, staged: &Staged) -> Outcome {
     }
 }
 
-/// Step 8: swap the binary with the journal recording each step. A failure here restores the old
-/// binary (nothing was restarted, so nothing else changed).
+/// Before step 8, only when the new daemon will migrate the database: a consistent copy of
+/// `state.db` in the staging dir, for a rollback to put back. Nothing on the host changes here; a
+/// copy that cannot be written (no room, I/O error) refuses the update.
+fn snapshot_database(layout: &Layout, seams: &Seams) -> Result<DbSnapshot> {
+    let say = seams.say;
+    let db = layout.state_db();
+    let dest = layout.updates_dir().join(journal::DB_SNAPSHOT_FILE);
+    say(&format!(
+        "the new release migrates the database; snapshotting {} to {}",
+        db.display(),
+        dest.display()
+    ));
+    let started = Instant::now();
+    let Some(snap) = backup::snapshot(&db, &dest)? else {
+        say(&format!(
+            "{} does not exist yet; a rollback removes the one the new daemon creates",
+            db.display()
+        ));
+        return Ok(DbSnapshot {
+            file: None,
+            sha256: None,
+            bytes: 0,
+            uid: 0,
+            gid: 0,
+            mode: 0,
+        });
+    };
+    let sha256 = super::sha256_file(&dest)?;
+    say(&format!(
+        "database snapshot taken: {} bytes in {} ms",
+        snap.bytes,
+        started.elapsed().as_millis()
+    ));
+    Ok(DbSnapshot {
+        file: Some(journal::DB_SNAPSHOT_FILE.to_string()),
+        sha256: Some(sha256),
+        bytes: snap.bytes,
+        uid: snap.owner.uid,
+        gid: snap.owner.gid,
+        mode: snap.owner.mode,
+    })
+}
+
+/// Rolling back at or after a restart, when the update took a database snapshot: stop `bangerd`
+/// (the new daemon may have migrated the database and still hold it open), put the snapshot back
+/// and only then let the caller restart the units. The snapshot is checked against its recorded
+/// hash before anything is stopped. Journalled `db.restore.begin` / `db.restored`; re-running it
+/// after a crash is safe (the snapshot stays in the staging dir until the rollback is done).
+fn restore_database(layout: &Layout, seams: &Seams, journal: &mut Journal) -> Result<()> {
+    let Some(snap) = journal.db_snapshot().cloned() else {
+        return Ok(());
+    };
+    let db = layout.state_db();
+    let what = || format!("putting back {} as it was before the update", db.display());
+    let file = match &snap.file {
+        None => None,
+        Some(name) if name == journal::DB_SNAPSHOT_FILE => {
+            let p = layout.updates_dir().join(name);
+            let got = super::sha256_file(&p).map_err(|e| Error::new(what(), e))?;
+            if snap.sha256.as_deref() != Some(got.as_str()) {
+                return Err(Error::new(
+                    what(),
+                    format!(
+                        "the snapshot {} has sha256 {got}, not the recorded {}",
+                        p.display(),
+                        snap.sha256.as_deref().unwrap_or("(none)")
+                    ),
+                ));
+            }
+            Some(p)
+        }
+        Some(other) => {
+            return Err(Error::new(
+                what(),
+                format!("the journal names an unexpected snapshot file {other:?}"),
+            ))
+        }
+    };
+    journal.append(Step::DbRestoreBegin)?;
+    (seams.say)(&format!(
+        "stopping {DAEMON_UNIT} to put back the database as it was before the update"
+    ));
+    seams.services.stop(DAEMON_UNIT)?;
+    let owner = backup::FileOwner {
+        uid: snap.uid,
+        gid: snap.gid,
+        mode: snap.mode,
+    };
+    backup::restore(file.as_deref(), &db, owner)?;
+    journal.append(Step::DbRestored)?;
+    (seams.say)(&format!("restored {}", db.display()));
+    Ok(())
+}
+
+/// What a person does when the database could not be put back automatically.
+fn database_repair_hint(layout: &Layout, journal: &Journal) -> String {
+    let db = layout.state_db();
+    match journal.db_snapshot() {
+        Some(DbSnapshot {
+            file: Some(name),
+            uid,
+            gid,
+            mode,
+            ..
+        }) => format!(
+            "the database as it was before the update is {snap}: with {DAEMON_UNIT} stopped, remove {db}-wal and {db}-shm, copy it to {db} (owner {uid}:{gid}, mode {mode:o}), or run sudo banger update to retry",
+            snap = layout.updates_dir().join(name).display(),
+            db = db.display(),
+        ),
+        Some(DbSnapshot { file: None, .. }) => format!(
+            "there was no database before the update: with {DAEMON_UNIT} stopped, remove {db}, {db}-wal and {db}-shm, or run sudo banger update to retry",
+            db = db.display()
+        ),
+        None => "run sudo banger update to retry".to_string(),
+    }
+}
+
+/// Step 8: swap the binary with the journal recording each step (and first, the database
+/// snapshot, if one was taken). A failure here restores the old binary (nothing was restarted,
+/// so nothing else changed).
 fn swap_in_new_binary(
     layout: &Layout,
     seams: &Seams,
     staged: &Staged,
     target: &Target,
+    snapshot: Option<DbSnapshot>,
 ) -> Result<Journal> {
     let info = UpdateInfo {
         from: target.from.as_str().to_string(),
@@ -617,6 +777,11 @@ fn swap_in_new_binary(
         new_sha256: super::sha256_file(&staged.binary)?,
     };
     let mut journal = Journal::create(layout, info)?;
+    if let Some(s) = snapshot {
+        if let Err(e) = journal.record_db_snapshot(s) {
+            return Err(roll_back(layout, seams, &mut journal, e, false));
+        }
+    }
     (seams.say)(&format!(
         "installing {} at {} (keeping {} as {})",
         target.to,
@@ -709,6 +874,7 @@ fn record_and_commit(
         journal.append(Step::CommitBegin)?;
         record_build_info(layout, seams, to)?;
         swap::commit(layout)?;
+        remove_db_snapshot(layout)?;
         journal.append(Step::Done)
     })();
     r.map_err(|e| {
@@ -722,6 +888,17 @@ fn record_and_commit(
         (seams.say)(&format!("warning: {e}"));
     }
     Ok(())
+}
+
+/// The new version is committed: the database snapshot is no longer needed (it can be as large as
+/// the database, so it goes now rather than with the rest of staging).
+fn remove_db_snapshot(layout: &Layout) -> Result<()> {
+    let p = layout.updates_dir().join(journal::DB_SNAPSHOT_FILE);
+    match std::fs::remove_file(&p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::new(format!("removing {}", p.display()), e)),
+    }
 }
 
 /// Execs the installed binary's `banger version` and writes its three fields into install.toml;
@@ -785,8 +962,18 @@ fn roll_back(
     let from = format!("v{}", journal.info().from);
     say(&format!("{} failed; rolling back to {from}", original.what));
     let mut failures: Vec<String> = Vec::new();
-    if let Err(e) = swap::restore(layout, journal) {
+    let binary = swap::restore(layout, journal);
+    // The new daemon may have migrated the database: put it back before the old one starts.
+    let database = match binary {
+        Ok(()) if restarted => restore_database(layout, seams, journal),
+        _ => Ok(()),
+    };
+    if let Err(e) = binary {
         failures.push(format!("restoring the binary: {e}"));
+    } else if let Err(e) = database {
+        // A daemon started on a half-restored (or still migrated) database would refuse it at
+        // best: leave the units for the person doing the repair.
+        failures.push(format!("restoring the database: {e}"));
     } else if restarted {
         say(&format!(
             "restarting {HELPER_UNIT} and {DAEMON_UNIT} on {from}"
@@ -829,12 +1016,17 @@ fn roll_back(
         ),
     )
     .hint(format!(
-        "manual repair needed: {} is {}, {} is {}; the update journal is {}; see journalctl -u {HELPER_UNIT} -u {DAEMON_UNIT}, then run sudo banger update to retry the rollback (or sudo banger system restart once the old binary is in place); running VMs were not touched",
+        "manual repair needed: {} is {}, {} is {}; the update journal is {}; see journalctl -u {HELPER_UNIT} -u {DAEMON_UNIT}, then run sudo banger update to retry the rollback (or sudo banger system restart once the old binary is in place){}; running VMs were not touched",
         layout.binary().display(),
         describe(&disk.real),
         layout.binary_previous().display(),
         describe(&disk.previous),
-        journal.file_path().display()
+        journal.file_path().display(),
+        if restarted && journal.db_snapshot().is_some() {
+            format!("; {}", database_repair_hint(layout, journal))
+        } else {
+            String::new()
+        }
     ))
 }
 
@@ -1896,14 +2088,16 @@ mod tests {
                 "{ctx}: {out}"
             );
         }
-        // VMs are never touched: the only service actions recovery may take are restarts.
+        // VMs are never touched: the only service actions recovery may take are restarts, and
+        // stopping the daemon (never the helper) to put the database snapshot back first.
+        let actions = f.services.actions();
+        let restarts = actions
+            .iter()
+            .skip_while(|a| *a == "stop bangerd.service")
+            .collect::<Vec<_>>();
         assert!(
-            f.services
-                .actions()
-                .iter()
-                .all(|a| a.starts_with("restart ")),
-            "{ctx}: {:?}",
-            f.services.actions()
+            restarts.iter().all(|a| a.starts_with("restart ")),
+            "{ctx}: {actions:?}"
         );
         want
     }
