@@ -262,41 +262,58 @@ pub fn restore(snapshot: Option<&Path>, db: &Path, owner: FileOwner) -> Result<(
     fsync_dir(&dir)
 }
 
+/// Test helper: `path` with `suffix` appended (`state.db` -> `state.db-wal`).
+#[cfg(test)]
+pub(crate) fn tests_sibling(path: &Path, suffix: &str) -> PathBuf {
+    sibling(path, suffix)
+}
+
+/// Test helper: the schema and every row of the database at `db`, one string per line, for
+/// comparing two databases by content (page layout may differ).
+#[cfg(test)]
+pub(crate) fn dump(db: &Path) -> Vec<String> {
+    let conn = crate::store::open_read_only(db).unwrap();
+    let mut out = Vec::new();
+    let mut st = conn
+        .prepare("SELECT type, name, ifnull(sql, '') FROM sqlite_master ORDER BY name")
+        .unwrap();
+    let rows: Vec<(String, String, String)> = st
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    for (ty, name, sql) in rows {
+        out.push(format!("{ty} {name} {sql}"));
+        if ty == "table" {
+            let mut q = conn
+                .prepare(&format!("SELECT * FROM \"{name}\" ORDER BY rowid"))
+                .unwrap();
+            let n = q.column_count();
+            let mut rows = q.query([]).unwrap();
+            while let Some(r) = rows.next().unwrap() {
+                let vals: Vec<String> = (0..n)
+                    .map(|i| match r.get_ref(i).unwrap() {
+                        rusqlite::types::ValueRef::Null => "NULL".to_string(),
+                        rusqlite::types::ValueRef::Integer(v) => v.to_string(),
+                        rusqlite::types::ValueRef::Real(v) => v.to_string(),
+                        rusqlite::types::ValueRef::Text(t) => {
+                            format!("{:?}", String::from_utf8_lossy(t))
+                        }
+                        rusqlite::types::ValueRef::Blob(b) => format!("x'{}'", hex::encode(b)),
+                    })
+                    .collect();
+                out.push(format!("  {}", vals.join("|")));
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::{check_with, Migration, Store, MIGRATIONS};
     use crate::update::testutil::TempDir;
-
-    fn dump(db: &Path) -> Vec<String> {
-        let conn = crate::store::open_read_only(db).unwrap();
-        let mut out = Vec::new();
-        let mut st = conn
-            .prepare("SELECT type, name, ifnull(sql, '') FROM sqlite_master ORDER BY name")
-            .unwrap();
-        let rows: Vec<(String, String, String)> = st
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .unwrap()
-            .map(|r| r.unwrap())
-            .collect();
-        for (ty, name, sql) in rows {
-            out.push(format!("{ty} {name} {sql}"));
-            if ty == "table" {
-                let mut q = conn
-                    .prepare(&format!("SELECT * FROM \"{name}\" ORDER BY rowid"))
-                    .unwrap();
-                let n = q.column_count();
-                let mut rows = q.query([]).unwrap();
-                while let Some(r) = rows.next().unwrap() {
-                    let vals: Vec<String> = (0..n)
-                        .map(|i| format!("{:?}", r.get_ref(i).unwrap()))
-                        .collect();
-                    out.push(format!("  {}", vals.join("|")));
-                }
-            }
-        }
-        out
-    }
 
     fn add_vm(s: &Store, id: &str) {
         s.conn()

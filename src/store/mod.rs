@@ -12,9 +12,9 @@ mod migrations;
 mod ops;
 mod records;
 
-pub use compat::{check, open_read_only, Compat};
 #[cfg(test)]
 pub(crate) use compat::check_with;
+pub use compat::{check, open_read_only, Compat};
 pub use migrations::{Migration, LATEST, MIGRATIONS};
 pub use ops::Operation;
 pub use records::{Image, Kernel, Vm};

@@ -656,7 +656,17 @@ fn snapshot_database(layout: &Layout, seams: &Seams) -> Result<DbSnapshot> {
         dest.display()
     ));
     let started = Instant::now();
-    let Some(snap) = backup::snapshot(&db, &dest)? else {
+    let refused = |e: Error| {
+        let mut hint = e.hint.clone().unwrap_or_default();
+        if !hint.contains("nothing was changed") {
+            if !hint.is_empty() {
+                hint.push_str("; ");
+            }
+            hint.push_str("the update stopped before the swap: nothing was changed");
+        }
+        e.hint(hint)
+    };
+    let Some(snap) = backup::snapshot(&db, &dest).map_err(refused)? else {
         say(&format!(
             "{} does not exist yet; a rollback removes the one the new daemon creates",
             db.display()
@@ -670,7 +680,7 @@ fn snapshot_database(layout: &Layout, seams: &Seams) -> Result<DbSnapshot> {
             mode: 0,
         });
     };
-    let sha256 = super::sha256_file(&dest)?;
+    let sha256 = super::sha256_file(&dest).map_err(refused)?;
     say(&format!(
         "database snapshot taken: {} bytes in {} ms",
         snap.bytes,
@@ -1161,6 +1171,8 @@ mod tests {
     //! Every branch of the flow with fakes: a fetcher serving a release signed by a key made here,
     //! `FakeServices`, a fake daemon and a fake runner that plays the old and the new binary.
     use super::*;
+    use crate::store::backup::dump;
+    use crate::store::{check_with, Migration, Store, LATEST, MIGRATIONS};
     use crate::system::install_toml::InstallInfo;
     use crate::system::service::FakeServices;
     use crate::update::download::Body;
@@ -1263,6 +1275,9 @@ mod tests {
         new_claims: RefCell<Option<String>>,
         panic_on: RefCell<Option<String>>,
         calls: RefCell<Vec<String>>,
+        /// When set, `--check-migrations` classifies this real database file with the binary's
+        /// own migrations (the new binary knows [`new_migrations`]).
+        real_db: RefCell<Option<PathBuf>>,
     }
 
     impl Default for FakeRunner {
@@ -1274,6 +1289,7 @@ mod tests {
                 new_claims: RefCell::new(None),
                 panic_on: RefCell::new(None),
                 calls: RefCell::new(Vec::new()),
+                real_db: RefCell::new(None),
             }
         }
     }
@@ -1307,7 +1323,17 @@ mod tests {
             Ok(match args {
                 ["--version"] => ok(format!("banger v{version} (commit {who}c, built t)\n")),
                 ["--role", "bangerd", "--check-migrations", "--system"] => {
-                    let code = self.migrations.get();
+                    let code = match &*self.real_db.borrow() {
+                        Some(db) => {
+                            let known = if who == "new" {
+                                new_migrations()
+                            } else {
+                                MIGRATIONS.to_vec()
+                            };
+                            check_with(db, &known).map_or(3, |c| c.exit_code())
+                        }
+                        None => self.migrations.get(),
+                    };
                     fail(code, &format!("migrations: code {code}\n"))
                 }
                 ["doctor"] if who == "new" && self.doctor_fails.get() => fail(
@@ -2225,6 +2251,479 @@ mod tests {
                     OLD_BIN
                 };
                 assert_eq!(got, want, "{ctx}");
+            }
+        }
+    }
+
+    // ---- The database across an update whose daemon migrates it ----
+
+    /// What the new release's daemon knows: this binary's migrations and one more, which adds a
+    /// column and rewrites rows (like this round's VM network columns).
+    fn new_migrations() -> Vec<Migration> {
+        let mut m = MIGRATIONS.to_vec();
+        m.push(Migration {
+            version: LATEST + 1,
+            name: "test: vm network columns",
+            sql: "ALTER TABLE vms ADD COLUMN test_bridge TEXT; UPDATE vms SET test_bridge = 'br0';",
+        });
+        m
+    }
+
+    /// systemd with a real `bangerd` as far as the database goes: starting the daemon opens
+    /// `state.db` with the migrations of whichever binary is at the real path (the new one
+    /// migrates it, and writes a row), and fails the start, as the real daemon does, when the
+    /// database has migrations it does not know. Stopping it closes the database. It can crash
+    /// (panic) before or after its `n`th restart, or on stopping the daemon.
+    struct DbServices {
+        inner: FakeServices,
+        layout: Layout,
+        daemon: RefCell<Option<Store>>,
+        new_migrates: bool,
+        migrated: Cell<bool>,
+        restarts: Cell<usize>,
+        crash_before: Cell<usize>,
+        crash_after: Cell<usize>,
+        crash_on_stop: Cell<bool>,
+    }
+
+    impl DbServices {
+        fn start_daemon(&self) -> Result<()> {
+            self.daemon.replace(None);
+            let new = std::fs::read(self.layout.binary()).unwrap_or_default() == NEW_BIN;
+            let known = if new && self.new_migrates {
+                new_migrations()
+            } else {
+                MIGRATIONS.to_vec()
+            };
+            match Store::open_with(&self.layout.state_db(), &known) {
+                Ok(store) => {
+                    if new && !store.migrations_applied().is_empty() {
+                        self.migrated.set(true);
+                        add_vm(&store, "made-by-the-new-daemon");
+                    }
+                    self.daemon.replace(Some(store));
+                    Ok(())
+                }
+                Err(e) => {
+                    self.inner.set_active(DAEMON_UNIT, false);
+                    Err(Error::new(
+                        "systemctl restart bangerd.service",
+                        format!("bangerd exited at start: {e}"),
+                    ))
+                }
+            }
+        }
+    }
+
+    impl ServiceManager for DbServices {
+        fn daemon_reload(&self) -> Result<()> {
+            self.inner.daemon_reload()
+        }
+        fn enable(&self, u: &str) -> Result<()> {
+            self.inner.enable(u)
+        }
+        fn disable(&self, u: &str) -> Result<()> {
+            self.inner.disable(u)
+        }
+        fn start(&self, u: &str) -> Result<()> {
+            self.inner.start(u)
+        }
+        fn stop(&self, u: &str) -> Result<()> {
+            if u == DAEMON_UNIT && self.crash_on_stop.get() {
+                panic!("simulated crash while stopping {u}");
+            }
+            self.inner.stop(u)?;
+            if u == DAEMON_UNIT {
+                self.daemon.replace(None);
+            }
+            Ok(())
+        }
+        fn restart(&self, u: &str) -> Result<()> {
+            let n = self.restarts.get() + 1;
+            self.restarts.set(n);
+            if n == self.crash_before.get() {
+                panic!("simulated crash before restart {n} ({u})");
+            }
+            self.inner.restart(u)?;
+            if u == DAEMON_UNIT {
+                self.start_daemon()?;
+            }
+            if n == self.crash_after.get() {
+                panic!("simulated crash after restart {n} ({u})");
+            }
+            Ok(())
+        }
+        fn is_active(&self, u: &str) -> Result<bool> {
+            self.inner.is_active(u)
+        }
+        fn is_enabled(&self, u: &str) -> Result<bool> {
+            self.inner.is_enabled(u)
+        }
+    }
+
+    fn add_vm(s: &Store, id: &str) {
+        s.conn()
+            .execute(
+                "INSERT INTO vms (id, name, vcpu, memory_mib, state, created_at, updated_at) \
+                 VALUES (?1, ?1, 2, 256, 'running', 't', 't')",
+                [id],
+            )
+            .unwrap();
+    }
+
+    /// The installed database before an update: its content, owner and mode.
+    struct DbBefore {
+        dump: Vec<String>,
+        owner: (u32, u32, u32),
+    }
+
+    /// Gives `h` a real `state.db` (owned by uid/gid 1000, mode 0640, when we are root) with the
+    /// old daemon running on it and its last commits still in the WAL.
+    fn with_db(h: &Host, new_migrates: bool) -> (DbServices, DbBefore) {
+        use std::os::unix::fs::MetadataExt;
+        let db = h.layout.state_db();
+        std::fs::create_dir_all(h.layout.state_dir()).unwrap();
+        let s = Store::open(&db).unwrap();
+        for i in 0..20 {
+            add_vm(&s, &format!("vm{i}"));
+        }
+        drop(s);
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&db, Some(1000), Some(1000)).unwrap();
+        } else {
+            eprintln!("SKIP: with_db: not root, the database's owner is not varied (mode is)");
+        }
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let services = DbServices {
+            inner: FakeServices::new(),
+            layout: h.layout.clone(),
+            daemon: RefCell::new(None),
+            new_migrates,
+            migrated: Cell::new(false),
+            restarts: Cell::new(0),
+            crash_before: Cell::new(0),
+            crash_after: Cell::new(0),
+            crash_on_stop: Cell::new(false),
+        };
+        services.inner.set_active(HELPER_UNIT, true);
+        services.inner.set_active(DAEMON_UNIT, true);
+        services.start_daemon().unwrap();
+        add_vm(services.daemon.borrow().as_ref().unwrap(), "in-the-wal");
+        let wal = crate::store::backup::tests_sibling(&db, "-wal");
+        assert!(
+            std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0) > 0,
+            "the old daemon's last commit must sit in its WAL"
+        );
+        let m = std::fs::metadata(&db).unwrap();
+        let before = DbBefore {
+            dump: dump(&db),
+            owner: (m.uid(), m.gid(), m.mode() & 0o7777),
+        };
+        (services, before)
+    }
+
+    /// The database is exactly the pre-update one, the old binary's check says compatible (0),
+    /// and the old daemon runs on it.
+    fn assert_db_is_old(h: &Host, d: &DbServices, before: &DbBefore, ctx: &str) {
+        use std::os::unix::fs::MetadataExt;
+        let db = h.layout.state_db();
+        assert_eq!(dump(&db), before.dump, "{ctx}: database content");
+        assert_eq!(
+            check_with(&db, MIGRATIONS).unwrap().exit_code(),
+            0,
+            "{ctx}: the old binary's check"
+        );
+        let m = std::fs::metadata(&db).unwrap();
+        assert_eq!(
+            (m.uid(), m.gid(), m.mode() & 0o7777),
+            before.owner,
+            "{ctx}: owner and mode"
+        );
+        assert!(d.daemon.borrow().is_some(), "{ctx}: the old daemon runs");
+    }
+
+    fn db_steps(h: &Host) -> Vec<Step> {
+        Journal::read(&h.layout)
+            .unwrap()
+            .iter()
+            .map(|r| r.step)
+            .collect()
+    }
+
+    #[test]
+    fn doctor_fail_after_a_migration_puts_the_database_back() {
+        let h = Host::new("flow-db-doctor");
+        let (d, before) = with_db(&h, true);
+        let f = Fakes::new();
+        f.runner.doctor_fails.set(true);
+        *f.runner.real_db.borrow_mut() = Some(h.layout.state_db());
+        let e = run_with(&h, &h.opts(), &f, &d, &|_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("(rolled back to previous install)"), "{e}");
+        assert!(d.migrated.get(), "the new daemon did migrate the database");
+        h.assert_exactly(OLD_BIN, "doctor FAIL with a migration");
+        assert_db_is_old(&h, &d, &before, "doctor FAIL with a migration");
+        assert_eq!(
+            d.inner.actions(),
+            [
+                "restart bangerd-root.service",
+                "restart bangerd.service",
+                "stop bangerd.service",
+                "restart bangerd-root.service",
+                "restart bangerd.service"
+            ]
+        );
+        let said = f.said.borrow().join("\n");
+        assert!(said.contains("database snapshot taken"), "{said}");
+        assert!(said.contains("restored "), "{said}");
+    }
+
+    #[test]
+    fn the_fake_daemon_really_refuses_a_migrated_database() {
+        // What the snapshot is for: without it, the old daemon cannot start on the new schema.
+        let h = Host::new("flow-db-control");
+        let (d, _) = with_db(&h, true);
+        std::fs::write(h.layout.binary(), NEW_BIN).unwrap();
+        d.restart(DAEMON_UNIT).unwrap();
+        assert!(d.migrated.get());
+        std::fs::write(h.layout.binary(), OLD_BIN).unwrap();
+        let e = d.restart(DAEMON_UNIT).unwrap_err().to_string();
+        assert!(
+            e.contains("unknown to this binary") || e.contains("does not know"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_good_update_keeps_the_migrated_database_and_drops_the_snapshot() {
+        let h = Host::new("flow-db-ok");
+        let (d, before) = with_db(&h, true);
+        let f = Fakes::new();
+        *f.runner.real_db.borrow_mut() = Some(h.layout.state_db());
+        let snap = h.layout.updates_dir().join(journal::DB_SNAPSHOT_FILE);
+        let seen = RefCell::new(None);
+        let look = |l: &str| {
+            if l.starts_with("running the new banger doctor") {
+                let rec = journal::db_snapshot(&Journal::read(&h.layout).unwrap());
+                let sha = crate::update::sha256_file(&snap).ok();
+                *seen.borrow_mut() = Some((rec, sha));
+            }
+        };
+        run_with(&h, &h.opts(), &f, &d, &look).unwrap();
+        h.assert_exactly(NEW_BIN, "good update with a migration");
+        let (rec, sha) = seen.take().unwrap();
+        let rec = rec.expect("a db.snapshot record while the update ran");
+        assert_eq!(rec.file.as_deref(), Some(journal::DB_SNAPSHOT_FILE));
+        assert_eq!(rec.sha256, sha, "the record names the file's hash");
+        assert!(!snap.exists(), "the snapshot is removed with staging");
+        assert!(d.migrated.get());
+        assert_ne!(dump(&h.layout.state_db()), before.dump);
+        let db = h.layout.state_db();
+        assert_eq!(check_with(&db, &new_migrations()).unwrap().exit_code(), 0);
+        assert!(dump(&db)
+            .iter()
+            .any(|l| l.contains("made-by-the-new-daemon")));
+        assert!(!d.inner.actions().iter().any(|a| a.starts_with("stop")));
+    }
+
+    #[test]
+    fn no_pending_migrations_no_snapshot() {
+        let h = Host::new("flow-db-none");
+        let (d, before) = with_db(&h, false);
+        let f = Fakes::new();
+        f.runner.doctor_fails.set(true);
+        *f.runner.real_db.borrow_mut() = Some(h.layout.state_db());
+        // The new binary migrates nothing here: its check reports 0.
+        f.runner.migrations.set(0);
+        *f.runner.real_db.borrow_mut() = None;
+        let snap = h.layout.updates_dir().join(journal::DB_SNAPSHOT_FILE);
+        let seen = RefCell::new(Vec::new());
+        let look = |l: &str| {
+            if l.starts_with("running the new banger doctor") {
+                *seen.borrow_mut() = db_steps(&h);
+                assert!(!snap.exists(), "a snapshot was taken");
+            }
+        };
+        let e = run_with(&h, &h.opts(), &f, &d, &look)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("(rolled back to previous install)"), "{e}");
+        let steps = seen.take();
+        assert!(steps.contains(&Step::DoctorBegin), "{steps:?}");
+        assert!(!steps.contains(&Step::DbSnapshot), "{steps:?}");
+        assert!(!f.said.borrow().iter().any(|l| l.contains("snapshot")));
+        // The rollback did not stop the daemon to restore anything.
+        assert!(!d.inner.actions().iter().any(|a| a.starts_with("stop")));
+        h.assert_exactly(OLD_BIN, "no migrations");
+        assert_db_is_old(&h, &d, &before, "no migrations");
+    }
+
+    #[test]
+    fn dry_run_takes_no_snapshot() {
+        let h = Host::new("flow-db-dry");
+        let (d, _) = with_db(&h, true);
+        let f = Fakes::new();
+        *f.runner.real_db.borrow_mut() = Some(h.layout.state_db());
+        let o = Options {
+            dry_run: true,
+            ..h.opts()
+        };
+        run_with(&h, &o, &f, &d, &|_| {}).unwrap();
+        assert!(StagingPaths::new(&h.layout).binary().exists());
+        assert!(!h
+            .layout
+            .updates_dir()
+            .join(journal::DB_SNAPSHOT_FILE)
+            .exists());
+        assert!(!f.said.borrow().iter().any(|l| l.contains("snapshot")));
+    }
+
+    #[test]
+    fn a_snapshot_that_cannot_be_written_refuses_before_the_swap() {
+        let h = Host::new("flow-db-nowrite");
+        let (d, before) = with_db(&h, true);
+        let f = Fakes::new();
+        *f.runner.real_db.borrow_mut() = Some(h.layout.state_db());
+        let host_before = h.snapshot();
+        // Something occupies the snapshot's temporary path, so it cannot be written.
+        let blocker = h
+            .layout
+            .updates_dir()
+            .join(format!("{}.partial", journal::DB_SNAPSHOT_FILE));
+        let block = |l: &str| {
+            if l.starts_with("the new release migrates the database") {
+                std::fs::create_dir_all(blocker.join("x")).unwrap();
+            }
+        };
+        let e = run_with(&h, &h.opts(), &f, &d, &block).unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains(".partial"), "{text}");
+        assert!(text.contains("nothing was changed"), "{text}");
+        assert!(!text.contains("rolled back"), "{text}");
+        assert_eq!(h.snapshot(), host_before, "host changed");
+        assert!(d.inner.actions().is_empty(), "{:?}", d.inner.actions());
+        assert!(!h.layout.updates_dir().exists(), "staging left behind");
+        assert!(!journal::pending(&h.layout).unwrap());
+        assert!(!f
+            .runner
+            .calls
+            .borrow()
+            .iter()
+            .any(|c| c.ends_with("doctor")));
+        assert_db_is_old(&h, &d, &before, "refused");
+    }
+
+    #[test]
+    fn crashes_around_the_database_snapshot_recover_old_or_new() {
+        type Setup = Box<dyn Fn(&DbServices, &Fakes)>;
+        // (crash point, setup, the journal's last step at the crash, expected end)
+        let cases: Vec<(&str, Setup, Step, &[u8])> = vec![
+            (
+                "helper restart, after the snapshot record",
+                Box::new(|d, _| d.crash_before.set(1)),
+                Step::RestartHelperBegin,
+                OLD_BIN,
+            ),
+            (
+                "just after the new daemon migrated",
+                Box::new(|d, _| d.crash_after.set(2)),
+                Step::RestartDaemonBegin,
+                OLD_BIN,
+            ),
+            (
+                "stopping the daemon to restore, after db.restore.begin",
+                Box::new(|d, f| {
+                    f.runner.doctor_fails.set(true);
+                    d.crash_on_stop.set(true);
+                }),
+                Step::DbRestoreBegin,
+                OLD_BIN,
+            ),
+            (
+                "rollback restart, after db.restored",
+                Box::new(|d, f| {
+                    f.runner.doctor_fails.set(true);
+                    d.crash_before.set(3);
+                }),
+                Step::RollbackRestartBegin,
+                OLD_BIN,
+            ),
+            (
+                "rollback restart of the old daemon, after db.restored",
+                Box::new(|d, f| {
+                    f.runner.doctor_fails.set(true);
+                    d.crash_after.set(4);
+                }),
+                Step::RollbackRestartBegin,
+                OLD_BIN,
+            ),
+            (
+                "recording the new version",
+                Box::new(|_, f| *f.runner.panic_on.borrow_mut() = Some("new version".into())),
+                Step::CommitBegin,
+                NEW_BIN,
+            ),
+        ];
+        for (name, setup, last, want) in cases {
+            let h = Host::new("flow-db-crash");
+            let (d, before) = with_db(&h, true);
+            let f = Fakes::new();
+            *f.runner.real_db.borrow_mut() = Some(h.layout.state_db());
+            setup(&d, &f);
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let _ = run_with(&h, &h.opts(), &f, &d, &|_| {});
+            }));
+            assert!(r.is_err(), "{name}: the simulated crash did not happen");
+            let steps = db_steps(&h);
+            assert!(steps.contains(&Step::DbSnapshot), "{name}: {steps:?}");
+            assert_eq!(steps.last(), Some(&last), "{name}: {steps:?}");
+            // The updater died; the daemon (whichever) keeps running. The next update recovers.
+            d.crash_before.set(0);
+            d.crash_after.set(0);
+            d.crash_on_stop.set(false);
+            d.inner.clear_calls();
+            let rf = Fakes::new();
+            *rf.runner.real_db.borrow_mut() = Some(h.layout.state_db());
+            let out = run_with(&h, &h.opts(), &rf, &d, &|_| {})
+                .unwrap_or_else(|e| panic!("{name}: recovery failed: {e}"))
+                .to_string();
+            h.assert_exactly(want, name);
+            if want == OLD_BIN {
+                assert!(
+                    out.starts_with("rolled back the interrupted update"),
+                    "{name}: {out}"
+                );
+                assert_db_is_old(&h, &d, &before, name);
+                let restored_before = steps.contains(&Step::DbRestored);
+                let stops = d
+                    .inner
+                    .actions()
+                    .iter()
+                    .filter(|a| a.starts_with("stop"))
+                    .count();
+                assert_eq!(
+                    stops,
+                    usize::from(!restored_before),
+                    "{name}: {:?}",
+                    d.inner.actions()
+                );
+            } else {
+                assert!(
+                    out.starts_with("finished the interrupted update"),
+                    "{name}: {out}"
+                );
+                let db = h.layout.state_db();
+                assert_eq!(
+                    check_with(&db, &new_migrations()).unwrap().exit_code(),
+                    0,
+                    "{name}"
+                );
+                assert!(
+                    d.inner.actions().is_empty(),
+                    "{name}: {:?}",
+                    d.inner.actions()
+                );
             }
         }
     }

@@ -492,7 +492,9 @@ pub fn decide(records: &[Record], disk: &DiskState) -> RecoveryPlan {
     let new_was_live = restarted || reached(Step::SwapPlacedNew) || disk.real == FileState::New;
     let snapshot = reached(Step::DbSnapshot);
     if snapshot && db_snapshot(records).is_none() {
-        return manual("the update journal's db.snapshot record does not say where the snapshot is".into());
+        return manual(
+            "the update journal's db.snapshot record does not say where the snapshot is".into(),
+        );
     }
     if !snapshot && (reached(Step::DbRestoreBegin) || reached(Step::DbRestored)) {
         return manual("the update journal restores a database snapshot it never took".into());
@@ -730,7 +732,12 @@ mod tests {
             (vec![SwapBegin], Old, Missing, None),
             (vec![UpdateBegin, Unknown], Old, Missing, None),
             // With a database snapshot: nothing to restore while the new binary never ran.
-            (vec![UpdateBegin, DbSnapshot], Old, Missing, Some(RecoveryPlan::Discard)),
+            (
+                vec![UpdateBegin, DbSnapshot],
+                Old,
+                Missing,
+                Some(RecoveryPlan::Discard),
+            ),
             (db_all[..5].to_vec(), Old, Old, Some(RecoveryPlan::Discard)),
             // From the moment the new binary may have run, the snapshot goes back.
             (db_all[..6].to_vec(), New, Old, Some(rbdb(true))),
@@ -745,7 +752,12 @@ mod tests {
             ),
             // Killed while putting it back: do it again.
             (
-                db_with(&[RestartHelperBegin, RollbackBegin, RollbackRestored, DbRestoreBegin]),
+                db_with(&[
+                    RestartHelperBegin,
+                    RollbackBegin,
+                    RollbackRestored,
+                    DbRestoreBegin,
+                ]),
                 Old,
                 Missing,
                 Some(rbdb(true)),
@@ -791,7 +803,12 @@ mod tests {
                 Some(RecoveryPlan::Finish),
             ),
             // A restore without a snapshot does not add up.
-            (with(&[RestartHelperBegin, RollbackBegin, DbRestoreBegin]), Old, Missing, None),
+            (
+                with(&[RestartHelperBegin, RollbackBegin, DbRestoreBegin]),
+                Old,
+                Missing,
+                None,
+            ),
         ];
         for (i, (steps, real, previous, want)) in cases.into_iter().enumerate() {
             let mut records = journal(&steps);
@@ -814,18 +831,35 @@ mod tests {
     #[test]
     fn a_snapshot_record_that_says_nothing_is_manual_repair() {
         use Step::*;
-        let mut records = journal(&[UpdateBegin, DbSnapshot, SwapCopyBegin, SwapCopyDone, SwapBegin, SwapSavedOld, SwapPlacedNew]);
+        let mut records = journal(&[
+            UpdateBegin,
+            DbSnapshot,
+            SwapCopyBegin,
+            SwapCopyDone,
+            SwapBegin,
+            SwapSavedOld,
+            SwapPlacedNew,
+        ]);
         records[1].db = None;
         let disk = DiskState {
             real: New,
             previous: Old,
         };
-        assert!(matches!(decide(&records, &disk), RecoveryPlan::Manual { .. }));
-        assert_eq!(db_snapshot(&journal(&[UpdateBegin, DbSnapshot])), Some(snap()));
+        assert!(matches!(
+            decide(&records, &disk),
+            RecoveryPlan::Manual { .. }
+        ));
+        assert_eq!(
+            db_snapshot(&journal(&[UpdateBegin, DbSnapshot])),
+            Some(snap())
+        );
         // The record's on-disk form.
         let line = serde_json::to_string(&rec(DbSnapshot)).unwrap();
         assert!(line.starts_with("{\"step\":\"db.snapshot\""), "{line}");
-        assert!(line.contains("\"db\":{\"file\":\"state.db.snapshot\",\"sha256\":\"cc\""), "{line}");
+        assert!(
+            line.contains("\"db\":{\"file\":\"state.db.snapshot\",\"sha256\":\"cc\""),
+            "{line}"
+        );
     }
 
     #[test]
