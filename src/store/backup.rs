@@ -190,6 +190,10 @@ fn copy_through_sqlite(db: &Path, out: &Path, dir: &Path) -> Result<()> {
             .query_row("PRAGMA page_size", [], |r| r.get(0))
             .map_err(|e| db_error(db, "sizing", e))?;
         ensure_room(pages.saturating_mul(page_size), free_bytes(dir)?, dir, db)?;
+        // The output is fsynced once, whole, by the caller before anyone relies on it; SQLite's
+        // own syncs while writing it only cost time (a third of it on a 300 MiB database).
+        conn.pragma_update(None, "synchronous", "OFF")
+            .map_err(|e| db_error(db, "configuring the snapshot of", e))?;
         conn.execute("VACUUM INTO ?1", [out_str])
             .map(drop)
             .map_err(|e| {
@@ -389,7 +393,7 @@ mod tests {
         add_vm(&s, "a");
         drop(s);
         let root = rustix::process::geteuid().is_root();
-        let (uid, gid) = if root { (1234, 2345) } else { (meta_ids(&db)) };
+        let (uid, gid) = if root { (1234, 2345) } else { meta_ids(&db) };
         if root {
             std::os::unix::fs::chown(&db, Some(uid), Some(gid)).unwrap();
         } else {
