@@ -385,6 +385,67 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_during_concurrent_commits_is_one_consistent_state() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let dir = TempDir::new("backup-concurrent");
+        let db = dir.path().join("state.db");
+        Store::open(&db).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (db, stop) = (db.clone(), stop.clone());
+            std::thread::spawn(move || {
+                // Another connection (the daemon) commits two rows per transaction, non-stop.
+                let mut s = Store::open(&db).unwrap();
+                let mut n = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let tx = s.conn.transaction().unwrap();
+                    for k in 0..2 {
+                        tx.execute(
+                            "INSERT INTO operations (id, kind, stage, started_at) VALUES (?1, 'k', 's', 't')",
+                            [format!("op-{n}-{k}")],
+                        )
+                        .unwrap();
+                    }
+                    tx.commit().unwrap();
+                    n += 1;
+                }
+                n
+            })
+        };
+        // Let some commits land before and during the snapshots.
+        for _ in 0..2000 {
+            if dump(&db).len() >= 20 || writer.is_finished() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let mut counts = Vec::new();
+        for i in 0..5 {
+            let dest = dir.path().join(format!("snap{i}.db"));
+            snapshot(&db, &dest).unwrap().unwrap();
+            let conn = rusqlite::Connection::open(&dest).unwrap();
+            let ok: String = conn
+                .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(ok, "ok", "snapshot {i}");
+            let rows: i64 = conn
+                .query_row("SELECT count(*) FROM operations", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(
+                rows % 2,
+                0,
+                "snapshot {i} caught half a transaction ({rows} rows)"
+            );
+            counts.push(rows);
+        }
+        stop.store(true, Ordering::SeqCst);
+        let commits = writer.join().unwrap();
+        assert!(counts[0] > 0, "{counts:?}");
+        eprintln!("snapshots saw {counts:?} rows while the writer made {commits} commits");
+    }
+
+    #[test]
     fn restore_keeps_the_original_owner_and_mode() {
         let dir = TempDir::new("backup-owner");
         let db = dir.path().join("state.db");
