@@ -593,6 +593,16 @@ fn systemd_guest_agent_over_vsock() {
         rootfs.to_str().unwrap(),
         disk.to_str().unwrap(),
     ]);
+    // A data drive configured before the root drive: Firecracker still makes the root /dev/vda
+    // (the guest would not boot otherwise), the data drive /dev/vdb.
+    let data = vmm.dir.join("data.img");
+    std::fs::File::create(&data)
+        .and_then(|f| f.set_len(64 << 20))
+        .unwrap();
+    vmm.put(
+        "/drives/data",
+        json!({"drive_id": "data", "is_root_device": false, "is_read_only": true, "path_on_host": data}),
+    );
     let t0 = Instant::now();
     vmm.configure_and_start(&kernel, "banger.name=tcgtest", Some(&disk));
     let uds = vmm.dir.join("vsock.sock");
@@ -653,6 +663,10 @@ fn systemd_guest_agent_over_vsock() {
     assert_eq!(status.code(), Some(0));
     let console = vmm.console.lock().unwrap().clone();
     assert!(reached.is_ok(), "{reached:?}");
+    assert!(
+        console.contains("[vdb] 131072 512-byte logical blocks"),
+        "the 64 MiB data drive is not /dev/vdb"
+    );
     assert!(
         console.contains("reboot: Restarting system"),
         "systemd did not reboot cleanly:\n{console}"
