@@ -197,6 +197,7 @@ pub fn verify<'k>(keys: &'k [PublicKey], data: &[u8], sig_b64: &[u8]) -> Result<
         )
         .hint(hint));
     }
+    der_shape(&der).map_err(|why| Error::new(what, why).hint(hint))?;
     for key in keys {
         if UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &key.point[..])
             .verify(data, &der)
@@ -214,6 +215,61 @@ pub fn verify<'k>(keys: &'k [PublicKey], data: &[u8], sig_b64: &[u8]) -> Result<
         ),
     )
     .hint(hint))
+}
+
+/// Why `der` is not shaped like a DER ECDSA signature, `SEQUENCE { INTEGER r, INTEGER s }`, so a
+/// truncated or garbled signature is reported as such rather than as "does not verify". ring
+/// re-checks the encoding strictly; this only names the reason.
+pub fn der_shape(der: &[u8]) -> Result<(), String> {
+    /// One DER header at `at`: (tag, content start, content length).
+    fn header(der: &[u8], at: usize) -> Option<(u8, usize, usize)> {
+        let tag = *der.get(at)?;
+        let first = *der.get(at + 1)? as usize;
+        match first {
+            0..=0x7f => Some((tag, at + 2, first)),
+            0x81 => Some((tag, at + 3, *der.get(at + 2)? as usize)),
+            _ => None,
+        }
+    }
+    let Some((tag, start, len)) = header(der, 0) else {
+        return Err(format!(
+            "the signature is {} bytes of which none form a DER header",
+            der.len()
+        ));
+    };
+    if tag != 0x30 {
+        return Err(format!(
+            "the signature is not a DER SEQUENCE (it starts with byte {tag:#04x})"
+        ));
+    }
+    let total = start + len;
+    if total > der.len() {
+        return Err(format!(
+            "the signature is truncated: its DER header says {total} bytes, it has {}",
+            der.len()
+        ));
+    }
+    if total < der.len() {
+        return Err(format!(
+            "the signature has {} bytes after its DER SEQUENCE",
+            der.len() - total
+        ));
+    }
+    let mut at = start;
+    for part in ["r", "s"] {
+        match header(der, at) {
+            Some((0x02, s, l)) if l > 0 && s + l <= total => at = s + l,
+            _ => {
+                return Err(format!(
+                    "the signature's DER SEQUENCE does not hold the INTEGER {part}"
+                ))
+            }
+        }
+    }
+    if at != total {
+        return Err("the signature's DER SEQUENCE has more than two INTEGERs".to_string());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -264,43 +320,120 @@ WbRw/CnKLRN4z9OeZNxYv1Ub8RJZxNI9hGvwdCYtmjQSuPlkddJ1KNP9nKte7oXb
         );
     }
 
+    fn b64(bytes: &[u8]) -> Vec<u8> {
+        base64::engine::general_purpose::STANDARD
+            .encode(bytes)
+            .into_bytes()
+    }
+
+    /// Each way a signature can be bad fails for its own stated reason (the exact `why`), not
+    /// just with the word "signature" that every one of these errors carries in its `what`.
     #[test]
     fn rejections() {
-        let k = keys(&[K1]);
-        let k2 = keys(&[K2]);
+        let k = PublicKey::from_pem("K1", K1).unwrap();
+        let k2 = PublicKey::from_pem("K2", K2).unwrap();
+        let both: Vec<PublicKey> = k2.iter().chain(k.iter()).cloned().collect();
+        let sig_der = base64::engine::general_purpose::STANDARD
+            .decode(SIG)
+            .unwrap();
         let mut truncated = SIG.to_string();
         truncated.truncate(40);
         let mut flipped = SIG.as_bytes().to_vec();
         flipped[20] = if flipped[20] == b'A' { b'B' } else { b'A' };
-        type Case<'a> = (&'a [PublicKey], Vec<u8>, Vec<u8>, &'a str);
+        let mut trailing = sig_der.clone();
+        trailing.extend_from_slice(&[0, 0]);
+        // SEQUENCE holding only r (s cut off, lengths made consistent).
+        let r_len = sig_der[3] as usize;
+        let mut only_r = vec![0x30, (2 + r_len) as u8];
+        only_r.extend_from_slice(&sig_der[2..4 + r_len]);
+        let not_seq: Vec<u8> = std::iter::once(0x31).chain(sig_der[1..].iter().copied()).collect();
+        let no_key = "it does not verify against any trusted key";
+        type Case<'a> = (&'a str, &'a [PublicKey], Vec<u8>, Vec<u8>, String);
         let cases: Vec<Case> = vec![
             (
+                "tampered SHA256SUMS",
                 &k,
                 b"hello SHA256SUMS\r\n".to_vec(),
                 SIG.into(),
-                "does not verify",
+                format!("{no_key} (K1)"),
             ),
-            (&k, b"".to_vec(), SIG.into(), "does not verify"),
-            (&k2, MSG.to_vec(), SIG.into(), "does not verify"),
-            (&k, MSG.to_vec(), truncated.into_bytes(), "signature"),
-            (&k, MSG.to_vec(), flipped, "does not verify"),
+            ("empty SHA256SUMS", &k, b"".to_vec(), SIG.into(), format!("{no_key} (K1)")),
+            ("wrong key", &k2, MSG.to_vec(), SIG.into(), format!("{no_key} (K2)")),
+            ("no keys", &[], MSG.to_vec(), SIG.into(), format!("{no_key} ()")),
             (
+                "truncated signature",
+                &both,
+                MSG.to_vec(),
+                truncated.into_bytes(),
+                "the signature is truncated: its DER header says 70 bytes, it has 30".into(),
+            ),
+            (
+                "flipped bit in r",
+                &k,
+                MSG.to_vec(),
+                flipped,
+                format!("{no_key} (K1)"),
+            ),
+            (
+                "trailing bytes",
+                &k,
+                MSG.to_vec(),
+                b64(&trailing),
+                "the signature has 2 bytes after its DER SEQUENCE".into(),
+            ),
+            (
+                "s missing",
+                &k,
+                MSG.to_vec(),
+                b64(&only_r),
+                "the signature's DER SEQUENCE does not hold the INTEGER s".into(),
+            ),
+            (
+                "not a SEQUENCE",
+                &k,
+                MSG.to_vec(),
+                b64(&not_seq),
+                "the signature is not a DER SEQUENCE (it starts with byte 0x31)".into(),
+            ),
+            (
+                "garbage text",
                 &k,
                 MSG.to_vec(),
                 b"!!!not base64!!!".to_vec(),
-                "not valid base64",
+                "the signature is not valid base64 (Invalid symbol 33, offset 0.)".into(),
             ),
-            (&k, MSG.to_vec(), b"\xff\xfe".to_vec(), "not base64 text"),
-            (&k, MSG.to_vec(), b"  \n".to_vec(), "empty"),
-            (&k, MSG.to_vec(), b"AAAA".to_vec(), "not a DER ECDSA"),
-            (&k, MSG.to_vec(), vec![b'A'; 2000], "larger than"),
-            (&[], MSG.to_vec(), SIG.into(), "does not verify"),
+            (
+                "binary garbage",
+                &k,
+                MSG.to_vec(),
+                b"\xff\xfe".to_vec(),
+                "the signature file is not base64 text".into(),
+            ),
+            ("blank", &k, MSG.to_vec(), b"  \n".to_vec(), "the signature file is empty".into()),
+            (
+                "too short",
+                &k,
+                MSG.to_vec(),
+                b"AAAA".to_vec(),
+                "the signature is 3 bytes, not a DER ECDSA P-256 signature".into(),
+            ),
+            (
+                "too large",
+                &k,
+                MSG.to_vec(),
+                vec![b'A'; 2000],
+                format!("the signature is larger than {SIGNATURE_MAX} bytes"),
+            ),
         ];
-        for (keys, data, sig, want) in cases {
-            let e = verify(keys, &data, &sig).unwrap_err().to_string();
-            assert!(e.contains(want), "want {want:?} in {e}");
-            assert!(e.contains("do not install it"), "{e}");
+        for (case, keys, data, sig, want) in cases {
+            let e = verify(keys, &data, &sig).unwrap_err();
+            assert_eq!(e.why, want, "{case}");
+            assert_eq!(e.what, "verifying the SHA256SUMS signature", "{case}");
+            assert!(e.to_string().contains("do not install it"), "{case}: {e}");
         }
+        // The good signature still passes the shape check and verifies.
+        assert_eq!(der_shape(&sig_der), Ok(()));
+        assert!(verify(&both, MSG, SIG.as_bytes()).is_ok());
     }
 
     #[test]
