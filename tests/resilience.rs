@@ -63,7 +63,7 @@ fn a_fifo_planted_as_handles_json_does_not_jam_the_helper() {
     std::fs::create_dir_all(&dir).unwrap();
     rustix::fs::mknodat(
         rustix::fs::CWD,
-        &dir.join("handles.json"),
+        dir.join("handles.json"),
         rustix::fs::FileType::Fifo,
         rustix::fs::Mode::from_raw_mode(0o600),
         0,

@@ -154,7 +154,7 @@ pub fn serve(
                         Admit::Busy
                     };
                     if reaped_since_log > 0
-                        && last_reap_log.map_or(true, |t| t.elapsed() >= REAP_LOG_EVERY)
+                        && last_reap_log.is_none_or(|t| t.elapsed() >= REAP_LOG_EVERY)
                     {
                         crate::logging::error(
                             cfg.role,
