@@ -156,7 +156,8 @@ pub fn serve(
                     if reaped_since_log > 0
                         && last_reap_log.is_none_or(|t| t.elapsed() >= REAP_LOG_EVERY)
                     {
-                        crate::logging::error(
+                        crate::logging::log(
+                            "warn",
                             cfg.role,
                             "connection cap reached: closed idle connections",
                             json!({"reaped": reaped_since_log, "max_connections": cfg.max_connections}),
@@ -210,6 +211,9 @@ pub fn serve(
 
 /// How often a "closed idle connections" line may be logged.
 const REAP_LOG_EVERY: Duration = Duration::from_secs(1);
+/// How long a `busy` refusal may take to write and to drain: short, because refused connections
+/// are not counted against the cap and must not pile up.
+const BUSY_DEADLINE: Duration = Duration::from_millis(200);
 
 enum Admit {
     Serve,
@@ -313,10 +317,10 @@ async fn refuse_busy(stream: Async<UnixStream>, cfg: &ServerConfig) {
         let _ = stream.flush().await;
     };
     smol::future::or(write, async {
-        smol::Timer::after(cfg.write_deadline).await;
+        smol::Timer::after(BUSY_DEADLINE).await;
     })
     .await;
-    discard_rest(&mut stream, cfg).await;
+    discard_rest(&mut stream, cfg, BUSY_DEADLINE).await;
     crate::logging::error(
         cfg.role,
         "connection refused: busy",
@@ -326,7 +330,7 @@ async fn refuse_busy(stream: Async<UnixStream>, cfg: &ServerConfig) {
 
 /// Closing a Unix socket with unread input resets it and the peer loses our answer, so discard
 /// what is left of a refused request (bounded in bytes and time) before closing.
-async fn discard_rest(stream: &mut Async<UnixStream>, cfg: &ServerConfig) {
+async fn discard_rest(stream: &mut Async<UnixStream>, cfg: &ServerConfig, within: Duration) {
     let _ = stream.get_ref().shutdown(std::net::Shutdown::Write);
     let drain = async {
         let mut sink = [0u8; 8192];
@@ -339,7 +343,7 @@ async fn discard_rest(stream: &mut Async<UnixStream>, cfg: &ServerConfig) {
         }
     };
     smol::future::or(drain, async {
-        smol::Timer::after(Duration::from_secs(1)).await;
+        smol::Timer::after(within).await;
     })
     .await;
 }
@@ -478,7 +482,7 @@ async fn connection(
     .await;
     drop(conn);
     if code.is_some() {
-        discard_rest(&mut stream, cfg).await;
+        discard_rest(&mut stream, cfg, Duration::from_secs(1)).await;
     }
     crate::logging::info(
         cfg.role,
