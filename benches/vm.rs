@@ -189,7 +189,7 @@ fn main() {
                     image: Some("i".into()),
                     vcpu: 1,
                     memory_mib: 128,
-                    state: "stopped".into(),
+                    state: banger::store::VmState::Stopped,
                     pid: None,
                     start_time: None,
                     comm: None,

@@ -18,8 +18,8 @@ pub struct Vm {
     pub vcpu: u32,
     /// Memory in MiB.
     pub memory_mib: u32,
-    /// `created`, `starting`, `running`, `stopping`, `stopped`, `unknown`, `failed`.
-    pub state: String,
+    /// Where the VM is in its life (stored as its lowercase name).
+    pub state: VmState,
     /// VMM pid while running.
     pub pid: Option<i32>,
     /// VMM start time (clock ticks since boot) while running.
@@ -32,6 +32,75 @@ pub struct Vm {
     pub created_at: String,
     /// Last change.
     pub updated_at: String,
+}
+
+/// A VM's state. Stored in `vms.state` as the lowercase name ([`VmState::as_str`]); the column
+/// has no CHECK so a later state needs no table rebuild.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    /// Recorded, disk prepared, never started.
+    Created,
+    /// Its VMM is being launched and configured, or the guest is booting.
+    Starting,
+    /// Its VMM runs and the guest was ready.
+    Running,
+    /// Being stopped.
+    Stopping,
+    /// No VMM.
+    Stopped,
+    /// The daemon cannot tell whether its VMM still runs: reported, never killed.
+    Unknown,
+}
+
+impl VmState {
+    /// Every state, for tables and tests.
+    pub const ALL: [VmState; 6] = [
+        VmState::Created,
+        VmState::Starting,
+        VmState::Running,
+        VmState::Stopping,
+        VmState::Stopped,
+        VmState::Unknown,
+    ];
+
+    /// The name stored in the database and shown to users.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Created => "created",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Stopping => "stopping",
+            VmState::Stopped => "stopped",
+            VmState::Unknown => "unknown",
+        }
+    }
+
+    /// The state named `s`, if banger knows it.
+    pub fn parse(s: &str) -> Option<VmState> {
+        VmState::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl rusqlite::types::ToSql for VmState {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.as_str().into())
+    }
+}
+
+impl rusqlite::types::FromSql for VmState {
+    /// A state this binary does not know (written by a newer banger before a rollback) reads as
+    /// `unknown`: such a VM is reported and left alone, never guessed about.
+    fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        v.as_str()
+            .map(|s| VmState::parse(s).unwrap_or(VmState::Unknown))
+    }
 }
 
 /// An image: a root filesystem and the kernel to boot it with.

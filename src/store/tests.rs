@@ -418,3 +418,45 @@ fn operations_round_trip_newest_first() {
         Some("daemon restarted")
     );
 }
+
+fn vm_row(id: &str, name: &str, state: VmState) -> Vm {
+    Vm {
+        id: id.into(),
+        name: name.into(),
+        image: Some("img".into()),
+        vcpu: 1,
+        memory_mib: 128,
+        state,
+        pid: None,
+        start_time: None,
+        comm: None,
+        boot_id: None,
+        created_at: crate::clock::now_rfc3339(),
+        updated_at: crate::clock::now_rfc3339(),
+    }
+}
+
+#[test]
+fn vm_states_are_stored_as_their_names_and_unknown_names_read_as_unknown() {
+    let d = TempDir::new();
+    let s = Store::open(&d.db()).unwrap();
+    for (i, state) in VmState::ALL.into_iter().enumerate() {
+        let vm = vm_row(&format!("{i:012x}"), &format!("v{i}"), state);
+        s.vm_insert(&vm).unwrap();
+        let stored: String = s
+            .conn()
+            .query_row("SELECT state FROM vms WHERE id = ?1", [&vm.id], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(stored, state.as_str());
+        assert_eq!(s.vm_get(&vm.name).unwrap().unwrap().state, state);
+        assert_eq!(VmState::parse(state.as_str()), Some(state));
+    }
+    // A state a newer banger wrote: reported as unknown (left alone), never an unreadable row.
+    s.conn()
+        .execute("UPDATE vms SET state = 'hibernating' WHERE name = 'v0'", [])
+        .unwrap();
+    assert_eq!(s.vm_get("v0").unwrap().unwrap().state, VmState::Unknown);
+    assert_eq!(s.vm_list().unwrap().len(), VmState::ALL.len());
+}
