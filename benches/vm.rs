@@ -194,6 +194,9 @@ fn main() {
                     start_time: None,
                     comm: None,
                     boot_id: None,
+                    ip: None,
+                    mac: None,
+                    nat: false,
                     created_at: now.clone(),
                     updated_at: now,
                 })

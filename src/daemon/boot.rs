@@ -12,7 +12,7 @@ use crate::store::{Image, Kernel, Vm};
 use crate::vmm::api::Client;
 use crate::vmm::identity::{self, Identity, Liveness};
 use crate::vmm::launch::VmFiles;
-use crate::vmm::models::{BootSource, Drive, MachineConfiguration, Vsock};
+use crate::vmm::models::{BootSource, Drive, MachineConfiguration, NetworkInterface, Vsock};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -26,6 +26,22 @@ pub const BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
 /// Guest CID of every VM's vsock device (each VM has its own device and host socket).
 const GUEST_CID: u32 = 3;
 
+/// A guest's network as the VMM and the guest kernel see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestNet {
+    /// Host tap (made by the helper's `priv.net_up`).
+    pub tap: String,
+    /// Guest MAC.
+    pub mac: String,
+    /// Kernel `ip=` argument: address, gateway, netmask, hostname.
+    pub ip_arg: String,
+}
+
+/// The guest kernel's command line: banger's base arguments and the static address.
+pub fn boot_args(net: &GuestNet) -> String {
+    format!("{BOOT_ARGS} {}", net.ip_arg)
+}
+
 /// The identity the helper recorded for the VMM it just launched.
 pub fn read_identity(files: &VmFiles) -> Result<Identity, RpcError> {
     match identity::read_handles(&files.handles).map_err(failed)? {
@@ -37,8 +53,14 @@ pub fn read_identity(files: &VmFiles) -> Result<Identity, RpcError> {
     }
 }
 
-/// Configures the launched VMM through its API and starts the instance.
-pub fn configure(vm: &Vm, kernel: &Kernel, files: &VmFiles) -> Result<(), RpcError> {
+/// Configures the launched VMM through its API (machine, kernel and `ip=`, root disk, vsock,
+/// `eth0` on the VM's tap) and starts the instance.
+pub fn configure(
+    vm: &Vm,
+    kernel: &Kernel,
+    files: &VmFiles,
+    net: &GuestNet,
+) -> Result<(), RpcError> {
     let api = |e: crate::vmm::api::ApiError| {
         failed(Error::new(
             format!("configuring VM `{}` through Firecracker", vm.name),
@@ -64,7 +86,7 @@ pub fn configure(vm: &Vm, kernel: &Kernel, files: &VmFiles) -> Result<(), RpcErr
     .map_err(api)?;
     c.put_boot_source(&BootSource {
         kernel_image_path: PathBuf::from(&kernel.path),
-        boot_args: Some(BOOT_ARGS.into()),
+        boot_args: Some(boot_args(net)),
         initrd_path: None,
     })
     .map_err(api)?;
@@ -84,6 +106,15 @@ pub fn configure(vm: &Vm, kernel: &Kernel, files: &VmFiles) -> Result<(), RpcErr
         guest_cid: GUEST_CID,
         uds_path: files.vsock_uds.clone(),
         vsock_id: None,
+    })
+    .map_err(api)?;
+    c.put_network_interface(&NetworkInterface {
+        iface_id: "eth0".into(),
+        host_dev_name: net.tap.clone(),
+        guest_mac: Some(net.mac.clone()),
+        mtu: None,
+        rx_rate_limiter: None,
+        tx_rate_limiter: None,
     })
     .map_err(api)?;
     c.instance_start().map_err(api)?;

@@ -2,11 +2,13 @@
 //!
 //! Knows nothing about argv or sockets; `applets::bangerd` binds the socket and serves this.
 //! Every method's parameters are read here into their typed struct ([`requests`]) and handed to
-//! the module that owns the concern: [`vms`] (lifecycle, with [`boot`]), [`images`], [`kernels`].
+//! the module that owns the concern: [`vms`] (lifecycle, with [`boot`]), [`images`], [`kernels`],
+//! [`net`] (the guest address plan and the helper's network calls).
 
 pub mod boot;
 pub mod images;
 pub mod kernels;
+pub mod net;
 pub mod ops;
 pub mod requests;
 pub mod shared;
@@ -35,12 +37,19 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// A daemon over `store`; `stop` is signalled by `daemon.shutdown`.
-    pub fn new(layout: Layout, store: Store, stop: smol::channel::Sender<()>) -> Self {
+    /// A daemon over `store` with the validated `[network]` config `net`; `stop` is signalled by
+    /// `daemon.shutdown`.
+    pub fn new(
+        layout: Layout,
+        store: Store,
+        net: crate::net::NetConfig,
+        stop: smol::channel::Sender<()>,
+    ) -> Self {
         let store = Arc::new(Mutex::new(store));
         let ctx = Ctx {
             layout: layout.clone(),
             store: store.clone(),
+            net,
         };
         Daemon {
             ops: Operations::new(store),
@@ -167,7 +176,7 @@ mod tests {
             let store = Store::open(&layout.state_db()).unwrap();
             let (tx, _rx) = smol::channel::bounded(1);
             Fixture {
-                daemon: Daemon::new(layout, store, tx),
+                daemon: Daemon::new(layout, store, crate::net::NetConfig::default(), tx),
                 root,
             }
         }

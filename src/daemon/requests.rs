@@ -86,6 +86,8 @@ pub struct VmCreate {
     pub memory_mib: Option<u64>,
     /// Boot it now (default true).
     pub start: Option<bool>,
+    /// Let the guest reach outside networks through the host (default false).
+    pub nat: Option<bool>,
 }
 
 /// `vm.start`, `vm.restart`, `vm.show`: one VM by name or id.
@@ -214,6 +216,10 @@ mod tests {
             (json!({"vcpu": -1}), "`vcpu`: invalid value: integer `-1`"),
             (json!({"memory_mib": 1.5}), "`memory_mib`: invalid type"),
             (json!({"start": "yes"}), "`start`: invalid type"),
+            (
+                json!({"nat": "yes"}),
+                "`nat`: invalid type: string \"yes\", expected a boolean",
+            ),
             (json!({"name": 7}), "`name`: invalid type: integer `7`"),
             (json!([1]), "params must be an object"),
             (json!("x"), "params must be an object"),

@@ -5,6 +5,7 @@
 
 use crate::error::{Error, Result};
 use crate::layout::Layout;
+use crate::net::NetConfig;
 use crate::rpc::{client, ErrorCode, RpcError};
 use crate::store::Store;
 use serde_json::Value;
@@ -21,6 +22,8 @@ pub struct Ctx {
     pub layout: Layout,
     /// The store, shared by every method (one connection, one writer).
     pub store: Arc<Mutex<Store>>,
+    /// `[network]`, validated once at daemon start.
+    pub net: NetConfig,
 }
 
 impl Ctx {

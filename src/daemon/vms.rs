@@ -7,9 +7,10 @@
 //! and cleaned; one we are unsure of is reported and left alone, never killed. What an action may
 //! do in each [`VmState`] is decided in one place, [`plan`].
 
-use super::boot;
+use super::boot::{self, GuestNet};
 use super::images;
 use super::kernels;
+use super::net;
 use super::ops::{OpHandle, Operations};
 use super::requests::{VmCreate, VmDelete, VmKill, VmLogs, VmRef, VmStop};
 use super::shared::{bad, busy, check_name, create_dir, failed, not_found, random_hex, Ctx};
@@ -108,8 +109,26 @@ pub struct Vms {
     proc_root: PathBuf,
 }
 
+/// A VM as `vm.show`, `vm.list` and the lifecycle methods report it: the record plus its tap.
+#[derive(serde::Serialize)]
+struct VmView<'a> {
+    #[serde(flatten)]
+    vm: &'a Vm,
+    /// The tap's name, derived from the id (none for a VM that never had a network).
+    tap: Option<String>,
+}
+
+impl<'a> VmView<'a> {
+    fn of(vm: &'a Vm) -> Self {
+        VmView {
+            vm,
+            tap: vm.ip.as_ref().map(|_| crate::net::tap_name(&vm.id)),
+        }
+    }
+}
+
 fn vm_json(vm: &Vm) -> Value {
-    serde_json::to_value(vm).unwrap_or(Value::Null)
+    serde_json::to_value(VmView::of(vm)).unwrap_or(Value::Null)
 }
 
 impl Vms {
@@ -186,7 +205,8 @@ impl Vms {
         Ok(vm)
     }
 
-    /// The VMM is gone: has the helper clean up after it and records the VM as stopped.
+    /// The VMM is gone: has the helper clean up after it and take its network down, and records
+    /// the VM as stopped.
     fn mark_stopped(&self, vm: &mut Vm) -> Result<(), RpcError> {
         if let Err(e) = self.ctx.helper("priv.vm_cleanup", json!({"id": vm.id})) {
             crate::logging::error(
@@ -194,6 +214,9 @@ impl Vms {
                 "vm cleanup failed",
                 json!({"vm": vm.name, "error": e.message}),
             );
+        }
+        if vm.ip.is_some() {
+            net::down(&self.ctx, vm);
         }
         vm.state = VmState::Stopped;
         vm.pid = None;
@@ -256,8 +279,10 @@ impl Vms {
         let image = images::resolve(&self.ctx, req.image.as_deref())?;
         let op = ops.begin("vm.create", Some(&name));
         let now = crate::clock::now_rfc3339();
-        let vm = Vm {
-            id: random_hex(6),
+        let id = self.new_id()?;
+        let mut vm = Vm {
+            mac: Some(crate::net::mac_for(&id)),
+            id,
             name: name.clone(),
             image: Some(image.name.clone()),
             // check_size bounds both.
@@ -268,18 +293,27 @@ impl Vms {
             start_time: None,
             comm: None,
             boot_id: None,
+            ip: None,
+            nat: req.nat.unwrap_or(false),
             created_at: now.clone(),
             updated_at: now,
         };
         let r = (|| {
             op.stage("recording");
-            self.ctx.db(|s| s.vm_insert(&vm)).map_err(|e| {
-                if e.message.contains("already exists") {
-                    RpcError::new(ErrorCode::AlreadyExists, e.message)
-                } else {
-                    e
-                }
-            })?;
+            let (subnet, config) = (self.ctx.net.subnet, self.ctx.layout.config_toml());
+            self.ctx
+                .db(|s| {
+                    s.vm_insert_allocating(&mut vm, |taken| {
+                        net::lowest_free(&subnet, taken, &config).map(|ip| ip.to_string())
+                    })
+                })
+                .map_err(|e| {
+                    if e.message.contains("already exists") {
+                        RpcError::new(ErrorCode::AlreadyExists, e.message)
+                    } else {
+                        e
+                    }
+                })?;
             let lock = self.lock_for(&vm.id);
             let _g = lock.lock().unwrap_or_else(|p| p.into_inner());
             op.stage("copying root filesystem");
@@ -296,6 +330,48 @@ impl Vms {
         })();
         op.finish(r.as_ref().err().map(|e| e.message.clone()));
         r
+    }
+
+    /// A fresh VM id whose tap name (its first 10 hex digits) no other VM's shares.
+    fn new_id(&self) -> Result<String, RpcError> {
+        for _ in 0..8 {
+            let id = random_hex(6);
+            // tap_name keeps the id's first 10 characters.
+            if !self.ctx.db(|s| s.vm_id_prefix_taken(&id, 10))? {
+                return Ok(id);
+            }
+        }
+        Err(failed(Error::new(
+            "choosing a VM id",
+            "every candidate's tap name was taken",
+        )))
+    }
+
+    /// The VM's guest network, brought up through the helper. A VM recorded before guest
+    /// networking gets its address here, once, and keeps it.
+    fn net_up(&self, vm: &mut Vm) -> Result<GuestNet, RpcError> {
+        let config = self.ctx.layout.config_toml();
+        if vm.ip.is_none() {
+            let subnet = self.ctx.net.subnet;
+            let mac = crate::net::mac_for(&vm.id);
+            let ip = self.ctx.db(|s| {
+                s.vm_assign_address(&vm.id, &mac, |taken| {
+                    net::lowest_free(&subnet, taken, &config).map(|ip| ip.to_string())
+                })
+            })?;
+            vm.ip = Some(ip);
+            vm.mac = Some(mac);
+        }
+        let ip = net::address_of(vm, &self.ctx.net, &config).map_err(failed)?;
+        let tap = net::up(&self.ctx, vm, ip)?;
+        Ok(GuestNet {
+            tap,
+            mac: vm
+                .mac
+                .clone()
+                .unwrap_or_else(|| crate::net::mac_for(&vm.id)),
+            ip_arg: crate::net::kernel_ip_arg(ip, &self.ctx.net.subnet, &vm.name),
+        })
     }
 
     fn prepare_disk(&self, vm: &Vm, image: &Image) -> Result<(), RpcError> {
@@ -318,6 +394,15 @@ impl Vms {
             .unwrap_or(0);
         vm.state = VmState::Starting;
         self.ctx.db(|s| s.vm_update(&vm))?;
+        op.stage("bringing the network up");
+        let guest_net = match self.net_up(&mut vm) {
+            Ok(n) => n,
+            Err(e) => {
+                let mut v = vm.clone();
+                let _ = self.mark_stopped(&mut v);
+                return Err(e);
+            }
+        };
         op.stage("launching VMM");
         let launched = self.ctx.helper("priv.vm_launch", json!({"id": vm.id}));
         let ident = match launched.and_then(|_| boot::read_identity(&files)) {
@@ -334,7 +419,7 @@ impl Vms {
         self.ctx.db(|s| s.vm_update(&vm))?;
         let result = (|| {
             op.stage("configuring VM");
-            boot::configure(&vm, &kernel, &files)?;
+            boot::configure(&vm, &kernel, &files, &guest_net)?;
             op.stage("waiting for guest");
             boot::wait_ready(&image, &files, &ident, &self.proc_root, console_offset)
         })();
@@ -508,6 +593,9 @@ impl Vms {
             })?;
             if p == Plan::StopFirst {
                 self.stop_locked(ops, vm.clone(), DELETE_STOP_TIMEOUT)?;
+            } else if vm.ip.is_some() {
+                // Its network went down when it stopped; again (idempotent) in case that failed.
+                net::down(&self.ctx, &vm);
             }
             let dir = self.ctx.layout.vm_dir(&vm.id);
             if dir.exists() {
@@ -525,7 +613,7 @@ impl Vms {
     pub fn list_raw(&self) -> Result<Box<RawValue>, RpcError> {
         #[derive(serde::Serialize)]
         struct List<'a> {
-            vms: &'a [Vm],
+            vms: Vec<VmView<'a>>,
         }
         let mut vms = self.ctx.db(|s| s.vm_list())?;
         for vm in vms.iter_mut().filter(|v| v.state == VmState::Running) {
@@ -540,7 +628,10 @@ impl Vms {
                 *vm = self.refresh(vm.clone())?;
             }
         }
-        serde_json::value::to_raw_value(&List { vms: &vms }).map_err(|e| {
+        serde_json::value::to_raw_value(&List {
+            vms: vms.iter().map(VmView::of).collect(),
+        })
+        .map_err(|e| {
             RpcError::new(
                 ErrorCode::OperationFailed,
                 format!("encoding the VM list: {e}"),
