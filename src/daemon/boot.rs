@@ -199,7 +199,21 @@ fn console_ready(console: &Path, offset: u64, prefix: &str) -> Option<String> {
 }
 #[cfg(test)]
 mod tests {
-    use super::console_ready;
+    use super::{boot_args, console_ready, GuestNet};
+
+    #[test]
+    fn boot_args_carry_the_static_address() {
+        let subnet = crate::net::Subnet::parse("172.30.0.0/24").unwrap();
+        let net = GuestNet {
+            tap: "bgr-0123456789".into(),
+            mac: "02:01:23:45:67:89".into(),
+            ip_arg: crate::net::kernel_ip_arg("172.30.0.7".parse().unwrap(), &subnet, "dev"),
+        };
+        assert_eq!(
+            boot_args(&net),
+            "console=ttyS0 reboot=k panic=1 pci=off ip=172.30.0.7::172.30.0.1:255.255.255.0:dev:eth0:off"
+        );
+    }
 
     #[test]
     fn console_ready_table() {
