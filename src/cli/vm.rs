@@ -333,9 +333,6 @@ fn s<'a>(v: &'a Value, k: &str) -> &'a str {
 
 fn summary(v: &Value) -> String {
     let mut out = format!("{} {}", s(v, "name"), s(v, "state"));
-    if let Some(ip) = v.get("ip").and_then(Value::as_str) {
-        out.push_str(&format!(" ip={ip}"));
-    }
     if let Some(b) = v.get("boot_id").and_then(Value::as_str) {
         out.push_str(&format!(" boot_id={b}"));
     }
