@@ -8,7 +8,10 @@
 //!
 //! The helper runs in a network namespace each test makes (`ip netns exec`): the bridge, taps and
 //! nftables rules never touch the machine's own network. The daemon and the CLI stay outside and
-//! reach it over its Unix socket; the VMMs it launches inherit its namespace.
+//! reach it over its Unix socket; the VMMs it launches inherit its namespace. No install.toml is
+//! written, so there is no owner user: the helper runs VMMs as root and makes taps root's, and
+//! root can open this machine's 0600 /dev/net/tun. A non-root owner (whose VMM needs a tun device
+//! it may open) is the smoke suite's case, in containers with a /dev/net/tun of their own.
 
 mod common;
 #[path = "guest/mod.rs"]
