@@ -41,6 +41,11 @@ struct Host {
 
 impl Host {
     fn new(name: &str) -> Option<Host> {
+        Host::with_config(name, None)
+    }
+
+    /// A host whose /etc/banger/config.toml is `config` (written before the services start).
+    fn with_config(name: &str, config: Option<&str>) -> Option<Host> {
         if !is_root() {
             eprintln!("SKIP: VM lifecycle tests need root (the helper launches VMMs)");
             return None;
@@ -67,6 +72,11 @@ impl Host {
             helper: None,
             ns,
         };
+        if let Some(text) = config {
+            let l = h.bed.layout();
+            std::fs::create_dir_all(l.etc_dir()).unwrap();
+            std::fs::write(l.config_toml(), text).unwrap();
+        }
         h.start_helper();
         h.start_daemon();
         let kernel = guest::build_tiny_guest(&h.bed.root).expect("building the tiny guest");
@@ -361,6 +371,54 @@ fn network_addresses_taps_and_reuse() {
         "taps left: {:?}",
         h.ns.links_with_prefix("bgr-")
     );
+}
+
+#[test]
+fn an_exhausted_subnet_is_a_clear_error_and_records_nothing() {
+    let Some(h) = Host::with_config("full", Some("[network]\nsubnet = \"10.77.0.0/29\"\n")) else {
+        return;
+    };
+    // A /29 has 5 guest addresses (.2-.6): the bridge takes .1.
+    for i in 0..5 {
+        h.ok(&[
+            "vm",
+            "create",
+            "--name",
+            &format!("f{i}"),
+            "--image",
+            h.image(),
+            "--no-start",
+        ]);
+        assert_eq!(h.show(&format!("f{i}"))["ip"], format!("10.77.0.{}", i + 2));
+    }
+    let o = h.run(&[
+        "vm",
+        "create",
+        "--name",
+        "f5",
+        "--image",
+        h.image(),
+        "--no-start",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    for part in [
+        "subnet 10.77.0.0/29 is exhausted",
+        "[network]",
+        "config.toml",
+        "10.77.0.0/28",
+    ] {
+        assert!(e.contains(part), "missing {part:?} in: {e}");
+    }
+    assert_eq!(h.list().len(), 5, "the refused create left a row");
+    // One delete makes room again, at the freed address; a started VM boots on it.
+    h.ok(&["vm", "delete", "f2"]);
+    h.ok(&["vm", "create", "--name", "f5", "--image", h.image()]);
+    let f5 = h.show("f5");
+    assert_eq!(f5["ip"], "10.77.0.4");
+    assert!(h.tap(&f5).is_some());
+    h.ok(&["vm", "delete", "f0", "f1", "f3", "f4", "f5"]);
+    assert!(h.ns.links_with_prefix("bgr-").is_empty());
 }
 
 #[test]
