@@ -374,6 +374,51 @@ fn network_addresses_taps_and_reuse() {
 }
 
 #[test]
+fn a_failed_boot_takes_its_network_down() {
+    let Some(h) = Host::new("failboot") else {
+        return;
+    };
+    // An image whose kernel file vanished after import: the VMM refuses it while the helper has
+    // already made the tap.
+    let kernel = h.bed.layout().kernels_dir().join("tiny").join("vmlinux");
+    let spare = h.bed.root.join("vmlinux-spare");
+    std::fs::copy(&kernel, &spare).unwrap();
+    h.ok(&["kernel", "import", "gone", spare.to_str().unwrap()]);
+    h.ok(&[
+        "image",
+        "import",
+        "broken",
+        "--rootfs",
+        h.bed.root.join("rootfs.img").to_str().unwrap(),
+        "--kernel",
+        "gone",
+        "--ready-console",
+        READY,
+    ]);
+    std::fs::remove_file(h.bed.layout().kernels_dir().join("gone").join("vmlinux")).unwrap();
+    let o = h.run(&["vm", "create", "--name", "b", "--image", "broken"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let b = h.show("b");
+    assert_eq!(b["state"], "stopped", "{b}");
+    assert!(b["pid"].is_null());
+    assert!(
+        h.ns.links_with_prefix("bgr-").is_empty(),
+        "the failed boot left its tap: {:?}",
+        h.ns.links_with_prefix("bgr-")
+    );
+    // It keeps its address; once it can boot, it boots with it.
+    std::fs::copy(
+        &spare,
+        h.bed.layout().kernels_dir().join("gone").join("vmlinux"),
+    )
+    .unwrap();
+    h.ok(&["vm", "start", "b"]);
+    assert_eq!(h.show("b")["ip"], b["ip"]);
+    assert!(h.tap(&b).is_some());
+    h.ok(&["vm", "delete", "b"]);
+}
+
+#[test]
 fn an_exhausted_subnet_is_a_clear_error_and_records_nothing() {
     let Some(h) = Host::with_config("full", Some("[network]\nsubnet = \"10.77.0.0/29\"\n")) else {
         return;
