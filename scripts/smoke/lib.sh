@@ -516,6 +516,11 @@ start_container() {
         BOOT_ERROR="making /dev/kvm 0660 root:kvm in $CT_NAME failed"
         return 1
     fi
+    # The network rule: nothing a scenario does may reach the machine's own network namespace.
+    if [[ $(readlink "/proc/$LEADER/ns/net") == "$(readlink /proc/self/ns/net)" ]]; then
+        BOOT_ERROR="container $CT_NAME shares the host's network namespace (--private-network ignored?)"
+        return 1
+    fi
     # /dev/net/tun as a stock Debian host has it: 0666 (udev's rule for the tun node; TUNSETIFF, not
     # the node, decides who may attach to a tap). nspawn copies the host's node with the host's
     # mode, 0600 on this machine, which would stop the owner's VMM from opening its tap; a fresh
