@@ -136,7 +136,7 @@ main() {
     prepare_vmm
     prepare_guest
     prepare_rootfs "$rebuild"
-    if [[ $bench == yes || " ${names[*]} " == *" update_"* ]]; then
+    if [[ $bench == yes || " ${names[*]} " == *" update_"* || " ${names[*]} " == *" net_survives_restarts "* ]]; then
         prepare_releases "$bench"
     fi
     log "rootfs $ROOTFS ($BENCH_ROOTFS_KIND, $(secs "$BENCH_ROOTFS_MS")); binary $BIN; VMM $VMM_HOST ($VMM_KIND)"
