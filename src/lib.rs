@@ -13,6 +13,7 @@ pub mod error;
 pub mod helper;
 pub mod layout;
 pub mod logging;
+pub mod net;
 pub mod rpc;
 pub mod sdnotify;
 pub mod store;
