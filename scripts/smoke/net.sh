@@ -26,7 +26,7 @@ NET_CONFIG=/etc/banger/config.toml
 vm_net_get() {
     vm_get "$1"
     local line
-    line=$(jq -r '.vm | [(.ip // ""), (.mac // ""), (.tap // ""), (.nat // "")] | map(tostring) | join("|")' \
+    line=$(jq -r '.vm | [(.ip // ""), (.mac // ""), (.tap // ""), (.nat | if . == null then "" else . end)] | map(tostring) | join("|")' \
         <<<"$OUT") || fail "vm show $1 --json: unexpected output: $(last_line "$OUT")"
     IFS='|' read -r VM_IP VM_MAC VM_TAP VM_NAT <<<"$line"
 }
