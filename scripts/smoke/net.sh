@@ -197,6 +197,10 @@ scenario_net_nat_opt_in() {
     expect_eq "$(cx nft -j list tables | jq -r '[.nftables[] | .table? // empty | "\(.family) \(.name)"] | join(",")')" \
         "inet banger" "nftables tables in the container"
     expect_eq "$(cx cat /proc/sys/net/ipv4/ip_forward)" 1 "ip_forward with a --nat VM"
+    # doctor's network row: the bridge up, ip_forward on and the table present while a NAT VM runs.
+    OUT=$(cx banger doctor 2>&1 || true)
+    grep -qE '^PASS +network$' <<<"$OUT" \
+        || fail "doctor: the network row is not PASS with a --nat VM running: $(grep -A4 'network$' <<<"$OUT" | tr '\n' ' ')"
     must "vm list --json" cu banger vm list --json
     expect_eq "$(jq -r '[.[] | "\(.name)=\(.nat)"] | sort | join(" ")' <<<"$OUT")" "natted=true plain=false" "nat in vm list"
 
