@@ -377,8 +377,13 @@ scenario_uninstall_removes_network() {
     must "vm create again --nat" cu banger vm create --name again --image "$IMAGE" --nat
     vm_net_get again
     expect_tap_held "before uninstall --purge"
+    local pid=$VM_PID start=$VM_START
     must "system uninstall --purge" cx "$SRC_BIN" system uninstall --purge
     expect_no_network "after system uninstall --purge"
+    # What becomes of a VM running at uninstall is not the network's contract: say it, don't judge.
+    if [[ $(proc_ident "$pid") == "$start firecracker" ]]; then
+        note "uninstall --purge left the running VM's VMM (pid $pid) running, its tap removed under it"
+    fi
     must "second uninstall --purge (no-op)" cx "$SRC_BIN" system uninstall --purge
     expect_no_network "after a second uninstall --purge"
 }
