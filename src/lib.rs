@@ -20,3 +20,6 @@ pub mod store;
 pub mod system;
 pub mod update;
 pub mod vmm;
+
+#[cfg(test)]
+mod proptests;

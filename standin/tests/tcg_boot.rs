@@ -134,7 +134,7 @@ fn collect(r: impl std::io::Read + Send + 'static, into: Arc<Mutex<String>>) {
     thread::spawn(move || {
         for line in BufReader::new(r).lines() {
             let Ok(line) = line else { break };
-            let mut s = into.lock().unwrap();
+            let mut s = into.lock().unwrap_or_else(|e| e.into_inner());
             s.push_str(&line);
             s.push('\n');
         }
@@ -255,13 +255,27 @@ impl Vmm {
         None
     }
 
+    /// QEMU's pid from the engine's stderr line (printed before InstanceStart answers; the
+    /// collector thread may still be on its way to it).
     fn qemu_pid(&self) -> u32 {
-        let err = self.stderr.lock().unwrap();
-        err.lines()
-            .find_map(|l| l.strip_prefix("stand-in: TCG engine: QEMU pid "))
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no QEMU pid on stderr:\n{err}"))
+        let start = Instant::now();
+        loop {
+            let err = self.stderr.lock().unwrap_or_else(|e| e.into_inner());
+            let pid = err
+                .lines()
+                .find_map(|l| l.strip_prefix("stand-in: TCG engine: QEMU pid "))
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|p| p.parse().ok());
+            match pid {
+                Some(p) => return p,
+                None if start.elapsed() > Duration::from_secs(10) => {
+                    panic!("no QEMU pid on stderr:\n{err}")
+                }
+                None => {}
+            }
+            drop(err);
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
