@@ -20,7 +20,8 @@ want+=(openssh-client iproute2)
 # Guest networking: the root helper's nftables table (iproute2 above: its tests and doctor's view).
 want+=(nftables)
 if [[ "${1:-}" == "--smoke" ]]; then
-  want+=(debootstrap systemd-container jq)
+  # qemu-system-x86: the stand-in VMM's TCG engine boots real Linux guests with it (DESIGN §13).
+  want+=(debootstrap systemd-container jq qemu-system-x86)
 fi
 
 missing=()

@@ -68,8 +68,15 @@ impl TapError {
 #[derive(Debug)]
 pub struct Tap {
     /// Held, never read: the stand-in moves no packets, but the open queue is what makes the tap
-    /// busy and its carrier up, as under Firecracker.
+    /// busy and its carrier up, as under Firecracker. (The TCG engine hands it to QEMU, which
+    /// does move the guest's packets through it.)
     _queue: File,
+}
+
+impl AsRawFd for Tap {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self._queue.as_raw_fd()
+    }
 }
 
 impl Tap {
