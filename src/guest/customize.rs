@@ -3,8 +3,9 @@
 //! host keys and an empty machine-id (each VM makes its own at first boot), a placeholder hostname.
 //!
 //! Works only below the tree it is given and never writes through a symlink found in it (a tree
-//! is foreign data: its `/etc/resolv.conf` may well point at a host path). It never touches the
-//! cached tree itself: the caller hands it a copy.
+//! is foreign data: its `/etc/resolv.conf` may well point at a host path). It never writes an
+//! existing file in place: it replaces or unlinks directory entries, so the copy it is handed may
+//! share file inodes with the cached tree (a hard-linked copy) without changing it.
 
 use crate::error::{Context, Error, Result};
 use std::fs;
@@ -481,6 +482,57 @@ mod tests {
 
         let e = customize(&root, &inputs(&t.0.join("no-such-agent"))).unwrap_err();
         assert!(e.to_string().contains("no-such-agent"), "{e}");
+    }
+
+    #[test]
+    fn a_hard_linked_copy_leaves_the_original_untouched() {
+        let t = tmp("hardlink");
+        let orig = t.0.join("orig");
+        debian_like(&orig);
+        fs::write(orig.join("etc/resolv.conf"), "nameserver 10.9.9.9\n").unwrap();
+        fs::write(orig.join("etc/fstab"), "# original\n").unwrap();
+        let snapshot = |root: &Path| {
+            let mut out = Vec::new();
+            let mut stack = vec![root.to_path_buf()];
+            while let Some(d) = stack.pop() {
+                let mut entries: Vec<_> = fs::read_dir(&d)
+                    .unwrap()
+                    .map(|e| e.unwrap().path())
+                    .collect();
+                entries.sort();
+                for p in entries {
+                    let m = fs::symlink_metadata(&p).unwrap();
+                    let content = if m.is_file() {
+                        fs::read(&p).unwrap()
+                    } else {
+                        Vec::new()
+                    };
+                    out.push((
+                        p.strip_prefix(root).unwrap().to_path_buf(),
+                        m.permissions().mode(),
+                        content,
+                    ));
+                    if m.is_dir() {
+                        stack.push(p);
+                    }
+                }
+            }
+            out
+        };
+        let before = snapshot(&orig);
+        let copy = t.0.join("copy");
+        let ok = std::process::Command::new("cp")
+            .args(["-a", "--link"])
+            .arg(&orig)
+            .arg(&copy)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let agent = t.0.join("agent-bin");
+        fs::write(&agent, b"x").unwrap();
+        customize(&copy, &inputs(&agent)).unwrap();
+        assert_eq!(snapshot(&orig), before, "the original tree changed");
+        assert_ne!(snapshot(&copy), before, "the copy was customised");
     }
 
     #[test]
