@@ -3,9 +3,12 @@
 # Usage: scripts/deps.sh [--smoke]   (--smoke adds what the systemd-nspawn smoke suite needs)
 set -euo pipefail
 
-want=(openssl python3 shellcheck binutils)
+# e2fsprogs: mkfs.ext4 -d and debugfs for `image build` and its tests.
+want=(openssl python3 shellcheck binutils e2fsprogs)
 if [[ "${1:-}" == "--smoke" ]]; then
-  want+=(debootstrap systemd-container jq)
+  # qemu-system-x86: the stand-in's TCG engine boots the real guest kernel and image.
+  # The kernel's own build dependencies are installed by packaging/kernel/build.sh.
+  want+=(debootstrap systemd-container jq qemu-system-x86)
 fi
 
 missing=()

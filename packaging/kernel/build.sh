@@ -3,12 +3,14 @@
 # initrd) from Debian's linux-source-6.1 package, Firecracker's reference config
 # (firecracker-x86_64-6.1.config) and banger's fragment (banger.config).
 #
-# Usage: packaging/kernel/build.sh [--out DIR] [--cache DIR] [-j N]
+# Usage: packaging/kernel/build.sh [--out DIR] [--cache DIR] [-j N] [--cached-only]
 #   --cache DIR  where finished kernels are kept, one directory per key
 #                (default /var/tmp/banger-cache/kernel); the key is
 #                <linux-source version>-<sha256 of base config + fragment, 16 hex>
 #   --out DIR    also copy vmlinux, config and vmlinux.sha256 into DIR
 #   -j N         parallel make jobs (default: number of CPUs)
+#   --cached-only  never build: print the cached kernel's directory, or exit 3 if there is none
+#                (for tests that use the kernel only when it exists)
 #
 # Writes <cache>/<key>/{vmlinux,config,vmlinux.sha256,build-info} and prints that directory on
 # stdout (last line). Idempotent: with a finished kernel in the cache it does no work. An
@@ -25,6 +27,7 @@ fragment="$here/banger.config"
 cache=/var/tmp/banger-cache/kernel
 out=""
 jobs=$(nproc)
+cached_only=no
 
 die() { echo "kernel: $*" >&2; exit 1; }
 say() { echo "kernel: $*" >&2; }
@@ -35,11 +38,29 @@ while [[ $# -gt 0 ]]; do
     --cache) [[ $# -ge 2 ]] || die "--cache needs a directory"; cache=$2; shift 2 ;;
     -j) [[ $# -ge 2 ]] || die "-j needs a number"; jobs=$2; shift 2 ;;
     -j*) jobs=${1#-j}; shift ;;
-    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --cached-only) cached_only=yes; shift ;;
+    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument '$1' (usage: build.sh [--out DIR] [--cache DIR] [-j N])" ;;
   esac
 done
 [[ "$jobs" =~ ^[1-9][0-9]*$ ]] || die "-j wants a positive number, got '$jobs'"
+
+# The key needs the installed source version; without it nothing can be cached for us.
+if [[ $cached_only == yes ]]; then
+  version=$(dpkg-query -W -f='${Version}' linux-source-6.1 2>/dev/null) \
+    || { say "linux-source-6.1 is not installed: no cached kernel"; exit 3; }
+  final="$cache/$version-$(cat "$base_config" "$fragment" | sha256sum | cut -c1-16)"
+  if [[ -f "$final/vmlinux" ]] && (cd "$final" && sha256sum --quiet -c vmlinux.sha256); then
+    if [[ -n "$out" ]]; then
+      mkdir -p "$out"
+      cp -f "$final/vmlinux" "$final/config" "$final/vmlinux.sha256" "$out/"
+    fi
+    echo "$final"
+    exit 0
+  fi
+  say "no cached kernel in $final (build it: packaging/kernel/build.sh)"
+  exit 3
+fi
 
 # --- packages: the source and what `make vmlinux` needs ---------------------------------------
 want=(linux-source-6.1 bc bison flex libelf-dev libssl-dev make gcc libc6-dev xz-utils cpio perl)
