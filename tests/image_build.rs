@@ -45,7 +45,7 @@ impl Host {
         std::fs::create_dir_all(cache_parent.parent().unwrap()).unwrap();
         std::fs::create_dir_all(SHARED_CACHE).unwrap();
         std::os::unix::fs::symlink(SHARED_CACHE, &cache_parent).unwrap();
-        let daemon = bed.spawn("bangerd", &bed.layout().daemon_socket());
+        let daemon = spawn_daemon_as_nobody(&bed);
         let h = Host {
             bed,
             _daemon: daemon,
@@ -91,6 +91,40 @@ impl Host {
         args.extend_from_slice(extra);
         self.run(&args)
     }
+}
+
+/// The daemon runs as an unprivileged owner, as in production: the image the root CLI hands
+/// it must be readable by that user, nobody else.
+fn spawn_daemon_as_nobody(bed: &Bed) -> Server {
+    use std::os::unix::process::CommandExt;
+    let owned = std::process::Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(&bed.root)
+        .status()
+        .unwrap();
+    assert!(owned.success());
+    let log = bed.root.join("bangerd.log");
+    let child = bed
+        .cmd("bangerd")
+        .uid(65534)
+        .gid(65534)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let server = Server { child, log };
+    let sock = bed.layout().daemon_socket();
+    let deadline = Instant::now() + std::time::Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "bangerd did not answer on {} within 20s: {}",
+            sock.display(),
+            server.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    server
 }
 
 fn debugfs(image: &Path, request: &str) -> String {
@@ -211,6 +245,7 @@ fn builds_imports_and_caches() {
     let meta = std::fs::metadata(&img).unwrap();
     assert_eq!(meta.len(), 2 << 30);
     use std::os::unix::fs::MetadataExt;
+    assert_eq!(meta.uid(), 65534, "the daemon (the owner) made its copy");
     let used = meta.blocks() * 512;
 
     // What is inside, read without mounting.

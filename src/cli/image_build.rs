@@ -100,6 +100,10 @@ pub fn run(c: ImageBuildCmd) -> Result<i32> {
     // The daemon runs as the owner and copies the file: hand it over readable by the owner only.
     let img = &built.image;
     std::os::unix::fs::chown(img, Some(uid), Some(gid))
+        .and_then(|_| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(img, std::fs::Permissions::from_mode(0o600))
+        })
         .map_err(|e| Error::new(format!("handing {} to uid {uid}", img.display()), e))?;
     p.stage(&format!(
         "importing as image `{}` (kernel `{kernel}`)",
