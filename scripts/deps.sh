@@ -5,6 +5,8 @@ set -euo pipefail
 
 # e2fsprogs: mkfs.ext4 -d and debugfs for `image build` and its tests.
 want=(openssl python3 shellcheck binutils e2fsprogs)
+# Guest agent tests: ssh-keygen (host keys), ip (the agent's TCP transport in a private netns).
+want+=(openssh-client iproute2)
 if [[ "${1:-}" == "--smoke" ]]; then
   # qemu-system-x86: the stand-in's TCG engine boots the real guest kernel and image.
   # The kernel's own build dependencies are installed by packaging/kernel/build.sh.

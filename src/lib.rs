@@ -14,6 +14,7 @@ pub mod guest;
 pub mod helper;
 pub mod layout;
 pub mod logging;
+pub mod net;
 pub mod rpc;
 pub mod sdnotify;
 pub mod store;
