@@ -13,13 +13,10 @@ use std::io::Write;
 use std::os::unix::fs::{symlink, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
-/// The agent's systemd unit, installed as `/etc/systemd/system/banger-vsock-agent.service`.
-pub const AGENT_UNIT: &str = include_str!("../../packaging/guest/banger-vsock-agent.service");
-/// The sshd drop-in (DESIGN §11), installed as `/etc/ssh/sshd_config.d/banger.conf`.
-pub const SSHD_DROPIN: &str = include_str!("../../packaging/guest/sshd-banger.conf");
+use crate::agent::guest_files::{
+    AGENT_BIN_PATH, AGENT_UNIT, AGENT_UNIT_PATH, SSHD_DROPIN, SSHD_DROPIN_PATH,
+};
 
-/// Where the agent lives in the guest.
-pub const AGENT_PATH: &str = "usr/local/bin/banger-vsock-agent";
 const AGENT_UNIT_NAME: &str = "banger-vsock-agent.service";
 /// The hostname a guest has until its agent sets the VM's name.
 pub const PLACEHOLDER_HOSTNAME: &str = "banger";
@@ -50,12 +47,8 @@ pub fn customize(tree: &Path, inputs: &Inputs<'_>) -> Result<()> {
     let t = Tree(tree);
     // The agent: this very binary (static), plus its unit, enabled where its [Install] says.
     let agent = fs::read(inputs.agent).ctx(|| format!("reading {}", inputs.agent.display()))?;
-    t.put(AGENT_PATH, &agent, 0o755)?;
-    t.put(
-        &format!("etc/systemd/system/{AGENT_UNIT_NAME}"),
-        inputs.agent_unit.as_bytes(),
-        0o644,
-    )?;
+    t.put(AGENT_BIN_PATH, &agent, 0o755)?;
+    t.put(AGENT_UNIT_PATH, inputs.agent_unit.as_bytes(), 0o644)?;
     let targets = wanted_by(inputs.agent_unit);
     if targets.is_empty() {
         return Err(Error::new(
@@ -67,15 +60,11 @@ pub fn customize(tree: &Path, inputs: &Inputs<'_>) -> Result<()> {
     for target in targets {
         t.link(
             &format!("etc/systemd/system/{target}.wants/{AGENT_UNIT_NAME}"),
-            &format!("/etc/systemd/system/{AGENT_UNIT_NAME}"),
+            &format!("/{AGENT_UNIT_PATH}"),
         )?;
     }
 
-    t.put(
-        "etc/ssh/sshd_config.d/banger.conf",
-        inputs.sshd_dropin.as_bytes(),
-        0o644,
-    )?;
+    t.put(SSHD_DROPIN_PATH, inputs.sshd_dropin.as_bytes(), 0o644)?;
 
     // A login prompt on the serial console, like `systemctl enable serial-getty@ttyS0`.
     let getty = "lib/systemd/system/serial-getty@.service";
@@ -338,12 +327,17 @@ mod tests {
         fs::write(&agent, b"\x7fELF fake agent").unwrap();
         customize(&root, &inputs(&agent)).unwrap();
 
-        let a = root.join(AGENT_PATH);
+        let a = root.join(AGENT_BIN_PATH);
         assert_eq!(fs::read(&a).unwrap(), b"\x7fELF fake agent");
         assert_eq!(mode(&a), 0o755);
         let unit = root.join("etc/systemd/system/banger-vsock-agent.service");
         assert_eq!(fs::read_to_string(&unit).unwrap(), AGENT_UNIT);
         assert_eq!(mode(&unit), 0o644);
+        let wants = root.join(crate::agent::guest_files::AGENT_UNIT_WANTS_PATH);
+        assert_eq!(
+            fs::read_link(&wants).unwrap(),
+            Path::new("/").join(AGENT_UNIT_PATH)
+        );
         for target in wanted_by(AGENT_UNIT) {
             let l = root.join(format!(
                 "etc/systemd/system/{target}.wants/banger-vsock-agent.service"
