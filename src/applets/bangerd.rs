@@ -1,5 +1,5 @@
-//! The `bangerd` role: the owner daemon. Opens the store, binds its socket, tells systemd it is
-//! ready, serves [`crate::daemon::Daemon`] until SIGTERM or `daemon.shutdown`.
+//! The `bangerd` role: the owner daemon. Validates `[network]`, opens the store, binds its socket,
+//! tells systemd it is ready, serves [`crate::daemon::Daemon`] until SIGTERM or `daemon.shutdown`.
 
 use crate::daemon::Daemon;
 use crate::error::{Context, Result};
@@ -20,8 +20,8 @@ struct Args {
     /// print whether state.db is compatible with this binary and exit (read-only)
     #[argh(switch)]
     check_migrations: bool,
-    /// with --check-migrations: check the installed layout's database (/var/lib/banger/state.db,
-    /// relocated by BANGER_ROOT like every path)
+    /// accepted for compatibility: banger has only the system layout (/var/lib/banger/state.db,
+    /// relocated by BANGER_ROOT like every path), so --check-migrations checks it either way
     #[argh(switch)]
     system: bool,
     /// print the version and exit
@@ -39,9 +39,10 @@ pub fn main(args: Vec<String>) -> i32 {
         return super::print_version();
     }
     if a.check_migrations {
-        // `--system` names the installed layout, which is `Layout::from_env()`: the production
-        // paths unless BANGER_ROOT relocates them (the updater's tests must never read /var).
-        let _ = a.system;
+        // `--system` is accepted for compatibility with the Go original (and older updaters,
+        // which pass it): banger has only the system layout, `Layout::from_env()` (the production
+        // paths unless BANGER_ROOT relocates them), so both spellings check the same database.
+        let _accepted_for_compatibility = a.system;
         let layout = Layout::from_env();
         return match store::check(&layout.state_db()) {
             Ok(c) => {
@@ -59,6 +60,8 @@ pub fn main(args: Vec<String>) -> i32 {
 
 fn run(layout: Layout) -> Result<()> {
     let install = crate::system::install_toml::load(&layout)?;
+    // A bad [network] stops the daemon here, before it creates or binds anything.
+    let net = crate::net::NetConfig::load(&layout)?;
     let me = rustix::process::getuid().as_raw();
     let mut allowed = vec![0, me];
     if let Some(i) = &install {
@@ -82,7 +85,12 @@ fn run(layout: Layout) -> Result<()> {
     );
     let listener = server::bind(&layout.daemon_socket(), 0o600, None)?;
     let (stop_tx, stop_rx) = smol::channel::bounded(4);
-    let daemon = Arc::new(Daemon::new(layout.clone(), store, stop_tx.clone()));
+    crate::logging::info(
+        "bangerd",
+        "network config",
+        serde_json::json!({"bridge": net.bridge, "subnet": net.subnet.to_string()}),
+    );
+    let daemon = Arc::new(Daemon::new(layout.clone(), store, net, stop_tx.clone()));
     daemon.reconcile();
     super::serve_role(
         listener,
