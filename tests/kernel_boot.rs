@@ -55,11 +55,20 @@ impl Qemu {
         // acpi=off: with ACPI, this kernel under TCG on a loaded host hangs right after "tsc:
         // Unable to calibrate against PIT" (IO-APIC timer setup); without it QEMU passes the
         // virtio-mmio devices on the command line (VIRTIO_MMIO_CMDLINE_DEVICES) and it boots.
-        c.args(["-M", "microvm,acpi=off", "-accel", "tcg", "-m", "512", "-smp", "1"])
-            .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-            .args(["-serial", "stdio", "-kernel"])
-            .arg(kernel)
-            .args(["-append", append]);
+        c.args([
+            "-M",
+            "microvm,acpi=off",
+            "-accel",
+            "tcg",
+            "-m",
+            "512",
+            "-smp",
+            "1",
+        ])
+        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        .args(["-serial", "stdio", "-kernel"])
+        .arg(kernel)
+        .args(["-append", append]);
         if let Some(d) = disk {
             c.arg("-drive")
                 .arg(format!("id=root,file={},format=raw,if=none", d.display()))
