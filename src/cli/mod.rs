@@ -5,6 +5,7 @@
 
 mod daemon;
 mod doctor;
+mod image_build;
 mod system;
 mod update;
 mod vm;
