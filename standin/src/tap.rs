@@ -73,6 +73,11 @@ pub struct Tap {
 }
 
 impl Tap {
+    /// The open queue's descriptor (the TCG engine hands this very queue to QEMU).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self._queue.as_raw_fd()
+    }
+
     /// Opens the existing tap `name` through Firecracker's clone device.
     pub fn open_named(name: &str) -> Result<Tap, TapError> {
         Tap::open_named_via(Path::new(TUN_PATH), name)

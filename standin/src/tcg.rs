@@ -396,7 +396,7 @@ fn netdev_arg(n: &NetworkInterface, fd: Option<RawFd>) -> String {
 /// The machine's network interfaces, each with the descriptor of its tap when the stand-in holds
 /// one open.
 fn machine_nets(m: &Machine) -> Vec<(&NetworkInterface, Option<RawFd>)> {
-    m.nets.iter().map(|n| (n, None)).collect()
+    m.nets.iter().map(|(n, t)| (n, Some(t.raw_fd()))).collect()
 }
 
 /// Where the QEMU child is in its life.
