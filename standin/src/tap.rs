@@ -78,6 +78,12 @@ impl Tap {
         self._queue.as_raw_fd()
     }
 
+    /// A held "tap" that is any open file (unit tests of code that only passes the descriptor on).
+    #[cfg(test)]
+    pub fn from_file(queue: File) -> Tap {
+        Tap { _queue: queue }
+    }
+
     /// Opens the existing tap `name` through Firecracker's clone device.
     pub fn open_named(name: &str) -> Result<Tap, TapError> {
         Tap::open_named_via(Path::new(TUN_PATH), name)

@@ -968,14 +968,19 @@ mod tests {
         // The data drive is configured first; the root drive still becomes vda.
         m.drives.push(drive("data", false, true, "data,1.img"));
         m.drives.push(drive("rootfs", true, false, "rootfs.ext4"));
-        m.nets.push(NetworkInterface {
-            iface_id: "eth0".into(),
-            host_dev_name: "bgr-0123456789".into(),
-            guest_mac: Some("02:aa:bb:cc:dd:ee".into()),
-            mtu: None,
-            rx_rate_limiter: None,
-            tx_rate_limiter: None,
-        });
+        // The held queue stands in for the tap PUT /network-interfaces opened (only its fd is used).
+        let queue = std::fs::File::open("/dev/null").unwrap();
+        m.nets.push((
+            NetworkInterface {
+                iface_id: "eth0".into(),
+                host_dev_name: "bgr-0123456789".into(),
+                guest_mac: Some("02:aa:bb:cc:dd:ee".into()),
+                mtu: None,
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
+            },
+            crate::tap::Tap::from_file(queue),
+        ));
         m
     }
 
@@ -1038,18 +1043,19 @@ mod tests {
                 "virtio-net-device,netdev=net_eth0,mac=02:aa:bb:cc:dd:ee"
             ]
         );
-        assert_eq!(
-            value_of(&a, "-netdev"),
-            ["tap,id=net_eth0,ifname=bgr-0123456789,script=no,downscript=no,vnet_hdr=on"]
-        );
+        let fd = m.nets[0].1.raw_fd();
+        assert_eq!(value_of(&a, "-netdev"), [format!("tap,id=net_eth0,fd={fd}")]);
         assert_eq!(
             value_of(&a, "-qmp"),
             [format!("unix:{},server=on,wait=off", qmp.display())]
         );
         assert_eq!(value_of(&a, "-serial"), ["chardev:console"]);
         assert!(value_of(&a, "-initrd").is_empty());
-        assert!(p.pass_fds.is_empty());
-        assert_eq!(netdev_arg(&m.nets[0], Some(7)), "tap,id=net_eth0,fd=7");
+        assert_eq!(p.pass_fds, [fd]);
+        assert_eq!(
+            netdev_arg(&m.nets[0].0, None),
+            "tap,id=net_eth0,ifname=bgr-0123456789,script=no,downscript=no,vnet_hdr=on"
+        );
 
         // With a vsock device the guest is told to serve the agent on TCP too.
         let l = std::os::unix::net::UnixListener::bind(t.0.join("v.sock")).unwrap();
@@ -1064,7 +1070,7 @@ mod tests {
         m.boot_source.as_mut().unwrap().initrd_path = Some(t.0.join("initrd.img"));
         m.drives[1].is_read_only = Some(true);
         m.drives[1].partuuid = Some("abcd-01".into());
-        m.nets[0].mtu = Some(1400);
+        m.nets[0].0.mtu = Some(1400);
         let p = plan(&m, &qmp).unwrap();
         assert!(
             p.cmdline
