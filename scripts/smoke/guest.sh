@@ -138,8 +138,8 @@ guest_relay() {
     [[ -z $GUEST_NO_PROXY ]] || return 0
     must "mirror relay" cx systemd-run --quiet --unit=smoke-mirror-relay \
         python3 "$SMOKE_LIB/mirror_proxy.py" relay "$GUEST_PROXY_PORT" "$GUEST_PROXY_CT/proxy.sock"
-    local i
-    for i in $(seq 50); do
+    local _
+    for _ in $(seq 50); do
         cx python3 -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1)' \
             "$GUEST_PROXY_PORT" 2>/dev/null && return 0
         sleep 0.1
@@ -193,8 +193,8 @@ guest_can_exec() { cu banger vm exec --help >/dev/null 2>&1; }
 guest_teardown() {
     must "vm delete $*" cu banger vm delete "$@"
     expect_no_vms "after delete"
-    local i
-    for i in $(seq 50); do
+    local _
+    for _ in $(seq 50); do
         [[ -z $(cx pgrep -x qemu-system-x86 || true) ]] && break
         sleep 0.1
     done
