@@ -1044,7 +1044,10 @@ mod tests {
             ]
         );
         let fd = m.nets[0].1.raw_fd();
-        assert_eq!(value_of(&a, "-netdev"), [format!("tap,id=net_eth0,fd={fd}")]);
+        assert_eq!(
+            value_of(&a, "-netdev"),
+            [format!("tap,id=net_eth0,fd={fd}")]
+        );
         assert_eq!(
             value_of(&a, "-qmp"),
             [format!("unix:{},server=on,wait=off", qmp.display())]
