@@ -6,7 +6,8 @@
 //! boot id after InstanceStart, the vsock handshake answered by banger's real guest-agent
 //! handler, and the taps of its network interfaces, opened and held as Firecracker holds them. It
 //! never runs guest code itself; with QEMU installed and a real Linux kernel configured, its TCG
-//! engine ([`tcg`]) boots that kernel under QEMU instead. One process, a few threads; it exits 0 shortly after
+//! engine ([`tcg`]) boots that kernel under QEMU instead. One process, a few threads; it exits 0
+//! shortly after
 //! SendCtrlAltDel (as Firecracker does when its guest reboots), dies by SIGTERM/SIGINT after
 //! removing its sockets, and leaves them behind on SIGKILL like the real thing.
 

@@ -68,22 +68,18 @@ impl TapError {
 #[derive(Debug)]
 pub struct Tap {
     /// Held, never read: the stand-in moves no packets, but the open queue is what makes the tap
-    /// busy and its carrier up, as under Firecracker.
+    /// busy and its carrier up, as under Firecracker. (The TCG engine hands it to QEMU, which
+    /// does move the guest's packets through it.)
     _queue: File,
 }
 
-impl Tap {
-    /// The open queue's descriptor (the TCG engine hands this very queue to QEMU).
-    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+impl AsRawFd for Tap {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
         self._queue.as_raw_fd()
     }
+}
 
-    /// A held "tap" that is any open file (unit tests of code that only passes the descriptor on).
-    #[cfg(test)]
-    pub fn from_file(queue: File) -> Tap {
-        Tap { _queue: queue }
-    }
-
+impl Tap {
     /// Opens the existing tap `name` through Firecracker's clone device.
     pub fn open_named(name: &str) -> Result<Tap, TapError> {
         Tap::open_named_via(Path::new(TUN_PATH), name)

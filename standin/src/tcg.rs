@@ -16,7 +16,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -285,6 +285,16 @@ pub fn firecracker_cmdline(m: &Machine) -> String {
 
 /// Builds the QEMU command line for `m`, with QMP served on `qmp`.
 pub fn plan(m: &Machine, qmp: &Path) -> Result<Plan, String> {
+    plan_with_nets(m, &machine_nets(m), qmp)
+}
+
+/// [`plan`] with the network interfaces given apart (each with its held tap's descriptor, if
+/// any), so tests can plan for interfaces without opening taps.
+fn plan_with_nets(
+    m: &Machine,
+    nets: &[(&NetworkInterface, Option<RawFd>)],
+    qmp: &Path,
+) -> Result<Plan, String> {
     let bs = m
         .boot_source
         .as_ref()
@@ -357,7 +367,7 @@ pub fn plan(m: &Machine, qmp: &Path) -> Result<Plan, String> {
         a.push(format!("virtio-blk-device,drive=drive_{}", d.drive_id));
     }
     let mut pass_fds = Vec::new();
-    for (n, fd) in machine_nets(m) {
+    for &(n, fd) in nets {
         a.push("-netdev".into());
         a.push(netdev_arg(n, fd));
         pass_fds.extend(fd);
@@ -396,7 +406,10 @@ fn netdev_arg(n: &NetworkInterface, fd: Option<RawFd>) -> String {
 /// The machine's network interfaces, each with the descriptor of its tap when the stand-in holds
 /// one open.
 fn machine_nets(m: &Machine) -> Vec<(&NetworkInterface, Option<RawFd>)> {
-    m.nets.iter().map(|(n, t)| (n, Some(t.raw_fd()))).collect()
+    m.nets
+        .iter()
+        .map(|(n, tap)| (n, Some(tap.as_raw_fd())))
+        .collect()
 }
 
 /// Where the QEMU child is in its life.
@@ -942,7 +955,7 @@ mod tests {
         );
     }
 
-    fn configured(t: &Tmp) -> Machine {
+    fn configured(t: &Tmp) -> (Machine, NetworkInterface) {
         let mut m = Machine::new("vm1");
         m.boot_source = Some(BootSource {
             kernel_image_path: t.0.join("vmlinux"),
@@ -968,20 +981,15 @@ mod tests {
         // The data drive is configured first; the root drive still becomes vda.
         m.drives.push(drive("data", false, true, "data,1.img"));
         m.drives.push(drive("rootfs", true, false, "rootfs.ext4"));
-        // The held queue stands in for the tap PUT /network-interfaces opened (only its fd is used).
-        let queue = std::fs::File::open("/dev/null").unwrap();
-        m.nets.push((
-            NetworkInterface {
-                iface_id: "eth0".into(),
-                host_dev_name: "bgr-0123456789".into(),
-                guest_mac: Some("02:aa:bb:cc:dd:ee".into()),
-                mtu: None,
-                rx_rate_limiter: None,
-                tx_rate_limiter: None,
-            },
-            crate::tap::Tap::from_file(queue),
-        ));
-        m
+        let net = NetworkInterface {
+            iface_id: "eth0".into(),
+            host_dev_name: "bgr-0123456789".into(),
+            guest_mac: Some("02:aa:bb:cc:dd:ee".into()),
+            mtu: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+        };
+        (m, net)
     }
 
     fn strings(p: &Plan) -> Vec<String> {
@@ -1001,9 +1009,10 @@ mod tests {
     #[test]
     fn plan_from_firecracker_config() {
         let t = tmp("plan");
-        let mut m = configured(&t);
+        let (mut m, mut net) = configured(&t);
         let qmp = t.0.join("q.sock");
-        let p = plan(&m, &qmp).unwrap();
+        // The stand-in holds the tap open (fd 7 here): QEMU gets that queue.
+        let p = plan_with_nets(&m, &[(&net, Some(7))], &qmp).unwrap();
         let a = strings(&p);
         assert_eq!(&a[..4], ["-accel", "tcg", "-M", "microvm,acpi=off"]);
         assert!(a.contains(&"-no-reboot".to_string()));
@@ -1043,22 +1052,24 @@ mod tests {
                 "virtio-net-device,netdev=net_eth0,mac=02:aa:bb:cc:dd:ee"
             ]
         );
-        let fd = m.nets[0].1.raw_fd();
-        assert_eq!(
-            value_of(&a, "-netdev"),
-            [format!("tap,id=net_eth0,fd={fd}")]
-        );
+        assert_eq!(value_of(&a, "-netdev"), ["tap,id=net_eth0,fd=7"]);
+        assert_eq!(p.pass_fds, [7]);
         assert_eq!(
             value_of(&a, "-qmp"),
             [format!("unix:{},server=on,wait=off", qmp.display())]
         );
         assert_eq!(value_of(&a, "-serial"), ["chardev:console"]);
         assert!(value_of(&a, "-initrd").is_empty());
-        assert_eq!(p.pass_fds, [fd]);
+        // Not held: QEMU opens the tap by name.
+        let by_name = plan_with_nets(&m, &[(&net, None)], &qmp).unwrap();
         assert_eq!(
-            netdev_arg(&m.nets[0].0, None),
-            "tap,id=net_eth0,ifname=bgr-0123456789,script=no,downscript=no,vnet_hdr=on"
+            value_of(&strings(&by_name), "-netdev"),
+            ["tap,id=net_eth0,ifname=bgr-0123456789,script=no,downscript=no,vnet_hdr=on"]
         );
+        assert!(by_name.pass_fds.is_empty());
+        // No interface, no netdev.
+        let none = plan(&m, &qmp).unwrap();
+        assert!(value_of(&strings(&none), "-netdev").is_empty());
 
         // With a vsock device the guest is told to serve the agent on TCP too.
         let l = std::os::unix::net::UnixListener::bind(t.0.join("v.sock")).unwrap();
@@ -1073,8 +1084,8 @@ mod tests {
         m.boot_source.as_mut().unwrap().initrd_path = Some(t.0.join("initrd.img"));
         m.drives[1].is_read_only = Some(true);
         m.drives[1].partuuid = Some("abcd-01".into());
-        m.nets[0].0.mtu = Some(1400);
-        let p = plan(&m, &qmp).unwrap();
+        net.mtu = Some(1400);
+        let p = plan_with_nets(&m, &[(&net, None)], &qmp).unwrap();
         assert!(
             p.cmdline
                 .ends_with(" pci=off root=PARTUUID=abcd-01 ro banger.agent_tcp=52"),
@@ -1105,7 +1116,7 @@ mod tests {
     #[test]
     fn engages_only_for_pvh_kernels_with_qemu() {
         let t = tmp("eng");
-        let mut m = configured(&t);
+        let (mut m, _) = configured(&t);
         // A kernel that is an ELF without the PVH note (the tiny guest's shape) never engages.
         std::fs::write(t.0.join("vmlinux"), elf_with_notes(&[])).unwrap();
         assert_eq!(engages(&m), None);

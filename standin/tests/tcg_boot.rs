@@ -134,7 +134,7 @@ fn collect(r: impl std::io::Read + Send + 'static, into: Arc<Mutex<String>>) {
     thread::spawn(move || {
         for line in BufReader::new(r).lines() {
             let Ok(line) = line else { break };
-            let mut s = into.lock().unwrap();
+            let mut s = into.lock().unwrap_or_else(|e| e.into_inner());
             s.push_str(&line);
             s.push('\n');
         }
@@ -255,13 +255,27 @@ impl Vmm {
         None
     }
 
+    /// QEMU's pid from the engine's stderr line (printed before InstanceStart answers; the
+    /// collector thread may still be on its way to it).
     fn qemu_pid(&self) -> u32 {
-        let err = self.stderr.lock().unwrap();
-        err.lines()
-            .find_map(|l| l.strip_prefix("stand-in: TCG engine: QEMU pid "))
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no QEMU pid on stderr:\n{err}"))
+        let start = Instant::now();
+        loop {
+            let err = self.stderr.lock().unwrap_or_else(|e| e.into_inner());
+            let pid = err
+                .lines()
+                .find_map(|l| l.strip_prefix("stand-in: TCG engine: QEMU pid "))
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|p| p.parse().ok());
+            match pid {
+                Some(p) => return p,
+                None if start.elapsed() > Duration::from_secs(10) => {
+                    panic!("no QEMU pid on stderr:\n{err}")
+                }
+                None => {}
+            }
+            drop(err);
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -593,6 +607,16 @@ fn systemd_guest_agent_over_vsock() {
         rootfs.to_str().unwrap(),
         disk.to_str().unwrap(),
     ]);
+    // A data drive configured before the root drive: Firecracker still makes the root /dev/vda
+    // (the guest would not boot otherwise), the data drive /dev/vdb.
+    let data = vmm.dir.join("data.img");
+    std::fs::File::create(&data)
+        .and_then(|f| f.set_len(64 << 20))
+        .unwrap();
+    vmm.put(
+        "/drives/data",
+        json!({"drive_id": "data", "is_root_device": false, "is_read_only": true, "path_on_host": data}),
+    );
     let t0 = Instant::now();
     vmm.configure_and_start(&kernel, "banger.name=tcgtest", Some(&disk));
     let uds = vmm.dir.join("vsock.sock");
@@ -653,6 +677,10 @@ fn systemd_guest_agent_over_vsock() {
     assert_eq!(status.code(), Some(0));
     let console = vmm.console.lock().unwrap().clone();
     assert!(reached.is_ok(), "{reached:?}");
+    assert!(
+        console.contains("[vdb] 131072 512-byte logical blocks"),
+        "the 64 MiB data drive is not /dev/vdb"
+    );
     assert!(
         console.contains("reboot: Restarting system"),
         "systemd did not reboot cleanly:\n{console}"
