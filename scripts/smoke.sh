@@ -13,7 +13,9 @@
 # SMOKE_FIRECRACKER (a real firecracker; default: the stand-in VMM, `cargo build -p
 # banger-fc-standin`, or the `firecracker` beside BANGER_BIN), SMOKE_KEEP_LOGS=1 (keep the per-run
 # log dir), SMOKE_RELEASE_BIN (--bench: a release-profile banger to measure staging with too;
-# default: target/x86_64-unknown-linux-gnu/release/banger when it exists).
+# default: target/x86_64-unknown-linux-gnu/release/banger when it exists), SMOKE_KERNEL_DIR (the
+# real-guest scenarios' kernel dir; default: packaging/kernel/build.sh --cached-only, else they
+# SKIP), SMOKE_GUEST_CACHE (their debootstrap cache, default /var/tmp/banger-cache/smoke-image).
 #
 # The update scenarios (and --bench) need releases: this source built once per run with
 # BANGER_VERSION=v0.smoke.0 (dev profile, own target dir in the cache, seeded from target/), signed
