@@ -490,6 +490,19 @@ struct ImageRm {
     name: String,
 }
 
+/// `image list`'s SIZE cell: allocated/apparent (`217M/2.0G`), `missing` when the daemon could not
+/// read the file.
+fn image_size(i: &Value) -> String {
+    match (i["disk_bytes"].as_u64(), i["size_bytes"].as_u64()) {
+        (Some(disk), Some(size)) => format!(
+            "{}/{}",
+            crate::guest::ext4::human(disk),
+            crate::guest::ext4::human(size)
+        ),
+        _ => "missing".into(),
+    }
+}
+
 /// Runs an `image` subcommand.
 pub fn run_image(c: ImageCmd) -> Result<i32> {
     match c.cmd {
@@ -510,13 +523,23 @@ pub fn run_image(c: ImageCmd) -> Result<i32> {
             if l.json {
                 println!("{}", v["images"]);
             } else {
-                println!("{:<20} {:<16} READINESS", "NAME", "KERNEL");
+                println!(
+                    "{:<20} {:<16} {:<16} {:<14} ORIGIN",
+                    "NAME", "KERNEL", "READINESS", "SIZE"
+                );
                 for i in v["images"].as_array().into_iter().flatten() {
                     let ready = i["ready_pattern"]
                         .as_str()
                         .map(|p| format!("console: {p}"))
                         .unwrap_or_else(|| "agent".into());
-                    println!("{:<20} {:<16} {}", s(i, "name"), s(i, "kernel"), ready);
+                    println!(
+                        "{:<20} {:<16} {:<16} {:<14} {}",
+                        s(i, "name"),
+                        s(i, "kernel"),
+                        ready,
+                        image_size(i),
+                        i["origin"].as_str().unwrap_or("-")
+                    );
                 }
             }
             Ok(0)
