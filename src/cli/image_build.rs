@@ -247,13 +247,21 @@ mod tests {
             "built: debian bookworm from http://deb.debian.org/debian, 2026-12-01"
         );
         assert_eq!(
-            origin("bookworm", "http://m/debian", &["git".into(), "curl".into()], now),
+            origin(
+                "bookworm",
+                "http://m/debian",
+                &["git".into(), "curl".into()],
+                now
+            ),
             "built: debian bookworm from http://m/debian, +git +curl, 2026-12-01"
         );
         let many: Vec<String> = (0..200).map(|i| format!("pkg{i}")).collect();
         let o = origin("bookworm", "http://m/debian", &many, now);
         assert_eq!(o.len(), ORIGIN_MAX);
-        assert!(o.ends_with("...") && o.starts_with("built: debian bookworm"), "{o}");
+        assert!(
+            o.ends_with("...") && o.starts_with("built: debian bookworm"),
+            "{o}"
+        );
     }
 
     #[test]

@@ -308,7 +308,10 @@ mod tests {
         let v = f.call("image.list", json!({})).unwrap();
         let plain = &v["images"][1];
         assert_eq!(plain["name"], "plain");
-        assert!(plain["size_bytes"].is_null() && plain["disk_bytes"].is_null(), "{plain}");
+        assert!(
+            plain["size_bytes"].is_null() && plain["disk_bytes"].is_null(),
+            "{plain}"
+        );
         assert_eq!(v["images"][0]["size_bytes"], 4 << 20);
     }
 

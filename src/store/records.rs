@@ -427,7 +427,14 @@ impl Store {
                  ON CONFLICT(name) DO UPDATE SET rootfs = excluded.rootfs, kernel = excluded.kernel,
                  ready_pattern = excluded.ready_pattern, created_at = excluded.created_at,
                  origin = excluded.origin",
-                params![i.name, i.rootfs, i.kernel, i.ready_pattern, i.created_at, i.origin],
+                params![
+                    i.name,
+                    i.rootfs,
+                    i.kernel,
+                    i.ready_pattern,
+                    i.created_at,
+                    i.origin
+                ],
             )
             .map(drop)
             .map_err(|e| db_error(&self.path, "recording an image in", e))
