@@ -241,6 +241,8 @@ fn builds_imports_and_caches() {
         .find(|i| i["name"] == "dev")
         .unwrap();
     assert_eq!(dev["kernel"], "k1");
+    let origin = dev["origin"].as_str().unwrap_or_default();
+    assert!(origin.starts_with("built: debian bookworm from "), "{dev}");
     let img = image_file(&h, "dev");
     let meta = std::fs::metadata(&img).unwrap();
     assert_eq!(meta.len(), 2 << 30);

@@ -248,6 +248,44 @@ fn vmm_holds_tap(pid: i64, tap: &str) -> bool {
 }
 
 #[test]
+fn image_list_shows_size_and_origin() {
+    let Some(h) = Host::new("imglist") else {
+        return;
+    };
+    let rootfs = h.bed.root.join("rootfs.img");
+    let table = h.ok(&["image", "list"]);
+    eprintln!("{table}");
+    let header = table.lines().next().unwrap_or_default();
+    assert!(
+        header.contains("SIZE") && header.contains("ORIGIN"),
+        "{table}"
+    );
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("tiny "))
+        .unwrap_or_else(|| panic!("no row for `tiny`: {table}"));
+    assert!(row.contains("/1M "), "allocated/apparent size: {row}");
+    assert!(
+        row.ends_with(&format!("imported from {}", rootfs.display())),
+        "{row}"
+    );
+    let v: Value = serde_json::from_str(&h.ok(&["image", "list", "--json"])).unwrap();
+    let tiny = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "tiny")
+        .unwrap();
+    assert_eq!(tiny["size_bytes"], 1 << 20, "{tiny}");
+    assert!(tiny["disk_bytes"].as_u64().unwrap() <= 1 << 20, "{tiny}");
+    assert_eq!(
+        tiny["origin"],
+        format!("imported from {}", rootfs.display()),
+        "{tiny}"
+    );
+}
+
+#[test]
 fn create_stop_start_restart_delete() {
     let Some(h) = Host::new("life") else { return };
     let out = h.ok(&["vm", "create", "--name", "a", "--image", h.image()]);

@@ -112,7 +112,9 @@ pub fn run(c: ImageBuildCmd) -> Result<i32> {
     client::call_with_timeout(
         &sock,
         "image.import",
-        json!({"name": c.name, "rootfs": img.to_string_lossy(), "kernel": kernel}),
+        json!({"name": c.name, "rootfs": img.to_string_lossy(), "kernel": kernel,
+               "origin": origin(&req.recipe.suite, &req.recipe.mirror, &c.package,
+                                &crate::clock::now_rfc3339())}),
         IMPORT_TIMEOUT,
     )
     .map_err(|e| e.into_error(&format!("importing image `{}`", c.name)))?;
@@ -131,6 +133,30 @@ pub fn run(c: ImageBuildCmd) -> Result<i32> {
     drop(built);
     println!("{summary}");
     Ok(0)
+}
+
+/// The longest origin the daemon's `image.import` accepts, in bytes.
+const ORIGIN_MAX: usize = 512;
+
+/// What `image list` shows for a built image:
+/// `built: debian bookworm from <mirror>, +<extra packages>, <date>` (cut to [`ORIGIN_MAX`]).
+fn origin(suite: &str, mirror: &str, extra: &[String], now_rfc3339: &str) -> String {
+    let date = now_rfc3339.get(..10).unwrap_or(now_rfc3339);
+    let mut o = format!("built: debian {suite} from {mirror}");
+    if !extra.is_empty() {
+        o.push_str(&format!(", +{}", extra.join(" +")));
+    }
+    o.push_str(&format!(", {date}"));
+    if o.len() > ORIGIN_MAX {
+        let mut cut = ORIGIN_MAX - 3;
+        while !o.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        o.truncate(cut);
+        o.push_str("...");
+    }
+    o.retain(|c| !c.is_control());
+    o
 }
 
 fn name_taken(images: &Value, name: &str) -> bool {
@@ -210,6 +236,31 @@ mod tests {
         assert!(
             e.to_string().contains("no kernel named `k9`") && e.to_string().contains("k6"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn origin_line() {
+        let now = "2026-12-01T14:50:00Z";
+        assert_eq!(
+            origin("bookworm", "http://deb.debian.org/debian", &[], now),
+            "built: debian bookworm from http://deb.debian.org/debian, 2026-12-01"
+        );
+        assert_eq!(
+            origin(
+                "bookworm",
+                "http://m/debian",
+                &["git".into(), "curl".into()],
+                now
+            ),
+            "built: debian bookworm from http://m/debian, +git +curl, 2026-12-01"
+        );
+        let many: Vec<String> = (0..200).map(|i| format!("pkg{i}")).collect();
+        let o = origin("bookworm", "http://m/debian", &many, now);
+        assert_eq!(o.len(), ORIGIN_MAX);
+        assert!(
+            o.ends_with("...") && o.starts_with("built: debian bookworm"),
+            "{o}"
         );
     }
 

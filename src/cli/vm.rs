@@ -490,6 +490,54 @@ struct ImageRm {
     name: String,
 }
 
+/// `image list`'s SIZE cell: allocated/apparent (`217M/2.0G`), `missing` when the daemon could not
+/// read the file.
+fn image_size(i: &Value) -> String {
+    match (i["disk_bytes"].as_u64(), i["size_bytes"].as_u64()) {
+        (Some(disk), Some(size)) => format!(
+            "{}/{}",
+            crate::guest::ext4::human(disk),
+            crate::guest::ext4::human(size)
+        ),
+        _ => "missing".into(),
+    }
+}
+
+/// `image list`'s table: columns as wide as their widest cell, two spaces apart (a long console
+/// prefix or origin never shifts the columns after it out of line).
+fn image_table(images: &Value) -> String {
+    let mut rows = vec![["NAME", "KERNEL", "SIZE", "READINESS", "ORIGIN"].map(String::from)];
+    for i in images.as_array().into_iter().flatten() {
+        let ready = i["ready_pattern"]
+            .as_str()
+            .map(|p| format!("console: {p}"))
+            .unwrap_or_else(|| "agent".into());
+        rows.push([
+            s(i, "name").to_string(),
+            s(i, "kernel").to_string(),
+            image_size(i),
+            ready,
+            s(i, "origin").to_string(),
+        ]);
+    }
+    let mut width = [0usize; 5];
+    for r in &rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in &rows {
+        let mut line = String::new();
+        for (c, w) in r.iter().zip(width) {
+            line.push_str(&format!("{c:<w$}  "));
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 /// Runs an `image` subcommand.
 pub fn run_image(c: ImageCmd) -> Result<i32> {
     match c.cmd {
@@ -510,14 +558,7 @@ pub fn run_image(c: ImageCmd) -> Result<i32> {
             if l.json {
                 println!("{}", v["images"]);
             } else {
-                println!("{:<20} {:<16} READINESS", "NAME", "KERNEL");
-                for i in v["images"].as_array().into_iter().flatten() {
-                    let ready = i["ready_pattern"]
-                        .as_str()
-                        .map(|p| format!("console: {p}"))
-                        .unwrap_or_else(|| "agent".into());
-                    println!("{:<20} {:<16} {}", s(i, "name"), s(i, "kernel"), ready);
-                }
+                print!("{}", image_table(&v["images"]));
             }
             Ok(0)
         }
@@ -641,6 +682,29 @@ fn absolute(p: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_table_has_size_and_origin_columns() {
+        let images = json!([
+            {"name": "dev", "kernel": "k6", "ready_pattern": null, "size_bytes": 2u64 << 30,
+             "disk_bytes": 217u64 << 20, "origin": "built: debian bookworm from http://m/debian, 2026-12-01"},
+            {"name": "old", "kernel": "k6", "ready_pattern": "banger-guest: ready boot_id=",
+             "size_bytes": null, "disk_bytes": null, "origin": null}
+        ]);
+        let t = image_table(&images);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        let col = |l: &str, h: &str| l.get(lines[0].find(h).unwrap()..).unwrap_or("").to_string();
+        assert!(col(lines[1], "SIZE").starts_with("217M/2.0G "), "{t}");
+        assert!(col(lines[2], "SIZE").starts_with("missing "), "{t}");
+        assert_eq!(
+            col(lines[1], "ORIGIN"),
+            "built: debian bookworm from http://m/debian, 2026-12-01"
+        );
+        // No origin recorded (imported before schema 3): a dash, in line with the header.
+        assert_eq!(col(lines[2], "ORIGIN"), "-");
+        assert!(col(lines[2], "READINESS").starts_with("console: banger-guest: ready boot_id="));
+    }
 
     #[test]
     fn list_table_has_ip_and_nat_columns() {

@@ -19,6 +19,13 @@ pub fn import(ctx: &Ctx, ops: &Operations, req: ImageImport) -> Result<Value, Rp
     let rootfs = Path::new(&req.rootfs);
     let kernel = req.kernel.as_str();
     let ready = req.ready_console.filter(|s| !s.is_empty());
+    let origin = match req.origin {
+        Some(o) => {
+            check_origin(&o)?;
+            o
+        }
+        None => format!("imported from {}", rootfs.display()),
+    };
     if ctx.db(|s| s.kernel_get(kernel))?.is_none() {
         return Err(not_found(format!(
             "no kernel named `{kernel}`: import it first with `banger kernel import {kernel} PATH`"
@@ -50,6 +57,7 @@ pub fn import(ctx: &Ctx, ops: &Operations, req: ImageImport) -> Result<Value, Rp
             kernel: Some(kernel.to_string()),
             ready_pattern: ready,
             created_at: crate::clock::now_rfc3339(),
+            origin: Some(origin),
         };
         ctx.db(|s| s.image_put(&img))?;
         Ok(serde_json::to_value(&img).unwrap_or(Value::Null))
@@ -61,9 +69,52 @@ pub fn import(ctx: &Ctx, ops: &Operations, req: ImageImport) -> Result<Value, Rp
     r
 }
 
-/// `image.list`.
+/// The longest `origin` `image.import` accepts, in bytes.
+pub const ORIGIN_MAX: usize = 512;
+
+/// Refuses an `origin` that is too long or holds control characters (it is printed in a table).
+fn check_origin(o: &str) -> Result<(), RpcError> {
+    if o.len() > ORIGIN_MAX {
+        return Err(bad(format!(
+            "origin is {} bytes; at most {ORIGIN_MAX} are allowed (shorten it)",
+            o.len()
+        )));
+    }
+    if let Some(c) = o.chars().find(|c| c.is_control()) {
+        return Err(bad(format!(
+            "origin holds the control character {:?} (use one line of printable text)",
+            c
+        )));
+    }
+    Ok(())
+}
+
+/// `image.list`: every image, each with its root filesystem's `size_bytes` (apparent length) and
+/// `disk_bytes` (allocated blocks) read now; both are null when the file cannot be read.
 pub fn list(ctx: &Ctx) -> Result<Value, RpcError> {
-    ctx.db(|s| s.image_list()).map(|v| json!({"images": v}))
+    let images = ctx.db(|s| s.image_list())?;
+    let out: Vec<Value> = images
+        .into_iter()
+        .map(|img| {
+            let (size, disk) = sizes(Path::new(&img.rootfs));
+            let mut v = serde_json::to_value(&img).unwrap_or(Value::Null);
+            if let Some(m) = v.as_object_mut() {
+                m.insert("size_bytes".into(), json!(size));
+                m.insert("disk_bytes".into(), json!(disk));
+            }
+            v
+        })
+        .collect();
+    Ok(json!({ "images": out }))
+}
+
+/// A file's apparent size and allocated bytes (`st_blocks * 512`); `None`s when it is unreadable.
+fn sizes(path: &Path) -> (Option<u64>, Option<u64>) {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(path) {
+        Ok(m) => (Some(m.len()), Some(m.blocks().saturating_mul(512))),
+        Err(_) => (None, None),
+    }
 }
 
 /// `image.rm`: the row and the image's directory.

@@ -201,6 +201,120 @@ mod tests {
         }
     }
 
+    /// A kernel `k6` imported into `f` (a file with the ELF magic is all `kernel.import` checks).
+    fn with_kernel(f: &Fixture) {
+        let k = f.root.join("vmlinux");
+        std::fs::write(&k, b"\x7fELF rest of a kernel").unwrap();
+        f.call(
+            "kernel.import",
+            json!({"name": "k6", "path": k.to_string_lossy()}),
+        )
+        .unwrap();
+    }
+
+    /// A sparse 4 MiB file holding 4 KiB of data at its start.
+    fn sparse_rootfs(path: &std::path::Path) {
+        let file = std::fs::File::create(path).unwrap();
+        std::io::Write::write_all(&mut &file, &[0x55u8; 4096]).unwrap();
+        file.set_len(4 << 20).unwrap();
+    }
+
+    #[test]
+    fn image_import_refuses_a_bad_origin_and_copies_nothing() {
+        let f = Fixture::new("origin-bad");
+        with_kernel(&f);
+        let src = f.root.join("src.ext4");
+        sparse_rootfs(&src);
+        let layout = Layout::under(&f.root);
+        for (origin, want) in [
+            ("x".repeat(513), "origin is 513 bytes; at most 512"),
+            ("built\nfake row".to_string(), "control character '\\n'"),
+            ("a\u{1b}[31mred".to_string(), "control character '\\u{1b}'"),
+        ] {
+            let e = f
+                .call(
+                    "image.import",
+                    json!({"name": "i", "rootfs": src.to_string_lossy(), "kernel": "k6", "origin": origin}),
+                )
+                .unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadRequest, "{e:?}");
+            assert!(e.message.contains(want), "{}", e.message);
+            let store = f.daemon.store().lock().unwrap();
+            assert!(store.image_list().unwrap().is_empty());
+            drop(store);
+            assert_eq!(std::fs::read_dir(layout.images_dir()).unwrap().count(), 0);
+            assert!(f.daemon.operations().list().is_empty());
+        }
+        // Exactly 512 bytes of printable text (multi-byte included) is fine.
+        let ok = format!("{}é", "x".repeat(510));
+        assert_eq!(ok.len(), 512);
+        let v = f
+            .call(
+                "image.import",
+                json!({"name": "i", "rootfs": src.to_string_lossy(), "kernel": "k6", "origin": ok}),
+            )
+            .unwrap();
+        assert_eq!(v["origin"], ok);
+    }
+
+    #[test]
+    fn image_list_reports_origin_and_sizes() {
+        let f = Fixture::new("origin-list");
+        with_kernel(&f);
+        let src = f.root.join("src.ext4");
+        sparse_rootfs(&src);
+        f.call(
+            "image.import",
+            json!({"name": "plain", "rootfs": src.to_string_lossy(), "kernel": "k6"}),
+        )
+        .unwrap();
+        f.call(
+            "image.import",
+            json!({"name": "built", "rootfs": src.to_string_lossy(), "kernel": "k6",
+                   "origin": "built: debian bookworm from http://deb.example, +git, 2026-12-01"}),
+        )
+        .unwrap();
+        let v = f.call("image.list", json!({})).unwrap();
+        let imgs = v["images"].as_array().unwrap();
+        assert_eq!(imgs.len(), 2);
+        let (built, plain) = (&imgs[0], &imgs[1]);
+        assert_eq!(
+            plain["origin"],
+            format!("imported from {}", src.display()),
+            "{plain}"
+        );
+        assert_eq!(
+            built["origin"],
+            "built: debian bookworm from http://deb.example, +git, 2026-12-01"
+        );
+        use std::os::unix::fs::MetadataExt;
+        let src_sparse = std::fs::metadata(&src).unwrap().blocks() * 512 < 4 << 20;
+        for i in imgs {
+            let size = i["size_bytes"].as_u64().unwrap();
+            let disk = i["disk_bytes"].as_u64().unwrap();
+            assert_eq!(size, 4 << 20, "{i}");
+            assert!(disk >= 4096, "{i}");
+            if src_sparse {
+                assert!(disk < size, "allocated, not apparent: {i}");
+            } else {
+                eprintln!(
+                    "SKIP: image_list_reports_origin_and_sizes (sparse part): this filesystem \
+                     has no holes"
+                );
+            }
+        }
+        // A rootfs that went missing lists with null sizes, not an error.
+        std::fs::remove_file(plain["rootfs"].as_str().unwrap()).unwrap();
+        let v = f.call("image.list", json!({})).unwrap();
+        let plain = &v["images"][1];
+        assert_eq!(plain["name"], "plain");
+        assert!(
+            plain["size_bytes"].is_null() && plain["disk_bytes"].is_null(),
+            "{plain}"
+        );
+        assert_eq!(v["images"][0]["size_bytes"], 4 << 20);
+    }
+
     #[test]
     fn bad_params_are_refused_and_create_nothing() {
         let f = Fixture::new("params");

@@ -148,6 +148,9 @@ pub struct ImageImport {
     pub kernel: String,
     /// Console readiness prefix for guests without the agent.
     pub ready_console: Option<String>,
+    /// How the image was made, shown by `image list` (at most 512 bytes, no control characters);
+    /// the daemon records `imported from <rootfs>` when absent.
+    pub origin: Option<String>,
 }
 
 /// `kernel.import`.

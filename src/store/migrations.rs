@@ -34,6 +34,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "vm_network",
         sql: VM_NETWORK,
     },
+    Migration {
+        version: 3,
+        name: "image_origin",
+        sql: IMAGE_ORIGIN,
+    },
 ];
 
 /// The highest schema version this binary applies.
@@ -95,6 +100,12 @@ ALTER TABLE vms ADD COLUMN ip TEXT;
 ALTER TABLE vms ADD COLUMN mac TEXT;
 ALTER TABLE vms ADD COLUMN nat INTEGER NOT NULL DEFAULT 0 CHECK (nat IN (0, 1));
 CREATE UNIQUE INDEX vms_by_ip ON vms (ip);
+";
+
+// Issue 9: how an image was made (`built: debian bookworm from ...`, `imported from /path`), shown
+// by `banger image list`. Nullable: images imported before this migration have no record of it.
+const IMAGE_ORIGIN: &str = "
+ALTER TABLE images ADD COLUMN origin TEXT;
 ";
 
 const SCHEMA_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (

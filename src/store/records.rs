@@ -123,6 +123,10 @@ pub struct Image {
     pub ready_pattern: Option<String>,
     /// Import time.
     pub created_at: String,
+    /// How it was made (`imported from PATH`, `built: debian ...`); `None` for images recorded
+    /// before schema 3.
+    #[serde(default)]
+    pub origin: Option<String>,
 }
 
 /// A guest kernel.
@@ -418,10 +422,19 @@ impl Store {
     pub fn image_put(&self, i: &Image) -> Result<()> {
         self.conn
             .execute(
-                "INSERT INTO images (name, rootfs, kernel, ready_pattern, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                "INSERT INTO images (name, rootfs, kernel, ready_pattern, created_at, origin)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT(name) DO UPDATE SET rootfs = excluded.rootfs, kernel = excluded.kernel,
-                 ready_pattern = excluded.ready_pattern, created_at = excluded.created_at",
-                params![i.name, i.rootfs, i.kernel, i.ready_pattern, i.created_at],
+                 ready_pattern = excluded.ready_pattern, created_at = excluded.created_at,
+                 origin = excluded.origin",
+                params![
+                    i.name,
+                    i.rootfs,
+                    i.kernel,
+                    i.ready_pattern,
+                    i.created_at,
+                    i.origin
+                ],
             )
             .map(drop)
             .map_err(|e| db_error(&self.path, "recording an image in", e))
@@ -431,7 +444,7 @@ impl Store {
     pub fn image_get(&self, name: &str) -> Result<Option<Image>> {
         self.conn
             .query_row(
-                "SELECT name, rootfs, kernel, ready_pattern, created_at FROM images WHERE name = ?1",
+                "SELECT name, rootfs, kernel, ready_pattern, created_at, origin FROM images WHERE name = ?1",
                 [name],
                 image_from_row,
             )
@@ -444,7 +457,7 @@ impl Store {
         let mut st = self
             .conn
             .prepare_cached(
-                "SELECT name, rootfs, kernel, ready_pattern, created_at FROM images ORDER BY name",
+                "SELECT name, rootfs, kernel, ready_pattern, created_at, origin FROM images ORDER BY name",
             )
             .map_err(|e| db_error(&self.path, "listing images in", e))?;
         let rows = st
@@ -470,5 +483,6 @@ fn image_from_row(r: &Row<'_>) -> rusqlite::Result<Image> {
         kernel: r.get(2)?,
         ready_pattern: r.get(3)?,
         created_at: r.get(4)?,
+        origin: r.get(5)?,
     })
 }

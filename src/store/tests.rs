@@ -523,7 +523,7 @@ fn vm_network_migration_keeps_old_rows_and_addresses_them_later() {
         }
     );
     let s = Store::open(&d.db()).unwrap();
-    assert_eq!(s.migrations_applied(), &[2]);
+    assert_eq!(s.migrations_applied(), &[2, 3]);
     let old = s.vm_get("old").unwrap().unwrap();
     assert_eq!((old.ip, old.mac, old.nat), (None, None, false));
     let ip = s
@@ -541,6 +541,54 @@ fn vm_network_migration_keeps_old_rows_and_addresses_them_later() {
         s.vm_get("old").unwrap().unwrap().ip.as_deref(),
         Some("10.0.0.2")
     );
+    drop(s);
+    assert_eq!(
+        check(&d.db()).unwrap(),
+        Compat::Compatible { version: LATEST }
+    );
+}
+
+#[test]
+fn image_origin_migration_keeps_old_images_with_no_origin() {
+    let d = TempDir::new();
+    // A database at schema 2 with one kernel and one image, as the previous release left it.
+    let s = Store::open_with(&d.db(), &MIGRATIONS[..2]).unwrap();
+    s.conn()
+        .execute_batch(
+            "INSERT INTO kernels (name, path, created_at) VALUES ('k6', '/k/vmlinux', 't');
+             INSERT INTO images (name, rootfs, kernel, ready_pattern, created_at)
+             VALUES ('old', '/i/old/rootfs.ext4', 'k6', NULL, 't');",
+        )
+        .unwrap();
+    drop(s);
+    assert_eq!(
+        check(&d.db()).unwrap(),
+        Compat::Pending {
+            db_version: 2,
+            latest: LATEST
+        }
+    );
+    let s = Store::open(&d.db()).unwrap();
+    assert_eq!(s.migrations_applied(), &[3]);
+    // The old row reads, with no origin, in both the single read and the list.
+    let old = s.image_get("old").unwrap().unwrap();
+    assert_eq!(old.origin, None);
+    assert_eq!(old.rootfs, "/i/old/rootfs.ext4");
+    assert_eq!(s.image_list().unwrap(), vec![old.clone()]);
+    // A new row round-trips its origin; replacing it replaces the origin too.
+    let mut new = Image {
+        name: "new".into(),
+        rootfs: "/i/new/rootfs.ext4".into(),
+        kernel: Some("k6".into()),
+        ready_pattern: None,
+        created_at: "t2".into(),
+        origin: Some("imported from /tmp/x.ext4".into()),
+    };
+    s.image_put(&new).unwrap();
+    assert_eq!(s.image_get("new").unwrap().as_ref(), Some(&new));
+    new.origin = Some("built: debian bookworm".into());
+    s.image_put(&new).unwrap();
+    assert_eq!(s.image_list().unwrap(), vec![new, old]);
     drop(s);
     assert_eq!(
         check(&d.db()).unwrap(),
