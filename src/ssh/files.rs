@@ -67,9 +67,30 @@ fn write_temp(path: &Path, bytes: &[u8], mode: u32) -> Result<PathBuf> {
 /// Replaces `path` with `bytes` (mode `mode`) in one rename: readers see the old or the new file,
 /// never a half-written one.
 pub(crate) fn replace_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    replace_atomic_owned(path, bytes, mode, None)
+}
+
+/// [`replace_atomic`], and the new file gets `owner` (uid, gid) when given and not already ours
+/// (root editing a user's file keeps it the user's).
+pub(crate) fn replace_atomic_owned(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> Result<()> {
     let dir = parent_of(path)?;
     let tmp = write_temp(path, bytes, mode)?;
-    if let Err(e) = fs::rename(&tmp, path) {
+    let mut result = Ok(());
+    if let Some((uid, gid)) = owner {
+        let me = (
+            rustix::process::geteuid().as_raw(),
+            rustix::process::getegid().as_raw(),
+        );
+        if (uid, gid) != me {
+            result = std::os::unix::fs::chown(&tmp, Some(uid), Some(gid));
+        }
+    }
+    if let Err(e) = result.and_then(|()| fs::rename(&tmp, path)) {
         let _ = fs::remove_file(&tmp);
         return Err(Error::new(format!("writing {}", path.display()), e));
     }
@@ -109,7 +130,10 @@ pub(crate) fn read_regular(path: &Path) -> Result<Option<Vec<u8>>> {
                 format!("reading {}", path.display()),
                 "it is a symlink; banger's SSH files must be regular files",
             )
-            .hint(format!("remove {} and let banger recreate it", path.display())))
+            .hint(format!(
+                "remove {} and let banger recreate it",
+                path.display()
+            )))
         }
         Err(e) => return Err(Error::new(format!("reading {}", path.display()), e)),
     };
@@ -229,7 +253,10 @@ mod tests {
         assert!(ensure_private_dir(&file).is_err());
         // Nothing was changed.
         assert_eq!(fs::read(&file).unwrap(), b"x");
-        assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert!(fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
     }
 
     #[test]
@@ -239,7 +266,10 @@ mod tests {
         fs::write(&real, b"x").unwrap();
         let link = t.path().join("link");
         std::os::unix::fs::symlink(&real, &link).unwrap();
-        assert!(read_regular(&link).unwrap_err().to_string().contains("symlink"));
+        assert!(read_regular(&link)
+            .unwrap_err()
+            .to_string()
+            .contains("symlink"));
         assert_eq!(read_regular(&real).unwrap().unwrap(), b"x");
         assert_eq!(read_regular(&t.path().join("missing")).unwrap(), None);
     }

@@ -317,10 +317,7 @@ mod tests {
         assert_eq!(parse_private(&text).unwrap(), public);
         let (other, _) = generate().unwrap();
         let body = |t: &str| -> Vec<u8> {
-            let b: String = t
-                .lines()
-                .filter(|l| !l.starts_with("-----"))
-                .collect();
+            let b: String = t.lines().filter(|l| !l.starts_with("-----")).collect();
             base64::engine::general_purpose::STANDARD.decode(b).unwrap()
         };
         let wrap = |raw: &[u8]| {
@@ -364,7 +361,10 @@ mod tests {
         let v = arg.strip_prefix("banger.key=").unwrap();
         let line = base64::engine::general_purpose::STANDARD.decode(v).unwrap();
         assert_eq!(String::from_utf8(line).unwrap(), k.authorized_keys_line());
-        assert_eq!(PublicKey::parse(&k.authorized_keys_line()).unwrap(), k.public);
+        assert_eq!(
+            PublicKey::parse(&k.authorized_keys_line()).unwrap(),
+            k.public
+        );
     }
 
     #[test]
@@ -384,7 +384,11 @@ mod tests {
             .arg(&k.path)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let derived = String::from_utf8(out.stdout).unwrap();
         assert_eq!(PublicKey::parse(&derived).unwrap(), k.public);
         // And the fingerprint ssh-keygen prints is ours.

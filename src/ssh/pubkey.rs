@@ -49,14 +49,6 @@ impl<'a> Reader<'a> {
         self.0 = rest;
         Ok(head)
     }
-    pub(crate) fn bytes(&mut self, n: usize) -> Result<&'a [u8], String> {
-        if self.0.len() < n {
-            return Err(format!("truncated (expected {n} bytes)"));
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
-    }
 }
 
 impl PublicKey {
@@ -191,6 +183,8 @@ pub(crate) mod tests {
         assert_eq!(PublicKey::from_blob(&k.blob()).unwrap(), k);
         let mut long = k.blob();
         long.push(0);
-        assert!(PublicKey::from_blob(&long).unwrap_err().contains("unexpected"));
+        assert!(PublicKey::from_blob(&long)
+            .unwrap_err()
+            .contains("unexpected"));
     }
 }
