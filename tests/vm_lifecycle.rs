@@ -1,13 +1,20 @@
 //! VM lifecycle end to end through the real daemon and root helper (under a temp layout, as root),
 //! against the stand-in VMM or, with `BANGER_TEST_FIRECRACKER`, a real Firecracker booting the
 //! tiny guest. Proves: create → running → stop → start (new boot_id) → restart → delete; VMs
-//! survive daemon and helper restarts untouched; a VM that died while the daemon was down is
-//! stopped and cleaned; bad specs leave nothing behind; concurrent creates never collide.
+//! survive daemon and helper restarts untouched (their taps included); a VM that died while the
+//! daemon was down is stopped and cleaned (its tap too); bad specs leave nothing behind;
+//! concurrent creates never collide (names, pids, addresses); each VM gets the lowest free
+//! address, a tap on the bridge while it runs, and the address back after delete.
+//!
+//! The helper runs in a network namespace each test makes (`ip netns exec`): the bridge, taps and
+//! nftables rules never touch the machine's own network. The daemon and the CLI stay outside and
+//! reach it over its Unix socket; the VMMs it launches inherit its namespace.
 
 mod common;
 #[path = "guest/mod.rs"]
 mod guest;
 
+use banger::net::{mac_for, tap_name};
 use banger::rpc::client::{self, CallError};
 use banger::rpc::ErrorCode;
 use common::vmm::find_vmm;
@@ -25,18 +32,27 @@ struct Host {
     standin: bool,
     daemon: Option<Server>,
     helper: Option<Server>,
+    /// Dropped last: its interfaces go with it.
+    ns: NetNs,
 }
 
 impl Host {
     fn new(name: &str) -> Option<Host> {
         if !is_root() {
-            println!("SKIP: VM lifecycle tests need root (the helper launches VMMs)");
+            eprintln!("SKIP: VM lifecycle tests need root (the helper launches VMMs)");
             return None;
         }
         let (vmm, standin) = match find_vmm() {
             Ok(v) => v,
             Err(why) => {
-                println!("SKIP: {why}");
+                eprintln!("SKIP: {why}");
+                return None;
+            }
+        };
+        let ns = match NetNs::new(name) {
+            Ok(ns) => ns,
+            Err(why) => {
+                eprintln!("SKIP: VM lifecycle tests run the helper in a network namespace: {why}");
                 return None;
             }
         };
@@ -46,6 +62,7 @@ impl Host {
             standin,
             daemon: None,
             helper: None,
+            ns,
         };
         h.start_helper();
         h.start_daemon();
@@ -76,7 +93,8 @@ impl Host {
 
     fn start_helper(&mut self) {
         let sock = self.bed.layout().helper_socket();
-        self.helper = Some(self.bed.spawn_with(
+        self.helper = Some(self.bed.spawn_in(
+            Some(&self.ns),
             "bangerd-root",
             &sock,
             &[("BANGER_FIRECRACKER", &self.vmm)],
@@ -140,6 +158,12 @@ impl Host {
     fn image(&self) -> &'static str {
         "tiny"
     }
+
+    /// The VM's tap in the helper's namespace, if it exists.
+    fn tap(&self, vm: &Value) -> Option<Value> {
+        self.ns
+            .link(vm["tap"].as_str().expect("a VM reports its tap"))
+    }
 }
 
 impl Drop for Host {
@@ -172,6 +196,19 @@ fn alive(vm: &Value) -> bool {
         banger::vmm::identity::classify(&ident, Path::new("/proc")),
         banger::vmm::identity::Liveness::Alive
     )
+}
+
+/// Whether process `pid` holds `/dev/net/tun` attached to `tap`: the kernel's fdinfo of a tun
+/// descriptor names its interface. Proof that the VMM was given the tap (PUT /network-interfaces)
+/// and opened it as Firecracker does.
+fn vmm_holds_tap(pid: i64, tap: &str) -> bool {
+    let dir = format!("/proc/{pid}/fdinfo");
+    std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .any(|info| info.lines().any(|l| l == format!("iff:\t{tap}")))
 }
 
 #[test]
@@ -248,13 +285,110 @@ fn create_stop_start_restart_delete() {
     let o = h.run(&["vm", "show", "a"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("no VM named `a`"), "{}", stderr(&o));
+    assert!(
+        h.ns.links_with_prefix("bgr-").is_empty(),
+        "a tap outlived its VM"
+    );
+}
+
+#[test]
+fn network_addresses_taps_and_reuse() {
+    let Some(h) = Host::new("net") else { return };
+    h.ok(&["vm", "create", "--name", "n1", "--image", h.image()]);
+    let n1 = h.show("n1");
+    let id = n1["id"].as_str().unwrap();
+    assert_eq!(n1["ip"], "172.30.0.2", "the lowest guest address: {n1}");
+    assert_eq!(n1["mac"], mac_for(id));
+    assert_eq!(n1["tap"], tap_name(id));
+    assert_eq!(n1["nat"], false);
+    // The tap exists in the helper's namespace while the VM runs, on the bridge, and the VMM
+    // holds it open (it was given it through PUT /network-interfaces/eth0).
+    let tap = h.tap(&n1).expect("no tap while the VM runs");
+    assert_eq!(tap["master"], "banger0", "{tap}");
+    let pid = n1["pid"].as_i64().unwrap();
+    assert!(
+        vmm_holds_tap(pid, &tap_name(id)),
+        "VMM pid {pid} does not hold {} open",
+        tap_name(id)
+    );
+    // vm list --json reports the same, and the table has the address.
+    let listed = h.list();
+    for k in ["ip", "mac", "tap", "nat"] {
+        assert_eq!(listed[0][k], n1[k], "vm list --json {k}");
+    }
+    assert!(h.ok(&["vm", "list"]).contains("172.30.0.2"));
+
+    // A NAT VM, not started: the next address, its NAT bit, no tap yet.
+    h.ok(&[
+        "vm",
+        "create",
+        "--name",
+        "n2",
+        "--image",
+        h.image(),
+        "--nat",
+        "--no-start",
+    ]);
+    let n2 = h.show("n2");
+    assert_eq!(n2["ip"], "172.30.0.3");
+    assert_eq!(n2["nat"], true);
+    assert!(h.tap(&n2).is_none(), "a VM that never started has a tap");
+
+    // Stop: the tap goes, the address stays; start: the same address and tap again.
+    h.ok(&["vm", "stop", "n1", "--timeout", "5"]);
+    assert!(h.tap(&n1).is_none(), "tap still there after stop");
+    assert_eq!(h.show("n1")["ip"], "172.30.0.2");
+    h.ok(&["vm", "start", "n1"]);
+    assert_eq!(h.show("n1")["ip"], "172.30.0.2");
+    assert!(h.tap(&n1).is_some(), "no tap after start");
+    h.ok(&["vm", "start", "n2"]);
+    assert!(h.tap(&n2).is_some());
+
+    // Delete frees the address; the next VM gets it back.
+    h.ok(&["vm", "delete", "n1"]);
+    assert!(h.tap(&n1).is_none(), "tap outlived delete");
+    h.ok(&["vm", "create", "--name", "n3", "--image", h.image()]);
+    assert_eq!(h.show("n3")["ip"], "172.30.0.2", "address not reused");
+    assert_eq!(h.show("n2")["ip"], "172.30.0.3");
+
+    h.ok(&["vm", "delete", "n2", "n3"]);
+    assert!(h.list().is_empty());
+    assert!(
+        h.ns.links_with_prefix("bgr-").is_empty(),
+        "taps left: {:?}",
+        h.ns.links_with_prefix("bgr-")
+    );
+}
+
+#[test]
+fn bad_network_config_stops_the_daemon_before_it_binds() {
+    if !is_root() {
+        eprintln!("SKIP: bad_network_config_stops_the_daemon_before_it_binds: needs root like the other daemon tests");
+        return;
+    }
+    for (toml, key) in [
+        ("[network]\nbridge = \"eth0\"\n", "network.bridge"),
+        ("[network]\nsubnet = \"8.8.8.0/24\"\n", "network.subnet"),
+        ("[network]\nsubnet = \"172.30.0.1/24\"\n", "network.subnet"),
+        ("[network]\nbridges = \"banger0\"\n", "network.bridges"),
+    ] {
+        let bed = Bed::new("badnet");
+        let layout = bed.layout();
+        std::fs::create_dir_all(layout.etc_dir()).unwrap();
+        std::fs::write(layout.config_toml(), toml).unwrap();
+        let o = bed.run("bangerd", &[]);
+        assert_eq!(o.status.code(), Some(1), "{toml}: {}", stderr(&o));
+        assert!(stderr(&o).contains(key), "{toml}: {}", stderr(&o));
+        assert!(!layout.daemon_socket().exists(), "{toml}: socket bound");
+        assert!(!layout.state_db().exists(), "{toml}: state opened");
+    }
 }
 
 #[test]
 fn agent_readiness_reports_guest_boot_id() {
     let Some(h) = Host::new("agent") else { return };
     if !h.standin {
-        println!("SKIP: agent readiness needs a guest with the agent (the tiny guest has none)");
+        eprintln!("SKIP: agent readiness needs a guest with the agent (the tiny guest has none)");
         return;
     }
     h.ok(&["vm", "create", "--name", "ag", "--image", "agent"]);
@@ -273,6 +407,7 @@ fn vms_survive_daemon_and_helper_restarts() {
     };
     h.ok(&["vm", "create", "--name", "s", "--image", h.image()]);
     let before = h.show("s");
+    let tap_before = h.tap(&before).expect("tap");
     for round in 0..3 {
         h.stop_helper();
         h.start_helper();
@@ -284,13 +419,22 @@ fn vms_survive_daemon_and_helper_restarts() {
         h.start_daemon();
         let after = h.show("s");
         assert_eq!(after["state"], "running", "round {round}: {after}");
-        for k in ["pid", "start_time", "comm", "boot_id"] {
+        for k in ["pid", "start_time", "comm", "boot_id", "ip", "mac", "tap"] {
             assert_eq!(before[k], after[k], "round {round}: {k} changed");
         }
+        // The very same tap (not removed and re-made), still on the bridge, still held.
+        let tap = h.tap(&after).expect("tap gone after restarts");
+        assert_eq!(tap["ifindex"], tap_before["ifindex"], "round {round}");
+        assert_eq!(tap["master"], "banger0");
+        assert!(vmm_holds_tap(
+            after["pid"].as_i64().unwrap(),
+            after["tap"].as_str().unwrap()
+        ));
     }
     // And the re-adopted VM still stops normally.
     h.ok(&["vm", "stop", "s"]);
     assert!(!alive(&before));
+    assert!(h.tap(&before).is_none(), "tap outlived stop");
 }
 
 #[test]
@@ -300,6 +444,7 @@ fn vm_that_died_while_daemon_was_down_is_stopped_and_cleaned() {
     };
     h.ok(&["vm", "create", "--name", "d", "--image", h.image()]);
     let v = h.show("d");
+    assert!(h.tap(&v).is_some());
     h.stop_daemon();
     let pid = rustix::process::Pid::from_raw(v["pid"].as_i64().unwrap() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::Kill).unwrap();
@@ -314,6 +459,8 @@ fn vm_that_died_while_daemon_was_down_is_stopped_and_cleaned() {
     assert!(after["pid"].is_null());
     let dir = h.bed.layout().vm_dir(after["id"].as_str().unwrap());
     assert!(!dir.join("fc.sock").exists(), "API socket not cleaned");
+    assert!(h.tap(&v).is_none(), "reconcile left the gone VM's tap");
+    assert_eq!(after["ip"], v["ip"], "a stopped VM keeps its address");
     // It starts again like any stopped VM.
     h.ok(&["vm", "start", "d"]);
     h.ok(&["vm", "delete", "d"]);
@@ -343,6 +490,7 @@ fn invalid_specs_are_rejected_and_leave_nothing() {
         json!({"name": "UPPER"}),
         json!({"name": "a".repeat(64)}),
         json!({"name": "ok", "vcpu": "two"}),
+        json!({"name": "ok", "nat": "yes"}),
         json!({"name": "ok", "cmd": "x"}),
         json!({"name": "ok", "image": "nope"}),
     ] {
@@ -355,6 +503,10 @@ fn invalid_specs_are_rejected_and_leave_nothing() {
         }
     }
     assert!(h.list().is_empty(), "a rejected create left a row");
+    assert!(
+        h.ns.links_with_prefix("bgr-").is_empty(),
+        "a rejected create made a tap"
+    );
     // A kernel that is not an ELF image is refused at import, not at boot.
     let not_elf = h.bed.root.join("bzImage");
     std::fs::write(&not_elf, b"MZ not an elf").unwrap();
@@ -420,8 +572,18 @@ fn concurrent_creates_never_collide() {
     pids.dedup();
     assert_eq!(pids.len(), 8);
     assert!(vms.iter().all(|v| v["state"] == "running" && alive(v)));
+    let mut ips: Vec<&str> = vms.iter().map(|v| v["ip"].as_str().unwrap()).collect();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 8, "two VMs share an address: {ips:?}");
+    let expected: Vec<String> = (2..10).map(|i| format!("172.30.0.{i}")).collect();
+    let mut got: Vec<String> = ips.iter().map(|s| s.to_string()).collect();
+    got.sort_by_key(|ip| ip.rsplit('.').next().unwrap().parse::<u8>().unwrap());
+    assert_eq!(got, expected, "not the 8 lowest addresses");
+    assert_eq!(h.ns.links_with_prefix("bgr-").len(), 8);
     let mut args = vec!["vm", "delete"];
     args.extend(names.iter());
     h.ok(&args);
     assert!(h.list().is_empty());
+    assert!(h.ns.links_with_prefix("bgr-").is_empty());
 }

@@ -1,5 +1,5 @@
-//! The `bangerd` role: the owner daemon. Opens the store, binds its socket, tells systemd it is
-//! ready, serves [`crate::daemon::Daemon`] until SIGTERM or `daemon.shutdown`.
+//! The `bangerd` role: the owner daemon. Validates `[network]`, opens the store, binds its socket,
+//! tells systemd it is ready, serves [`crate::daemon::Daemon`] until SIGTERM or `daemon.shutdown`.
 
 use crate::daemon::Daemon;
 use crate::error::{Context, Result};
@@ -59,6 +59,8 @@ pub fn main(args: Vec<String>) -> i32 {
 
 fn run(layout: Layout) -> Result<()> {
     let install = crate::system::install_toml::load(&layout)?;
+    // A bad [network] stops the daemon here, before it creates or binds anything.
+    let net = crate::net::NetConfig::load(&layout)?;
     let me = rustix::process::getuid().as_raw();
     let mut allowed = vec![0, me];
     if let Some(i) = &install {
@@ -82,7 +84,12 @@ fn run(layout: Layout) -> Result<()> {
     );
     let listener = server::bind(&layout.daemon_socket(), 0o600, None)?;
     let (stop_tx, stop_rx) = smol::channel::bounded(4);
-    let daemon = Arc::new(Daemon::new(layout.clone(), store, stop_tx.clone()));
+    crate::logging::info(
+        "bangerd",
+        "network config",
+        serde_json::json!({"bridge": net.bridge, "subnet": net.subnet.to_string()}),
+    );
+    let daemon = Arc::new(Daemon::new(layout.clone(), store, net, stop_tx.clone()));
     daemon.reconcile();
     super::serve_role(
         listener,

@@ -20,6 +20,7 @@ const LONG_CALL: Duration = Duration::from_secs(300);
     subcommand,
     name = "vm",
     example = "banger vm create --name dev --image debian",
+    example = "banger vm create --name web --nat",
     example = "banger vm list",
     example = "banger vm stop dev && banger vm delete dev"
 )]
@@ -62,6 +63,10 @@ struct CreateCmd {
     /// create the VM but do not start it
     #[argh(switch)]
     no_start: bool,
+    /// let the guest reach outside networks through the host (NAT); guests are otherwise
+    /// limited to the host bridge
+    #[argh(switch)]
+    nat: bool,
 }
 
 #[derive(FromArgs)]
@@ -239,7 +244,7 @@ pub fn run(c: VmCmd) -> Result<i32> {
             let target = c.name.clone().unwrap_or_default();
             let v = long_call(
                 "vm.create",
-                json!({"name": c.name, "image": c.image, "vcpu": c.vcpu, "memory_mib": c.memory, "start": !c.no_start}),
+                json!({"name": c.name, "image": c.image, "vcpu": c.vcpu, "memory_mib": c.memory, "start": !c.no_start, "nat": c.nat}),
                 "creating a VM",
                 &target,
             )?;
@@ -339,15 +344,17 @@ fn summary(v: &Value) -> String {
 
 fn table(vms: &Value) -> String {
     let mut out = format!(
-        "{:<20} {:<14} {:<10} {:>4} {:>7} {:>8}  {}\n",
-        "NAME", "ID", "STATE", "CPU", "MEM", "PID", "IMAGE"
+        "{:<20} {:<14} {:<10} {:<15} {:<3} {:>4} {:>7} {:>8}  {}\n",
+        "NAME", "ID", "STATE", "IP", "NAT", "CPU", "MEM", "PID", "IMAGE"
     );
     for v in vms.as_array().into_iter().flatten() {
         out.push_str(&format!(
-            "{:<20} {:<14} {:<10} {:>4} {:>7} {:>8}  {}\n",
+            "{:<20} {:<14} {:<10} {:<15} {:<3} {:>4} {:>7} {:>8}  {}\n",
             s(v, "name"),
             s(v, "id"),
             s(v, "state"),
+            s(v, "ip"),
+            if v["nat"] == true { "on" } else { "-" },
             v["vcpu"].as_u64().unwrap_or(0),
             format!("{}M", v["memory_mib"].as_u64().unwrap_or(0)),
             v["pid"]
@@ -369,11 +376,18 @@ fn details(v: &Value) -> String {
         "state",
         "image",
         "boot_id",
+        "ip",
+        "mac",
+        "tap",
         "created_at",
         "updated_at",
     ] {
         out.push_str(&format!("{k}: {}\n", s(vm, k)));
     }
+    out.push_str(&format!(
+        "nat: {}\n",
+        if vm["nat"] == true { "on" } else { "off" }
+    ));
     out.push_str(&format!(
         "vcpu: {}\nmemory: {} MiB\n",
         vm["vcpu"].as_u64().unwrap_or(0),
@@ -618,4 +632,69 @@ fn absolute(p: &str) -> Result<String> {
         );
     }
     Ok(abs.to_string_lossy().into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_table_has_ip_and_nat_columns() {
+        let vms = json!([
+            {"name": "a", "id": "0123456789ab", "state": "running", "ip": "172.30.0.2",
+             "nat": true, "vcpu": 1, "memory_mib": 128, "pid": 42, "image": "tiny"},
+            {"name": "b", "id": "ba9876543210", "state": "stopped", "ip": null,
+             "nat": false, "vcpu": 2, "memory_mib": 512, "pid": null, "image": "tiny"}
+        ]);
+        let t = table(&vms);
+        let lines: Vec<Vec<&str>> = t.lines().map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(
+            lines[0],
+            ["NAME", "ID", "STATE", "IP", "NAT", "CPU", "MEM", "PID", "IMAGE"]
+        );
+        assert_eq!(
+            lines[1],
+            [
+                "a",
+                "0123456789ab",
+                "running",
+                "172.30.0.2",
+                "on",
+                "1",
+                "128M",
+                "42",
+                "tiny"
+            ]
+        );
+        assert_eq!(
+            lines[2],
+            [
+                "b",
+                "ba9876543210",
+                "stopped",
+                "-",
+                "-",
+                "2",
+                "512M",
+                "-",
+                "tiny"
+            ]
+        );
+    }
+
+    #[test]
+    fn details_show_the_network() {
+        let v = json!({"vm": {"name": "a", "id": "0123456789ab", "state": "running",
+            "ip": "172.30.0.2", "mac": "02:01:23:45:67:89", "tap": "bgr-0123456789", "nat": false,
+            "vcpu": 1, "memory_mib": 128}});
+        let d = details(&v);
+        for line in [
+            "ip: 172.30.0.2\n",
+            "mac: 02:01:23:45:67:89\n",
+            "tap: bgr-0123456789\n",
+            "nat: off\n",
+        ] {
+            assert!(d.contains(line), "{line:?} in {d}");
+        }
+    }
 }

@@ -1,8 +1,17 @@
 //! The owner daemon's service: its method table over the state store and the operations registry.
 //!
 //! Knows nothing about argv or sockets; `applets::bangerd` binds the socket and serves this.
+//! Every method's parameters are read here into their typed struct ([`requests`]) and handed to
+//! the module that owns the concern: [`vms`] (lifecycle, with [`boot`]), [`images`], [`kernels`],
+//! [`net`] (the guest address plan and the helper's network calls).
 
+pub mod boot;
+pub mod images;
+pub mod kernels;
+pub mod net;
 pub mod ops;
+pub mod requests;
+pub mod shared;
 pub mod vms;
 
 use crate::buildinfo::BuildInfo;
@@ -11,7 +20,9 @@ use crate::rpc::server::{Call, Handler, Reply};
 use crate::rpc::{ErrorCode, RpcError};
 use crate::store::Store;
 use ops::Operations;
+use requests::{parse, NoParams};
 use serde_json::{json, Value};
+use shared::Ctx;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -19,22 +30,33 @@ use std::time::Instant;
 pub struct Daemon {
     layout: Layout,
     started: Instant,
-    store: Arc<Mutex<Store>>,
+    ctx: Ctx,
     ops: Operations,
     vms: vms::Vms,
     stop: smol::channel::Sender<()>,
 }
 
 impl Daemon {
-    /// A daemon over `store`; `stop` is signalled by `daemon.shutdown`.
-    pub fn new(layout: Layout, store: Store, stop: smol::channel::Sender<()>) -> Self {
+    /// A daemon over `store` with the validated `[network]` config `net`; `stop` is signalled by
+    /// `daemon.shutdown`.
+    pub fn new(
+        layout: Layout,
+        store: Store,
+        net: crate::net::NetConfig,
+        stop: smol::channel::Sender<()>,
+    ) -> Self {
         let store = Arc::new(Mutex::new(store));
+        let ctx = Ctx {
+            layout: layout.clone(),
+            store: store.clone(),
+            net,
+        };
         Daemon {
-            ops: Operations::new(store.clone()),
-            vms: vms::Vms::new(layout.clone(), store.clone()),
+            ops: Operations::new(store),
+            vms: vms::Vms::new(ctx.clone()),
             layout,
             started: Instant::now(),
-            store,
+            ctx,
             stop,
         }
     }
@@ -51,7 +73,7 @@ impl Daemon {
 
     /// The state store.
     pub fn store(&self) -> &Arc<Mutex<Store>> {
-        &self.store
+        &self.ctx.store
     }
 
     fn status(&self) -> Value {
@@ -68,59 +90,183 @@ impl Daemon {
     }
 }
 
-/// No parameters expected: anything else is refused, so a typo never silently does nothing.
-fn no_params(params: &Value) -> Result<(), RpcError> {
-    match params {
-        Value::Null => Ok(()),
-        Value::Object(m) if m.is_empty() => Ok(()),
-        Value::Object(m) => Err(RpcError::bad_request(format!(
-            "unexpected parameter(s): {}",
-            m.keys().cloned().collect::<Vec<_>>().join(", ")
-        ))),
-        _ => Err(RpcError::bad_request("params must be an object")),
-    }
-}
-
 impl Handler for Daemon {
     fn handle_reply(&self, call: &Call, params: Value) -> Result<Reply, RpcError> {
         if call.method == "vm.list" {
-            return self.vms.list_raw(&params).map(Reply::Raw);
+            parse::<NoParams>("vm.list", &params)?;
+            return self.vms.list_raw().map(Reply::Raw);
         }
         self.handle(call, params).map(Reply::Json)
     }
 
     fn handle(&self, call: &Call, params: Value) -> Result<Value, RpcError> {
-        match call.method.as_str() {
+        let (m, p, ops, ctx) = (call.method.as_str(), &params, &self.ops, &self.ctx);
+        match m {
             "ping" => {
-                no_params(&params)?;
+                parse::<NoParams>(m, p)?;
                 Ok(json!({"pong": true, "version": crate::buildinfo::VERSION}))
             }
             "daemon.status" => {
-                no_params(&params)?;
+                parse::<NoParams>(m, p)?;
                 Ok(self.status())
             }
             "daemon.operations.list" => {
-                no_params(&params)?;
+                parse::<NoParams>(m, p)?;
                 Ok(json!({"operations": self.ops.list()}))
             }
             "daemon.shutdown" => {
-                no_params(&params)?;
+                parse::<NoParams>(m, p)?;
                 // Peers were already limited to root and the owner by the server.
                 let _ = self.stop.try_send(());
                 Ok(json!({"stopping": true}))
             }
-            other => {
-                if let Some(r) = self.vms.handle(&self.ops, other, &params) {
-                    return r;
-                }
-                Err(RpcError::new(
-                    ErrorCode::UnknownMethod,
-                    format!(
-                        "unknown method `{other}` (this daemon is banger v{})",
-                        crate::buildinfo::VERSION
-                    ),
-                ))
+            "vm.create" => self.vms.create(ops, parse(m, p)?),
+            "vm.start" => self.vms.start(ops, parse(m, p)?),
+            "vm.stop" => self.vms.stop(ops, parse(m, p)?),
+            "vm.restart" => self.vms.restart(ops, parse(m, p)?),
+            "vm.kill" => self.vms.kill(parse(m, p)?),
+            "vm.delete" => self.vms.delete(ops, parse(m, p)?),
+            "vm.list" => {
+                parse::<NoParams>(m, p)?;
+                let raw = self.vms.list_raw()?;
+                serde_json::from_str(raw.get())
+                    .map_err(|e| RpcError::new(ErrorCode::OperationFailed, e.to_string()))
+            }
+            "vm.show" => self.vms.show(parse(m, p)?),
+            "vm.logs" => self.vms.logs(parse(m, p)?),
+            "image.import" => images::import(ctx, ops, parse(m, p)?),
+            "image.list" => parse::<NoParams>(m, p).and_then(|_| images::list(ctx)),
+            "image.rm" => images::remove(ctx, parse(m, p)?),
+            "kernel.import" => kernels::import(ctx, parse(m, p)?),
+            "kernel.list" => parse::<NoParams>(m, p).and_then(|_| kernels::list(ctx)),
+            "kernel.rm" => kernels::remove(ctx, parse(m, p)?),
+            other => Err(RpcError::new(
+                ErrorCode::UnknownMethod,
+                format!(
+                    "unknown method `{other}` (this daemon is banger v{})",
+                    crate::buildinfo::VERSION
+                ),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rpc::peer::Peer;
+
+    /// A daemon over a fresh store in a private temp root (no helper: nothing here may reach it).
+    struct Fixture {
+        root: std::path::PathBuf,
+        daemon: Daemon,
+    }
+
+    impl Fixture {
+        fn new(tag: &str) -> Fixture {
+            let root = std::env::temp_dir().join(format!(
+                "banger-daemon-{tag}-{}-{}",
+                std::process::id(),
+                crate::daemon::shared::random_hex(4)
+            ));
+            let layout = Layout::under(&root);
+            for d in [layout.vms_dir(), layout.images_dir(), layout.kernels_dir()] {
+                std::fs::create_dir_all(d).unwrap();
+            }
+            let store = Store::open(&layout.state_db()).unwrap();
+            let (tx, _rx) = smol::channel::bounded(1);
+            Fixture {
+                daemon: Daemon::new(layout, store, crate::net::NetConfig::default(), tx),
+                root,
             }
         }
+
+        fn call(&self, method: &str, params: Value) -> Result<Value, RpcError> {
+            let call = Call {
+                method: method.into(),
+                op_id: "op-test".into(),
+                peer: Peer {
+                    pid: 1,
+                    uid: 0,
+                    gid: 0,
+                },
+            };
+            self.daemon.handle(&call, params)
+        }
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+
+    #[test]
+    fn bad_params_are_refused_and_create_nothing() {
+        let f = Fixture::new("params");
+        for (method, params, want) in [
+            (
+                "vm.create",
+                json!({"name": "a", "cmd": "x"}),
+                "unknown field `cmd`",
+            ),
+            (
+                "vm.create",
+                json!({"name": "a", "vcpu": "two"}),
+                "`vcpu`: invalid type",
+            ),
+            (
+                "vm.create",
+                json!({"name": "a", "start": 1}),
+                "`start`: invalid type",
+            ),
+            (
+                "vm.create",
+                json!({"name": "a", "vcpu": 33}),
+                "vcpu 33 is out of range",
+            ),
+            (
+                "vm.create",
+                json!({"name": "a", "memory_mib": 8}),
+                "memory 8 MiB is out of range",
+            ),
+            ("vm.create", json!({"name": "A"}), "VM name `A` is invalid"),
+            ("vm.create", json!([]), "params must be an object"),
+            ("vm.delete", json!({"vms": []}), "non-empty"),
+            (
+                "vm.stop",
+                json!({"vm": "a", "timeout_s": "5"}),
+                "`timeout_s`: invalid type",
+            ),
+            ("vm.show", json!({}), "missing field `vm`"),
+            (
+                "image.import",
+                json!({"name": "i", "rootfs": "/x", "kernel": "k", "extra": 1}),
+                "unknown field `extra`",
+            ),
+            (
+                "kernel.import",
+                json!({"name": "k", "path": 5}),
+                "`path`: invalid type",
+            ),
+            ("kernel.list", json!({"all": true}), "unknown field `all`"),
+            ("ping", json!({"x": 1}), "unknown field `x`"),
+        ] {
+            let e = f.call(method, params.clone()).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadRequest, "{method} {params}: {e:?}");
+            assert!(e.message.contains(want), "{method} {params}: {}", e.message);
+        }
+        let layout = Layout::under(&f.root);
+        let store = f.daemon.store().lock().unwrap();
+        assert!(store.vm_list().unwrap().is_empty());
+        assert!(store.image_list().unwrap().is_empty());
+        assert!(store.kernel_list().unwrap().is_empty());
+        for d in [layout.vms_dir(), layout.images_dir(), layout.kernels_dir()] {
+            assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0, "{}", d.display());
+        }
+        assert!(
+            f.daemon.operations().list().is_empty(),
+            "a refused call began an operation"
+        );
     }
 }

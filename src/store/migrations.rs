@@ -23,11 +23,18 @@ pub struct Migration {
 }
 
 /// Every migration this binary knows, in order.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "baseline",
-    sql: BASELINE,
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "baseline",
+        sql: BASELINE,
+    },
+    Migration {
+        version: 2,
+        name: "vm_network",
+        sql: VM_NETWORK,
+    },
+];
 
 /// The highest schema version this binary applies.
 pub const LATEST: u32 = MIGRATIONS[MIGRATIONS.len() - 1].version;
@@ -77,6 +84,17 @@ CREATE TABLE operations (
     error        TEXT
 );
 CREATE INDEX operations_by_start ON operations (started_at);
+";
+
+// Issue 8: each VM's guest address (unique: the index is the backstop behind the daemon's
+// allocation in one transaction), its MAC and its NAT bit. SQLite cannot add a UNIQUE column, so
+// the uniqueness is an index; NULLs (VMs created before this migration, which get an address at
+// their next start) never collide.
+const VM_NETWORK: &str = "
+ALTER TABLE vms ADD COLUMN ip TEXT;
+ALTER TABLE vms ADD COLUMN mac TEXT;
+ALTER TABLE vms ADD COLUMN nat INTEGER NOT NULL DEFAULT 0 CHECK (nat IN (0, 1));
+CREATE UNIQUE INDEX vms_by_ip ON vms (ip);
 ";
 
 const SCHEMA_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (

@@ -13,7 +13,7 @@ mod records;
 pub use compat::{check, open_read_only, Compat};
 pub use migrations::{Migration, LATEST, MIGRATIONS};
 pub use ops::Operation;
-pub use records::{Image, Kernel, Vm};
+pub use records::{Image, Kernel, Vm, VmState};
 
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 use std::os::unix::fs::OpenOptionsExt;

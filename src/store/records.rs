@@ -18,8 +18,8 @@ pub struct Vm {
     pub vcpu: u32,
     /// Memory in MiB.
     pub memory_mib: u32,
-    /// `created`, `starting`, `running`, `stopping`, `stopped`, `unknown`, `failed`.
-    pub state: String,
+    /// Where the VM is in its life (stored as its lowercase name).
+    pub state: VmState,
     /// VMM pid while running.
     pub pid: Option<i32>,
     /// VMM start time (clock ticks since boot) while running.
@@ -28,10 +28,86 @@ pub struct Vm {
     pub comm: Option<String>,
     /// Guest boot id of the current boot.
     pub boot_id: Option<String>,
+    /// Guest IPv4 address, kept for the VM's life (unique; `None` only for VMs recorded before
+    /// guest networking, until their next start).
+    pub ip: Option<String>,
+    /// Guest MAC (derived from the id).
+    pub mac: Option<String>,
+    /// Whether the guest may reach outside networks through the host (NAT).
+    pub nat: bool,
     /// Creation time.
     pub created_at: String,
     /// Last change.
     pub updated_at: String,
+}
+
+/// A VM's state. Stored in `vms.state` as the lowercase name ([`VmState::as_str`]); the column
+/// has no CHECK so a later state needs no table rebuild.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    /// Recorded, disk prepared, never started.
+    Created,
+    /// Its VMM is being launched and configured, or the guest is booting.
+    Starting,
+    /// Its VMM runs and the guest was ready.
+    Running,
+    /// Being stopped.
+    Stopping,
+    /// No VMM.
+    Stopped,
+    /// The daemon cannot tell whether its VMM still runs: reported, never killed.
+    Unknown,
+}
+
+impl VmState {
+    /// Every state, for tables and tests.
+    pub const ALL: [VmState; 6] = [
+        VmState::Created,
+        VmState::Starting,
+        VmState::Running,
+        VmState::Stopping,
+        VmState::Stopped,
+        VmState::Unknown,
+    ];
+
+    /// The name stored in the database and shown to users.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Created => "created",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Stopping => "stopping",
+            VmState::Stopped => "stopped",
+            VmState::Unknown => "unknown",
+        }
+    }
+
+    /// The state named `s`, if banger knows it.
+    pub fn parse(s: &str) -> Option<VmState> {
+        VmState::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl rusqlite::types::ToSql for VmState {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.as_str().into())
+    }
+}
+
+impl rusqlite::types::FromSql for VmState {
+    /// A state this binary does not know (written by a newer banger before a rollback) reads as
+    /// `unknown`: such a VM is reported and left alone, never guessed about.
+    fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        v.as_str()
+            .map(|s| VmState::parse(s).unwrap_or(VmState::Unknown))
+    }
 }
 
 /// An image: a root filesystem and the kernel to boot it with.
@@ -61,7 +137,8 @@ pub struct Kernel {
 }
 
 const VM_COLUMNS: &str =
-    "id, name, image, vcpu, memory_mib, state, pid, start_time, comm, boot_id, created_at, updated_at";
+    "id, name, image, vcpu, memory_mib, state, pid, start_time, comm, boot_id, \
+     created_at, updated_at, ip, mac, nat";
 
 fn vm_from_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
     Ok(Vm {
@@ -77,15 +154,18 @@ fn vm_from_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
         boot_id: r.get(9)?,
         created_at: r.get(10)?,
         updated_at: r.get(11)?,
+        ip: r.get(12)?,
+        mac: r.get(13)?,
+        nat: r.get(14)?,
     })
 }
 
 impl Store {
-    /// Inserts a new VM; a taken name is `already exists`.
+    /// Inserts a new VM; a taken name is `already exists`, a taken address is refused too.
     pub fn vm_insert(&self, vm: &Vm) -> Result<()> {
         let r = self.conn.execute(
             &format!(
-                "INSERT INTO vms ({VM_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)"
+                "INSERT INTO vms ({VM_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)"
             ),
             params![
                 vm.id,
@@ -99,11 +179,25 @@ impl Store {
                 vm.comm,
                 vm.boot_id,
                 vm.created_at,
-                vm.updated_at
+                vm.updated_at,
+                vm.ip,
+                vm.mac,
+                vm.nat
             ],
         );
         match r {
             Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, Some(msg)))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation && msg.contains("vms.ip") =>
+            {
+                Err(Error::new(
+                    format!("creating VM `{}`", vm.name),
+                    format!(
+                        "address {} is already another VM's",
+                        vm.ip.as_deref().unwrap_or("-")
+                    ),
+                ))
+            }
             Err(rusqlite::Error::SqliteFailure(e, _))
                 if e.code == rusqlite::ErrorCode::ConstraintViolation =>
             {
@@ -115,6 +209,86 @@ impl Store {
             }
             Err(e) => Err(db_error(&self.path, "recording a VM in", e)),
         }
+    }
+
+    /// Inserts a new VM with the address `pick` chooses from every address already recorded, in
+    /// one `BEGIN IMMEDIATE` transaction: no other writer can take the same address in between
+    /// (and the unique index refuses it if one did). Sets `vm.ip`.
+    pub fn vm_insert_allocating(
+        &self,
+        vm: &mut Vm,
+        pick: impl FnOnce(&[String]) -> Result<String>,
+    ) -> Result<()> {
+        let tx = rusqlite::Transaction::new_unchecked(
+            &self.conn,
+            rusqlite::TransactionBehavior::Immediate,
+        )
+        .map_err(|e| db_error(&self.path, "locking for an address in", e))?;
+        let taken = self.vm_addresses()?;
+        vm.ip = Some(pick(&taken)?);
+        self.vm_insert(vm)?;
+        tx.commit()
+            .map_err(|e| db_error(&self.path, "recording a VM in", e))
+    }
+
+    /// Gives VM `id`, which has no address yet (recorded before guest networking), the address
+    /// `pick` chooses and the MAC `mac`, in one transaction like [`Store::vm_insert_allocating`].
+    /// Returns the address.
+    pub fn vm_assign_address(
+        &self,
+        id: &str,
+        mac: &str,
+        pick: impl FnOnce(&[String]) -> Result<String>,
+    ) -> Result<String> {
+        let tx = rusqlite::Transaction::new_unchecked(
+            &self.conn,
+            rusqlite::TransactionBehavior::Immediate,
+        )
+        .map_err(|e| db_error(&self.path, "locking for an address in", e))?;
+        let ip = pick(&self.vm_addresses()?)?;
+        let n = self
+            .conn
+            .execute(
+                "UPDATE vms SET ip = ?2, mac = ?3, updated_at = ?4 WHERE id = ?1 AND ip IS NULL",
+                params![id, ip, mac, crate::clock::now_rfc3339()],
+            )
+            .map_err(|e| db_error(&self.path, "recording a VM's address in", e))?;
+        if n != 1 {
+            return Err(Error::new(
+                format!("recording an address for VM {id}"),
+                "it is gone or already has one",
+            ));
+        }
+        tx.commit()
+            .map_err(|e| db_error(&self.path, "recording a VM's address in", e))?;
+        Ok(ip)
+    }
+
+    /// Whether a VM's id starts with the first `n` characters of `id` (its tap name is made of them).
+    pub fn vm_id_prefix_taken(&self, id: &str, n: usize) -> Result<bool> {
+        let prefix: String = id.chars().take(n).collect();
+        self.conn
+            .query_row(
+                "SELECT 1 FROM vms WHERE substr(id, 1, ?2) = ?1 LIMIT 1",
+                params![prefix, n as i64],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|r| r.is_some())
+            .map_err(|e| db_error(&self.path, "reading VM ids from", e))
+    }
+
+    /// Every guest address recorded for a VM.
+    pub fn vm_addresses(&self) -> Result<Vec<String>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT ip FROM vms WHERE ip IS NOT NULL")
+            .map_err(|e| db_error(&self.path, "listing VM addresses in", e))?;
+        let rows = st
+            .query_map([], |r| r.get(0))
+            .and_then(|it| it.collect::<rusqlite::Result<Vec<String>>>())
+            .map_err(|e| db_error(&self.path, "listing VM addresses in", e));
+        rows
     }
 
     /// Writes every mutable field of `vm` (state, identity, boot id) and bumps `updated_at`.

@@ -75,7 +75,8 @@ fn pragma(s: &Store, name: &str) -> String {
 fn open_creates_migrates_and_is_idempotent() {
     let d = TempDir::new();
     let s = Store::open(&d.db()).unwrap();
-    assert_eq!(s.migrations_applied(), &[1]);
+    let all: Vec<u32> = MIGRATIONS.iter().map(|m| m.version).collect();
+    assert_eq!(s.migrations_applied(), all.as_slice());
     let mode = std::fs::metadata(d.db()).unwrap().permissions();
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
@@ -116,7 +117,7 @@ fn open_creates_migrates_and_is_idempotent() {
         .conn()
         .query_row("SELECT count(*) FROM schema_migrations", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(n, 1);
+    assert_eq!(n, MIGRATIONS.len() as i64);
 }
 
 #[test]
@@ -417,4 +418,143 @@ fn operations_round_trip_newest_first() {
             .as_deref(),
         Some("daemon restarted")
     );
+}
+
+fn vm_row(id: &str, name: &str, state: VmState) -> Vm {
+    Vm {
+        id: id.into(),
+        name: name.into(),
+        image: Some("img".into()),
+        vcpu: 1,
+        memory_mib: 128,
+        state,
+        pid: None,
+        start_time: None,
+        comm: None,
+        boot_id: None,
+        ip: None,
+        mac: None,
+        nat: false,
+        created_at: crate::clock::now_rfc3339(),
+        updated_at: crate::clock::now_rfc3339(),
+    }
+}
+
+#[test]
+fn vm_states_are_stored_as_their_names_and_unknown_names_read_as_unknown() {
+    let d = TempDir::new();
+    let s = Store::open(&d.db()).unwrap();
+    for (i, state) in VmState::ALL.into_iter().enumerate() {
+        let vm = vm_row(&format!("{i:012x}"), &format!("v{i}"), state);
+        s.vm_insert(&vm).unwrap();
+        let stored: String = s
+            .conn()
+            .query_row("SELECT state FROM vms WHERE id = ?1", [&vm.id], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(stored, state.as_str());
+        assert_eq!(s.vm_get(&vm.name).unwrap().unwrap().state, state);
+        assert_eq!(VmState::parse(state.as_str()), Some(state));
+    }
+    // A state a newer banger wrote: reported as unknown (left alone), never an unreadable row.
+    s.conn()
+        .execute("UPDATE vms SET state = 'hibernating' WHERE name = 'v0'", [])
+        .unwrap();
+    assert_eq!(s.vm_get("v0").unwrap().unwrap().state, VmState::Unknown);
+    assert_eq!(s.vm_list().unwrap().len(), VmState::ALL.len());
+}
+
+#[test]
+fn addresses_are_allocated_in_one_transaction_and_unique() {
+    let d = TempDir::new();
+    let s = Store::open(&d.db()).unwrap();
+    let lowest = |taken: &[String]| -> Result<String> {
+        (2..=6)
+            .map(|i| format!("10.0.0.{i}"))
+            .find(|ip| !taken.contains(ip))
+            .ok_or_else(|| Error::new("allocating", "exhausted"))
+    };
+    for i in 0..5 {
+        let mut vm = vm_row(&format!("{i:012x}"), &format!("v{i}"), VmState::Created);
+        s.vm_insert_allocating(&mut vm, lowest).unwrap();
+        assert_eq!(vm.ip.as_deref(), Some(format!("10.0.0.{}", i + 2).as_str()));
+        assert_eq!(s.vm_get(&vm.id).unwrap().unwrap().ip, vm.ip);
+    }
+    // Exhausted: the picker's error, and no row.
+    let mut vm = vm_row("00000000000f", "full", VmState::Created);
+    let e = s.vm_insert_allocating(&mut vm, lowest).unwrap_err();
+    assert!(e.to_string().contains("exhausted"), "{e}");
+    assert!(s.vm_get("full").unwrap().is_none());
+    // A picker that ignores what is taken is stopped by the unique index; nothing recorded.
+    let mut dup = vm_row("00000000000e", "dup", VmState::Created);
+    let e = s
+        .vm_insert_allocating(&mut dup, |_| Ok("10.0.0.2".into()))
+        .unwrap_err();
+    assert!(e.to_string().contains("already another VM's"), "{e}");
+    assert!(s.vm_get("dup").unwrap().is_none());
+    // Freed at delete, and reused.
+    s.vm_delete("000000000001").unwrap();
+    let mut again = vm_row("000000000010", "again", VmState::Created);
+    s.vm_insert_allocating(&mut again, lowest).unwrap();
+    assert_eq!(again.ip.as_deref(), Some("10.0.0.3"));
+    // The failed attempts left no transaction open: an ordinary write still works.
+    s.vm_update(&again).unwrap();
+}
+
+#[test]
+fn vm_network_migration_keeps_old_rows_and_addresses_them_later() {
+    let d = TempDir::new();
+    // A database at schema 1 with one VM, as the previous release left it.
+    let s = Store::open_with(&d.db(), &MIGRATIONS[..1]).unwrap();
+    s.conn()
+        .execute(
+            "INSERT INTO vms (id, name, image, vcpu, memory_mib, state, created_at, updated_at)
+             VALUES ('0123456789ab', 'old', 'img', 1, 128, 'stopped', 't', 't')",
+            [],
+        )
+        .unwrap();
+    drop(s);
+    assert_eq!(
+        check(&d.db()).unwrap(),
+        Compat::Pending {
+            db_version: 1,
+            latest: LATEST
+        }
+    );
+    let s = Store::open(&d.db()).unwrap();
+    assert_eq!(s.migrations_applied(), &[2]);
+    let old = s.vm_get("old").unwrap().unwrap();
+    assert_eq!((old.ip, old.mac, old.nat), (None, None, false));
+    let ip = s
+        .vm_assign_address(&old.id, "02:01:23:45:67:89", |_| Ok("10.0.0.2".into()))
+        .unwrap();
+    assert_eq!(ip, "10.0.0.2");
+    let old = s.vm_get("old").unwrap().unwrap();
+    assert_eq!(old.ip.as_deref(), Some("10.0.0.2"));
+    assert_eq!(old.mac.as_deref(), Some("02:01:23:45:67:89"));
+    // Only once: an addressed VM keeps its address.
+    assert!(s
+        .vm_assign_address(&old.id, "02:00:00:00:00:00", |_| Ok("10.0.0.3".into()))
+        .is_err());
+    assert_eq!(
+        s.vm_get("old").unwrap().unwrap().ip.as_deref(),
+        Some("10.0.0.2")
+    );
+    drop(s);
+    assert_eq!(
+        check(&d.db()).unwrap(),
+        Compat::Compatible { version: LATEST }
+    );
+}
+
+#[test]
+fn id_prefix_lookup() {
+    let d = TempDir::new();
+    let s = Store::open(&d.db()).unwrap();
+    s.vm_insert(&vm_row("0123456789ab", "a", VmState::Created))
+        .unwrap();
+    assert!(s.vm_id_prefix_taken("0123456789ff", 10).unwrap());
+    assert!(!s.vm_id_prefix_taken("0123456780ab", 10).unwrap());
+    assert!(!s.vm_id_prefix_taken("ffffffffffff", 10).unwrap());
 }

@@ -58,8 +58,32 @@ impl Bed {
 
     /// [`Bed::spawn`] with extra environment variables.
     pub fn spawn_with(&self, role: &str, socket: &Path, envs: &[(&str, &Path)]) -> Server {
+        self.spawn_in(None, role, socket, envs)
+    }
+
+    /// [`Bed::spawn_with`] inside network namespace `ns` (when given): the process and every
+    /// process it starts (the helper's VMMs) see only that namespace's interfaces. It still
+    /// reaches and serves the others over Unix sockets, which belong to the filesystem.
+    pub fn spawn_in(
+        &self,
+        ns: Option<&NetNs>,
+        role: &str,
+        socket: &Path,
+        envs: &[(&str, &Path)],
+    ) -> Server {
         let log = self.root.join(format!("{role}.log"));
-        let mut cmd = self.cmd(role);
+        let mut cmd = match ns {
+            // `ip netns exec` execs the role in place: the child is the role itself.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns.name])
+                    .arg(self.bin.join(role))
+                    .env("BANGER_ROOT", &self.root)
+                    .env_remove("NOTIFY_SOCKET");
+                c
+            }
+            None => self.cmd(role),
+        };
         for (k, v) in envs {
             cmd.env(k, v);
         }
@@ -162,6 +186,80 @@ pub fn stderr(o: &Output) -> String {
 
 pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
+}
+
+/// A named network namespace of the test's own (`ip netns add`), deleted on drop. Bridges, taps
+/// and nftables rules the helper makes for a test live here and never on the machine's own
+/// network; being named, it outlives a helper restart, like the host's namespace does.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    /// A fresh namespace for `tag`; `Err` is the SKIP reason (not root, no `ip`).
+    pub fn new(tag: &str) -> Result<NetNs, String> {
+        if !is_root() {
+            return Err("network namespaces need root".into());
+        }
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let name = format!(
+            "bgr-it-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let o = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .map_err(|e| format!("`ip netns add` could not run (install iproute2): {e}"))?;
+        if !o.status.success() {
+            return Err(format!(
+                "`ip netns add {name}` failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+        }
+        Ok(NetNs { name })
+    }
+
+    /// `ip -n <ns> <args>`.
+    pub fn ip(&self, args: &[&str]) -> Output {
+        Command::new("ip")
+            .arg("-n")
+            .arg(&self.name)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// `ip -j -d link show <dev>` in the namespace, parsed; `None` when there is no such link.
+    pub fn link(&self, dev: &str) -> Option<serde_json::Value> {
+        let o = self.ip(&["-j", "-d", "link", "show", "dev", dev]);
+        if !o.status.success() {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+        v.as_array()?.first().cloned()
+    }
+
+    /// Names of the namespace's links whose names start with `prefix`.
+    pub fn links_with_prefix(&self, prefix: &str) -> Vec<String> {
+        let o = self.ip(&["-j", "link", "show"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l["ifname"].as_str())
+            .filter(|n| n.starts_with(prefix))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
 }
 
 /// A scratch directory removed on drop.
