@@ -4,6 +4,8 @@
 set -euo pipefail
 
 want=(openssl python3 shellcheck binutils)
+# Guest agent tests: ssh-keygen (host keys), ip (the agent's TCP transport in a private netns).
+want+=(openssh-client iproute2)
 if [[ "${1:-}" == "--smoke" ]]; then
   want+=(debootstrap systemd-container jq)
 fi

@@ -149,7 +149,7 @@ impl Vmm {
         self.api
             .put_boot_source(&BootSource {
                 kernel_image_path: kernel.to_path_buf(),
-                boot_args: Some("console=ttyS0 reboot=k panic=1".into()),
+                boot_args: Some("console=ttyS0 reboot=k panic=1 banger.name=vmc".into()),
                 initrd_path: None,
             })
             .unwrap();
@@ -283,6 +283,14 @@ fn boots_reports_running_answers_agent_and_shuts_down() {
         assert_eq!(r["boot_id"], boot_id, "agent and console disagree");
         let r = agent::agent_call(&vsock, AGENT_VSOCK_PORT, "uname").unwrap();
         assert_eq!(r["sysname"], "Linux");
+        // hello: the same boot id, the stand-in's fixed host key, the boot args' banger.name.
+        let h = agent::call_hello(&vsock, AGENT_VSOCK_PORT).unwrap();
+        assert_eq!(h.protocol, agent::PROTOCOL_VERSION);
+        assert_eq!(h.boot_id, boot_id, "hello and console disagree");
+        assert!(h.host_key.starts_with("ssh-ed25519 AAAA"), "{}", h.host_key);
+        assert_eq!(h.hostname, "vmc");
+        let r = agent::agent_call(&vsock, AGENT_VSOCK_PORT, "ports").unwrap();
+        assert_eq!(r, json!({"ports": []}));
         let e = agent::agent_call(&vsock, AGENT_VSOCK_PORT, "reboot").unwrap_err();
         assert!(e.why.contains("unknown method"), "{e}");
         let e = agent::agent_call(&vsock, 1234, "health").unwrap_err();

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use banger::agent::{self, AgentEnv, BootIdSource};
+use banger::agent::{self, cmdline, AgentEnv};
 
 use crate::cli::Options;
 use crate::machine::{After, Answer, Machine, MAX_PAYLOAD};
@@ -250,16 +250,32 @@ fn serve_api_connection(mut s: UnixStream, machine: &Mutex<Machine>) {
     }
 }
 
+/// The stand-in's "guest" sshd host key: a fixed ed25519 public key made once for the stand-in
+/// (its private half was thrown away). Only the stand-in ever serves it; no real guest has it.
+pub const STANDIN_HOST_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGposxU1u8AlmBpcq3yn+btS1uQymLutYq90E6gMTcpH";
+
+/// The "guest's" hostname when its boot args carry no valid `banger.name=`.
+pub const STANDIN_HOSTNAME: &str = "banger-standin";
+
 /// What the "guest" does once started: say it is ready on the console, serve its agent on vsock.
+/// Its agent answers `hello` with [`STANDIN_HOST_KEY`] and the boot args' `banger.name=` (as the
+/// real agent would set it), and `ports` with no sockets.
 fn boot(m: &Machine) {
     let boot_id = fresh_boot_id();
     if let Some((v, l)) = &m.vsock {
         remember(&VSOCK_SOCK, &v.uds_path);
         match l.try_clone() {
             Ok(l) => {
-                let env = AgentEnv {
-                    boot_id: BootIdSource::Fixed(boot_id.clone()),
-                };
+                let args = m
+                    .boot_source
+                    .as_ref()
+                    .and_then(|b| b.boot_args.as_deref())
+                    .unwrap_or("");
+                let name = cmdline::parse(args)
+                    .name
+                    .unwrap_or_else(|| STANDIN_HOSTNAME.to_string());
+                let env = AgentEnv::fixed(&boot_id, STANDIN_HOST_KEY, &name);
                 thread::spawn(move || serve_vsock(l, env));
             }
             Err(e) => eprintln!("firecracker (banger stand-in): vsock listener: {e}"),
