@@ -5,6 +5,9 @@
 
 mod daemon;
 mod doctor;
+mod enter;
+mod run;
+mod ssh_config;
 mod system;
 mod update;
 mod vm;
@@ -37,6 +40,7 @@ enum Cmd {
     Image(vm::ImageCmd),
     Kernel(vm::KernelCmd),
     Update(update::UpdateCmd),
+    SshConfig(ssh_config::SshConfigCmd),
 }
 
 #[derive(FromArgs)]
@@ -65,6 +69,7 @@ pub fn run(args: Vec<String>) -> i32 {
         Cmd::Image(c) => vm::run_image(c),
         Cmd::Kernel(c) => vm::run_kernel(c),
         Cmd::Update(c) => update::run(c),
+        Cmd::SshConfig(c) => ssh_config::run(c),
     };
     match result {
         Ok(code) => code,

@@ -42,6 +42,10 @@ enum VmSub {
     Ps(PsCmd),
     Show(ShowCmd),
     Logs(LogsCmd),
+    Run(super::run::RunCmd),
+    Ssh(super::enter::SshCmd),
+    Exec(super::enter::ExecCmd),
+    Ports(super::enter::PortsCmd),
 }
 
 #[derive(FromArgs)]
@@ -182,7 +186,7 @@ fn call(method: &str, params: Value, what: &str) -> Result<Value> {
 }
 
 /// A long call: on a TTY, a thread shows the operation's stage while we wait.
-fn long_call(method: &str, params: Value, what: &str, target: &str) -> Result<Value> {
+pub(super) fn long_call(method: &str, params: Value, what: &str, target: &str) -> Result<Value> {
     use std::io::IsTerminal;
     let sock = socket();
     let live = std::io::stderr().is_terminal();
@@ -251,6 +255,10 @@ pub fn run(c: VmCmd) -> Result<i32> {
             println!("{}", summary(&v));
             Ok(0)
         }
+        VmSub::Run(c) => super::run::run(c),
+        VmSub::Ssh(c) => super::enter::ssh(c),
+        VmSub::Exec(c) => super::enter::exec(c),
+        VmSub::Ports(c) => super::enter::ports(c),
         VmSub::Start(r) => one_long("vm.start", &r.vm, "starting"),
         VmSub::Restart(r) => one_long("vm.restart", &r.vm, "restarting"),
         VmSub::Stop(s) => {

@@ -37,9 +37,14 @@ pub struct GuestNet {
     pub ip_arg: String,
 }
 
-/// The guest kernel's command line: banger's base arguments and the static address.
-pub fn boot_args(net: &GuestNet) -> String {
-    format!("{BOOT_ARGS} {}", net.ip_arg)
+/// The guest kernel's command line: banger's base arguments, the static address and the guest
+/// agent's arguments (`guest`, from [`super::ssh::guest_args`]; empty for none).
+pub fn boot_args(net: &GuestNet, guest: &str) -> String {
+    if guest.is_empty() {
+        format!("{BOOT_ARGS} {}", net.ip_arg)
+    } else {
+        format!("{BOOT_ARGS} {} {guest}", net.ip_arg)
+    }
 }
 
 /// The identity the helper recorded for the VMM it just launched.
@@ -60,6 +65,7 @@ pub fn configure(
     kernel: &Kernel,
     files: &VmFiles,
     net: &GuestNet,
+    guest_args: &str,
 ) -> Result<(), RpcError> {
     let api = |e: crate::vmm::api::ApiError| {
         failed(Error::new(
@@ -86,7 +92,7 @@ pub fn configure(
     .map_err(api)?;
     c.put_boot_source(&BootSource {
         kernel_image_path: PathBuf::from(&kernel.path),
-        boot_args: Some(boot_args(net)),
+        boot_args: Some(boot_args(net, guest_args)),
         initrd_path: None,
     })
     .map_err(api)?;
@@ -210,8 +216,12 @@ mod tests {
             ip_arg: crate::net::kernel_ip_arg("172.30.0.7".parse().unwrap(), &subnet, "dev"),
         };
         assert_eq!(
-            boot_args(&net),
+            boot_args(&net, ""),
             "console=ttyS0 reboot=k panic=1 pci=off ip=172.30.0.7::172.30.0.1:255.255.255.0:dev:eth0:off"
+        );
+        assert_eq!(
+            boot_args(&net, "banger.name=dev banger.key=c3No"),
+            "console=ttyS0 reboot=k panic=1 pci=off ip=172.30.0.7::172.30.0.1:255.255.255.0:dev:eth0:off banger.name=dev banger.key=c3No"
         );
     }
 

@@ -417,11 +417,15 @@ impl Vms {
         vm.start_time = Some(ident.start_time);
         vm.comm = Some(ident.comm.clone());
         self.ctx.db(|s| s.vm_update(&vm))?;
-        let result = (|| {
+        let result = (|| -> Result<String, RpcError> {
             op.stage("configuring VM");
-            boot::configure(&vm, &kernel, &files, &guest_net)?;
+            let guest_args = super::ssh::guest_args(&self.ctx, &vm)?;
+            boot::configure(&vm, &kernel, &files, &guest_net, &guest_args)?;
             op.stage("waiting for guest");
-            boot::wait_ready(&image, &files, &ident, &self.proc_root, console_offset)
+            let boot_id =
+                boot::wait_ready(&image, &files, &ident, &self.proc_root, console_offset)?;
+            super::ssh::pin_host_key(&self.ctx, &vm, &image, &files)?;
+            Ok(boot_id)
         })();
         match result {
             Ok(boot_id) => {
@@ -438,6 +442,7 @@ impl Vms {
                         );
                     }
                 }
+                super::ssh::refresh_config(&self.ctx);
                 Ok(vm_json(&vm))
             }
             Err(e) => {
@@ -603,6 +608,7 @@ impl Vms {
                     .map_err(|e| failed(Error::new(format!("removing {}", dir.display()), e)))?;
             }
             self.ctx.db(|s| s.vm_delete(&vm.id))?;
+            super::ssh::forget(&self.ctx, &vm);
             deleted.push(vm.name.clone());
         }
         Ok(json!({"deleted": deleted}))
