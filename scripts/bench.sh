@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks (numbers, never pass/fail): CLI start-up beside /bin/true, binary size, RPC latency and
-# throughput, idle RSS. Builds the release binary first.
+# throughput, idle RSS, guest networking (priv.net_up/net_down, nftables at 40 NAT VMs). Builds the
+# release binary first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,3 +27,5 @@ file "$bin" 2>/dev/null | sed 's/^/file: /' || true
 
 BANGER_BENCH_BIN="$PWD/$bin" cargo bench --quiet --bench rpc
 BANGER_BENCH_BIN="$PWD/$bin" cargo bench --quiet --bench vm
+# Needs root (prints SKIP otherwise): works inside a network namespace it creates.
+BANGER_BENCH_BIN="$PWD/$bin" cargo bench --quiet --bench net

@@ -1,11 +1,24 @@
 #!/usr/bin/env bash
 # Installs, idempotently, the Debian packages banger's tests need on a fresh machine.
 # Usage: scripts/deps.sh [--smoke]   (--smoke adds what the systemd-nspawn smoke suite needs)
+# Also gives /dev/net/tun Debian's stock mode 0666 when it lacks it (VMMs run as the owner user and
+# open their taps through it; `banger doctor` FAILs the network row otherwise).
 set -euo pipefail
+
+if [[ -c /dev/net/tun && $(stat -c %a /dev/net/tun) != 666 ]]; then
+  if [[ $(id -u) -eq 0 ]]; then
+    echo "deps: chmod 0666 /dev/net/tun (Debian's default; the owner's VMMs open taps through it)" >&2
+    chmod 0666 /dev/net/tun
+  else
+    echo "deps: /dev/net/tun is not mode 0666 (fix: sudo chmod 0666 /dev/net/tun)" >&2
+  fi
+fi
 
 want=(openssl python3 shellcheck binutils)
 # Guest agent tests: ssh-keygen (host keys), ip (the agent's TCP transport in a private netns).
 want+=(openssh-client iproute2)
+# Guest networking: the root helper's nftables table (iproute2 above: its tests and doctor's view).
+want+=(nftables)
 if [[ "${1:-}" == "--smoke" ]]; then
   want+=(debootstrap systemd-container jq)
 fi

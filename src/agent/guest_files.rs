@@ -89,6 +89,7 @@ mod tests {
                 "PermitRootLogin prohibit-password",
                 "PasswordAuthentication no",
                 "KbdInteractiveAuthentication no",
+                "HostKey /etc/ssh/ssh_host_ed25519_key",
             ]
         );
         // sshd only reads drop-ins named *.conf.

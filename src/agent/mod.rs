@@ -182,7 +182,7 @@ fn hello(env: &AgentEnv) -> std::result::Result<Value, String> {
         Source::File(p) => {
             let line = env.host_key.read().map_err(|e| {
                 format!(
-                    "{e} (the agent makes sshd host keys at start with ssh-keygen -A; see its log)"
+                    "{e} (the agent makes the sshd host key at start with ssh-keygen -t ed25519; see its log)"
                 )
             })?;
             ed25519_public_key(&line).map_err(|e| format!("{}: {e}", p.display()))?
@@ -598,7 +598,7 @@ mod tests {
         assert!(
             r["error"]
                 .as_str()
-                .is_some_and(|e| e.contains("ssh-keygen -A")),
+                .is_some_and(|e| e.contains("ssh-keygen -t ed25519")),
             "{r}"
         );
         // The stand-in's fixed guest.

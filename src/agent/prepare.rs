@@ -12,8 +12,10 @@ use std::process::Command;
 use crate::agent::cmdline::GuestConfig;
 use crate::error::{Context, Error, Result};
 
-/// The sshd host key types `ssh-keygen -A` makes; any missing one triggers it.
-pub const HOST_KEY_TYPES: [&str; 3] = ["rsa", "ecdsa", "ed25519"];
+/// The one sshd host key type a guest gets: ed25519, the type banger pins. (`ssh-keygen -A` would
+/// also make an RSA key, which takes seconds on KVM and tens of seconds under TCG at every first
+/// boot; the drop-in tells sshd to use only this key.)
+pub const HOST_KEY_TYPES: [&str; 1] = ["ed25519"];
 
 /// Sets the kernel's hostname; a seam so tests never change the machine's name.
 pub trait HostnameSetter {
@@ -64,7 +66,7 @@ pub struct Report {
     pub hostname: Option<String>,
     /// Whether root's authorized_keys was written.
     pub authorized_key: bool,
-    /// The host key types `ssh-keygen -A` was run for (empty when all existed).
+    /// The host key types ssh-keygen was run for (empty when all existed).
     pub generated: Vec<String>,
     /// What failed or was refused, one line each (the command line's refusals first).
     pub problems: Vec<String>,
@@ -109,19 +111,38 @@ fn set_hostname(name: &str, opts: &Options, host: &dyn HostnameSetter) -> Result
         .map_err(|e| Error::new(format!("setting the hostname to {name:?}"), e))
 }
 
-/// Writes `<root>/root/.ssh/authorized_keys` (0600) with exactly `line`, in a 0700 `.ssh`.
+/// Makes sure `<root>/root/.ssh/authorized_keys` (0600, in a 0700 `.ssh`) holds `line`: keys
+/// already there are kept (a user may have added some, and the agent runs again at every boot and
+/// restart), the owner's key is appended when its type and key are not among them.
 fn write_authorized_key(line: &str, opts: &Options) -> Result<()> {
     let home = opts.root.join("root");
     let ssh = home.join(".ssh");
     for dir in [&home, &ssh] {
         ensure_private_dir(dir, opts.owner)?;
     }
-    crate::vmm::identity::write_atomic(
-        &ssh.join("authorized_keys"),
-        format!("{line}\n").as_bytes(),
-        0o600,
-        opts.owner,
-    )
+    let path = ssh.join("authorized_keys");
+    let existing = match std::fs::symlink_metadata(&path) {
+        Ok(m) if m.file_type().is_file() => {
+            std::fs::read_to_string(&path).ctx(|| format!("reading {}", path.display()))?
+        }
+        // A link or anything else is replaced, never followed.
+        _ => String::new(),
+    };
+    let mut content = existing.clone();
+    if !existing.lines().any(|l| key_of(l) == key_of(line)) {
+        if !content.is_empty() && !content.ends_with('\n') {
+            content.push('\n');
+        }
+        content.push_str(line);
+        content.push('\n');
+    }
+    // Rewritten even when unchanged, so mode and owner are right whatever the image had.
+    crate::vmm::identity::write_atomic(&path, content.as_bytes(), 0o600, opts.owner)
+}
+
+/// An authorized_keys line's type and key (options-less lines; the comment does not count).
+fn key_of(line: &str) -> Vec<&str> {
+    line.split_ascii_whitespace().take(2).collect()
 }
 
 /// Makes `dir` a real directory (not a link), mode 0700, owned by `owner` when given.
@@ -145,8 +166,8 @@ fn ensure_private_dir(dir: &Path, owner: Option<(u32, u32)>) -> Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).ctx(what)
 }
 
-/// Runs `ssh-keygen -A` (with `-f <root>` when the root is not `/`) when any of
-/// [`HOST_KEY_TYPES`] is missing; returns the types that were missing.
+/// Runs `ssh-keygen -t ed25519` for the host key when it is missing (under `<root>/etc/ssh`);
+/// returns the types that were missing.
 fn ensure_host_keys(opts: &Options) -> Result<Vec<String>> {
     let missing: Vec<String> = HOST_KEY_TYPES
         .iter()
@@ -158,14 +179,15 @@ fn ensure_host_keys(opts: &Options) -> Result<Vec<String>> {
     }
     let dir = opts.root.join("etc/ssh");
     std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+    let ed = opts.host_key_path("ed25519");
+    // A leftover private half without its public one would make ssh-keygen ask to overwrite.
+    let _ = std::fs::remove_file(&ed);
     let mut cmd = Command::new(&opts.keygen);
-    cmd.arg("-A");
-    if opts.root != Path::new("/") {
-        cmd.arg("-f").arg(&opts.root);
-    }
+    cmd.args(["-q", "-t", "ed25519", "-N", "", "-C", "", "-f"])
+        .arg(&ed);
     let what = || {
         format!(
-            "generating sshd host keys ({}) with {} -A in {}",
+            "generating sshd host keys ({}) with {} -t ed25519 in {}",
             missing.join(", "),
             opts.keygen.display(),
             dir.display()
@@ -184,7 +206,6 @@ fn ensure_host_keys(opts: &Options) -> Result<Vec<String>> {
             ),
         ));
     }
-    let ed = opts.host_key_path("ed25519");
     if !ed.with_extension("pub").exists() {
         return Err(Error::new(
             what(),
@@ -262,7 +283,7 @@ mod tests {
         assert_eq!(r.problems, Vec::<String>::new());
         assert_eq!(r.hostname.as_deref(), Some("dev-1"));
         assert!(r.authorized_key);
-        assert_eq!(r.generated, vec!["rsa", "ecdsa", "ed25519"]);
+        assert_eq!(r.generated, vec!["ed25519"]);
         assert_eq!(*rec.0.borrow(), vec!["dev-1".to_string()]);
         assert_eq!(
             std::fs::read_to_string(root.join("etc/hostname")).unwrap(),
@@ -363,12 +384,46 @@ mod tests {
     }
 
     #[test]
+    fn authorized_key_is_added_once_and_other_keys_kept() {
+        let root = tmp("ak");
+        let o = opts(&root);
+        let other = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGposxU1u8AlmBpcq3yn+btS1uQymLutYq90E6gMTcpH colleague";
+        std::fs::create_dir_all(root.join("root/.ssh")).unwrap();
+        let ak = root.join("root/.ssh/authorized_keys");
+        // A user's key, no trailing newline, a file too open.
+        std::fs::write(&ak, other).unwrap();
+        std::fs::set_permissions(&ak, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_authorized_key(LINE, &o).unwrap();
+        let want = format!("{other}\n{LINE}\n");
+        assert_eq!(std::fs::read_to_string(&ak).unwrap(), want);
+        assert_eq!(mode(&ak), 0o600);
+        // Next boot: same key (even with another comment) is not added twice.
+        let recommented = LINE.replace("owner@host", "renamed");
+        write_authorized_key(&recommented, &o).unwrap();
+        write_authorized_key(LINE, &o).unwrap();
+        assert_eq!(std::fs::read_to_string(&ak).unwrap(), want);
+        // A link there is replaced by a file, not followed.
+        let target = root.join("elsewhere");
+        std::fs::write(&target, "secret\n").unwrap();
+        std::fs::remove_file(&ak).unwrap();
+        std::os::unix::fs::symlink(&target, &ak).unwrap();
+        write_authorized_key(LINE, &o).unwrap();
+        assert_eq!(std::fs::read_to_string(&ak).unwrap(), format!("{LINE}\n"));
+        assert!(std::fs::symlink_metadata(&ak)
+            .unwrap()
+            .file_type()
+            .is_file());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "secret\n");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
     fn failing_keygen_says_why() {
         let root = tmp("keygen");
         let mut o = opts(&root);
         o.keygen = PathBuf::from("false");
         let e = ensure_host_keys(&o).unwrap_err();
-        assert!(e.to_string().contains("rsa, ecdsa, ed25519"), "{e}");
+        assert!(e.to_string().contains("(ed25519)"), "{e}");
         assert!(e.why.contains("exit status: 1"), "{e}");
         std::fs::remove_dir_all(&root).unwrap();
     }

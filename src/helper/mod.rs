@@ -4,6 +4,7 @@
 //! an arbitrary pid; every argument goes through [`validate`]. It never forwards a signal to a VMM
 //! it did not start.
 
+pub mod net;
 pub mod validate;
 pub mod vm;
 
@@ -16,26 +17,34 @@ use serde_json::{json, Value};
 pub struct Helper {
     layout: Layout,
     vm: vm::VmConfig,
+    net: net::NetLock,
 }
 
 /// Every method the helper serves.
-pub const METHODS: [&str; 4] = [
+pub const METHODS: [&str; 7] = [
     "priv.ping",
     "priv.vm_launch",
     "priv.vm_signal",
     "priv.vm_cleanup",
+    "priv.net_up",
+    "priv.net_down",
+    "priv.net_purge",
 ];
 
 impl Helper {
     /// A helper over `layout`.
     pub fn new(layout: Layout) -> Self {
         let vm = vm::VmConfig::from_env(&layout);
-        Helper { layout, vm }
+        Helper::with_vm_config(layout, vm)
     }
 
     /// A helper over `layout` with an explicit VMM configuration (tests).
     pub fn with_vm_config(layout: Layout, vm: vm::VmConfig) -> Self {
-        Helper { layout, vm }
+        Helper {
+            layout,
+            vm,
+            net: net::NetLock::default(),
+        }
     }
 }
 
@@ -51,6 +60,10 @@ impl Handler for Helper {
             "priv.vm_launch" => vm::vm_launch(&self.layout, &self.vm, &params),
             "priv.vm_signal" => vm::vm_signal(&self.layout, &self.vm, &params),
             "priv.vm_cleanup" => vm::vm_cleanup(&self.layout, &self.vm, &params),
+            // Taps belong to the uid the VMMs run as (the owner), so Firecracker can open them.
+            "priv.net_up" => net::net_up(&self.layout, &self.net, self.vm.vmm_uid(), &params),
+            "priv.net_down" => net::net_down(&self.layout, &self.net, &params),
+            "priv.net_purge" => net::net_purge(&self.layout, &self.net, &params),
             other => Err(RpcError::new(
                 ErrorCode::UnknownMethod,
                 format!(

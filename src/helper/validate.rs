@@ -6,6 +6,7 @@
 use crate::layout::Layout;
 use crate::rpc::RpcError;
 use serde_json::{Map, Value};
+use std::net::Ipv4Addr;
 use std::path::{Component, Path, PathBuf};
 
 /// Refuses any parameter not in `allowed`; returns the parameter object.
@@ -52,6 +53,45 @@ pub fn vm_id(s: &str) -> Result<&str, RpcError> {
     } else {
         Err(RpcError::bad_request(format!(
             "`{s}` is not a banger VM id (1-63 of a-z, 0-9, '-', no leading or trailing '-')"
+        )))
+    }
+}
+
+/// The required string argument `key`.
+pub fn required_str<'a>(m: &'a Map<String, Value>, key: &str) -> Result<&'a str, RpcError> {
+    match m.get(key) {
+        Some(Value::String(s)) => Ok(s),
+        None | Some(Value::Null) => Err(RpcError::bad_request(format!("missing `{key}`"))),
+        Some(_) => Err(RpcError::bad_request(format!("`{key}` must be a string"))),
+    }
+}
+
+/// The required boolean argument `key` (a JSON `true`/`false`, nothing else).
+pub fn required_bool(m: &Map<String, Value>, key: &str) -> Result<bool, RpcError> {
+    match m.get(key) {
+        Some(Value::Bool(b)) => Ok(*b),
+        None | Some(Value::Null) => Err(RpcError::bad_request(format!("missing `{key}`"))),
+        Some(_) => Err(RpcError::bad_request(format!(
+            "`{key}` must be true or false"
+        ))),
+    }
+}
+
+/// A guest address of `subnet`: dotted-quad IPv4 inside it, not its network, gateway (the
+/// bridge's) or broadcast address.
+pub fn guest_ip(s: &str, subnet: &crate::net::Subnet) -> Result<Ipv4Addr, RpcError> {
+    let ip: Ipv4Addr = s
+        .parse()
+        .map_err(|_| RpcError::bad_request(format!("`{s}` is not an IPv4 address (a.b.c.d)")))?;
+    if subnet.is_guest_address(ip) {
+        Ok(ip)
+    } else if ip == subnet.gateway() {
+        Err(RpcError::bad_request(format!(
+            "{ip} is the bridge's own address in {subnet}, not a guest address"
+        )))
+    } else {
+        Err(RpcError::bad_request(format!(
+            "{ip} is not a guest address of the configured subnet {subnet} (not its network, gateway or broadcast address)"
         )))
     }
 }
@@ -151,6 +191,49 @@ mod tests {
             "",
         ] {
             assert!(banger_path(&l, bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn guest_ip_table() {
+        let s = crate::net::Subnet::parse("172.30.0.0/24").unwrap();
+        for ok in ["172.30.0.2", "172.30.0.100", "172.30.0.254"] {
+            assert_eq!(guest_ip(ok, &s).unwrap().to_string(), ok);
+        }
+        for bad in [
+            "",
+            "172.30.0.0",
+            "172.30.0.1",
+            "172.30.0.255",
+            "172.30.1.2",
+            "10.0.0.2",
+            "172.30.0.02",
+            "172.30.0",
+            "172.30.0.2/24",
+            " 172.30.0.2",
+            "::1",
+            "localhost",
+        ] {
+            assert!(guest_ip(bad, &s).is_err(), "{bad:?}");
+        }
+        assert!(guest_ip("172.30.0.1", &s)
+            .unwrap_err()
+            .message
+            .contains("bridge"));
+    }
+
+    #[test]
+    fn required_arg_tables() {
+        let m = json!({"s": "x", "b": true, "f": false, "n": 1, "z": null, "bs": "true"});
+        let m = m.as_object().unwrap();
+        assert_eq!(required_str(m, "s").unwrap(), "x");
+        for bad in ["b", "n", "z", "missing"] {
+            assert!(required_str(m, bad).is_err(), "{bad}");
+        }
+        assert!(required_bool(m, "b").unwrap());
+        assert!(!required_bool(m, "f").unwrap());
+        for bad in ["s", "n", "z", "bs", "missing"] {
+            assert!(required_bool(m, bad).is_err(), "{bad}");
         }
     }
 

@@ -97,6 +97,8 @@ pub struct DoctorOptions {
     pub systemd: bool,
     /// Rows supplied by the caller (e.g. the state store check), spliced in after `version`.
     pub extra: Vec<Check>,
+    /// The tun clone device the owner's VMMs open.
+    pub tun: PathBuf,
 }
 
 impl Default for DoctorOptions {
@@ -106,12 +108,13 @@ impl Default for DoctorOptions {
             kvm: PathBuf::from(KVM_DEVICE),
             systemd: service::systemd_running(),
             extra: vec![],
+            tun: PathBuf::from(crate::net::tap::TUN_DEVICE),
         }
     }
 }
 
 /// Runs every check, in a fixed order: architecture, version, `opts.extra`, units, unit
-/// directives, sockets, kvm, firecracker, update.
+/// directives, sockets, kvm, firecracker, network, update.
 pub fn run(layout: &Layout, svc: &dyn ServiceManager, opts: &DoctorOptions) -> Vec<Check> {
     let install = install_toml::load(layout);
     let owner_uid = match &install {
@@ -131,8 +134,16 @@ pub fn run(layout: &Layout, svc: &dyn ServiceManager, opts: &DoctorOptions) -> V
         Ok(Some(i)) => Some((i.owner_uid, i.owner_gid, i.owner_user.clone())),
         _ => None,
     };
-    checks.push(with_owner_kvm(check_kvm(&opts.kvm), &opts.kvm, owner));
+    checks.push(with_owner_kvm(
+        check_kvm(&opts.kvm),
+        &opts.kvm,
+        owner.clone(),
+    ));
     checks.push(check_firecracker(opts.firecracker.as_deref()));
+    checks.push(check_network(
+        &NetFacts::gather(layout, &opts.tun),
+        owner.as_ref(),
+    ));
     checks.push(check_update(layout));
     checks
 }
@@ -563,6 +574,237 @@ fn with_owner_kvm(check: Check, kvm: &Path, owner: Option<(u32, u32, String)>) -
 
 fn is_root() -> bool {
     rustix::process::geteuid().is_root()
+}
+
+/// A host IPv4 route: device, destination, prefix length.
+pub type Route = (String, std::net::Ipv4Addr, u8);
+
+/// Parses `/proc/net/route` (the calling process's namespace; main table): hex fields in host
+/// byte order (x86_64: little-endian).
+pub fn parse_proc_route(text: &str) -> Vec<Route> {
+    let hex = |s: &str| u32::from_str_radix(s, 16).ok();
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (dev, dst, mask) = (f.first()?, hex(f.get(1)?)?, hex(f.get(7)?)?);
+            Some((
+                dev.to_string(),
+                std::net::Ipv4Addr::from(dst.to_le_bytes()),
+                u8::try_from(mask.count_ones()).ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// Whether the owner's VMMs (owner uid, owner gid) may open the tun device read/write.
+pub fn owner_can_open_tun(
+    dev_uid: u32,
+    dev_gid: u32,
+    mode: u32,
+    owner_uid: u32,
+    owner_gid: u32,
+) -> bool {
+    let rw = |bits: u32| mode & bits == bits;
+    (dev_uid == owner_uid && rw(0o600)) || (dev_gid == owner_gid && rw(0o060)) || rw(0o006)
+}
+
+/// What the `network` row looks at, gathered read-only (separate from the verdict for tests).
+#[derive(Debug)]
+pub struct NetFacts {
+    /// `[network]` of config.toml.
+    pub config: crate::error::Result<crate::net::NetConfig>,
+    /// Host routes, or why they could not be read.
+    pub routes: Result<Vec<Route>, String>,
+    /// Interfaces, or why they could not be listed.
+    pub links: Result<Vec<crate::net::link::Link>, String>,
+    /// `net.ipv4.ip_forward`.
+    pub ip_forward: Result<bool, String>,
+    /// `inet banger` as nft shows it; `None` when not root (nft cannot list).
+    pub table: Option<Result<crate::net::nft::TableState, String>>,
+    /// The tun device's (uid, gid, mode), or why not.
+    pub tun: Result<(u32, u32, u32), String>,
+    /// The tun device's path.
+    pub tun_path: PathBuf,
+}
+
+impl NetFacts {
+    /// Reads everything; never writes.
+    pub fn gather(layout: &Layout, tun: &Path) -> NetFacts {
+        use crate::net::{forward, link, nft};
+        NetFacts {
+            config: crate::net::NetConfig::load(layout),
+            routes: fs::read_to_string("/proc/net/route")
+                .map(|t| parse_proc_route(&t))
+                .map_err(|e| format!("reading /proc/net/route: {e}")),
+            links: link::all().map_err(|e| e.to_string()),
+            ip_forward: forward::read(Path::new(forward::IP_FORWARD)).map_err(|e| e.to_string()),
+            table: is_root().then(|| nft::read().map_err(|e| e.to_string())),
+            tun: fs::metadata(tun)
+                .map(|m| (m.uid(), m.gid(), m.mode()))
+                .map_err(|e| format!("{}: {e}", tun.display())),
+            tun_path: tun.to_path_buf(),
+        }
+    }
+}
+
+/// The `network` row: config valid, subnet clear of host routes, bridge present and up (absent is
+/// a WARN while no VM runs: it is created with the first), ip_forward on while a NAT VM runs,
+/// banger's nftables table present and current while any VM runs, the tun device openable by the
+/// owner.
+pub fn check_network(f: &NetFacts, owner: Option<&(u32, u32, String)>) -> Check {
+    use crate::net::{names::TAP_PREFIX, plumb};
+    let name = "network";
+    let cfg = match &f.config {
+        Ok(c) => c,
+        Err(e) => return Check::new(Level::Fail, name, vec![e.to_string()]),
+    };
+    let (b, sn) = (cfg.bridge.as_str(), cfg.subnet);
+    let mut level = Level::Pass;
+    let mut d = vec![format!("bridge {b}, subnet {sn}")];
+    let mut raise = |l: Level, msg: String, d: &mut Vec<String>| {
+        level = level.max(l);
+        d.push(msg);
+    };
+    match &f.routes {
+        Ok(routes) => {
+            for (dev, net, p) in routes {
+                if *p > 0 && dev != b && sn.overlaps(*net, *p) {
+                    raise(
+                        Level::Fail,
+                        format!(
+                            "subnet {sn} overlaps the host route {net}/{p} on {dev}; set network.subnet in /etc/banger/config.toml to a free private range"
+                        ),
+                        &mut d,
+                    );
+                }
+            }
+        }
+        Err(e) => raise(
+            Level::Warn,
+            format!("cannot check host routes: {e}"),
+            &mut d,
+        ),
+    }
+    let links = match &f.links {
+        Ok(l) => l.as_slice(),
+        Err(e) => {
+            raise(Level::Fail, format!("cannot list interfaces: {e}"), &mut d);
+            &[]
+        }
+    };
+    let taps: Vec<_> = links
+        .iter()
+        .filter(|l| l.name.starts_with(TAP_PREFIX) && l.kind.as_deref() == Some("tun"))
+        .collect();
+    let nat_vms = taps
+        .iter()
+        .filter(|t| {
+            t.alias
+                .as_deref()
+                .and_then(plumb::parse_alias)
+                .is_some_and(|a| a.nat)
+        })
+        .count();
+    let running = !taps.is_empty();
+    match links.iter().find(|l| l.name == b) {
+        _ if f.links.is_err() => {}
+        None if running => raise(
+            Level::Fail,
+            format!("bridge {b} is missing while {} VM tap(s) exist; restart those VMs", taps.len()),
+            &mut d,
+        ),
+        None => raise(
+            Level::Warn,
+            format!("bridge {b} is absent (it is created when the first VM starts)"),
+            &mut d,
+        ),
+        Some(l) if l.kind.as_deref() != Some("bridge") => raise(
+            Level::Fail,
+            format!(
+                "{b} exists and is not a bridge; remove it (sudo ip link del {b}) or set another network.bridge"
+            ),
+            &mut d,
+        ),
+        Some(l) => {
+            let gw = (sn.gateway(), sn.prefix());
+            if !l.ipv4.contains(&gw) {
+                raise(
+                    Level::Fail,
+                    format!("bridge {b} lacks its address {}/{}; start a VM to restore it", gw.0, gw.1),
+                    &mut d,
+                );
+            }
+            if l.up {
+                d.push(format!("bridge {b} is up; {} VM tap(s), {nat_vms} with NAT", taps.len()));
+            } else {
+                raise(
+                    if running { Level::Fail } else { Level::Warn },
+                    format!("bridge {b} is down (sudo ip link set dev {b} up)"),
+                    &mut d,
+                );
+            }
+        }
+    }
+    match &f.ip_forward {
+        Ok(true) => d.push("net.ipv4.ip_forward = 1".into()),
+        Ok(false) if nat_vms > 0 => raise(
+            Level::Fail,
+            format!(
+                "net.ipv4.ip_forward = 0 while {nat_vms} NAT VM(s) run: their traffic is not forwarded (restart them, or sudo sysctl -w net.ipv4.ip_forward=1)"
+            ),
+            &mut d,
+        ),
+        Ok(false) => d.push("net.ipv4.ip_forward = 0 (no NAT VM runs)".into()),
+        Err(e) => raise(Level::Warn, e.clone(), &mut d),
+    }
+    match &f.table {
+        None if running => raise(
+            Level::Warn,
+            "cannot read nftables as this user; run sudo banger doctor to check table inet banger".into(),
+            &mut d,
+        ),
+        None => {}
+        Some(Err(e)) => raise(
+            if running { Level::Fail } else { Level::Warn },
+            format!("{e} (install nftables: sudo apt-get install nftables)"),
+            &mut d,
+        ),
+        Some(Ok(st)) if running && !st.rules_current(b) => raise(
+            Level::Fail,
+            format!(
+                "table inet banger is {} while VMs run: guests are not kept off the host; start a VM to restore it",
+                if st.present { "not banger's current ruleset" } else { "missing" }
+            ),
+            &mut d,
+        ),
+        Some(Ok(st)) if st.nat.len() < nat_vms => raise(
+            Level::Fail,
+            format!(
+                "{nat_vms} NAT VM(s) run but table inet banger holds {} NAT address(es); restart them",
+                st.nat.len()
+            ),
+            &mut d,
+        ),
+        Some(Ok(st)) if st.present => {
+            d.push(format!("table inet banger present, {} NAT address(es)", st.nat.len()))
+        }
+        Some(Ok(_)) => d.push("table inet banger absent (created when the first VM starts)".into()),
+    }
+    let tun = f.tun_path.display();
+    match (&f.tun, owner) {
+        (Err(e), _) => raise(Level::Fail, format!("{e} (sudo modprobe tun)"), &mut d),
+        (Ok((u, g, m)), Some((ou, og, user))) if !owner_can_open_tun(*u, *g, *m, *ou, *og) => raise(
+            Level::Fail,
+            format!(
+                "VMMs run as {user} (uid {ou}), who cannot open {tun} (owner {u}, group {g}, mode {:o}); fix: sudo chmod 0666 {tun} (Debian's default, set by udev)",
+                m & 0o777
+            ),
+            &mut d,
+        ),
+        (Ok((_, _, m)), _) => d.push(format!("{tun}: mode {:o}", m & 0o777)),
+    }
+    Check::new(level, name, d)
 }
 
 /// Parses `firecracker --version` output (`Firecracker v1.16.1`) into `(major, minor, patch)`.
@@ -1119,6 +1361,7 @@ mod tests {
             kvm: PathBuf::from("/dev/null"),
             systemd: false,
             extra: vec![Check::new(Level::Pass, "state store", vec!["ok".into()])],
+            tun: PathBuf::from("/dev/null"),
         };
         let checks = run(&l, &svc, &opts);
         let names: Vec<&str> = checks.iter().map(|c| c.name.as_str()).collect();
@@ -1133,6 +1376,7 @@ mod tests {
                 "sockets",
                 "kvm",
                 "firecracker",
+                "network",
                 "update"
             ]
         );
@@ -1235,5 +1479,200 @@ mod tests {
 
         fs::write(crate::update::journal::path(&l), "{not json}\n{}\n").unwrap();
         assert_eq!(check_update(&l).level, Level::Fail);
+    }
+
+    #[test]
+    fn proc_route_parses_host_order() {
+        let text =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+eth0\t00000000\t0101A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+eth0\t0001A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+banger0\t00001EAC\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
+        assert_eq!(
+            parse_proc_route(text),
+            vec![
+                ("eth0".to_string(), "0.0.0.0".parse().unwrap(), 0),
+                ("eth0".to_string(), "192.168.1.0".parse().unwrap(), 24),
+                ("banger0".to_string(), "172.30.0.0".parse().unwrap(), 24),
+            ]
+        );
+        assert!(parse_proc_route("").is_empty());
+        assert!(parse_proc_route("header\ngarbage line\n").is_empty());
+    }
+
+    #[test]
+    fn tun_owner_table() {
+        for (u, g, m, want) in [
+            (0, 0, 0o20666, true),
+            (0, 0, 0o20600, false),
+            (1000, 0, 0o20600, true),
+            (0, 1000, 0o20660, true),
+            (0, 5, 0o20660, false),
+            (0, 0, 0o20664, false),
+        ] {
+            assert_eq!(
+                owner_can_open_tun(u, g, m, 1000, 1000),
+                want,
+                "{u} {g} {m:o}"
+            );
+        }
+    }
+
+    fn net_facts() -> NetFacts {
+        use crate::net::link::Link;
+        NetFacts {
+            config: Ok(crate::net::NetConfig::default()),
+            routes: Ok(vec![
+                ("eth0".into(), "0.0.0.0".parse().unwrap(), 0),
+                ("eth0".into(), "192.168.1.0".parse().unwrap(), 24),
+                ("banger0".into(), "172.30.0.0".parse().unwrap(), 24),
+            ]),
+            links: Ok(vec![Link {
+                name: "banger0".into(),
+                up: true,
+                kind: Some("bridge".into()),
+                ipv4: vec![("172.30.0.1".parse().unwrap(), 24)],
+                ..Link::default()
+            }]),
+            ip_forward: Ok(false),
+            table: Some(Ok(crate::net::nft::TableState::default())),
+            tun: Ok((0, 0, 0o20666)),
+            tun_path: PathBuf::from("/dev/net/tun"),
+        }
+    }
+
+    fn with_tap(f: &mut NetFacts, nat: bool) {
+        if let Ok(l) = &mut f.links {
+            l.push(crate::net::link::Link {
+                name: "bgr-0a0a0a0a0a".into(),
+                kind: Some("tun".into()),
+                alias: Some(crate::net::plumb::alias_for(
+                    "0a0a0a0a0a01",
+                    "172.30.0.2".parse().unwrap(),
+                    nat,
+                )),
+                ..Default::default()
+            });
+        }
+    }
+
+    fn current_table(nat: usize) -> crate::net::nft::TableState {
+        let script = crate::net::nft::ensure_script("banger0");
+        let mut st = crate::net::nft::TableState {
+            present: true,
+            set_present: true,
+            ..Default::default()
+        };
+        for (n, line) in script
+            .lines()
+            .filter(|l| l.starts_with("add rule"))
+            .enumerate()
+        {
+            let chain = line.split_whitespace().nth(4).unwrap().to_string();
+            st.chains.entry(chain).or_default().push(Some(format!(
+                "banger:{}:banger0:{n}",
+                crate::net::nft::RULES_VERSION
+            )));
+        }
+        for i in 0..nat {
+            st.nat.push((
+                format!("172.30.0.{}", i + 2).parse().unwrap(),
+                Some("x".into()),
+            ));
+        }
+        st
+    }
+
+    #[test]
+    fn network_row_table() {
+        let owner = (1000, 1000, "alice".to_string());
+        let verdict = |f: &NetFacts| check_network(f, Some(&owner));
+        let has = |c: &Check, s: &str| c.details.iter().any(|d| d.contains(s));
+
+        let c = verdict(&net_facts());
+        assert_eq!(c.level, Level::Pass, "{c:?}");
+        assert_eq!(c.name, "network");
+
+        // Bad config: FAIL naming the key.
+        let mut f = net_facts();
+        f.config = crate::net::NetConfig::parse("[network]\nsubnet = \"1.2.3.0/24\"\n");
+        let c = verdict(&f);
+        assert_eq!(c.level, Level::Fail);
+        assert!(has(&c, "network.subnet"), "{c:?}");
+
+        // Overlapping host route: FAIL; our own bridge's route and the default route are fine.
+        let mut f = net_facts();
+        f.routes = Ok(vec![("eth1".into(), "172.30.0.0".parse().unwrap(), 16)]);
+        let c = verdict(&f);
+        assert_eq!(c.level, Level::Fail);
+        assert!(
+            has(&c, "overlaps the host route 172.30.0.0/16 on eth1"),
+            "{c:?}"
+        );
+
+        // No bridge: WARN while no VM runs, FAIL when a tap exists.
+        let mut f = net_facts();
+        f.links = Ok(vec![]);
+        let c = verdict(&f);
+        assert_eq!(c.level, Level::Warn, "{c:?}");
+        assert!(has(&c, "created when the first VM starts"));
+        with_tap(&mut f, false);
+        f.table = Some(Ok(current_table(0)));
+        assert_eq!(verdict(&f).level, Level::Fail);
+
+        // Bridge down / lacking its address / not a bridge.
+        let mut f = net_facts();
+        if let Ok(l) = &mut f.links {
+            l[0].up = false;
+        }
+        assert_eq!(verdict(&f).level, Level::Warn);
+        with_tap(&mut f, false);
+        f.table = Some(Ok(current_table(0)));
+        assert_eq!(verdict(&f).level, Level::Fail);
+        let mut f = net_facts();
+        if let Ok(l) = &mut f.links {
+            l[0].ipv4.clear();
+        }
+        assert!(has(&verdict(&f), "lacks its address 172.30.0.1/24"));
+        let mut f = net_facts();
+        if let Ok(l) = &mut f.links {
+            l[0].kind = Some("tun".into());
+        }
+        assert_eq!(verdict(&f).level, Level::Fail);
+
+        // A NAT VM runs: forwarding must be on and the table current with its address.
+        let mut f = net_facts();
+        with_tap(&mut f, true);
+        f.table = Some(Ok(current_table(1)));
+        let c = verdict(&f);
+        assert_eq!(c.level, Level::Fail, "ip_forward off: {c:?}");
+        assert!(has(&c, "ip_forward = 0 while 1 NAT VM"));
+        f.ip_forward = Ok(true);
+        assert_eq!(verdict(&f).level, Level::Pass, "{:?}", verdict(&f));
+        f.table = Some(Ok(current_table(0)));
+        assert_eq!(verdict(&f).level, Level::Fail);
+        f.table = Some(Ok(crate::net::nft::TableState::default()));
+        let c = verdict(&f);
+        assert_eq!(c.level, Level::Fail);
+        assert!(has(&c, "missing while VMs run"), "{c:?}");
+        // Not root: the table cannot be read, said as a WARN.
+        f.table = None;
+        let c = verdict(&f);
+        assert_eq!(c.level, Level::Warn);
+        assert!(has(&c, "sudo banger doctor"));
+
+        // The owner cannot open the tun device: FAIL with the fix.
+        let mut f = net_facts();
+        f.tun = Ok((0, 0, 0o20600));
+        let c = verdict(&f);
+        assert_eq!(c.level, Level::Fail);
+        assert!(has(&c, "chmod 0666 /dev/net/tun"), "{c:?}");
+        assert_eq!(
+            check_network(&f, None).level,
+            Level::Pass,
+            "no owner: not judged"
+        );
+        f.tun = Err("/dev/net/tun: No such file".into());
+        assert_eq!(verdict(&f).level, Level::Fail);
     }
 }

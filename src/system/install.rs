@@ -350,12 +350,17 @@ pub struct UninstallReport {
     pub removed: Vec<PathBuf>,
     /// Things left in place, with why (e.g. a link that is not ours).
     pub kept: Vec<(PathBuf, String)>,
+    /// Network objects removed (taps, bridge, the nftables table).
+    pub network: Vec<String>,
 }
 
 impl UninstallReport {
     /// True when nothing was stopped, disabled or removed.
     pub fn is_noop(&self) -> bool {
-        self.stopped.is_empty() && self.disabled.is_empty() && self.removed.is_empty()
+        self.stopped.is_empty()
+            && self.disabled.is_empty()
+            && self.removed.is_empty()
+            && self.network.is_empty()
     }
 }
 
@@ -374,6 +379,9 @@ impl fmt::Display for UninstallReport {
             for p in &self.removed {
                 writeln!(f, "  removed {}", p.display())?;
             }
+            for n in &self.network {
+                writeln!(f, "  removed {n}")?;
+            }
         }
         for (p, why) in &self.kept {
             writeln!(f, "  kept {}: {why}", p.display())?;
@@ -385,10 +393,31 @@ impl fmt::Display for UninstallReport {
 /// Uninstalls banger: stops and disables both units, removes the unit files, our links, the binary
 /// and its backup. `purge` also removes state, cache, `/etc/banger` and the runtime directories.
 /// Running VMMs are not stopped (they live in their own scopes); purging removes their disks.
+/// `--purge` or not, the network objects (every banger tap, the bridge, the nftables table) are
+/// removed: they are runtime objects. Only for the system layout: a relocated layout (tests) does
+/// not own the network namespace it runs in.
 pub fn uninstall(
     layout: &Layout,
     purge: bool,
     svc: &dyn ServiceManager,
+) -> Result<UninstallReport> {
+    let net = |l: &Layout| {
+        if l.is_system() {
+            crate::net::plumb::purge(l)
+        } else {
+            Ok(vec![])
+        }
+    };
+    uninstall_with_network(layout, purge, svc, &net)
+}
+
+/// [`uninstall`] with the network purge passed in (tests). A failed network purge does not stop
+/// the uninstall: it is reported as kept, with the error.
+pub fn uninstall_with_network(
+    layout: &Layout,
+    purge: bool,
+    svc: &dyn ServiceManager,
+    net_purge: &dyn Fn(&Layout) -> Result<Vec<String>>,
 ) -> Result<UninstallReport> {
     let mut report = UninstallReport::default();
     // Daemon first: it is the helper's only client.
@@ -412,6 +441,14 @@ pub fn uninstall(
     }
     if units_removed {
         svc.daemon_reload()?;
+    }
+    // With the helper stopped, and before its runtime dir (the ip_forward marker) goes.
+    match net_purge(layout) {
+        Ok(gone) => report.network = gone,
+        Err(e) => report.kept.push((
+            PathBuf::from("network (banger taps, bridge, nftables table inet banger)"),
+            format!("{e} (remove them by hand: sudo ip link del <name>; sudo nft delete table inet banger)"),
+        )),
     }
 
     let binary = layout.binary();
@@ -913,6 +950,43 @@ mod tests {
         assert!(r.is_noop(), "{r:?}");
         assert!(svc.actions().is_empty());
         assert!(r.to_string().starts_with("banger is not installed"));
+    }
+
+    #[test]
+    fn uninstall_purges_the_network_and_survives_a_failed_purge() {
+        let b = bed();
+        let svc = FakeServices::new();
+        run(&b, "alice", &svc).unwrap();
+        let calls = std::cell::Cell::new(0);
+        let net = |_: &Layout| {
+            calls.set(calls.get() + 1);
+            Ok(vec![
+                "tap bgr-0a0a0a0a0a".to_string(),
+                "bridge banger0".to_string(),
+            ])
+        };
+        let r = uninstall_with_network(&b.layout, false, &svc, &net).unwrap();
+        assert_eq!(calls.get(), 1);
+        let text = r.to_string();
+        assert!(text.contains("  removed bridge banger0\n"), "{text}");
+        assert!(text.contains("  removed tap bgr-0a0a0a0a0a\n"), "{text}");
+        // Only network objects left: still not a no-op.
+        let r = uninstall_with_network(&b.layout, false, &svc, &net).unwrap();
+        assert!(!r.is_noop());
+        let failing = |_: &Layout| -> Result<Vec<String>> {
+            Err(crate::error::Error::new("running `nft`", "missing"))
+        };
+        let r = uninstall_with_network(&b.layout, true, &svc, &failing).unwrap();
+        assert!(
+            r.to_string().contains("nft delete table inet banger"),
+            "{r}"
+        );
+        assert!(
+            !b.layout.state_dir().exists(),
+            "the rest of the uninstall still ran"
+        );
+        // A relocated layout never purges the namespace it runs in.
+        assert!(uninstall(&b.layout, true, &svc).unwrap().network.is_empty());
     }
 
     #[test]

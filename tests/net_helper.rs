@@ -1,0 +1,623 @@
+//! The helper's network methods against real kernel objects, each test inside a network namespace
+//! it creates (`ip netns add`) and deletes: bridge and gateway address, the tap's owner, master and
+//! isolation flag, the `inet banger` rules and NAT elements read back with `nft -j`, teardown, and
+//! every refusal leaving the namespace exactly as it was. Never touches the root namespace.
+
+mod common;
+
+use banger::net::{link, nft, tap_name};
+use banger::rpc::client::{self, CallError};
+use banger::rpc::ErrorCode;
+use common::*;
+use serde_json::{json, Value};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// The uid the taps must belong to (no passwd entry needed: iproute2 then prints the number).
+const OWNER: u32 = 4242;
+
+fn skip_reason() -> Option<String> {
+    if !is_root() {
+        return Some("needs root (network namespaces, taps, nftables)".into());
+    }
+    for (tool, arg) in [("ip", "-V"), ("nft", "--version")] {
+        if !have(tool, arg) {
+            return Some(format!(
+                "`{tool}` is not installed (scripts/deps.sh installs it)"
+            ));
+        }
+    }
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        return Some("/dev/net/tun is missing (modprobe tun)".into());
+    }
+    None
+}
+
+macro_rules! need_netns {
+    ($name:expr) => {
+        if let Some(why) = skip_reason() {
+            eprintln!("SKIP: {}: {why}", $name);
+            return;
+        }
+    };
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A network namespace, deleted on drop, with a helper running inside it.
+struct Ns {
+    name: String,
+    bed: Bed,
+    helper: Option<Server>,
+}
+
+impl Ns {
+    fn new(tag: &str) -> Ns {
+        let name = format!(
+            "bgt-{tag}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        );
+        let o = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "ip netns add: {}", stderr(&o));
+        let bed = Bed::new(&format!("net-{tag}"));
+        let l = bed.layout();
+        std::fs::create_dir_all(l.etc_dir()).unwrap();
+        banger::system::install_toml::save(
+            &l,
+            &banger::system::install_toml::InstallInfo {
+                owner_user: "bangertest".into(),
+                owner_uid: OWNER,
+                owner_gid: OWNER,
+                owner_home: "/nonexistent".into(),
+                version: "0.0.0".into(),
+                commit: "test".into(),
+                built_at: "2026-01-01T00:00:00Z".into(),
+                installed_at: "2026-01-01T00:00:00Z".into(),
+            },
+        )
+        .unwrap();
+        let mut ns = Ns {
+            name,
+            bed,
+            helper: None,
+        };
+        ns.start_helper();
+        ns
+    }
+
+    fn start_helper(&mut self) {
+        let sock = self.bed.layout().helper_socket();
+        let _ = std::fs::remove_file(&sock);
+        let log = self.bed.root.join("bangerd-root.log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .arg(self.bed.bin.join("bangerd-root"))
+            .env("BANGER_ROOT", &self.bed.root)
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap();
+        let s = Server { child, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "helper did not answer: {}",
+                s.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.helper = Some(s);
+    }
+
+    fn restart_helper(&mut self) {
+        if let Some(mut h) = self.helper.take() {
+            h.sigterm_and_wait();
+        }
+        self.start_helper();
+    }
+
+    fn call(&self, method: &str, params: Value) -> Result<Value, CallError> {
+        client::call(&self.bed.layout().helper_socket(), method, params)
+    }
+
+    fn out(&self, args: &[&str]) -> String {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        stdout(&o)
+    }
+
+    fn links(&self) -> Vec<link::Link> {
+        link::parse(&self.out(&["ip", "-d", "-j", "addr", "show"])).unwrap()
+    }
+
+    fn link(&self, name: &str) -> Option<link::Link> {
+        self.links().into_iter().find(|l| l.name == name)
+    }
+
+    /// Raw `nft -j list table inet banger`, or None when the table is absent.
+    fn table_json(&self) -> Option<String> {
+        let o = Command::new("ip")
+            .args([
+                "netns", "exec", &self.name, "nft", "-j", "list", "table", "inet", "banger",
+            ])
+            .output()
+            .unwrap();
+        o.status.success().then(|| stdout(&o))
+    }
+
+    fn table(&self) -> nft::TableState {
+        self.table_json()
+            .map(|j| nft::parse(&j).unwrap())
+            .unwrap_or_default()
+    }
+
+    /// Every nftables table in the namespace (to prove nothing outside `inet banger`).
+    fn tables(&self) -> String {
+        self.out(&["nft", "list", "tables"])
+    }
+
+    fn ip_forward(&self) -> String {
+        self.out(&["cat", "/proc/sys/net/ipv4/ip_forward"])
+            .trim()
+            .to_string()
+    }
+
+    /// Everything a refusal must leave alone.
+    fn snapshot(&self) -> (Vec<String>, Option<String>, String, String) {
+        let mut names: Vec<String> = self
+            .links()
+            .into_iter()
+            .map(|l| {
+                format!(
+                    "{} {:?} {:?} {:?} {}",
+                    l.name, l.kind, l.master, l.ipv4, l.up
+                )
+            })
+            .collect();
+        names.sort();
+        (names, self.table_json(), self.tables(), self.ip_forward())
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        self.helper.take();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+fn rpc_code(r: Result<Value, CallError>) -> (ErrorCode, String) {
+    match r {
+        Err(CallError::Rpc(e)) => (e.code, e.message),
+        other => panic!("expected an RPC error, got {other:?}"),
+    }
+}
+
+const A: &str = "0a0a0a0a0a01";
+const B: &str = "0b0b0b0b0b02";
+
+#[test]
+fn net_up_builds_bridge_tap_and_rules_and_net_down_removes_them() {
+    need_netns!("net_up_builds_bridge_tap_and_rules_and_net_down_removes_them");
+    let ns = Ns::new("up");
+    assert_eq!(ns.ip_forward(), "0");
+    let r = ns
+        .call(
+            "priv.net_up",
+            json!({"id": A, "ip": "172.30.0.2", "nat": false}),
+        )
+        .unwrap();
+    assert_eq!(r, json!({"tap": tap_name(A), "bridge": "banger0"}));
+
+    let br = ns.link("banger0").expect("bridge created");
+    assert_eq!(br.kind.as_deref(), Some("bridge"));
+    assert!(br.up, "bridge up");
+    assert_eq!(br.ipv4, vec![("172.30.0.1".parse().unwrap(), 24)]);
+
+    let t = ns.link(&tap_name(A)).expect("tap created");
+    assert_eq!(t.kind.as_deref(), Some("tun"));
+    assert_eq!(t.tun_type.as_deref(), Some("tap"));
+    assert_eq!(
+        t.tun_owner.as_deref(),
+        Some(OWNER.to_string().as_str()),
+        "tap owner"
+    );
+    assert!(t.persist, "persistent");
+    assert_eq!(t.master.as_deref(), Some("banger0"));
+    assert_eq!(t.isolated, Some(true), "port isolation");
+    assert!(t.up);
+    // The kernel's own record of the owner, through the namespace's sysfs.
+    let owner = ns.out(&["cat", &format!("/sys/class/net/{}/owner", tap_name(A))]);
+    assert_eq!(owner.trim(), OWNER.to_string());
+
+    let st = ns.table();
+    assert!(st.present && st.set_present);
+    assert!(st.rules_current("banger0"), "{st:?}");
+    assert!(st.nat.is_empty(), "no NAT for a non-NAT VM: {:?}", st.nat);
+    let raw = ns.table_json().unwrap();
+    assert!(raw.contains("\"masquerade\""), "{raw}");
+    assert!(
+        raw.contains("\"established\"") && raw.contains("\"related\""),
+        "{raw}"
+    );
+    let tables = ns.tables();
+    assert_eq!(
+        tables.trim(),
+        "table inet banger",
+        "nothing outside the table"
+    );
+    assert_eq!(ns.ip_forward(), "0", "no NAT VM: forwarding untouched");
+
+    // A NAT VM: its address alone is in the set; forwarding on.
+    ns.call(
+        "priv.net_up",
+        json!({"id": B, "ip": "172.30.0.3", "nat": true}),
+    )
+    .unwrap();
+    let st = ns.table();
+    assert_eq!(
+        st.nat,
+        vec![("172.30.0.3".parse().unwrap(), Some(B.to_string()))]
+    );
+    assert_eq!(ns.ip_forward(), "1");
+    assert!(ns.link(&tap_name(B)).unwrap().isolated == Some(true));
+
+    // Down: tap and element gone, forwarding restored, the other VM untouched.
+    ns.call("priv.net_down", json!({"id": B})).unwrap();
+    assert!(ns.link(&tap_name(B)).is_none(), "tap removed");
+    assert!(ns.table().nat.is_empty());
+    assert_eq!(ns.ip_forward(), "0", "forwarding restored");
+    assert!(ns.link(&tap_name(A)).is_some());
+    ns.call("priv.net_down", json!({"id": B})).unwrap();
+    ns.call("priv.net_down", json!({"id": A})).unwrap();
+    assert!(ns.link(&tap_name(A)).is_none());
+    ns.call("priv.net_down", json!({"id": A})).unwrap();
+
+    // Purge: bridge and table gone.
+    ns.call(
+        "priv.net_up",
+        json!({"id": A, "ip": "172.30.0.2", "nat": true}),
+    )
+    .unwrap();
+    ns.call("priv.net_purge", json!({})).unwrap();
+    assert!(ns.link("banger0").is_none());
+    assert!(ns.link(&tap_name(A)).is_none());
+    assert!(ns.table_json().is_none());
+    assert_eq!(ns.tables().trim(), "");
+    assert_eq!(ns.ip_forward(), "0");
+    ns.call("priv.net_purge", json!({})).unwrap();
+}
+
+#[test]
+fn net_up_is_idempotent_and_survives_helper_restarts() {
+    need_netns!("net_up_is_idempotent_and_survives_helper_restarts");
+    let mut ns = Ns::new("idem");
+    let up = json!({"id": A, "ip": "172.30.0.2", "nat": true});
+    ns.call("priv.net_up", up.clone()).unwrap();
+    let tap = ns.link(&tap_name(A)).unwrap();
+    let rules = ns.table_json().unwrap();
+    for _ in 0..3 {
+        ns.restart_helper();
+        assert_eq!(
+            ns.link(&tap_name(A)).unwrap(),
+            tap,
+            "restart touched the tap"
+        );
+        assert_eq!(ns.table_json().unwrap(), rules, "restart touched the rules");
+        ns.call("priv.net_up", up.clone()).unwrap();
+        assert_eq!(ns.link(&tap_name(A)).unwrap().ifindex, tap.ifindex);
+        assert_eq!(
+            ns.table_json().unwrap(),
+            rules,
+            "repeated net_up changed the table"
+        );
+    }
+    // The NAT bit follows the last net_up for the VM.
+    ns.call(
+        "priv.net_up",
+        json!({"id": A, "ip": "172.30.0.2", "nat": false}),
+    )
+    .unwrap();
+    assert!(ns.table().nat.is_empty());
+    assert_eq!(ns.ip_forward(), "0");
+    assert_eq!(ns.link(&tap_name(A)).unwrap().ifindex, tap.ifindex);
+    // The whole table deleted by hand: the next net_up notices (its transaction fails) and
+    // re-asserts the rules.
+    ns.out(&["nft", "delete", "table", "inet", "banger"]);
+    ns.call(
+        "priv.net_up",
+        json!({"id": B, "ip": "172.30.0.3", "nat": true}),
+    )
+    .unwrap();
+    let st = ns.table();
+    assert!(st.rules_current("banger0"), "{st:?}");
+    assert_eq!(
+        st.nat_of(B),
+        vec!["172.30.0.3".parse::<std::net::Ipv4Addr>().unwrap()]
+    );
+    // A chain flushed by hand is only re-checked by a new helper process (doctor FAILs meanwhile);
+    // its first net_up puts the rules back.
+    ns.out(&["nft", "flush", "chain", "inet", "banger", "input"]);
+    assert!(!ns.table().rules_current("banger0"));
+    ns.restart_helper();
+    ns.call(
+        "priv.net_up",
+        json!({"id": B, "ip": "172.30.0.3", "nat": true}),
+    )
+    .unwrap();
+    assert!(ns.table().rules_current("banger0"));
+    assert_eq!(
+        ns.table().nat.len(),
+        1,
+        "elements kept across the re-assert"
+    );
+}
+
+#[test]
+fn refusals_create_nothing() {
+    need_netns!("refusals_create_nothing");
+    let ns = Ns::new("refuse");
+    let before = ns.snapshot();
+    for (params, want) in [
+        (
+            json!({"id": "A", "ip": "172.30.0.2", "nat": false}),
+            "VM id",
+        ),
+        (
+            json!({"id": "../x", "ip": "172.30.0.2", "nat": false}),
+            "VM id",
+        ),
+        (json!({"id": "", "ip": "172.30.0.2", "nat": false}), "VM id"),
+        (
+            json!({"id": A, "ip": "172.30.1.2", "nat": false}),
+            "not a guest address",
+        ),
+        (
+            json!({"id": A, "ip": "10.0.0.2", "nat": false}),
+            "not a guest address",
+        ),
+        (json!({"id": A, "ip": "172.30.0.1", "nat": false}), "bridge"),
+        (
+            json!({"id": A, "ip": "172.30.0.0", "nat": false}),
+            "not a guest address",
+        ),
+        (
+            json!({"id": A, "ip": "172.30.0.255", "nat": false}),
+            "not a guest address",
+        ),
+        (json!({"id": A, "ip": "nope", "nat": false}), "IPv4"),
+        (json!({"id": A, "ip": "172.30.0.2", "nat": "yes"}), "nat"),
+        (json!({"id": A, "ip": "172.30.0.2"}), "nat"),
+        (
+            json!({"id": A, "ip": "172.30.0.2", "nat": false, "dev": "eth0"}),
+            "dev",
+        ),
+        (json!(null), "missing"),
+    ] {
+        let (code, msg) = rpc_code(ns.call("priv.net_up", params.clone()));
+        assert_eq!(code, ErrorCode::BadRequest, "{params}: {msg}");
+        assert!(msg.contains(want), "{params}: {msg}");
+        assert_eq!(ns.snapshot(), before, "{params} changed something");
+    }
+    for params in [json!({"id": "A"}), json!({"id": A, "ip": "x"}), json!({})] {
+        let (code, _) = rpc_code(ns.call("priv.net_down", params.clone()));
+        assert_eq!(code, ErrorCode::BadRequest, "{params}");
+    }
+    let (code, _) = rpc_code(ns.call("priv.net_purge", json!({"all": true})));
+    assert_eq!(code, ErrorCode::BadRequest);
+    assert_eq!(ns.snapshot(), before);
+
+    // A bad config: refused naming the key, nothing created.
+    let cfg = ns.bed.layout().config_toml();
+    for (text, key) in [
+        ("[network]\nsubnet = \"8.8.8.0/24\"\n", "network.subnet"),
+        ("[network]\nbridge = \"eth9\"\n", "network.bridge"),
+        ("[network]\nbridges = \"banger0\"\n", "network.bridges"),
+    ] {
+        std::fs::write(&cfg, text).unwrap();
+        let (_, msg) = rpc_code(ns.call(
+            "priv.net_up",
+            json!({"id": A, "ip": "172.30.0.2", "nat": false}),
+        ));
+        assert!(msg.contains(key), "{text}: {msg}");
+        assert_eq!(ns.snapshot(), before, "{text} changed something");
+    }
+    // The configured subnet is the one checked.
+    std::fs::write(
+        &cfg,
+        "[network]\nbridge = \"banger-t\"\nsubnet = \"10.77.0.0/16\"\n",
+    )
+    .unwrap();
+    let (_, msg) = rpc_code(ns.call(
+        "priv.net_up",
+        json!({"id": A, "ip": "172.30.0.2", "nat": false}),
+    ));
+    assert!(msg.contains("10.77.0.0/16"), "{msg}");
+    assert_eq!(ns.snapshot(), before);
+    let r = ns
+        .call(
+            "priv.net_up",
+            json!({"id": A, "ip": "10.77.3.4", "nat": false}),
+        )
+        .unwrap();
+    assert_eq!(r["bridge"], "banger-t");
+    assert_eq!(
+        ns.link("banger-t").unwrap().ipv4,
+        vec![("10.77.0.1".parse().unwrap(), 16)]
+    );
+}
+
+#[test]
+fn a_tap_belongs_to_one_vm() {
+    need_netns!("a_tap_belongs_to_one_vm");
+    let ns = Ns::new("clash");
+    // Two ids with the same first 10 characters map to the same tap name.
+    let (one, two) = ("0c0c0c0c0c01", "0c0c0c0c0c02");
+    assert_eq!(tap_name(one), tap_name(two));
+    ns.call(
+        "priv.net_up",
+        json!({"id": one, "ip": "172.30.0.2", "nat": true}),
+    )
+    .unwrap();
+    let before = ns.snapshot();
+    let (_, msg) = rpc_code(ns.call(
+        "priv.net_up",
+        json!({"id": two, "ip": "172.30.0.3", "nat": true}),
+    ));
+    assert!(msg.contains(one), "{msg}");
+    let (_, msg) = rpc_code(ns.call("priv.net_down", json!({"id": two})));
+    assert!(msg.contains(one), "{msg}");
+    assert_eq!(ns.snapshot(), before);
+    assert_eq!(ns.table().nat_of(one).len(), 1);
+}
+
+#[test]
+fn an_interface_that_is_not_banger_s_is_refused() {
+    need_netns!("an_interface_that_is_not_banger_s_is_refused");
+    let ns = Ns::new("foreign");
+    // Something else already holds the bridge's name.
+    ns.out(&["ip", "tuntap", "add", "dev", "banger0", "mode", "tap"]);
+    let before = ns.snapshot();
+    let (_, msg) = rpc_code(ns.call(
+        "priv.net_up",
+        json!({"id": A, "ip": "172.30.0.2", "nat": false}),
+    ));
+    assert!(msg.contains("not a bridge"), "{msg}");
+    assert_eq!(ns.snapshot(), before);
+    // Purge leaves it alone too (not a bridge).
+    ns.call("priv.net_purge", json!({})).unwrap();
+    assert!(ns.link("banger0").is_some());
+}
+
+/// The system python (a user's shims under /root would not be readable by the test uids).
+const SYS_PYTHON: &str = "/usr/bin/python3";
+
+/// Opens `tap` as `uid` the way Firecracker does (TUNSETIFF, IFF_TAP|IFF_NO_PI|IFF_VNET_HDR).
+fn open_tap_as(ns: &Ns, tap: &str, uid: u32) -> std::process::Output {
+    const PY: &str = "import fcntl, os, struct, sys\n\
+fd = os.open('/dev/net/tun', os.O_RDWR)\n\
+fcntl.ioctl(fd, 0x400454ca, struct.pack('16sh22x', sys.argv[1].encode(), 0x0002 | 0x1000 | 0x4000))\n";
+    let (u, g) = (format!("--reuid={uid}"), format!("--regid={uid}"));
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            "setpriv",
+            &u,
+            &g,
+            "--clear-groups",
+        ])
+        .args([SYS_PYTHON, "-c", PY, tap])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn only_the_owner_can_open_the_tap() {
+    need_netns!("only_the_owner_can_open_the_tap");
+    use std::os::unix::fs::MetadataExt;
+    let mode = std::fs::metadata("/dev/net/tun")
+        .map(|m| m.mode())
+        .unwrap_or(0);
+    if mode & 0o006 != 0o006
+        || !std::path::Path::new(SYS_PYTHON).exists()
+        || !have("setpriv", "--version")
+    {
+        eprintln!(
+            "SKIP: only_the_owner_can_open_the_tap: needs /dev/net/tun mode 0666 (scripts/deps.sh), {SYS_PYTHON} and setpriv"
+        );
+        return;
+    }
+    let ns = Ns::new("owner");
+    ns.call(
+        "priv.net_up",
+        json!({"id": A, "ip": "172.30.0.2", "nat": false}),
+    )
+    .unwrap();
+    let o = open_tap_as(&ns, &tap_name(A), OWNER);
+    assert!(
+        o.status.success(),
+        "the owner could not open its tap: {}",
+        stderr(&o)
+    );
+    let o = open_tap_as(&ns, &tap_name(A), OWNER + 1);
+    assert!(!o.status.success(), "another user opened the owner's tap");
+    assert!(
+        stderr(&o).contains("Operation not permitted"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn doctor_network_row_sees_the_namespace() {
+    need_netns!("doctor_network_row_sees_the_namespace");
+    let ns = Ns::new("doctor");
+    let row = |ns: &Ns| -> Value {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .arg(ns.bed.bin.join("banger"))
+            .args(["doctor", "--json"])
+            .env("BANGER_ROOT", &ns.bed.root)
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+        v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "network")
+            .cloned()
+            .unwrap()
+    };
+    let details = |r: &Value| r["details"].to_string();
+    let r = row(&ns);
+    assert!(details(&r).contains("bridge banger0 is absent"), "{r}");
+    ns.call(
+        "priv.net_up",
+        json!({"id": A, "ip": "172.30.0.2", "nat": true}),
+    )
+    .unwrap();
+    let r = row(&ns);
+    let d = details(&r);
+    assert!(d.contains("1 VM tap(s), 1 with NAT"), "{r}");
+    assert!(d.contains("ip_forward = 1"), "{r}");
+    assert!(
+        d.contains("table inet banger present, 1 NAT address(es)"),
+        "{r}"
+    );
+    // The table deleted behind banger's back while a VM runs: FAIL.
+    ns.out(&["nft", "delete", "table", "inet", "banger"]);
+    let r = row(&ns);
+    assert_eq!(r["level"], "FAIL", "{r}");
+    assert!(details(&r).contains("missing while VMs run"), "{r}");
+    // A bad config: FAIL naming the key.
+    std::fs::write(
+        ns.bed.layout().config_toml(),
+        "[network]\nsubnet = \"10.0.0.0/8\"\n",
+    )
+    .unwrap();
+    let r = row(&ns);
+    assert_eq!(r["level"], "FAIL", "{r}");
+    assert!(details(&r).contains("network.subnet"), "{r}");
+}
