@@ -64,7 +64,7 @@ pub struct ExecCmd {
 )]
 pub struct PortsCmd {
     /// VM names or ids
-    #[argh(positional, greedy)]
+    #[argh(positional)]
     vms: Vec<String>,
     /// print JSON
     #[argh(switch)]

@@ -17,6 +17,9 @@ use crate::error::{Error, Result};
 /// The exit status ssh uses for its own failures (connection, authentication, host key).
 pub const SSH_FAILED: i32 = 255;
 
+/// Seconds ssh waits for the guest to accept the connection and send its banner.
+pub const CONNECT_TIMEOUT_S: u32 = 10;
+
 /// Whether the remote side gets a terminal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tty {
@@ -69,6 +72,9 @@ impl SshCommand<'_> {
         a.extend(opt("PreferredAuthentications", "publickey"));
         a.extend(opt("HostKeyAlgorithms", "ssh-ed25519"));
         a.extend(opt("LogLevel", "ERROR"));
+        // A guest on the local bridge answers within milliseconds or not at all (a stopped
+        // VM's address, a guest still booting): do not wait for TCP's minutes-long give-up.
+        a.extend(opt("ConnectTimeout", &CONNECT_TIMEOUT_S.to_string()));
         if let Some(p) = self.port {
             a.push("-p".into());
             a.push(p.to_string());
@@ -292,6 +298,8 @@ mod tests {
                 "HostKeyAlgorithms=ssh-ed25519",
                 "-o",
                 "LogLevel=ERROR",
+                "-o",
+                "ConnectTimeout=10",
                 "-T",
                 "root@172.30.0.2",
                 "--",
@@ -389,6 +397,7 @@ mod tests {
                 "globalknownhostsfile none".to_string(),
                 "stricthostkeychecking true".to_string(),
                 "identitiesonly yes".to_string(),
+                "connecttimeout 10".to_string(),
                 "hostkeyalgorithms ssh-ed25519".to_string(),
                 "preferredauthentications publickey".to_string(),
                 "user root".to_string(),

@@ -45,9 +45,10 @@ pub fn render(layout: &Layout, vms: &[VmHost]) -> Result<String> {
             "\nHost {alias}\n    HostName {ip}\n    User root\n    IdentityFile {key}\n    \
              UserKnownHostsFile {kh}\n    GlobalKnownHostsFile none\n    StrictHostKeyChecking yes\n    \
              IdentitiesOnly yes\n    PreferredAuthentications publickey\n    \
-             HostKeyAlgorithms ssh-ed25519\n    LogLevel ERROR\n",
+             HostKeyAlgorithms ssh-ed25519\n    LogLevel ERROR\n    ConnectTimeout {timeout}\n",
             alias = super::host_alias(&vm.name),
             ip = vm.ip,
+            timeout = super::command::CONNECT_TIMEOUT_S,
         ));
     }
     Ok(out)
@@ -101,6 +102,7 @@ mod tests {
                 "PreferredAuthentications publickey",
                 "HostKeyAlgorithms ssh-ed25519",
                 "LogLevel ERROR",
+                "ConnectTimeout 10",
                 "",
             ]
         );

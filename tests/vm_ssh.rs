@@ -1,0 +1,243 @@
+//! SSH plumbing end to end through the real daemon, root helper and CLI (under a temp layout, as
+//! root), with the stand-in VMM whose "guest" agent answers `hello` with a fixed, marked host key:
+//! the daemon passes `banger.name=`/`banger.key=` at boot, pins the agent's host key in banger's
+//! own known_hosts, keeps the generated ssh config in step, refuses a changed host key loudly (the
+//! VM is stopped, nothing re-pinned), forgets the pins at delete; `vm ports`, `vm run`'s usage
+//! errors, `vm exec`'s exit status when ssh itself fails. (Real sshd in a real guest: the smoke
+//! suite's TCG scenarios.)
+//!
+//! The helper runs in a network namespace of the test's own; every command that connects to a
+//! guest address runs inside it too, so no packet reaches the machine's own network.
+
+mod common;
+#[path = "guest/mod.rs"]
+mod guest;
+
+use common::vmm::find_vmm;
+use common::*;
+use serde_json::Value;
+use std::process::{Command, Output};
+
+/// The stand-in guest's host key (standin/src/server.rs `STANDIN_HOST_KEY`).
+const STANDIN_HOST_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGposxU1u8AlmBpcq3yn+btS1uQymLutYq90E6gMTcpH";
+
+struct Host {
+    bed: Bed,
+    _daemon: Server,
+    _helper: Server,
+    ns: NetNs,
+}
+
+impl Host {
+    fn new(name: &str) -> Option<Host> {
+        if !is_root() {
+            eprintln!("SKIP: vm_ssh tests need root (the helper launches VMMs)");
+            return None;
+        }
+        let (vmm, standin) = match find_vmm() {
+            Ok(v) => v,
+            Err(why) => {
+                eprintln!("SKIP: {why}");
+                return None;
+            }
+        };
+        if !standin {
+            eprintln!("SKIP: vm_ssh tests need the stand-in VMM's agent (the tiny guest has none)");
+            return None;
+        }
+        let ns = match NetNs::new(name) {
+            Ok(ns) => ns,
+            Err(why) => {
+                eprintln!("SKIP: {why}");
+                return None;
+            }
+        };
+        let bed = Bed::new(name);
+        let l = bed.layout();
+        let helper = bed.spawn_in(
+            Some(&ns),
+            "bangerd-root",
+            &l.helper_socket(),
+            &[("BANGER_FIRECRACKER", &vmm)],
+        );
+        let daemon = bed.spawn("bangerd", &l.daemon_socket());
+        let h = Host {
+            bed,
+            _daemon: daemon,
+            _helper: helper,
+            ns,
+        };
+        let kernel = guest::build_tiny_guest(&h.bed.root).expect("building the tiny guest");
+        let rootfs = h.bed.root.join("rootfs.img");
+        std::fs::write(&rootfs, vec![0u8; 1 << 20]).unwrap();
+        h.ok(&["kernel", "import", "tiny", kernel.to_str().unwrap()]);
+        let r = rootfs.to_str().unwrap();
+        h.ok(&[
+            "image", "import", "agent", "--rootfs", r, "--kernel", "tiny",
+        ]);
+        Some(h)
+    }
+
+    /// The CLI inside the test's network namespace (anything that connects to a guest address).
+    fn run_in_ns(&self, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns.name])
+            .arg(self.bed.bin.join("banger"))
+            .args(args)
+            .env("BANGER_ROOT", &self.bed.root)
+            .output()
+            .unwrap()
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.bed.run("banger", args)
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "banger {args:?} failed: {}\ndaemon log:\n{}",
+            stderr(&o),
+            std::fs::read_to_string(self.bed.root.join("bangerd.log")).unwrap_or_default()
+        );
+        stdout(&o)
+    }
+
+    fn show(&self, vm: &str) -> Value {
+        let v: Value = serde_json::from_str(&self.ok(&["vm", "show", vm, "--json"])).unwrap();
+        v["vm"].clone()
+    }
+
+    fn known_hosts(&self) -> String {
+        std::fs::read_to_string(self.bed.layout().ssh_known_hosts()).unwrap_or_default()
+    }
+
+    fn ssh_config(&self) -> String {
+        std::fs::read_to_string(self.bed.layout().ssh_config()).unwrap_or_default()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let vms = self.bed.layout().vms_dir();
+        for e in std::fs::read_dir(&vms).into_iter().flatten().flatten() {
+            if let Ok(Some(h)) = banger::vmm::identity::read_handles(&e.path().join("handles.json"))
+            {
+                if let Some(pid) = rustix::process::Pid::from_raw(h.identity.pid) {
+                    if matches!(
+                        banger::vmm::identity::classify(&h.identity, std::path::Path::new("/proc")),
+                        banger::vmm::identity::Liveness::Alive
+                    ) {
+                        let _ = rustix::process::kill_process(pid, rustix::process::Signal::Kill);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn host_key_pinned_at_boot_refused_when_changed_forgotten_at_delete() {
+    let Some(h) = Host::new("ssh-pin") else {
+        return;
+    };
+    let l = h.bed.layout();
+    h.ok(&["vm", "create", "--name", "ag", "--image", "agent"]);
+    let vm = h.show("ag");
+    let (id, ip) = (vm["id"].as_str().unwrap(), vm["ip"].as_str().unwrap());
+
+    // The install's key exists, owner-only, and the guest was told it and its name.
+    let key = banger::ssh::OwnerKey::load(&l).expect("the daemon made the key");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&key.path).unwrap().mode() & 0o777, 0o600);
+    let hello = banger::agent::call_hello(
+        &l.vm_dir(id).join("vsock.sock"),
+        banger::agent::AGENT_VSOCK_PORT,
+    )
+    .unwrap();
+    assert_eq!(hello.hostname, "ag", "banger.name= reached the guest");
+
+    // Pinned for ag.vm and its address, tagged with the VM id.
+    let kh = h.known_hosts();
+    assert_eq!(
+        kh,
+        format!("ag.vm,{ip} {STANDIN_HOST_KEY} banger-vm={id}\n"),
+        "{kh}"
+    );
+    // The generated ssh config has its block.
+    let cfg = h.ssh_config();
+    assert!(
+        cfg.contains(&format!("Host ag.vm\n    HostName {ip}\n")),
+        "{cfg}"
+    );
+
+    // A restart keeps the same pin (idempotent).
+    h.ok(&["vm", "restart", "ag"]);
+    assert_eq!(h.known_hosts(), kh);
+
+    // `vm ports`: the agent's (empty) listener list, in both forms.
+    let out = h.ok(&["vm", "ports", "ag", "--json"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["ports"], serde_json::json!([]), "{out}");
+    assert!(h.ok(&["vm", "ports", "ag"]).starts_with("ENDPOINT"));
+
+    // Another key pinned for it (as if the guest's key changed): the next boot is refused loudly,
+    // the VM is left stopped and the pin is not replaced.
+    let other = banger::ssh::PublicKey::from_bytes([7; 32]).to_openssh();
+    std::fs::write(
+        l.ssh_known_hosts(),
+        format!("ag.vm,{ip} {other} banger-vm={id}\n"),
+    )
+    .unwrap();
+    let o = h.run(&["vm", "restart", "ag"]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("HOST KEY HAS CHANGED"), "{err}");
+    assert!(err.contains("man-in-the-middle"), "{err}");
+    assert!(err.contains("banger vm delete ag"), "{err}");
+    assert_eq!(h.show("ag")["state"], "stopped");
+    assert!(h.known_hosts().contains(&other));
+
+    // `vm ssh` to a stopped VM says how to start it, and runs no ssh.
+    let o = h.run(&["vm", "exec", "ag", "--", "true"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("banger vm start ag"), "{}", stderr(&o));
+
+    // Delete forgets the pin and the config block.
+    h.ok(&["vm", "delete", "ag"]);
+    assert_eq!(h.known_hosts(), "");
+    assert!(!h.ssh_config().contains("Host ag.vm"));
+}
+
+#[test]
+fn exec_reports_sshs_own_failure_and_run_refuses_bad_flags() {
+    let Some(h) = Host::new("ssh-exec") else {
+        return;
+    };
+    // Usage errors: exit 2, nothing created.
+    for args in [
+        &["vm", "run", "-d", "--rm"][..],
+        &["vm", "run", "-d", "--", "true"],
+        &["vm", "exec", "nope"],
+        &["vm", "run", "--name", "Bad_Name"],
+    ] {
+        let o = h.run(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+    }
+    let v: Value = serde_json::from_str(&h.ok(&["vm", "list", "--json"])).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 0, "{v}");
+
+    // `vm run -d`: creates, boots, prints the name and how to get in, returns.
+    let out = h.ok(&["vm", "run", "-d", "--name", "bg", "--image", "agent"]);
+    assert_eq!(out, "bg\nbanger vm ssh bg\n");
+    assert_eq!(h.show("bg")["state"], "running");
+
+    // The stand-in's guest has no sshd: ssh itself fails (255), and banger says so. Inside the
+    // test's namespace, where the guest address lives.
+    let o = h.run_in_ns(&["vm", "exec", "bg", "--", "sh", "-c", "exit 7"]);
+    assert_eq!(o.status.code(), Some(255), "{}", stderr(&o));
+    assert!(stderr(&o).contains("ssh itself failed"), "{}", stderr(&o));
+    h.ok(&["vm", "delete", "bg"]);
+}
