@@ -144,6 +144,19 @@ impl Layout {
         self.root.join(rel).join(".ssh").join("config")
     }
 
+    /// Where bash-completion looks for a command's script (`/usr/share/bash-completion/completions`).
+    pub fn bash_completion_dir(&self) -> PathBuf {
+        self.at("usr/share/bash-completion/completions")
+    }
+    /// zsh's directory for packaged completion functions (`/usr/share/zsh/vendor-completions`).
+    pub fn zsh_completion_dir(&self) -> PathBuf {
+        self.at("usr/share/zsh/vendor-completions")
+    }
+    /// fish's directory for packaged completions (`/usr/share/fish/vendor_completions.d`).
+    pub fn fish_completion_dir(&self) -> PathBuf {
+        self.at("usr/share/fish/vendor_completions.d")
+    }
+
     /// `/var/cache/banger`.
     pub fn cache_dir(&self) -> PathBuf {
         self.at("var/cache/banger")

@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use argh::FromArgs;
+use argh::{ArgsInfo, FromArgs};
 use serde_json::{json, Value};
 
 use crate::error::{Context, Error, Result};
@@ -17,7 +17,7 @@ use crate::rpc::client;
 use crate::ssh::command::{exit_code, SshCommand, Tty};
 use crate::ssh::known_hosts::KnownHosts;
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Open a shell in a running VM over SSH, or run one command there.
 #[argh(
     subcommand,
@@ -35,7 +35,7 @@ pub struct SshCmd {
     command: Vec<String>,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Run one command in a running VM; its stdin, stdout, stderr and exit status are banger's.
 #[argh(
     subcommand,
@@ -53,7 +53,7 @@ pub struct ExecCmd {
     command: Vec<String>,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// List the TCP ports VMs listen on, as the guest agent sees them.
 #[argh(
     subcommand,

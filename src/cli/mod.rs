@@ -3,6 +3,7 @@
 //! Each command group lives in its own module and returns `Result<i32>`; this module maps errors
 //! to `banger: <what failed>: <why> (<what to do>)` on stderr with exit 1 (usage errors exit 2).
 
+mod completion;
 mod daemon;
 mod doctor;
 mod enter;
@@ -13,9 +14,9 @@ mod update;
 mod vm;
 
 use crate::error::{Error, Result};
-use argh::FromArgs;
+use argh::{ArgsInfo, FromArgs};
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// banger: one-command development sandboxes on Firecracker microVMs.
 #[argh(
     example = "Install banger on this host for user alice (once, as root):\n  sudo banger system install --owner alice",
@@ -29,7 +30,7 @@ struct Top {
     cmd: Cmd,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 #[argh(subcommand)]
 enum Cmd {
     Version(VersionCmd),
@@ -41,9 +42,10 @@ enum Cmd {
     Kernel(vm::KernelCmd),
     Update(update::UpdateCmd),
     SshConfig(ssh_config::SshConfigCmd),
+    Completion(completion::CompletionCmd),
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Print this binary's build identity as three lines: version, commit, built_at.
 #[argh(subcommand, name = "version")]
 struct VersionCmd {}
@@ -70,6 +72,7 @@ pub fn run(args: Vec<String>) -> i32 {
         Cmd::Kernel(c) => vm::run_kernel(c),
         Cmd::Update(c) => update::run(c),
         Cmd::SshConfig(c) => ssh_config::run(c),
+        Cmd::Completion(c) => completion::run(c),
     };
     match result {
         Ok(code) => code,

@@ -8,7 +8,7 @@
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use argh::FromArgs;
+use argh::{ArgsInfo, FromArgs};
 use serde_json::json;
 
 use super::enter::{self, Interrupts};
@@ -19,7 +19,7 @@ use crate::rpc::client;
 /// How long a ready guest's sshd may take to accept connections.
 const SSHD_WAIT: Duration = Duration::from_secs(60);
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Create a VM, wait until it is ready, and open a shell in it (or run one command).
 #[argh(
     subcommand,

@@ -6,13 +6,13 @@
 
 use std::path::PathBuf;
 
-use argh::FromArgs;
+use argh::{ArgsInfo, FromArgs};
 
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::ssh::include::{self, Outcome};
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Let plain `ssh NAME.vm` reach VMs: show, install or remove the Include of banger's ssh config.
 #[argh(
     subcommand,

@@ -6,7 +6,7 @@
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::rpc::client;
-use argh::FromArgs;
+use argh::{ArgsInfo, FromArgs};
 use serde_json::{json, Value};
 use std::io::Write;
 use std::time::Duration;
@@ -14,7 +14,7 @@ use std::time::Duration;
 /// How long a create/start/restart may take end to end.
 const LONG_CALL: Duration = Duration::from_secs(300);
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Create, run, inspect and remove VMs.
 #[argh(
     subcommand,
@@ -29,7 +29,7 @@ pub struct VmCmd {
     cmd: VmSub,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 #[argh(subcommand)]
 enum VmSub {
     Create(CreateCmd),
@@ -48,7 +48,7 @@ enum VmSub {
     Ports(super::enter::PortsCmd),
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Create a VM from an image and start it (unless --no-start); returns once the guest is ready.
 #[argh(subcommand, name = "create")]
 struct CreateCmd {
@@ -73,7 +73,7 @@ struct CreateCmd {
     nat: bool,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Start a stopped VM; returns once the guest is ready.
 #[argh(subcommand, name = "start")]
 struct StartCmd {
@@ -82,7 +82,7 @@ struct StartCmd {
     vm: String,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Stop a VM and start it again: a new boot with a new boot_id.
 #[argh(subcommand, name = "restart")]
 struct RestartCmd {
@@ -91,7 +91,7 @@ struct RestartCmd {
     vm: String,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Stop a VM gracefully (Ctrl-Alt-Del), killing it after --timeout seconds if it does not stop.
 #[argh(subcommand, name = "stop")]
 struct StopCmd {
@@ -103,7 +103,7 @@ struct StopCmd {
     timeout: u64,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Send a signal to a VM's VMM process (default KILL): TERM, KILL, INT or HUP.
 #[argh(subcommand, name = "kill")]
 struct KillCmd {
@@ -115,7 +115,7 @@ struct KillCmd {
     signal: String,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Delete VMs (stopping them first) and their disks.
 #[argh(subcommand, name = "delete")]
 struct DeleteCmd {
@@ -124,7 +124,7 @@ struct DeleteCmd {
     vms: Vec<String>,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// List VMs.
 #[argh(subcommand, name = "list")]
 struct ListCmd {
@@ -133,7 +133,7 @@ struct ListCmd {
     json: bool,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// List VMs (same as `vm list`).
 #[argh(subcommand, name = "ps")]
 struct PsCmd {
@@ -142,7 +142,7 @@ struct PsCmd {
     json: bool,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Show one VM: state, VMM identity, guest boot_id, files.
 #[argh(subcommand, name = "show")]
 struct ShowCmd {
@@ -154,7 +154,7 @@ struct ShowCmd {
     json: bool,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Print a VM's console log; -f keeps following it.
 #[argh(subcommand, name = "logs")]
 struct LogsCmd {
@@ -438,7 +438,7 @@ fn logs(vm: &str, follow: bool) -> Result<i32> {
     }
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Import, list and remove images (a root filesystem plus the kernel to boot it with).
 #[argh(
     subcommand,
@@ -450,7 +450,7 @@ pub struct ImageCmd {
     cmd: ImageSub,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 #[argh(subcommand)]
 enum ImageSub {
     Import(ImageImport),
@@ -458,7 +458,7 @@ enum ImageSub {
     Rm(ImageRm),
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Import a root filesystem as an image (copied into banger's state).
 #[argh(subcommand, name = "import")]
 struct ImageImport {
@@ -477,7 +477,7 @@ struct ImageImport {
     ready_console: Option<String>,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// List images.
 #[argh(subcommand, name = "list")]
 struct ImageList {
@@ -486,7 +486,7 @@ struct ImageList {
     json: bool,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Remove an image (VMs made from it keep their own disks).
 #[argh(subcommand, name = "rm")]
 struct ImageRm {
@@ -537,7 +537,7 @@ pub fn run_image(c: ImageCmd) -> Result<i32> {
     }
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Import, list and remove guest kernels.
 #[argh(
     subcommand,
@@ -549,7 +549,7 @@ pub struct KernelCmd {
     cmd: KernelSub,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 #[argh(subcommand)]
 enum KernelSub {
     Import(KernelImport),
@@ -557,7 +557,7 @@ enum KernelSub {
     Rm(KernelRm),
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Import a guest kernel (an uncompressed vmlinux ELF; copied into banger's state).
 #[argh(subcommand, name = "import")]
 struct KernelImport {
@@ -569,7 +569,7 @@ struct KernelImport {
     path: String,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// List kernels.
 #[argh(subcommand, name = "list")]
 struct KernelList {
@@ -578,7 +578,7 @@ struct KernelList {
     json: bool,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Remove a kernel no image uses.
 #[argh(subcommand, name = "rm")]
 struct KernelRm {
