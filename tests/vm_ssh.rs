@@ -6,12 +6,19 @@
 //! errors, `vm exec`'s exit status when ssh itself fails. (Real sshd in a real guest: the smoke
 //! suite's TCG scenarios.)
 //!
+//! `vm exec` end to end: a real sshd plays the guest's sshd at the VM's address inside the test's
+//! namespace (the stand-in has none), with the test re-pinning that sshd's host key as the agent
+//! would have reported it. With `BANGER_SSH_BENCH=1` it also prints `vm exec NAME -- true` against
+//! plain `ssh` with the same options (median of 20) — numbers, never asserted.
+//!
 //! The helper runs in a network namespace of the test's own; every command that connects to a
 //! guest address runs inside it too, so no packet reaches the machine's own network.
 
 mod common;
 #[path = "guest/mod.rs"]
 mod guest;
+#[path = "sshd/mod.rs"]
+mod sshd;
 
 use common::vmm::find_vmm;
 use common::*;
@@ -240,4 +247,136 @@ fn exec_reports_sshs_own_failure_and_run_refuses_bad_flags() {
     assert_eq!(o.status.code(), Some(255), "{}", stderr(&o));
     assert!(stderr(&o).contains("ssh itself failed"), "{}", stderr(&o));
     h.ok(&["vm", "delete", "bg"]);
+}
+
+fn median_ms(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+#[test]
+fn vm_exec_through_a_real_sshd_at_the_vms_address() {
+    if let Err(why) = sshd::sshd_binary() {
+        eprintln!("SKIP: vm_exec_through_a_real_sshd_at_the_vms_address: {why}");
+        return;
+    }
+    let Some(h) = Host::new("ssh-real") else {
+        return;
+    };
+    let l = h.bed.layout();
+    h.ok(&["vm", "create", "--name", "ex", "--image", "agent"]);
+    let vm = h.show("ex");
+    let (id, ip) = (vm["id"].as_str().unwrap(), vm["ip"].as_str().unwrap());
+    // The guest's address answers inside the namespace (on its loopback), served by a real sshd
+    // that accepts banger's key, as the agent arranges in a real guest.
+    assert!(h
+        .ns
+        .ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"])
+        .status
+        .success());
+    assert!(h.ns.ip(&["link", "set", "lo", "up"]).status.success());
+    let key = banger::ssh::OwnerKey::load(&l).unwrap();
+    let sshd = sshd::Sshd::start(
+        &h.ns.name,
+        ip,
+        &h.bed.root.join("sshd"),
+        &key.authorized_keys_line(),
+    );
+    // This sshd's host key in the pin, as if the agent had reported it.
+    std::fs::write(
+        l.ssh_known_hosts(),
+        format!("ex.vm,{ip} {} banger-vm={id}\n", sshd.host_key),
+    )
+    .unwrap();
+
+    let o = h.run_in_ns(&["vm", "exec", "ex", "--", "sh", "-c", "exit 7"]);
+    assert_eq!(
+        o.status.code(),
+        Some(7),
+        "{}\nsshd: {}",
+        stderr(&o),
+        sshd.log_text()
+    );
+    let o = h.run_in_ns(&[
+        "vm", "exec", "ex", "--", "printf", "%s|", "a b", "it's", "$HOME", "",
+    ]);
+    assert_eq!(stdout(&o), "a b|it's|$HOME||");
+    let o = h.run_in_ns(&["vm", "ssh", "ex", "--", "hostname"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    if std::env::var_os("BANGER_SSH_BENCH").is_none() {
+        eprintln!("note: set BANGER_SSH_BENCH=1 to time vm exec against plain ssh");
+        return;
+    }
+    let time = |cmd: &mut Command| -> f64 {
+        let t = std::time::Instant::now();
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        t.elapsed().as_secs_f64() * 1000.0
+    };
+    let (k, kh) = (l.ssh_key(), l.ssh_known_hosts());
+    let words = vec!["true".to_string()];
+    let argv = banger::ssh::command::SshCommand {
+        key: &k,
+        known_hosts: &kh,
+        host: ip,
+        port: None,
+        tty: banger::ssh::command::Tty::No,
+        command: Some(&words),
+    }
+    .argv()
+    .unwrap();
+    let (mut banger_ms, mut ssh_ms) = (Vec::new(), Vec::new());
+    for _ in 0..20 {
+        banger_ms.push(time(
+            Command::new("ip")
+                .args(["netns", "exec", &h.ns.name])
+                .arg(h.bed.bin.join("banger"))
+                .args(["vm", "exec", "ex", "--", "true"])
+                .env("BANGER_ROOT", &h.bed.root),
+        ));
+        ssh_ms.push(time(
+            Command::new("ip")
+                .args(["netns", "exec", &h.ns.name])
+                .args(&argv),
+        ));
+    }
+    let (b, s) = (median_ms(banger_ms), median_ms(ssh_ms));
+    eprintln!(
+        "BENCH vm exec NAME -- true: median of 20 {b:.1} ms; plain ssh, same options: {s:.1} ms; wrapper overhead {:.1} ms",
+        b - s
+    );
+    // The same, with `ssh` on PATH replaced by /bin/true: banger's own cost, without ssh's
+    // noise (a loaded 2-core machine moves ssh's time by tens of ms between runs).
+    let stub = h.bed.root.join("stub-path");
+    std::fs::create_dir_all(&stub).unwrap();
+    std::fs::copy("/bin/true", stub.join("ssh")).unwrap();
+    let (mut banger_ms, mut stub_ms) = (Vec::new(), Vec::new());
+    for _ in 0..20 {
+        banger_ms.push(time(
+            h.bed
+                .cmd("banger")
+                .args(["vm", "exec", "ex", "--", "true"])
+                .env("PATH", &stub),
+        ));
+        stub_ms.push(time(Command::new(stub.join("ssh")).args(&argv[1..])));
+    }
+    let (b, s) = (median_ms(banger_ms), median_ms(stub_ms));
+    eprintln!(
+        "BENCH wrapper alone (ssh stubbed by /bin/true): vm exec {b:.1} ms, the stub alone {s:.1} ms; overhead {:.1} ms",
+        b - s
+    );
+    // Where the overhead goes: the binary starting, and the one RPC it makes.
+    let bare = |args: &[&str]| {
+        median_ms(
+            (0..20)
+                .map(|_| time(h.bed.cmd("banger").args(args)))
+                .collect(),
+        )
+    };
+    eprintln!(
+        "BENCH parts: `banger version` {:.1} ms, `banger vm show ex --json` {:.1} ms (median of 20)",
+        bare(&["version"]),
+        bare(&["vm", "show", "ex", "--json"])
+    );
 }
