@@ -304,6 +304,27 @@ fn vm_exec_through_a_real_sshd_at_the_vms_address() {
     let o = h.run_in_ns(&["vm", "ssh", "ex", "--", "hostname"]);
     assert!(o.status.success(), "{}", stderr(&o));
 
+    // Plain ssh through the generated config, included from a user's ~/.ssh/config by
+    // `ssh-config --install` (ssh reads the file given with -F as it would ~/.ssh/config).
+    let home = "/home/sshuser";
+    let o = h
+        .bed
+        .cmd("banger")
+        .args(["ssh-config", "--install"])
+        .env("HOME", home)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let user_cfg = l.user_ssh_config(std::path::Path::new(home));
+    let o = Command::new("ip")
+        .args(["netns", "exec", &h.ns.name, "ssh", "-F"])
+        .arg(&user_cfg)
+        .args(["ex.vm", "sh", "-c", "'exit 5'"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+
     if std::env::var_os("BANGER_SSH_BENCH").is_none() {
         eprintln!("note: set BANGER_SSH_BENCH=1 to time vm exec against plain ssh");
         return;
@@ -379,4 +400,105 @@ fn vm_exec_through_a_real_sshd_at_the_vms_address() {
         bare(&["version"]),
         bare(&["vm", "show", "ex", "--json"])
     );
+}
+
+/// `vm run` with `ssh` on PATH replaced by a stub that records its arguments (the stand-in's guest
+/// host key has no private half, so no real sshd can present it): `--rm` deletes the VM after
+/// the command and passes its exit status on, also when banger gets Ctrl-C meanwhile; without
+/// `--rm` the last line says the VM is still running. A real sshd at the VM's next address is
+/// what `vm run` waits for.
+#[test]
+fn vm_run_waits_for_sshd_runs_the_command_and_removes_the_vm() {
+    if let Err(why) = sshd::sshd_binary() {
+        eprintln!("SKIP: vm_run_waits_for_sshd_runs_the_command_and_removes_the_vm: {why}");
+        return;
+    }
+    let Some(h) = Host::new("ssh-run") else {
+        return;
+    };
+    let l = h.bed.layout();
+    // The first VM gets the subnet's first guest address: make it answer on TCP 22.
+    let ip = "172.30.0.2";
+    assert!(h.ns.ip(&["link", "set", "lo", "up"]).status.success());
+    assert!(h
+        .ns
+        .ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"])
+        .status
+        .success());
+    let _sshd = sshd::Sshd::start(&h.ns.name, ip, &h.bed.root.join("sshd"), "");
+    let stub = h.bed.root.join("stub");
+    std::fs::create_dir_all(&stub).unwrap();
+    let args_file = h.bed.root.join("ssh-args");
+    let write_stub = |body: &str| {
+        let p = stub.join("ssh");
+        std::fs::write(
+            &p,
+            format!(
+                "#!/bin/sh\nprintf '%s\\n' \"$@\" > '{}'\n{body}\n",
+                args_file.display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    let path = format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", stub.display());
+    let run = |args: &[&str]| -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &h.ns.name])
+            .arg(h.bed.bin.join("banger"))
+            .args(args)
+            .env("BANGER_ROOT", &h.bed.root)
+            .env("PATH", &path)
+            .output()
+            .unwrap()
+    };
+    let vms = || -> usize {
+        let v: Value = serde_json::from_str(&h.ok(&["vm", "list", "--json"])).unwrap();
+        v.as_array().unwrap().len()
+    };
+
+    // --rm -- command: the command's status, the VM gone afterwards.
+    write_stub("exit 7");
+    let o = run(&[
+        "vm", "run", "--rm", "--name", "r1", "--image", "agent", "--", "sh", "-c", "exit 7",
+    ]);
+    assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
+    assert!(stderr(&o).contains("deleted VM r1"), "{}", stderr(&o));
+    assert_eq!(vms(), 0);
+    let args = std::fs::read_to_string(&args_file).unwrap();
+    let args: Vec<&str> = args.lines().collect();
+    assert_eq!(
+        args[args.len() - 3..],
+        [format!("root@{ip}").as_str(), "--", "sh -c 'exit 7'"]
+    );
+    assert!(args.contains(&"StrictHostKeyChecking=yes"), "{args:?}");
+    // Its pin went with it.
+    assert_eq!(
+        std::fs::read_to_string(l.ssh_known_hosts()).unwrap_or_default(),
+        ""
+    );
+
+    // Ctrl-C (SIGINT to banger) while the command runs: still deleted, still the status.
+    write_stub("kill -INT $PPID; sleep 0.2; exit 130");
+    let o = run(&[
+        "vm", "run", "--rm", "--name", "r2", "--image", "agent", "--", "sleep", "100",
+    ]);
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    assert!(stderr(&o).contains("deleted VM r2"), "{}", stderr(&o));
+    assert_eq!(vms(), 0);
+
+    // Without --rm: a shell (no command words), then the VM stays and the last line says so.
+    write_stub("exit 0");
+    let o = run(&["vm", "run", "--name", "r3", "--image", "agent"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let last = stderr(&o).lines().last().unwrap_or_default().to_string();
+    assert!(
+        last.contains("VM r3 is still running") && last.contains("banger vm delete r3"),
+        "{last}"
+    );
+    assert_eq!(h.show("r3")["state"], "running");
+    let args = std::fs::read_to_string(&args_file).unwrap();
+    assert_eq!(args.lines().last(), Some(format!("root@{ip}").as_str()));
+    h.ok(&["vm", "delete", "r3"]);
 }
