@@ -57,6 +57,15 @@ fn main() {
         eprintln!("SKIP: net bench: needs root (network namespace, taps, nftables)");
         return;
     }
+    // Context for every number below: what one process spawn costs on this host right now.
+    let spawns: Vec<f64> = (0..30)
+        .map(|_| {
+            let t = Instant::now();
+            let _ = Command::new("/bin/true").status();
+            ms(t)
+        })
+        .collect();
+    println!("spawn of /bin/true (host load context): {}", stats(spawns));
     let ns = format!("bgbench-{}", std::process::id());
     enter_netns(&ns);
     let mut host = Host::new("bench-net", &[]);
@@ -164,6 +173,23 @@ fn main() {
     }
     println!("priv.net_up   nat=true with 40 NAT VMs up: {}", stats(up));
     println!("priv.net_down nat=true with 40 NAT VMs up: {}", stats(down));
+    // The kernel's share: creating a persistent tap (ioctls) and deleting it (rtnetlink), no RPC.
+    let mut nl = banger::net::rtnl::Rtnl::open().expect("rtnetlink");
+    let (mut create, mut delete) = (vec![], vec![]);
+    for i in 0..30 {
+        let name = format!("bgr-k{i}");
+        let t = Instant::now();
+        banger::net::tap::create_persistent(&name, 4242).expect("tap");
+        create.push(ms(t));
+        let t = Instant::now();
+        nl.delete(&name).expect("delete");
+        delete.push(ms(t));
+    }
+    println!("kernel: persistent tap create (ioctls): {}", stats(create));
+    println!(
+        "kernel: tap delete (rtnetlink, waits for unregister): {}",
+        stats(delete)
+    );
     let t = Instant::now();
     call("priv.net_purge", json!({}));
     println!("priv.net_purge (40 taps, bridge, table): {:.2} ms", ms(t));

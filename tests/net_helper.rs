@@ -621,3 +621,295 @@ fn doctor_network_row_sees_the_namespace() {
     assert_eq!(r["level"], "FAIL", "{r}");
     assert!(details(&r).contains("network.subnet"), "{r}");
 }
+
+fn csum(data: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for c in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A guest's ICMP echo request to the bridge address, as it would leave the VM: virtio-net header
+/// (10 zero bytes: the tap was opened with IFF_VNET_HDR), Ethernet, IPv4, ICMP.
+fn echo_frame(dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], seq: u16) -> Vec<u8> {
+    let mut icmp = vec![8, 0, 0, 0, 0x12, 0x34];
+    icmp.extend_from_slice(&seq.to_be_bytes());
+    icmp.extend_from_slice(b"banger-isolation");
+    let c = csum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 1, 0, 0];
+    ip[2..4].copy_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    let c = csum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut f = vec![0u8; 10];
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&[0x02, 0x0a, 0x0a, 0x0a, 0x0a, 0x0a]);
+    f.extend_from_slice(&[0x08, 0x00]);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&icmp);
+    f
+}
+
+/// Counts, for `ms`, frames the host sends the guest in answer: an ARP request for the guest's
+/// address or an IPv4 packet from the bridge address to the guest's.
+fn answers(tap: &std::fs::File, guest: [u8; 4], host: [u8; 4], ms: u64) -> usize {
+    use std::io::Read;
+    let deadline = Instant::now() + Duration::from_millis(ms);
+    let mut n = 0;
+    let mut buf = [0u8; 2048];
+    let mut r = tap;
+    while Instant::now() < deadline {
+        match r.read(&mut buf) {
+            Ok(len) if len > 10 + 14 => {
+                let f = &buf[10..len];
+                let ethertype = [f[12], f[13]];
+                let arp_for_guest =
+                    ethertype == [0x08, 0x06] && f.len() >= 42 && f[38..42] == guest;
+                // Unicast to the guest only: the bridge's own IGMP reports are not answers.
+                let ip_from_host = ethertype == [0x08, 0x00]
+                    && f.len() >= 34
+                    && f[26..30] == host
+                    && f[30..34] == guest;
+                if arp_for_guest || ip_from_host {
+                    n += 1;
+                }
+            }
+            Ok(_) => {}
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+    n
+}
+
+#[test]
+fn a_guest_cannot_reach_the_host() {
+    need_netns!("a_guest_cannot_reach_the_host");
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let ns = Ns::new("isolate");
+    ns.call(
+        "priv.net_up",
+        json!({"id": A, "ip": "172.30.0.2", "nat": false}),
+    )
+    .unwrap();
+    let v: Value =
+        serde_json::from_str(&ns.out(&["ip", "-j", "link", "show", "dev", "banger0"])).unwrap();
+    let mac: Vec<u8> = v[0]["address"]
+        .as_str()
+        .unwrap()
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).unwrap())
+        .collect();
+    let mac: [u8; 6] = mac.try_into().unwrap();
+    let ns_file = format!("/run/netns/{}", ns.name);
+    let tap = tap_name(A);
+    let (guest, host) = ([172, 30, 0, 2], [172, 30, 0, 1]);
+    // In a thread of its own: setns moves only the calling thread into the namespace.
+    let (blocked, open) = std::thread::spawn(move || {
+        let f = std::fs::File::open(&ns_file).unwrap();
+        // SAFETY: setns reads the open fd; it changes only this thread's network namespace.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        // Attach to the tap as the VMM would (root may attach to the owner's tap).
+        let mut t = banger::net::tap::open_like_firecracker(&tap).unwrap();
+        // SAFETY: fcntl on an fd this thread owns.
+        unsafe { libc::fcntl(t.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = answers(&t, guest, host, 100);
+        t.write_all(&echo_frame(mac, guest, host, 1)).unwrap();
+        let blocked = answers(&t, guest, host, 1000);
+        // Control: without banger's input rules the very same packet is answered.
+        let o = Command::new("nft")
+            .args(["flush", "chain", "inet", "banger", "input"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        t.write_all(&echo_frame(mac, guest, host, 2)).unwrap();
+        let open = answers(&t, guest, host, 1000);
+        (blocked, open)
+    })
+    .join()
+    .unwrap();
+    assert_eq!(blocked, 0, "the host answered a guest's new connection");
+    assert!(
+        open > 0,
+        "control: without the rules the host should have answered"
+    );
+}
+
+#[test]
+fn guests_cannot_reach_each_other() {
+    need_netns!("guests_cannot_reach_each_other");
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    let ns = Ns::new("ports");
+    for (id, ip) in [(A, "172.30.0.2"), (B, "172.30.0.3")] {
+        ns.call("priv.net_up", json!({"id": id, "ip": ip, "nat": true}))
+            .unwrap();
+    }
+    let ns_file = format!("/run/netns/{}", ns.name);
+    let (ta, tb) = (tap_name(A), tap_name(B));
+    let (isolated, control) = std::thread::spawn(move || {
+        let f = std::fs::File::open(&ns_file).unwrap();
+        // SAFETY: setns reads the open fd; it changes only this thread's network namespace.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        let mut a = banger::net::tap::open_like_firecracker(&ta).unwrap();
+        let mut b = banger::net::tap::open_like_firecracker(&tb).unwrap();
+        // SAFETY: fcntl on an fd this thread owns.
+        unsafe { libc::fcntl(b.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        std::thread::sleep(Duration::from_millis(200));
+        // A frame from A addressed to everyone, with a marker B can recognise.
+        let mut frame = vec![0u8; 10];
+        frame.extend_from_slice(&[0xff; 6]);
+        frame.extend_from_slice(&[0x02, 0x0a, 0x0a, 0x0a, 0x0a, 0x0a]);
+        frame.extend_from_slice(&[0x88, 0xb5]); // local experimental ethertype
+        frame.extend_from_slice(b"banger-port-isolation-probe..................");
+        let seen = |b: &mut std::fs::File, a: &mut std::fs::File| {
+            let mut buf = [0u8; 2048];
+            while b.read(&mut buf).is_ok() {}
+            a.write_all(&frame).unwrap();
+            let deadline = Instant::now() + Duration::from_millis(800);
+            let mut n = 0;
+            while Instant::now() < deadline {
+                match b.read(&mut buf) {
+                    Ok(len) if buf[..len].windows(12).any(|w| w == b"banger-port-") => n += 1,
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            n
+        };
+        let isolated = seen(&mut b, &mut a);
+        // Control: with isolation off on both ports the same frame reaches B.
+        for t in [&ta, &tb] {
+            let o = Command::new("ip")
+                .args([
+                    "link",
+                    "set",
+                    "dev",
+                    t,
+                    "type",
+                    "bridge_slave",
+                    "isolated",
+                    "off",
+                ])
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", stderr(&o));
+        }
+        let control = seen(&mut b, &mut a);
+        (isolated, control)
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        isolated, 0,
+        "guest B received guest A's frame through the bridge"
+    );
+    assert!(
+        control > 0,
+        "control: without isolation B should have received it"
+    );
+}
+
+#[test]
+fn only_nat_guests_are_forwarded_and_masqueraded() {
+    need_netns!("only_nat_guests_are_forwarded_and_masqueraded");
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    let ns = Ns::new("nat");
+    ns.call(
+        "priv.net_up",
+        json!({"id": A, "ip": "172.30.0.2", "nat": true}),
+    )
+    .unwrap();
+    ns.call(
+        "priv.net_up",
+        json!({"id": B, "ip": "172.30.0.3", "nat": false}),
+    )
+    .unwrap();
+    // The namespace's "uplink": a plain tap with an address, and a fixed neighbour behind it.
+    for args in [
+        &["ip", "tuntap", "add", "dev", "uplink0", "mode", "tap"][..],
+        &["ip", "addr", "add", "192.168.77.1/24", "dev", "uplink0"],
+        &["ip", "link", "set", "dev", "uplink0", "up"],
+        &[
+            "ip",
+            "neigh",
+            "add",
+            "192.168.77.2",
+            "lladdr",
+            "02:77:77:77:77:77",
+            "dev",
+            "uplink0",
+            "nud",
+            "permanent",
+        ],
+    ] {
+        ns.out(args);
+    }
+    let v: Value =
+        serde_json::from_str(&ns.out(&["ip", "-j", "link", "show", "dev", "banger0"])).unwrap();
+    let mac: [u8; 6] = v[0]["address"]
+        .as_str()
+        .unwrap()
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).unwrap())
+        .collect::<Vec<u8>>()
+        .try_into()
+        .unwrap();
+    let ns_file = format!("/run/netns/{}", ns.name);
+    let (ta, tb) = (tap_name(A), tap_name(B));
+    let outside = [192, 168, 77, 2];
+    // Each guest pings the outside address; what leaves the uplink is collected by source.
+    let sources = std::thread::spawn(move || {
+        let f = std::fs::File::open(&ns_file).unwrap();
+        // SAFETY: setns reads the open fd; it changes only this thread's network namespace.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        let mut up = banger::net::tap::open_like_firecracker("uplink0").unwrap();
+        // SAFETY: fcntl on an fd this thread owns.
+        unsafe { libc::fcntl(up.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        let mut a = banger::net::tap::open_like_firecracker(&ta).unwrap();
+        let mut b = banger::net::tap::open_like_firecracker(&tb).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let mut out = vec![];
+        for (t, src) in [(&mut a, [172, 30, 0, 2]), (&mut b, [172, 30, 0, 3])] {
+            let mut buf = [0u8; 2048];
+            while up.read(&mut buf).is_ok() {}
+            t.write_all(&echo_frame(mac, src, outside, 7)).unwrap();
+            let deadline = Instant::now() + Duration::from_millis(1000);
+            let mut seen: Vec<[u8; 4]> = vec![];
+            while Instant::now() < deadline {
+                match up.read(&mut buf) {
+                    Ok(len) if len >= 10 + 34 => {
+                        let f = &buf[10..len];
+                        if f[12..14] == [0x08, 0x00] && f[30..34] == outside {
+                            seen.push(f[26..30].try_into().unwrap());
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            out.push(seen);
+        }
+        out
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        sources[0],
+        vec![[192, 168, 77, 1]],
+        "the NAT guest's packet leaves once, masqueraded to the uplink's address"
+    );
+    assert!(
+        sources[1].is_empty(),
+        "a non-NAT guest was forwarded: {:?}",
+        sources[1]
+    );
+}

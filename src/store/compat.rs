@@ -139,7 +139,7 @@ fn read_applied_once(path: &Path, immutable: bool) -> Result<Vec<u32>> {
     Ok(applied.unwrap_or_default())
 }
 
-fn open_ro(path: &Path, immutable: bool) -> Result<Connection> {
+pub(super) fn open_ro(path: &Path, immutable: bool) -> Result<Connection> {
     let params = if immutable {
         "mode=ro&immutable=1"
     } else {
@@ -158,7 +158,7 @@ fn open_ro(path: &Path, immutable: bool) -> Result<Connection> {
 
 /// SQLite opens lazily; reading the schema forces the header check, so a file that is not a
 /// database fails here, naming the path, rather than on some later query.
-fn probe(conn: &Connection, path: &Path) -> Result<()> {
+pub(super) fn probe(conn: &Connection, path: &Path) -> Result<()> {
     conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
         r.get::<_, i64>(0)
     })
@@ -182,7 +182,7 @@ fn exists(path: &Path) -> Result<bool> {
 /// Whether a `-wal` or a (possibly hot) rollback `-journal` sits beside the database; either
 /// means the main file alone may not be the whole truth. An unreadable directory counts as yes,
 /// which only costs the immutable shortcut.
-fn has_sidecar(path: &Path) -> bool {
+pub(super) fn has_sidecar(path: &Path) -> bool {
     ["-wal", "-journal"].iter().any(|s| {
         !matches!(std::fs::symlink_metadata(sibling(path, s)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound)

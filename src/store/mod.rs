@@ -4,12 +4,16 @@
 //! This module owns the schema and every write to the file. It must never overwrite or
 //! "repair" a file it cannot read, and never touch a database that records migrations this
 //! binary does not know (it is older than the data). [`check`] and [`open_read_only`] never write.
+//! [`backup`] snapshots the database for `banger update` and puts a snapshot back on rollback.
 
+pub mod backup;
 mod compat;
 mod migrations;
 mod ops;
 mod records;
 
+#[cfg(test)]
+pub(crate) use compat::check_with;
 pub use compat::{check, open_read_only, Compat};
 pub use migrations::{Migration, LATEST, MIGRATIONS};
 pub use ops::Operation;

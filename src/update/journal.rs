@@ -7,8 +7,13 @@
 //! tell from the disk itself which binary is where: the journal says how far the update meant to
 //! get; the hashes say how far it really got.
 //!
+//! When the new release migrates the database, a `db.snapshot` record (after `update.begin`, before
+//! the swap) says where the copy of `state.db` taken before the update is; `db.restore.begin` and
+//! `db.restored` bracket putting it back during a rollback.
+//!
 //! [`recovery_plan`] turns the two into one of: nothing to do, discard (nothing on the host
-//! changed), roll back (restore the old binary, restarting the units if the new one may have run),
+//! changed), roll back (restore the old binary, restarting the units if the new one may have run,
+//! and putting the database snapshot back first if the new daemon may have migrated it),
 //! finish (the new version already passed doctor), or manual repair with the reason. It never acts;
 //! the update flow does, via `swap`. A torn last line (the record being written when the process
 //! died) is ignored; any other unreadable line is corruption and ends in manual repair.
@@ -45,12 +50,47 @@ pub struct UpdateInfo {
     pub new_sha256: String,
 }
 
+/// File name of the database snapshot inside the staging dir.
+pub const DB_SNAPSHOT_FILE: &str = "state.db.snapshot";
+
+/// The copy of `state.db` taken before an update whose daemon migrates it (the `db.snapshot`
+/// record).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DbSnapshot {
+    /// The snapshot's file name in the staging dir ([`DB_SNAPSHOT_FILE`]); absent when there was
+    /// no database before the update, so putting it back means removing the one the new daemon
+    /// created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// SHA-256 of the snapshot file, checked before it is put back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Its size.
+    pub bytes: u64,
+    /// Owner uid of the original `state.db` (the daemon runs as it).
+    pub uid: u32,
+    /// Owner gid of the original.
+    pub gid: u32,
+    /// Permission bits of the original.
+    pub mode: u32,
+}
+
 /// One step of an update. The names are the journal's on-disk vocabulary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Step {
     /// The update starts; carries [`UpdateInfo`]. Nothing on the host has changed yet.
     #[serde(rename = "update.begin")]
     UpdateBegin,
+    /// The database snapshot is complete and durable; carries [`DbSnapshot`]. Written right after
+    /// `update.begin` when the new release migrates the database, never otherwise.
+    #[serde(rename = "db.snapshot")]
+    DbSnapshot,
+    /// About to stop `bangerd` and put the database snapshot back (rolling back).
+    #[serde(rename = "db.restore.begin")]
+    DbRestoreBegin,
+    /// `state.db` is the snapshot again (durable), with no `-wal`/`-shm` beside it.
+    #[serde(rename = "db.restored")]
+    DbRestored,
     /// About to copy the staged binary next to the real one (`banger.new`).
     #[serde(rename = "swap.copy.begin")]
     SwapCopyBegin,
@@ -123,6 +163,9 @@ pub struct Record {
     /// Present on `update.begin`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub info: Option<UpdateInfo>,
+    /// Present on `db.snapshot`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub db: Option<DbSnapshot>,
 }
 
 /// Parses journal text. A last line without its newline that does not parse is a torn write and
@@ -167,6 +210,7 @@ pub struct Journal {
     path: PathBuf,
     file: File,
     info: UpdateInfo,
+    db: Option<DbSnapshot>,
 }
 
 impl Journal {
@@ -197,11 +241,13 @@ impl Journal {
             path: p,
             file,
             info: info.clone(),
+            db: None,
         };
         j.write(Record {
             step: Step::UpdateBegin,
             at: crate::clock::now_rfc3339(),
             info: Some(info),
+            db: None,
         })?;
         if let Some(dir) = j.path.parent() {
             fsync_dir(dir)?;
@@ -227,6 +273,7 @@ impl Journal {
             path: p,
             file,
             info,
+            db: db_snapshot(&records),
         };
         // A torn last line (never acknowledged) would glue onto the next record: cut it off.
         let text = std::fs::read(&j.path)
@@ -269,13 +316,31 @@ impl Journal {
         &self.path
     }
 
+    /// The database snapshot this update took, if it took one.
+    pub fn db_snapshot(&self) -> Option<&DbSnapshot> {
+        self.db.as_ref()
+    }
+
     /// Appends one record and fsyncs it before returning.
     pub fn append(&mut self, step: Step) -> Result<()> {
         self.write(Record {
             step,
             at: crate::clock::now_rfc3339(),
             info: None,
+            db: None,
         })
+    }
+
+    /// Appends the `db.snapshot` record for a snapshot that is already complete and durable.
+    pub fn record_db_snapshot(&mut self, snapshot: DbSnapshot) -> Result<()> {
+        self.write(Record {
+            step: Step::DbSnapshot,
+            at: crate::clock::now_rfc3339(),
+            info: None,
+            db: Some(snapshot.clone()),
+        })?;
+        self.db = Some(snapshot);
+        Ok(())
     }
 
     fn write(&mut self, r: Record) -> Result<()> {
@@ -287,6 +352,14 @@ impl Journal {
             .and_then(|()| self.file.sync_data())
             .map_err(|e| Error::new(format!("writing {}", self.path.display()), e))
     }
+}
+
+/// The snapshot the `db.snapshot` record describes, if there is one.
+pub fn db_snapshot(records: &[Record]) -> Option<DbSnapshot> {
+    records
+        .iter()
+        .find(|r| r.step == Step::DbSnapshot)
+        .and_then(|r| r.db.clone())
 }
 
 fn begin_info(records: &[Record]) -> Option<UpdateInfo> {
@@ -358,6 +431,9 @@ pub enum RecoveryPlan {
     RollBack {
         /// Restart `bangerd-root` and `bangerd` after restoring.
         restart_services: bool,
+        /// Before restarting: stop `bangerd` and put the database snapshot back (the new daemon
+        /// may have migrated the database, which the old one would refuse).
+        restore_db: bool,
     },
     /// The new version passed doctor before the interruption: record it in install.toml, remove
     /// `.previous` (`swap::commit`), wipe staging.
@@ -414,10 +490,23 @@ pub fn decide(records: &[Record], disk: &DiskState) -> RecoveryPlan {
         || reached(Step::RollbackRestartBegin);
     // The new binary may have been started by anything once it sat at the real path.
     let new_was_live = restarted || reached(Step::SwapPlacedNew) || disk.real == FileState::New;
+    let snapshot = reached(Step::DbSnapshot);
+    if snapshot && db_snapshot(records).is_none() {
+        return manual(
+            "the update journal's db.snapshot record does not say where the snapshot is".into(),
+        );
+    }
+    if !snapshot && (reached(Step::DbRestoreBegin) || reached(Step::DbRestored)) {
+        return manual("the update journal restores a database snapshot it never took".into());
+    }
+    // Once `db.restored` is durable the old daemon may have written to the restored database:
+    // putting the snapshot back again would lose that.
+    let restore_db = new_was_live && snapshot && !reached(Step::DbRestored);
     match (&disk.real, &disk.previous) {
         (FileState::Old, _) if !new_was_live => RecoveryPlan::Discard,
         (FileState::Old, _) | (_, FileState::Old) => RecoveryPlan::RollBack {
             restart_services: new_was_live,
+            restore_db,
         },
         _ => manual("the old binary is neither at the real path nor at .previous".into()),
     }
@@ -434,6 +523,18 @@ mod tests {
             step,
             at: "2026-01-01T00:00:00Z".into(),
             info: (step == Step::UpdateBegin).then(info),
+            db: (step == Step::DbSnapshot).then(snap),
+        }
+    }
+
+    fn snap() -> DbSnapshot {
+        DbSnapshot {
+            file: Some(DB_SNAPSHOT_FILE.into()),
+            sha256: Some("cc".into()),
+            bytes: 4096,
+            uid: 1000,
+            gid: 1000,
+            mode: 0o600,
         }
     }
 
@@ -491,7 +592,30 @@ mod tests {
         };
         let rb = |restart| RecoveryPlan::RollBack {
             restart_services: restart,
+            restore_db: false,
         };
+        let rbdb = |restore_db| RecoveryPlan::RollBack {
+            restart_services: true,
+            restore_db,
+        };
+        // The same update, with a database snapshot recorded right after update.begin.
+        let db_all = {
+            let mut v = vec![UpdateBegin, DbSnapshot];
+            v.extend_from_slice(&swap_all[1..]);
+            v
+        };
+        let db_with = |extra: &[Step]| {
+            let mut v = db_all.clone();
+            v.extend_from_slice(extra);
+            v
+        };
+        let restarts = [
+            RestartHelperBegin,
+            RestartHelperDone,
+            RestartDaemonBegin,
+            RestartDaemonDone,
+            DoctorBegin,
+        ];
         let cases: Vec<(Vec<Step>, FileState, FileState, Option<RecoveryPlan>)> = vec![
             (vec![], Missing, Missing, Some(RecoveryPlan::Nothing)),
             (
@@ -607,6 +731,84 @@ mod tests {
             (upto(3), other(), Missing, None),
             (vec![SwapBegin], Old, Missing, None),
             (vec![UpdateBegin, Unknown], Old, Missing, None),
+            // With a database snapshot: nothing to restore while the new binary never ran.
+            (
+                vec![UpdateBegin, DbSnapshot],
+                Old,
+                Missing,
+                Some(RecoveryPlan::Discard),
+            ),
+            (db_all[..5].to_vec(), Old, Old, Some(RecoveryPlan::Discard)),
+            // From the moment the new binary may have run, the snapshot goes back.
+            (db_all[..6].to_vec(), New, Old, Some(rbdb(true))),
+            (db_all.clone(), New, Old, Some(rbdb(true))),
+            (db_with(&restarts[..1]), New, Old, Some(rbdb(true))),
+            (db_with(&restarts), New, Old, Some(rbdb(true))),
+            (
+                db_with(&[RestartHelperBegin, RollbackBegin, RollbackRestored]),
+                Old,
+                Missing,
+                Some(rbdb(true)),
+            ),
+            // Killed while putting it back: do it again.
+            (
+                db_with(&[
+                    RestartHelperBegin,
+                    RollbackBegin,
+                    RollbackRestored,
+                    DbRestoreBegin,
+                ]),
+                Old,
+                Missing,
+                Some(rbdb(true)),
+            ),
+            // Put back: the old daemon may have written to it since; only restart.
+            (
+                db_with(&[
+                    RestartHelperBegin,
+                    RollbackBegin,
+                    RollbackRestored,
+                    DbRestoreBegin,
+                    DbRestored,
+                ]),
+                Old,
+                Missing,
+                Some(rbdb(false)),
+            ),
+            (
+                db_with(&[
+                    RestartHelperBegin,
+                    RollbackBegin,
+                    RollbackRestored,
+                    DbRestoreBegin,
+                    DbRestored,
+                    RollbackRestartBegin,
+                ]),
+                Old,
+                Missing,
+                Some(rbdb(false)),
+            ),
+            // Doctor passed: the migrated database stays with the new version.
+            (
+                db_with(&[
+                    RestartHelperBegin,
+                    RestartHelperDone,
+                    RestartDaemonBegin,
+                    RestartDaemonDone,
+                    DoctorBegin,
+                    DoctorPassed,
+                ]),
+                New,
+                Old,
+                Some(RecoveryPlan::Finish),
+            ),
+            // A restore without a snapshot does not add up.
+            (
+                with(&[RestartHelperBegin, RollbackBegin, DbRestoreBegin]),
+                Old,
+                Missing,
+                None,
+            ),
         ];
         for (i, (steps, real, previous, want)) in cases.into_iter().enumerate() {
             let mut records = journal(&steps);
@@ -627,6 +829,40 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_record_that_says_nothing_is_manual_repair() {
+        use Step::*;
+        let mut records = journal(&[
+            UpdateBegin,
+            DbSnapshot,
+            SwapCopyBegin,
+            SwapCopyDone,
+            SwapBegin,
+            SwapSavedOld,
+            SwapPlacedNew,
+        ]);
+        records[1].db = None;
+        let disk = DiskState {
+            real: New,
+            previous: Old,
+        };
+        assert!(matches!(
+            decide(&records, &disk),
+            RecoveryPlan::Manual { .. }
+        ));
+        assert_eq!(
+            db_snapshot(&journal(&[UpdateBegin, DbSnapshot])),
+            Some(snap())
+        );
+        // The record's on-disk form.
+        let line = serde_json::to_string(&rec(DbSnapshot)).unwrap();
+        assert!(line.starts_with("{\"step\":\"db.snapshot\""), "{line}");
+        assert!(
+            line.contains("\"db\":{\"file\":\"state.db.snapshot\",\"sha256\":\"cc\""),
+            "{line}"
+        );
+    }
+
+    #[test]
     fn create_append_read_open() {
         let dir = TempDir::new("journal");
         let layout = Layout::under(dir.path());
@@ -643,6 +879,10 @@ mod tests {
         f.write_all(b"{\"step\":\"swap.sa").unwrap();
         let mut j = Journal::open(&layout).unwrap();
         assert_eq!(j.info(), &info());
+        assert_eq!(j.db_snapshot(), None);
+        j.record_db_snapshot(snap()).unwrap();
+        assert_eq!(j.db_snapshot(), Some(&snap()));
+        assert_eq!(Journal::open(&layout).unwrap().db_snapshot(), Some(&snap()));
         j.append(Step::RollbackBegin).unwrap();
         j.append(Step::RollbackDone).unwrap();
         let steps: Vec<Step> = Journal::read(&layout)
@@ -655,6 +895,7 @@ mod tests {
             [
                 Step::UpdateBegin,
                 Step::SwapBegin,
+                Step::DbSnapshot,
                 Step::RollbackBegin,
                 Step::RollbackDone
             ]

@@ -347,7 +347,10 @@ mod tests {
             let want_restart = stop > 6;
             match plan {
                 RecoveryPlan::Discard => assert!(stop <= 6 && !want_restart, "stop {stop}"),
-                RecoveryPlan::RollBack { restart_services } => {
+                RecoveryPlan::RollBack {
+                    restart_services,
+                    restore_db: false,
+                } => {
                     assert!(stop > 6, "stop {stop}: {plan:?}");
                     assert!(restart_services, "stop {stop}");
                 }
@@ -395,7 +398,8 @@ mod tests {
                     assert_eq!(
                         plan,
                         RecoveryPlan::RollBack {
-                            restart_services: true
+                            restart_services: true,
+                            restore_db: false,
                         },
                         "{ctx}"
                     );
@@ -416,7 +420,8 @@ mod tests {
             assert_eq!(
                 recover(&f.layout),
                 RecoveryPlan::RollBack {
-                    restart_services: true
+                    restart_services: true,
+                    restore_db: false,
                 },
                 "stop {stop}"
             );
