@@ -166,20 +166,25 @@ pub fn run(c: RunCmd) -> Result<i32> {
         println!("banger vm ssh {name}");
         return Ok(0);
     }
-    let result = enter::target_of(&vm, &Layout::from_env())
+    // The guest is ready; before ssh can run, its host key must be pinned and sshd listening.
+    // A VM that fails here is kept, like one that never became ready: it is what to look at.
+    let target = enter::target_of(&vm, &Layout::from_env())
         .and_then(|t| wait_sshd(&t.name, &t.ip).map(|()| t))
-        .and_then(|t| {
-            if interrupted() {
-                return Ok(130);
-            }
-            enter::run_ssh(&t, (!c.command.is_empty()).then_some(c.command.as_slice()))
-        });
+        .map_err(|e| {
+            e.hint(format!(
+                "VM {name} was kept so you can see why: `banger vm logs {name}`; remove it with `banger vm delete {name}`"
+            ))
+        })?;
+    let result = if interrupted() {
+        Ok(130)
+    } else {
+        enter::run_ssh(
+            &target,
+            (!c.command.is_empty()).then_some(c.command.as_slice()),
+        )
+    };
     if c.rm {
-        match &result {
-            // The guest booted but sshd never answered: keep it, like a guest that never became ready.
-            Err(e) if e.what.starts_with("waiting") => {}
-            _ => delete(&name)?,
-        }
+        delete(&name)?;
     } else if result.is_ok() {
         eprintln!(
             "banger: VM {name} is still running: `banger vm ssh {name}` to get back in, `banger vm delete {name}` to remove it"

@@ -166,3 +166,109 @@ pub fn ports(ctx: &Ctx, vm_ref: &str) -> Result<Value, RpcError> {
         })?;
     Ok(json!({"vm": vm.name, "ip": vm.ip, "ports": v.get("ports").cloned().unwrap_or(json!([]))}))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rpc::ErrorCode;
+    use crate::ssh::known_hosts::Pin;
+    use crate::store::Store;
+    use crate::system::testutil::TempDir;
+    use std::sync::{Arc, Mutex};
+
+    fn ctx(t: &TempDir) -> Ctx {
+        let layout = crate::layout::Layout::under(t.path());
+        std::fs::create_dir_all(layout.state_dir()).unwrap();
+        let store = Store::open(&layout.state_db()).unwrap();
+        Ctx {
+            layout,
+            store: Arc::new(Mutex::new(store)),
+            net: crate::net::NetConfig::default(),
+        }
+    }
+
+    fn vm(id: &str, name: &str, ip: Option<&str>, state: VmState) -> Vm {
+        Vm {
+            id: id.into(),
+            name: name.into(),
+            image: None,
+            vcpu: 1,
+            memory_mib: 512,
+            state,
+            pid: None,
+            start_time: None,
+            comm: None,
+            boot_id: None,
+            ip: ip.map(String::from),
+            mac: None,
+            nat: false,
+            created_at: "2026-12-01T00:00:00Z".into(),
+            updated_at: "2026-12-01T00:00:00Z".into(),
+        }
+    }
+
+    #[test]
+    fn reconcile_prunes_pins_of_gone_vms_and_writes_the_config() {
+        let t = TempDir::new();
+        let c = ctx(&t);
+        let kept = vm("aaaaaaaaaaaa", "dev", Some("172.30.0.2"), VmState::Stopped);
+        c.db(|s| s.vm_insert(&kept)).unwrap();
+        c.db(|s| s.vm_insert(&vm("cccccccccccc", "old", None, VmState::Created)))
+            .unwrap();
+        let kh = KnownHosts::for_layout(&c.layout);
+        let key = PublicKey::from_bytes([1; 32]);
+        kh.pin(&Pin::for_vm("aaaaaaaaaaaa", "dev", "172.30.0.2", key))
+            .unwrap();
+        // A VM deleted while the daemon could not unpin it.
+        kh.pin(&Pin::for_vm(
+            "bbbbbbbbbbbb",
+            "gone",
+            "172.30.0.3",
+            PublicKey::from_bytes([2; 32]),
+        ))
+        .unwrap();
+        reconcile(&c);
+        assert_eq!(kh.pinned("dev.vm").unwrap(), Some(key));
+        assert_eq!(kh.pinned("172.30.0.3").unwrap(), None);
+        let cfg = std::fs::read_to_string(c.layout.ssh_config()).unwrap();
+        assert!(
+            cfg.contains("Host dev.vm\n    HostName 172.30.0.2\n"),
+            "{cfg}"
+        );
+        assert!(
+            !cfg.contains("old.vm"),
+            "a VM without an address got a block"
+        );
+        // forget: the pin and the block go.
+        c.db(|s| s.vm_delete("aaaaaaaaaaaa")).unwrap();
+        forget(&c, &kept);
+        assert_eq!(kh.pinned("dev.vm").unwrap(), None);
+        let cfg = std::fs::read_to_string(c.layout.ssh_config()).unwrap();
+        assert!(!cfg.contains("dev.vm"), "{cfg}");
+    }
+
+    #[test]
+    fn guest_args_carry_name_and_key() {
+        let t = TempDir::new();
+        let c = ctx(&t);
+        let a = guest_args(&c, &vm("aaaaaaaaaaaa", "dev", None, VmState::Created)).unwrap();
+        let key = OwnerKey::load(&c.layout).unwrap();
+        assert_eq!(a, format!("banger.name=dev {}", key.kernel_arg()));
+        // The agent's own parser accepts both.
+        let g = crate::agent::cmdline::parse(&a);
+        assert_eq!(g.name.as_deref(), Some("dev"));
+        assert_eq!(g.authorized_key, Some(key.authorized_keys_line()));
+    }
+
+    #[test]
+    fn ports_refuses_unknown_and_stopped_vms() {
+        let t = TempDir::new();
+        let c = ctx(&t);
+        c.db(|s| s.vm_insert(&vm("aaaaaaaaaaaa", "dev", None, VmState::Stopped)))
+            .unwrap();
+        assert_eq!(ports(&c, "nope").unwrap_err().code, ErrorCode::NotFound);
+        let e = ports(&c, "dev").unwrap_err();
+        assert_eq!(e.code, ErrorCode::Busy);
+        assert!(e.message.contains("banger vm start dev"), "{}", e.message);
+    }
+}
