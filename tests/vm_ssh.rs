@@ -19,135 +19,40 @@ mod common;
 mod guest;
 #[path = "sshd/mod.rs"]
 mod sshd;
+#[path = "vmhost/mod.rs"]
+mod vmhost;
 
-use common::vmm::find_vmm;
 use common::*;
 use serde_json::Value;
 use std::process::{Command, Output};
+use vmhost::Host;
 
 /// The stand-in guest's host key (standin/src/server.rs `STANDIN_HOST_KEY`).
 const STANDIN_HOST_KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGposxU1u8AlmBpcq3yn+btS1uQymLutYq90E6gMTcpH";
 
-struct Host {
-    bed: Bed,
-    _daemon: Server,
-    _helper: Server,
-    ns: NetNs,
-}
-
-impl Host {
-    fn new(name: &str) -> Option<Host> {
-        if !is_root() {
-            eprintln!("SKIP: vm_ssh tests need root (the helper launches VMMs)");
-            return None;
-        }
-        let (vmm, standin) = match find_vmm() {
-            Ok(v) => v,
-            Err(why) => {
-                eprintln!("SKIP: {why}");
-                return None;
-            }
-        };
-        if !standin {
-            eprintln!("SKIP: vm_ssh tests need the stand-in VMM's agent (the tiny guest has none)");
-            return None;
-        }
-        let ns = match NetNs::new(name) {
-            Ok(ns) => ns,
-            Err(why) => {
-                eprintln!("SKIP: {why}");
-                return None;
-            }
-        };
-        let bed = Bed::new(name);
-        let l = bed.layout();
-        let helper = bed.spawn_in(
-            Some(&ns),
-            "bangerd-root",
-            &l.helper_socket(),
-            &[("BANGER_FIRECRACKER", &vmm)],
-        );
-        let daemon = bed.spawn("bangerd", &l.daemon_socket());
-        let h = Host {
-            bed,
-            _daemon: daemon,
-            _helper: helper,
-            ns,
-        };
-        let kernel = guest::build_tiny_guest(&h.bed.root).expect("building the tiny guest");
-        let rootfs = h.bed.root.join("rootfs.img");
-        std::fs::write(&rootfs, vec![0u8; 1 << 20]).unwrap();
-        h.ok(&["kernel", "import", "tiny", kernel.to_str().unwrap()]);
-        let r = rootfs.to_str().unwrap();
-        h.ok(&[
-            "image", "import", "agent", "--rootfs", r, "--kernel", "tiny",
-        ]);
-        Some(h)
+/// A host with the stand-in VMM and the tiny guest imported as image `agent` (its "guest" agent is
+/// the stand-in's own); `None` after a SKIP.
+fn host(test: &str, tag: &str) -> Option<Host> {
+    let h = Host::start(test, tag)?;
+    if !h.standin {
+        eprintln!("SKIP: {test}: needs the stand-in VMM's agent (the tiny guest has none)");
+        return None;
     }
-
-    /// The CLI inside the test's network namespace (anything that connects to a guest address).
-    fn run_in_ns(&self, args: &[&str]) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.ns.name])
-            .arg(self.bed.bin.join("banger"))
-            .args(args)
-            .env("BANGER_ROOT", &self.bed.root)
-            .output()
-            .unwrap()
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.bed.run("banger", args)
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "banger {args:?} failed: {}\ndaemon log:\n{}",
-            stderr(&o),
-            std::fs::read_to_string(self.bed.root.join("bangerd.log")).unwrap_or_default()
-        );
-        stdout(&o)
-    }
-
-    fn show(&self, vm: &str) -> Value {
-        let v: Value = serde_json::from_str(&self.ok(&["vm", "show", vm, "--json"])).unwrap();
-        v["vm"].clone()
-    }
-
-    fn known_hosts(&self) -> String {
-        std::fs::read_to_string(self.bed.layout().ssh_known_hosts()).unwrap_or_default()
-    }
-
-    fn ssh_config(&self) -> String {
-        std::fs::read_to_string(self.bed.layout().ssh_config()).unwrap_or_default()
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        let vms = self.bed.layout().vms_dir();
-        for e in std::fs::read_dir(&vms).into_iter().flatten().flatten() {
-            if let Ok(Some(h)) = banger::vmm::identity::read_handles(&e.path().join("handles.json"))
-            {
-                if let Some(pid) = rustix::process::Pid::from_raw(h.identity.pid) {
-                    if matches!(
-                        banger::vmm::identity::classify(&h.identity, std::path::Path::new("/proc")),
-                        banger::vmm::identity::Liveness::Alive
-                    ) {
-                        let _ = rustix::process::kill_process(pid, rustix::process::Signal::Kill);
-                    }
-                }
-            }
-        }
-    }
+    let kernel = guest::build_tiny_guest(&h.bed.root).expect("building the tiny guest");
+    let rootfs = h.bed.root.join("rootfs.img");
+    std::fs::write(&rootfs, vec![0u8; 1 << 20]).unwrap();
+    h.ok(&["kernel", "import", "tiny", kernel.to_str().unwrap()]);
+    let r = rootfs.to_str().unwrap();
+    h.ok(&[
+        "image", "import", "agent", "--rootfs", r, "--kernel", "tiny",
+    ]);
+    Some(h)
 }
 
 #[test]
 fn host_key_pinned_at_boot_refused_when_changed_forgotten_at_delete() {
-    let Some(h) = Host::new("ssh-pin") else {
+    let Some(h) = host("host_key_pinned", "ssh-pin") else {
         return;
     };
     let l = h.bed.layout();
@@ -220,7 +125,7 @@ fn host_key_pinned_at_boot_refused_when_changed_forgotten_at_delete() {
 
 #[test]
 fn exec_reports_sshs_own_failure_and_run_refuses_bad_flags() {
-    let Some(h) = Host::new("ssh-exec") else {
+    let Some(h) = host("exec_reports", "ssh-exec") else {
         return;
     };
     // Usage errors: exit 2, nothing created.
@@ -260,7 +165,7 @@ fn vm_exec_through_a_real_sshd_at_the_vms_address() {
         eprintln!("SKIP: vm_exec_through_a_real_sshd_at_the_vms_address: {why}");
         return;
     }
-    let Some(h) = Host::new("ssh-real") else {
+    let Some(h) = host("vm_exec_through", "ssh-real") else {
         return;
     };
     let l = h.bed.layout();
@@ -413,7 +318,7 @@ fn vm_run_waits_for_sshd_runs_the_command_and_removes_the_vm() {
         eprintln!("SKIP: vm_run_waits_for_sshd_runs_the_command_and_removes_the_vm: {why}");
         return;
     }
-    let Some(h) = Host::new("ssh-run") else {
+    let Some(h) = host("vm_run_waits", "ssh-run") else {
         return;
     };
     let l = h.bed.layout();
