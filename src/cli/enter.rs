@@ -5,8 +5,10 @@
 //! agent, so nothing is trusted on first use and the user's `~/.ssh` is never involved. stdin,
 //! stdout and stderr are the user's own; the exit status is the remote command's.
 
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use argh::{ArgsInfo, FromArgs};
 use serde_json::{json, Value};
@@ -165,8 +167,41 @@ impl Interrupts {
     }
 }
 
+/// How long `vm ssh`/`vm exec` wait for a guest whose sshd is not listening yet (the agent is
+/// ready, and `vm create` returns, a moment before sshd starts).
+const SSHD_STARTING_WAIT: Duration = Duration::from_secs(30);
+/// How long they retry an address that does not answer at all before letting ssh say so.
+const SSHD_SILENT_WAIT: Duration = Duration::from_secs(2);
+
+/// Waits until `ip`:22 accepts a TCP connection: up to `refused` while the guest actively refuses
+/// (it is up, sshd is still starting), up to `silent` while nothing answers (no route, no ARP
+/// reply). Returns whether it was accepted; either way the caller may run ssh, which then says
+/// what is wrong in its own words.
+pub(crate) fn wait_sshd(ip: &str, refused: Duration, silent: Duration) -> bool {
+    let Ok(addr) = format!("{ip}:22").parse::<SocketAddr>() else {
+        return false;
+    };
+    let start = Instant::now();
+    loop {
+        let err = match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            Ok(_) => return true,
+            Err(e) => e,
+        };
+        let budget = if err.kind() == std::io::ErrorKind::ConnectionRefused {
+            refused
+        } else {
+            silent
+        };
+        if start.elapsed() >= budget {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Runs ssh into `t` (a shell when `command` is `None`) and returns the exit code for banger.
 pub(crate) fn run_ssh(t: &Target, command: Option<&[String]>) -> Result<i32> {
+    wait_sshd(&t.ip, SSHD_STARTING_WAIT, SSHD_SILENT_WAIT);
     let layout = Layout::from_env();
     let (key, kh) = (layout.ssh_key(), layout.ssh_known_hosts());
     let argv = SshCommand {
@@ -303,6 +338,37 @@ mod tests {
         )
         .unwrap();
         assert_eq!((t.name.as_str(), t.ip.as_str()), ("dev", "172.30.0.2"));
+    }
+
+    /// Port 22 on loopback: accepted when something listens (a test listener when the port is
+    /// free), refused until the budget runs out otherwise. Loopback only.
+    #[test]
+    fn wait_sshd_accepts_or_gives_up_on_refusal() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:22");
+        let listening = listener.is_ok()
+            || TcpStream::connect_timeout(
+                &"127.0.0.1:22".parse().unwrap(),
+                Duration::from_millis(200),
+            )
+            .is_ok();
+        if listening {
+            assert!(wait_sshd("127.0.0.1", Duration::ZERO, Duration::ZERO));
+            drop(listener);
+        } else {
+            eprintln!("SKIP: wait_sshd accept case: cannot listen on 127.0.0.1:22 (not root)");
+        }
+        // Nothing listens on 127.0.0.2:22 unless someone bound 0.0.0.0:22: refused, given up.
+        let other = "127.0.0.2:22".parse().unwrap();
+        if TcpStream::connect_timeout(&other, Duration::from_millis(200)).is_err() {
+            assert!(!wait_sshd(
+                "127.0.0.2",
+                Duration::from_millis(200),
+                Duration::ZERO
+            ));
+        } else {
+            eprintln!("SKIP: wait_sshd refusal case: something listens on 0.0.0.0:22");
+        }
+        assert!(!wait_sshd("not an address", Duration::ZERO, Duration::ZERO));
     }
 
     #[test]

@@ -5,8 +5,7 @@
 //! never a VM whose guest did not become ready: that one is kept for `vm logs`. Without `--rm` the
 //! last line says the VM is still running and how to stop it; `-d` prints how to get in and returns.
 
-use std::net::{SocketAddr, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use argh::{ArgsInfo, FromArgs};
 use serde_json::json;
@@ -16,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::rpc::client;
 
-/// How long a ready guest's sshd may take to accept connections.
+/// How long a fresh guest's sshd may take to accept connections after its agent is ready.
 const SSHD_WAIT: Duration = Duration::from_secs(60);
 
 #[derive(FromArgs, ArgsInfo)]
@@ -77,33 +76,6 @@ fn check(c: &RunCmd) -> Result<()> {
     }
     crate::daemon::vms::check_size(u64::from(c.vcpu), u64::from(c.memory))
         .map_err(|why| Error::usage("running a VM", why))
-}
-
-/// Waits until the guest's sshd accepts TCP connections (it starts after the agent is ready).
-fn wait_sshd(name: &str, ip: &str) -> Result<()> {
-    let addr: SocketAddr = format!("{ip}:22").parse().map_err(|e| {
-        Error::new(
-            format!("connecting to VM `{name}`"),
-            format!("bad address {ip}: {e}"),
-        )
-    })?;
-    let start = Instant::now();
-    let mut last = String::new();
-    while start.elapsed() < SSHD_WAIT {
-        match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
-            Ok(_) => return Ok(()),
-            Err(e) => last = e.to_string(),
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Err(Error::new(
-        format!(
-            "waiting {}s for sshd in VM `{name}` ({addr})",
-            SSHD_WAIT.as_secs()
-        ),
-        last,
-    )
-    .hint(format!("`banger vm logs {name}` shows the guest's console")))
 }
 
 fn delete(name: &str) -> Result<()> {
@@ -169,7 +141,16 @@ pub fn run(c: RunCmd) -> Result<i32> {
     // The guest is ready; before ssh can run, its host key must be pinned and sshd listening.
     // A VM that fails here is kept, like one that never became ready: it is what to look at.
     let target = enter::target_of(&vm, &Layout::from_env())
-        .and_then(|t| wait_sshd(&t.name, &t.ip).map(|()| t))
+        .and_then(|t| {
+            if enter::wait_sshd(&t.ip, SSHD_WAIT, SSHD_WAIT) {
+                Ok(t)
+            } else {
+                Err(Error::new(
+                    format!("waiting {}s for sshd in VM `{}` ({}:22)", SSHD_WAIT.as_secs(), t.name, t.ip),
+                    "it never accepted a connection",
+                ))
+            }
+        })
         .map_err(|e| {
             e.hint(format!(
                 "VM {name} was kept so you can see why: `banger vm logs {name}`; remove it with `banger vm delete {name}`"
