@@ -40,8 +40,20 @@ fn parent_of(path: &Path) -> Result<&Path> {
         .ok_or_else(|| Error::new(format!("writing {}", path.display()), "path has no parent"))
 }
 
-/// Writes `bytes` into a new temp sibling of `path` with exactly `mode`, fsynced; returns its path.
-fn write_temp(path: &Path, bytes: &[u8], mode: u32) -> Result<PathBuf> {
+/// Whether a write must survive a power loss (fsync of the file and its directory) or only be
+/// atomic (readers see the old or the new file, never half of one; the rename is enough).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Durability {
+    /// fsync file and directory: the install's key, which guests already carry.
+    Synced,
+    /// Atomic only: files the daemon can derive again (pins from the agents' `hello`, the ssh
+    /// config from the VM table) and which sit on the boot path, where two fsyncs cost ~6 ms.
+    AtomicOnly,
+}
+
+/// Writes `bytes` into a new temp sibling of `path` with exactly `mode` (fsynced when `sync`);
+/// returns its path.
+fn write_temp(path: &Path, bytes: &[u8], mode: u32, sync: bool) -> Result<PathBuf> {
     let tmp = temp_sibling(path);
     let result = (|| -> io::Result<()> {
         let mut f = OpenOptions::new()
@@ -53,7 +65,10 @@ fn write_temp(path: &Path, bytes: &[u8], mode: u32) -> Result<PathBuf> {
         f.write_all(bytes)?;
         // The umask may have narrowed the mode given to open(2).
         f.set_permissions(fs::Permissions::from_mode(mode))?;
-        f.sync_all()
+        if sync {
+            f.sync_all()?;
+        }
+        Ok(())
     })();
     match result {
         Ok(()) => Ok(tmp),
@@ -66,8 +81,13 @@ fn write_temp(path: &Path, bytes: &[u8], mode: u32) -> Result<PathBuf> {
 
 /// Replaces `path` with `bytes` (mode `mode`) in one rename: readers see the old or the new file,
 /// never a half-written one.
-pub(crate) fn replace_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    replace_atomic_owned(path, bytes, mode, None)
+pub(crate) fn replace_atomic(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    durability: Durability,
+) -> Result<()> {
+    replace_atomic_owned(path, bytes, mode, None, durability)
 }
 
 /// [`replace_atomic`], and the new file gets `owner` (uid, gid) when given and not already ours
@@ -77,9 +97,11 @@ pub(crate) fn replace_atomic_owned(
     bytes: &[u8],
     mode: u32,
     owner: Option<(u32, u32)>,
+    durability: Durability,
 ) -> Result<()> {
     let dir = parent_of(path)?;
-    let tmp = write_temp(path, bytes, mode)?;
+    let sync = durability == Durability::Synced;
+    let tmp = write_temp(path, bytes, mode, sync)?;
     let mut result = Ok(());
     if let Some((uid, gid)) = owner {
         let me = (
@@ -94,7 +116,10 @@ pub(crate) fn replace_atomic_owned(
         let _ = fs::remove_file(&tmp);
         return Err(Error::new(format!("writing {}", path.display()), e));
     }
-    sync_dir(dir)
+    if sync {
+        sync_dir(dir)?;
+    }
+    Ok(())
 }
 
 /// Creates `path` with `bytes` only if it does not exist yet, atomically (a complete temp file is
@@ -102,7 +127,7 @@ pub(crate) fn replace_atomic_owned(
 /// `path` already existed; then nothing was changed.
 pub(crate) fn create_once(path: &Path, bytes: &[u8], mode: u32) -> Result<bool> {
     let dir = parent_of(path)?;
-    let tmp = write_temp(path, bytes, mode)?;
+    let tmp = write_temp(path, bytes, mode, true)?;
     let linked = fs::hard_link(&tmp, path);
     let _ = fs::remove_file(&tmp);
     match linked {
@@ -221,8 +246,8 @@ mod tests {
     fn replace_atomic_sets_mode_and_leaves_no_temp() {
         let t = TempDir::new();
         let p = t.path().join("f");
-        replace_atomic(&p, b"one", 0o600).unwrap();
-        replace_atomic(&p, b"two", 0o644).unwrap();
+        replace_atomic(&p, b"one", 0o600, Durability::Synced).unwrap();
+        replace_atomic(&p, b"two", 0o644, Durability::AtomicOnly).unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"two");
         assert_eq!(fs::metadata(&p).unwrap().mode() & 0o777, 0o644);
         assert_eq!(fs::read_dir(t.path()).unwrap().count(), 1);

@@ -121,7 +121,13 @@ fn malformed(config: &Path, why: String) -> Error {
 fn store(config: &Path, text: &str, old: Option<&fs::Metadata>) -> Result<()> {
     let mode = old.map(|m| m.mode() & 0o7777).unwrap_or(0o600);
     let owner = old.map(|m| (m.uid(), m.gid()));
-    files::replace_atomic_owned(config, text.as_bytes(), mode, owner)
+    files::replace_atomic_owned(
+        config,
+        text.as_bytes(),
+        mode,
+        owner,
+        files::Durability::Synced,
+    )
 }
 
 /// Adds the fence including `include` at the top of `config`; creates `config` (0600) and its

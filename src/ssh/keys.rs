@@ -110,7 +110,7 @@ impl OwnerKey {
     fn sync_pub(&self, pub_path: &Path) -> Result<()> {
         let want = format!("{}\n", self.authorized_keys_line());
         if files::read_regular(pub_path)?.as_deref() != Some(want.as_bytes()) {
-            files::replace_atomic(pub_path, want.as_bytes(), 0o644)?;
+            files::replace_atomic(pub_path, want.as_bytes(), 0o644, files::Durability::Synced)?;
         }
         Ok(())
     }

@@ -6,7 +6,9 @@
 //! `<name>.vm,<ip> ssh-ed25519 AAAA… banger-vm=<id>`: the trailing comment ties the line to the VM so
 //! delete removes exactly its lines. Lines banger did not write are kept as they are.
 //! Every edit holds `known_hosts.lock` (flock) and replaces the file by rename, so concurrent
-//! editors never lose each other's pins and `ssh` never reads half a file. It never touches the
+//! editors never lose each other's pins and `ssh` never reads half a file. It is not fsynced: it
+//! sits on every boot's path, and a pin lost to a power cut (which stops every VM anyway) is
+//! learned again from the agent's `hello` at the VM's next start. It never touches the
 //! user's `~/.ssh/known_hosts` and never pins a key it was not given (no trust on first use).
 
 use std::path::{Path, PathBuf};
@@ -138,7 +140,12 @@ impl KnownHosts {
         let old = self.read()?;
         match f(&old)? {
             Some(new) if new != old => {
-                files::replace_atomic(&self.path, new.as_bytes(), 0o600)?;
+                files::replace_atomic(
+                    &self.path,
+                    new.as_bytes(),
+                    0o600,
+                    files::Durability::AtomicOnly,
+                )?;
                 Ok(true)
             }
             _ => Ok(false),

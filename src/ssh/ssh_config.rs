@@ -3,7 +3,8 @@
 //! included this file) connects exactly as `banger vm ssh` does — banger's key, banger's
 //! known_hosts, strict host key checking.
 //!
-//! Owns rendering and atomically rewriting that file. It never edits the user's `~/.ssh/config`
+//! Owns rendering and atomically rewriting that file (not fsynced: the daemon writes it again from
+//! the VM table at every start). It never edits the user's `~/.ssh/config`
 //! ([`super::include`] adds the one `Include` line there).
 
 use std::net::IpAddr;
@@ -62,7 +63,7 @@ pub fn write(layout: &Layout, vms: &[VmHost]) -> Result<bool> {
     if files::read_regular(&path)?.as_deref() == Some(text.as_bytes()) {
         return Ok(false);
     }
-    files::replace_atomic(&path, text.as_bytes(), 0o600)?;
+    files::replace_atomic(&path, text.as_bytes(), 0o600, files::Durability::AtomicOnly)?;
     Ok(true)
 }
 
