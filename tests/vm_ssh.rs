@@ -145,6 +145,11 @@ fn exec_reports_sshs_own_failure_and_run_refuses_bad_flags() {
     let out = h.ok(&["vm", "run", "-d", "--name", "bg", "--image", "agent"]);
     assert_eq!(out, "bg\nbanger vm ssh bg\n");
     assert_eq!(h.show("bg")["state"], "running");
+    // Its name is now taken: refused before anything is created, and not "kept for you".
+    let o = h.run(&["vm", "run", "-d", "--name", "bg", "--image", "agent"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("already exists"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("was kept"), "{}", stderr(&o));
 
     // The stand-in's guest has no sshd: ssh itself fails (255), and banger says so. Inside the
     // test's namespace, where the guest address lives.

@@ -103,6 +103,17 @@ pub fn run(c: RunCmd) -> Result<i32> {
         .name
         .clone()
         .unwrap_or_else(|| format!("vm-{}", crate::daemon::shared::random_hex(3)));
+    // A name already taken is refused before anything happens, so that a failed create below
+    // always concerns a VM this command recorded.
+    if exists(&name) {
+        return Err(Error::new(
+            format!("running VM `{name}`"),
+            "a VM with that name already exists",
+        )
+        .hint(format!(
+            "pick another --name, or get into it with `banger vm ssh {name}`"
+        )));
+    }
     let interrupts = if c.rm {
         Some(Interrupts::catch(Some(format!(
             "interrupted: VM {name} will be deleted as soon as it can be"
