@@ -42,8 +42,15 @@ pub fn script(shell: &str) -> Result<String> {
 
 /// `banger completion`.
 pub fn run(c: CompletionCmd) -> Result<i32> {
-    print!("{}", script(&c.shell)?);
-    Ok(0)
+    use std::io::Write;
+    let text = script(&c.shell)?;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        // `banger completion bash | head`: the reader left; nothing to report.
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(Error::new("printing the completion script", e))
+        }
+        _ => Ok(0),
+    }
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ use argh::{ArgsInfo, FromArgs};
 #[argh(
     example = "Install banger on this host for user alice (once, as root):\n  sudo banger system install --owner alice",
     example = "Check that everything is in order:\n  banger doctor",
+    example = "A fresh VM and a root shell in it, deleted when you leave:\n  banger vm run --rm",
     example = "Is the daemon up?\n  banger daemon status",
     example = "Is a newer banger out? Install it (VMs keep running):\n  banger update --check\n  sudo banger update",
     note = "Run `banger <command> --help` for a command's options. `banger --version` prints one line."

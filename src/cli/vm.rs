@@ -19,7 +19,9 @@ const LONG_CALL: Duration = Duration::from_secs(300);
 #[argh(
     subcommand,
     name = "vm",
+    example = "banger vm run --rm                  # create, boot, shell; deleted afterwards",
     example = "banger vm create --name dev --image debian",
+    example = "banger vm ssh dev                   # or: banger vm exec dev -- uname -a",
     example = "banger vm create --name web --nat",
     example = "banger vm list",
     example = "banger vm stop dev && banger vm delete dev"
