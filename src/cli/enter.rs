@@ -175,9 +175,14 @@ const SSHD_SILENT_WAIT: Duration = Duration::from_secs(2);
 
 /// Waits until `ip`:22 accepts a TCP connection: up to `refused` while the guest actively refuses
 /// (it is up, sshd is still starting), up to `silent` while nothing answers (no route, no ARP
-/// reply). Returns whether it was accepted; either way the caller may run ssh, which then says
-/// what is wrong in its own words.
-pub(crate) fn wait_sshd(ip: &str, refused: Duration, silent: Duration) -> bool {
+/// reply), and not past `stop()` turning true (Ctrl-C). Returns whether it was accepted; either
+/// way the caller may run ssh, which then says what is wrong in its own words.
+pub(crate) fn wait_sshd(
+    ip: &str,
+    refused: Duration,
+    silent: Duration,
+    stop: &dyn Fn() -> bool,
+) -> bool {
     let Ok(addr) = format!("{ip}:22").parse::<SocketAddr>() else {
         return false;
     };
@@ -192,7 +197,7 @@ pub(crate) fn wait_sshd(ip: &str, refused: Duration, silent: Duration) -> bool {
         } else {
             silent
         };
-        if start.elapsed() >= budget {
+        if start.elapsed() >= budget || stop() {
             return false;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -201,7 +206,7 @@ pub(crate) fn wait_sshd(ip: &str, refused: Duration, silent: Duration) -> bool {
 
 /// Runs ssh into `t` (a shell when `command` is `None`) and returns the exit code for banger.
 pub(crate) fn run_ssh(t: &Target, command: Option<&[String]>) -> Result<i32> {
-    wait_sshd(&t.ip, SSHD_STARTING_WAIT, SSHD_SILENT_WAIT);
+    wait_sshd(&t.ip, SSHD_STARTING_WAIT, SSHD_SILENT_WAIT, &|| false);
     let layout = Layout::from_env();
     let (key, kh) = (layout.ssh_key(), layout.ssh_known_hosts());
     let argv = SshCommand {
@@ -352,7 +357,12 @@ mod tests {
             )
             .is_ok();
         if listening {
-            assert!(wait_sshd("127.0.0.1", Duration::ZERO, Duration::ZERO));
+            assert!(wait_sshd(
+                "127.0.0.1",
+                Duration::ZERO,
+                Duration::ZERO,
+                &|| false
+            ));
             drop(listener);
         } else {
             eprintln!("SKIP: wait_sshd accept case: cannot listen on 127.0.0.1:22 (not root)");
@@ -363,12 +373,25 @@ mod tests {
             assert!(!wait_sshd(
                 "127.0.0.2",
                 Duration::from_millis(200),
-                Duration::ZERO
+                Duration::ZERO,
+                &|| false
+            ));
+            // Ctrl-C ends a long wait at once.
+            assert!(!wait_sshd(
+                "127.0.0.2",
+                Duration::from_secs(3600),
+                Duration::ZERO,
+                &|| true
             ));
         } else {
             eprintln!("SKIP: wait_sshd refusal case: something listens on 0.0.0.0:22");
         }
-        assert!(!wait_sshd("not an address", Duration::ZERO, Duration::ZERO));
+        assert!(!wait_sshd(
+            "not an address",
+            Duration::ZERO,
+            Duration::ZERO,
+            &|| false
+        ));
     }
 
     #[test]

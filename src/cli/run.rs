@@ -153,7 +153,7 @@ pub fn run(c: RunCmd) -> Result<i32> {
     // A VM that fails here is kept, like one that never became ready: it is what to look at.
     let target = enter::target_of(&vm, &Layout::from_env())
         .and_then(|t| {
-            if enter::wait_sshd(&t.ip, SSHD_WAIT, SSHD_WAIT) {
+            if enter::wait_sshd(&t.ip, SSHD_WAIT, SSHD_WAIT, &interrupted) || interrupted() {
                 Ok(t)
             } else {
                 Err(Error::new(
