@@ -42,7 +42,7 @@ impl Host {
             }
         };
         let mut h = Host {
-            bed: Bed::new(tag),
+            bed: short_bed(),
             vmm,
             standin,
             daemon: None,
@@ -127,6 +127,24 @@ impl Host {
     pub fn ssh_config(&self) -> String {
         std::fs::read_to_string(self.bed.layout().ssh_config()).unwrap_or_default()
     }
+}
+
+/// A [`Bed`] under a short root: Unix socket paths below it (the VMM's, QEMU's QMP socket in the
+/// stand-in's TCG engine) must stay under 108 bytes, which `Bed::new`'s long names can exceed.
+fn short_bed() -> Bed {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let root = std::env::temp_dir().join(format!(
+        "bs{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&root);
+    let bin = root.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for role in ["banger", "bangerd", "bangerd-root", "banger-vsock-agent"] {
+        std::os::unix::fs::symlink(BIN, bin.join(role)).unwrap();
+    }
+    Bed { root, bin }
 }
 
 impl Drop for Host {
