@@ -61,6 +61,8 @@ fn ssh_into_a_real_guest() {
         );
         return;
     };
+    // An emulated guest on a shared 2-core machine boots in tens of seconds, sometimes more.
+    std::env::set_var(banger::daemon::boot::READY_TIMEOUT_ENV, "300");
     let Some(mut h) = Host::start(TEST, "tcg") else {
         return;
     };

@@ -19,6 +19,18 @@ use std::time::{Duration, Instant};
 
 /// How long a guest has to become ready after InstanceStart.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Environment variable that lengthens [`READY_TIMEOUT`] (whole seconds): a guest emulated under
+/// TCG on a busy machine (the stand-in's engine, DESIGN §13) can take minutes to boot.
+pub const READY_TIMEOUT_ENV: &str = "BANGER_READY_TIMEOUT_S";
+
+fn ready_timeout() -> Duration {
+    std::env::var(READY_TIMEOUT_ENV)
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .filter(|&s| s > 0)
+        .map(Duration::from_secs)
+        .unwrap_or(READY_TIMEOUT)
+}
 /// How long the VMM has to open its API socket.
 const API_TIMEOUT: Duration = Duration::from_secs(10);
 /// Kernel command line for banger guests.
@@ -137,7 +149,8 @@ pub fn wait_ready(
 ) -> Result<String, RpcError> {
     let start = Instant::now();
     let mut last = String::from("no answer yet");
-    while start.elapsed() < READY_TIMEOUT {
+    let timeout = ready_timeout();
+    while start.elapsed() < timeout {
         if let Liveness::Gone(why) = identity::classify(ident, proc_root) {
             return Err(failed(Error::new(
                 "waiting for the guest",
@@ -173,7 +186,7 @@ pub fn wait_ready(
         Error::new(
             format!(
                 "waiting {}s for the guest to become ready",
-                READY_TIMEOUT.as_secs()
+                timeout.as_secs()
             ),
             last,
         )
