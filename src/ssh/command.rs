@@ -17,8 +17,11 @@ use crate::error::{Error, Result};
 /// The exit status ssh uses for its own failures (connection, authentication, host key).
 pub const SSH_FAILED: i32 = 255;
 
-/// Seconds ssh waits for the guest to accept the connection and send its banner.
-pub const CONNECT_TIMEOUT_S: u32 = 10;
+/// Seconds ssh waits for the guest to accept the connection and send its banner. A guest on the
+/// local bridge usually answers in milliseconds, but an emulated one on a busy host needed more
+/// than 10 s for sshd's first banner; an address that answers nothing is caught before ssh runs
+/// (the CLI's short TCP probe), so this bound only has to stop a hung guest.
+pub const CONNECT_TIMEOUT_S: u32 = 60;
 
 /// Whether the remote side gets a terminal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,8 +75,7 @@ impl SshCommand<'_> {
         a.extend(opt("PreferredAuthentications", "publickey"));
         a.extend(opt("HostKeyAlgorithms", "ssh-ed25519"));
         a.extend(opt("LogLevel", "ERROR"));
-        // A guest on the local bridge answers within milliseconds or not at all (a stopped
-        // VM's address, a guest still booting): do not wait for TCP's minutes-long give-up.
+        // Not TCP's minutes-long give-up (see CONNECT_TIMEOUT_S).
         a.extend(opt("ConnectTimeout", &CONNECT_TIMEOUT_S.to_string()));
         if let Some(p) = self.port {
             a.push("-p".into());
@@ -299,7 +301,7 @@ mod tests {
                 "-o",
                 "LogLevel=ERROR",
                 "-o",
-                "ConnectTimeout=10",
+                "ConnectTimeout=60",
                 "-T",
                 "root@172.30.0.2",
                 "--",
@@ -397,7 +399,7 @@ mod tests {
                 "globalknownhostsfile none".to_string(),
                 "stricthostkeychecking true".to_string(),
                 "identitiesonly yes".to_string(),
-                "connecttimeout 10".to_string(),
+                "connecttimeout 60".to_string(),
                 "hostkeyalgorithms ssh-ed25519".to_string(),
                 "preferredauthentications publickey".to_string(),
                 "user root".to_string(),

@@ -103,7 +103,7 @@ mod tests {
                 "PreferredAuthentications publickey",
                 "HostKeyAlgorithms ssh-ed25519",
                 "LogLevel ERROR",
-                "ConnectTimeout 10",
+                "ConnectTimeout 60",
                 "",
             ]
         );
