@@ -1,6 +1,7 @@
-//! VM benchmark (not a test; needs root): `vm create` → running through daemon + helper, beside
-//! the raw VMM start of the same config; `vm list --json` with 1,000 rows; daemon and helper RSS
-//! with 20 running VMs. The VMM is `BANGER_TEST_FIRECRACKER` or the stand-in (built by
+//! VM benchmark (not a test; needs root): `vm create` → running through daemon + helper (guest
+//! network included: tap, bridge, `eth0`, `ip=`), beside the raw VMM start of the same guest
+//! without a network; `vm.list` with 40 running VMs and with 1,000 rows; daemon and helper RSS
+//! with 40 running VMs. The helper runs in a network namespace of its own. The VMM is `BANGER_TEST_FIRECRACKER` or the stand-in (built by
 //! scripts/bench.sh). Run with `cargo bench --bench vm`.
 
 mod common;
@@ -110,6 +111,10 @@ fn main() {
         return;
     }
     let mut host = Host::new("vmbench", &[("BANGER_FIRECRACKER", &vmm)]);
+    if let Err(why) = host.isolate_network() {
+        println!("SKIP: vm bench runs the helper in a network namespace: {why}");
+        return;
+    }
     let helper = host.start("bangerd-root");
     let daemon = host.start("bangerd");
     let (root, layout) = (host.root.clone(), host.layout.clone());
@@ -148,33 +153,66 @@ fn main() {
             ms
         })
         .collect();
-    let mut created = Vec::new();
     let (r, b) = (median(raw), median(banger));
-    println!("VMM start to ready, raw: median {r:.1} ms; banger vm create to running: median {b:.1} ms; ratio {:.2}x (10 each, {})", b / r, vmm.display());
+    println!("VMM start to ready, raw (no network): median {r:.1} ms; banger vm create to running (network included): median {b:.1} ms; ratio {:.2}x (10 each, {})", b / r, vmm.display());
 
-    for i in 0..20 {
-        client::call_with_timeout(
-            &sock,
-            "vm.create",
-            json!({"name": format!("b{i}"), "image": "i", "memory_mib": 128}),
-            Duration::from_secs(60),
-        )
-        .expect("vm.create");
-        created.push(format!("b{i}"));
+    // 40 VMs, 8 creates at a time (as the smoke suite's net_many_vms does).
+    let t = Instant::now();
+    let names: Vec<String> = (0..40).map(|i| format!("m{i}")).collect();
+    for batch in names.chunks(8) {
+        let threads: Vec<_> = batch
+            .iter()
+            .map(|name| {
+                let (sock, name) = (sock.clone(), name.clone());
+                std::thread::spawn(move || {
+                    client::call_with_timeout(
+                        &sock,
+                        "vm.create",
+                        json!({"name": name, "image": "i", "memory_mib": 128}),
+                        Duration::from_secs(120),
+                    )
+                    .expect("vm.create")
+                })
+            })
+            .collect();
+        for th in threads {
+            th.join().expect("create thread");
+        }
     }
-    std::thread::sleep(Duration::from_millis(300));
     println!(
-        "RSS with 20 running VMs: bangerd {} KiB, bangerd-root {} KiB",
+        "40 VMs created 8 at a time: {:.0} ms in all",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
+    let list: Vec<f64> = (0..30)
+        .map(|_| {
+            let t = Instant::now();
+            let v = client::call(&sock, "vm.list", json!({})).expect("vm.list");
+            let vms = v["vms"].as_array().map(Vec::len);
+            assert_eq!(vms, Some(40));
+            t.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    println!(
+        "vm.list with 40 running VMs: median {:.2} ms (30 calls, RPC round trip and a /proc check per VM included)",
+        median(list)
+    );
+    println!(
+        "RSS with 40 running VMs: bangerd {} KiB, bangerd-root {} KiB",
         rss_kib(daemon),
         rss_kib(helper)
     );
+    let t = Instant::now();
     client::call_with_timeout(
         &sock,
         "vm.delete",
-        json!({"vms": created}),
-        Duration::from_secs(120),
+        json!({"vms": names}),
+        Duration::from_secs(300),
     )
     .expect("delete");
+    println!(
+        "deleting the 40 (stop, net_down, disk): {:.0} ms in all",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
 
     // 1,000 rows: written straight into the store while the daemon is stopped.
     host.stop_daemon(daemon);

@@ -23,7 +23,8 @@ want+=(nftables)
 # (the package's own service is disabled right after a fresh install, below).
 want+=(openssh-server)
 if [[ "${1:-}" == "--smoke" ]]; then
-  want+=(debootstrap systemd-container jq)
+  # qemu-system-x86: the stand-in VMM's TCG engine boots real Linux guests with it (DESIGN §13).
+  want+=(debootstrap systemd-container jq qemu-system-x86)
 fi
 
 missing=()

@@ -183,6 +183,11 @@ impl Layout {
         self.helper_run_dir().join("bangerd-root.sock")
     }
 
+    /// `/dev/log`: the system log's datagram socket (journald listens there).
+    pub fn syslog_socket(&self) -> PathBuf {
+        self.at("dev/log")
+    }
+
     /// `/etc/systemd/system`.
     pub fn unit_dir(&self) -> PathBuf {
         self.at("etc/systemd/system")

@@ -21,3 +21,6 @@ pub mod store;
 pub mod system;
 pub mod update;
 pub mod vmm;
+
+#[cfg(test)]
+mod proptests;

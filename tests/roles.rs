@@ -296,6 +296,47 @@ fn check_migrations_exit_codes() {
     assert_eq!(std::fs::read(l.state_db()).unwrap(), before);
 }
 
+/// `--system` is accepted for compatibility: both spellings give the same answer (exit code and
+/// line) in each of the three states, and `--help` says why the flag exists.
+#[test]
+fn check_migrations_system_flag_is_the_same_check() {
+    let bed = Bed::new("migrsys");
+    let l = bed.layout();
+    let both = |state: &str| {
+        let plain = bed.run("bangerd", &["--check-migrations"]);
+        let system = bed.run("bangerd", &["--check-migrations", "--system"]);
+        assert_eq!(plain.status.code(), system.status.code(), "{state}");
+        assert_eq!(stdout(&plain), stdout(&system), "{state}");
+        assert_eq!(stdout(&plain).lines().count(), 1, "{state}");
+        plain.status.code()
+    };
+    assert_eq!(both("missing database"), Some(1));
+    {
+        let mut d = bed.spawn("bangerd", &l.daemon_socket());
+        d.sigterm_and_wait();
+    }
+    assert_eq!(both("migrated database"), Some(0));
+    {
+        let c = rusqlite::Connection::open(l.state_db()).unwrap();
+        c.execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES (999, 'future', 'x')",
+            [],
+        )
+        .unwrap();
+    }
+    assert_eq!(both("newer database"), Some(2));
+    let help = bed.run("bangerd", &["--help"]);
+    // argh wraps option help: compare with whitespace runs collapsed.
+    let text = format!("{}{}", stdout(&help), String::from_utf8_lossy(&help.stderr))
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        text.contains("accepted for compatibility: banger has only the system layout"),
+        "{text}"
+    );
+}
+
 #[test]
 fn second_daemon_on_same_socket_is_refused() {
     let bed = Bed::new("twice");

@@ -337,19 +337,20 @@ fn bad_artifacts_are_refused_with_the_host_unchanged() {
                 b[0] = if b[0] == b'0' { b'1' } else { b'0' };
                 b
             }),
-            "verifying the SHA256SUMS signature",
+            "verifying the SHA256SUMS signature: it does not verify against any trusted key (",
         ),
         (
             "truncated signature",
             sig.clone(),
-            Box::new(|b| b[..b.len() / 2].to_vec()),
-            "verifying the SHA256SUMS signature",
+            // Whole base64 quanta, so what is left decodes: a DER signature cut short.
+            Box::new(|b| b[..b.len() / 2 / 4 * 4].to_vec()),
+            "verifying the SHA256SUMS signature: the signature is truncated: its DER header says",
         ),
         (
             "garbage signature",
             sig.clone(),
             Box::new(|_| b"this is not a signature".to_vec()),
-            "verifying the SHA256SUMS signature",
+            "verifying the SHA256SUMS signature: the signature is not valid base64",
         ),
         (
             "oversized signature",
@@ -388,12 +389,16 @@ fn bad_artifacts_are_refused_with_the_host_unchanged() {
         );
     }
 
+    let wrong_key_want = format!(
+        "verifying the SHA256SUMS signature: it does not verify against any trusted key ({})",
+        bed.other_pubkey.display()
+    );
     let flag_cases: Vec<(&str, Option<&Path>, Vec<&str>, &str)> = vec![
         (
             "wrong key",
             Some(&bed.other_pubkey),
             vec![],
-            "verifying the SHA256SUMS signature",
+            wrong_key_want.as_str(),
         ),
         ("placeholder embedded key", None, vec![], "PLACEHOLDER"),
         (

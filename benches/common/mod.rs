@@ -42,6 +42,7 @@ pub struct Host {
     bindir: std::path::PathBuf,
     envs: Vec<(String, std::path::PathBuf)>,
     children: Vec<std::process::Child>,
+    netns: Option<String>,
 }
 
 impl Host {
@@ -69,12 +70,39 @@ impl Host {
                 .map(|(k, v)| (k.to_string(), v.to_path_buf()))
                 .collect(),
             children: Vec::new(),
+            netns: None,
         }
+    }
+
+    /// Runs the root helper (and so the VMMs it launches) in a network namespace of its own,
+    /// made now and deleted on drop: guest bridges, taps and rules never touch the machine's own
+    /// network. `Err` says why it could not be made.
+    pub fn isolate_network(&mut self) -> Result<(), String> {
+        let name = format!("bgr-bench-{}", std::process::id());
+        let o = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .map_err(|e| format!("`ip netns add` could not run: {e}"))?;
+        if !o.status.success() {
+            return Err(format!(
+                "`ip netns add {name}`: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+        }
+        self.netns = Some(name);
+        Ok(())
     }
 
     /// Starts `role` and waits until it answers; returns its pid.
     pub fn start(&mut self, role: &str) -> u32 {
-        let mut cmd = std::process::Command::new(self.bindir.join(role));
+        let mut cmd = match (&self.netns, role) {
+            (Some(ns), "bangerd-root") => {
+                let mut c = std::process::Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(self.bindir.join(role));
+                c
+            }
+            _ => std::process::Command::new(self.bindir.join(role)),
+        };
         cmd.env("BANGER_ROOT", &self.root)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
@@ -105,6 +133,11 @@ impl Drop for Host {
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        if let Some(ns) = &self.netns {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", ns])
+                .output();
         }
         let _ = std::fs::remove_dir_all(&self.root);
     }

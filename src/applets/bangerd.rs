@@ -20,8 +20,8 @@ struct Args {
     /// print whether state.db is compatible with this binary and exit (read-only)
     #[argh(switch)]
     check_migrations: bool,
-    /// with --check-migrations: check the installed layout's database (/var/lib/banger/state.db,
-    /// relocated by BANGER_ROOT like every path)
+    /// accepted for compatibility: banger has only the system layout (/var/lib/banger/state.db,
+    /// relocated by BANGER_ROOT like every path), so --check-migrations checks it either way
     #[argh(switch)]
     system: bool,
     /// print the version and exit
@@ -39,9 +39,10 @@ pub fn main(args: Vec<String>) -> i32 {
         return super::print_version();
     }
     if a.check_migrations {
-        // `--system` names the installed layout, which is `Layout::from_env()`: the production
-        // paths unless BANGER_ROOT relocates them (the updater's tests must never read /var).
-        let _ = a.system;
+        // `--system` is accepted for compatibility with the Go original (and older updaters,
+        // which pass it): banger has only the system layout, `Layout::from_env()` (the production
+        // paths unless BANGER_ROOT relocates them), so both spellings check the same database.
+        let _accepted_for_compatibility = a.system;
         let layout = Layout::from_env();
         return match store::check(&layout.state_db()) {
             Ok(c) => {

@@ -45,7 +45,9 @@ pub struct UpdateCmd {
     /// release manifest URL (tests and the smoke suite)
     #[argh(option, hidden_help)]
     manifest_url: Option<String>,
-    /// PEM file with the public key(s) to trust instead of the embedded ones (tests)
+    /// PEM file with the public key(s) to trust instead of the embedded ones (tests and the smoke
+    /// suite): a regular file owned by root that group and others cannot write; every run using
+    /// one prints a WARNING line with its key fingerprints and logs it to the system log
     #[argh(option, hidden_help)]
     pubkey_file: Option<PathBuf>,
 }

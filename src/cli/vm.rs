@@ -389,15 +389,17 @@ fn details(v: &Value) -> String {
         "ip",
         "mac",
         "tap",
+        "nat",
         "created_at",
         "updated_at",
     ] {
-        out.push_str(&format!("{k}: {}\n", s(vm, k)));
+        let v = match (k, &vm[k]) {
+            ("nat", Value::Bool(true)) => "on",
+            ("nat", _) => "off",
+            _ => s(vm, k),
+        };
+        out.push_str(&format!("{k}: {v}\n"));
     }
-    out.push_str(&format!(
-        "nat: {}\n",
-        if vm["nat"] == true { "on" } else { "off" }
-    ));
     out.push_str(&format!(
         "vcpu: {}\nmemory: {} MiB\n",
         vm["vcpu"].as_u64().unwrap_or(0),

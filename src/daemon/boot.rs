@@ -70,21 +70,26 @@ pub fn read_identity(files: &VmFiles) -> Result<Identity, RpcError> {
     }
 }
 
-/// Configures the launched VMM through its API (machine, kernel and `ip=`, root disk, vsock,
-/// `eth0` on the VM's tap) and starts the instance.
-pub fn configure(
+fn api_error(vm: &Vm) -> impl Fn(crate::vmm::api::ApiError) -> RpcError + '_ {
+    move |e| {
+        failed(Error::new(
+            format!("configuring VM `{}` through Firecracker", vm.name),
+            e,
+        ))
+    }
+}
+
+/// Configures the launched VMM's machine, kernel (with the `ip=` argument), root disk and vsock
+/// through its API. Needs nothing from the network but its address, so it runs while the helper
+/// is still making the tap.
+pub fn configure_devices(
     vm: &Vm,
     kernel: &Kernel,
     files: &VmFiles,
     net: &GuestNet,
     guest_args: &str,
 ) -> Result<(), RpcError> {
-    let api = |e: crate::vmm::api::ApiError| {
-        failed(Error::new(
-            format!("configuring VM `{}` through Firecracker", vm.name),
-            e,
-        ))
-    };
+    let api = api_error(vm);
     crate::vmm::api::wait_for_socket(&files.api_socket, API_TIMEOUT).map_err(failed)?;
     let c = Client::new(&files.api_socket);
     let vcpu = u8::try_from(vm.vcpu).map_err(|_| {
@@ -101,13 +106,13 @@ pub fn configure(
         cpu_template: None,
         huge_pages: None,
     })
-    .map_err(api)?;
+    .map_err(&api)?;
     c.put_boot_source(&BootSource {
         kernel_image_path: PathBuf::from(&kernel.path),
         boot_args: Some(boot_args(net, guest_args)),
         initrd_path: None,
     })
-    .map_err(api)?;
+    .map_err(&api)?;
     c.put_drive(&Drive {
         drive_id: "rootfs".into(),
         partuuid: None,
@@ -119,13 +124,21 @@ pub fn configure(
         io_engine: None,
         socket: None,
     })
-    .map_err(api)?;
+    .map_err(&api)?;
     c.put_vsock(&Vsock {
         guest_cid: GUEST_CID,
         uds_path: files.vsock_uds.clone(),
         vsock_id: None,
     })
-    .map_err(api)?;
+    .map_err(&api)?;
+    Ok(())
+}
+
+/// Gives the VMM `eth0` on the VM's tap (which must exist by now: the VMM opens it on this call)
+/// and starts the instance.
+pub fn attach_net_and_start(vm: &Vm, files: &VmFiles, net: &GuestNet) -> Result<(), RpcError> {
+    let api = api_error(vm);
+    let c = Client::new(&files.api_socket);
     c.put_network_interface(&NetworkInterface {
         iface_id: "eth0".into(),
         host_dev_name: net.tap.clone(),
@@ -134,8 +147,8 @@ pub fn configure(
         rx_rate_limiter: None,
         tx_rate_limiter: None,
     })
-    .map_err(api)?;
-    c.instance_start().map_err(api)?;
+    .map_err(&api)?;
+    c.instance_start().map_err(&api)?;
     Ok(())
 }
 

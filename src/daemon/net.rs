@@ -73,16 +73,22 @@ pub fn address_of(vm: &Vm, cfg: &NetConfig, config: &Path) -> Result<Ipv4Addr, E
     Ok(ip)
 }
 
-/// `priv.net_up`: the VM's tap on the bridge and its NAT bit. Returns the tap's name.
+/// `priv.net_up`: the VM's tap on the bridge and its NAT bit. Returns the tap's name as the
+/// helper reports it.
 pub fn up(ctx: &Ctx, vm: &Vm, ip: Ipv4Addr) -> Result<String, RpcError> {
     let r = ctx.helper(
         "priv.net_up",
         json!({"id": vm.id, "ip": ip.to_string(), "nat": vm.nat}),
     )?;
-    Ok(r.get("tap")
+    r.get("tap")
         .and_then(|t| t.as_str())
         .map(str::to_string)
-        .unwrap_or_else(|| crate::net::tap_name(&vm.id)))
+        .ok_or_else(|| {
+            super::shared::failed(Error::new(
+                format!("bringing up the network of VM `{}`", vm.name),
+                format!("the helper's answer names no tap: {r}"),
+            ))
+        })
 }
 
 /// `priv.net_down`, best effort: a failure is logged (the tap is removed at the VM's next stop or

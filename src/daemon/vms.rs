@@ -23,6 +23,7 @@ use crate::vmm::launch::VmFiles;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use std::collections::HashMap;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -347,9 +348,10 @@ impl Vms {
         )))
     }
 
-    /// The VM's guest network, brought up through the helper. A VM recorded before guest
-    /// networking gets its address here, once, and keeps it.
-    fn net_up(&self, vm: &mut Vm) -> Result<GuestNet, RpcError> {
+    /// The VM's guest network as the VMM and kernel will see it (the helper makes the tap
+    /// separately). A VM recorded before guest networking gets its address here, once, and keeps
+    /// it.
+    fn guest_net(&self, vm: &mut Vm) -> Result<(Ipv4Addr, GuestNet), RpcError> {
         let config = self.ctx.layout.config_toml();
         if vm.ip.is_none() {
             let subnet = self.ctx.net.subnet;
@@ -363,15 +365,17 @@ impl Vms {
             vm.mac = Some(mac);
         }
         let ip = net::address_of(vm, &self.ctx.net, &config).map_err(failed)?;
-        let tap = net::up(&self.ctx, vm, ip)?;
-        Ok(GuestNet {
-            tap,
-            mac: vm
-                .mac
-                .clone()
-                .unwrap_or_else(|| crate::net::mac_for(&vm.id)),
-            ip_arg: crate::net::kernel_ip_arg(ip, &self.ctx.net.subnet, &vm.name),
-        })
+        Ok((
+            ip,
+            GuestNet {
+                tap: crate::net::tap_name(&vm.id),
+                mac: vm
+                    .mac
+                    .clone()
+                    .unwrap_or_else(|| crate::net::mac_for(&vm.id)),
+                ip_arg: crate::net::kernel_ip_arg(ip, &self.ctx.net.subnet, &vm.name),
+            },
+        ))
     }
 
     fn prepare_disk(&self, vm: &Vm, image: &Image) -> Result<(), RpcError> {
@@ -394,8 +398,7 @@ impl Vms {
             .unwrap_or(0);
         vm.state = VmState::Starting;
         self.ctx.db(|s| s.vm_update(&vm))?;
-        op.stage("bringing the network up");
-        let guest_net = match self.net_up(&mut vm) {
+        let (ip, guest_net) = match self.guest_net(&mut vm) {
             Ok(n) => n,
             Err(e) => {
                 let mut v = vm.clone();
@@ -403,11 +406,41 @@ impl Vms {
                 return Err(e);
             }
         };
+        let guest_args = match super::ssh::guest_args(&self.ctx, &vm) {
+            Ok(a) => a,
+            Err(e) => {
+                let mut v = vm.clone();
+                let _ = self.mark_stopped(&mut v);
+                return Err(e);
+            }
+        };
         op.stage("launching VMM");
-        let launched = self.ctx.helper("priv.vm_launch", json!({"id": vm.id}));
-        let ident = match launched.and_then(|_| boot::read_identity(&files)) {
+        // `priv.net_up` runs beside the launch and the device configuration, which need only the
+        // address: the tap and its rules are in place before the VMM is told to open the tap
+        // (PUT /network-interfaces waits for them), and a start no longer waits for them first.
+        let (net_r, ident_r, devices_r) = std::thread::scope(|sc| {
+            let vm = &vm;
+            let net_thread = sc.spawn(move || net::up(&self.ctx, vm, ip));
+            let ident_r = self
+                .ctx
+                .helper("priv.vm_launch", json!({"id": vm.id}))
+                .and_then(|_| boot::read_identity(&files));
+            let devices_r = match &ident_r {
+                Ok(_) => boot::configure_devices(vm, &kernel, &files, &guest_net, &guest_args),
+                Err(_) => Ok(()),
+            };
+            let net_r = net_thread.join().unwrap_or_else(|_| {
+                Err(failed(Error::new(
+                    format!("bringing up the network of VM `{}`", vm.name),
+                    "the thread asking the helper panicked",
+                )))
+            });
+            (net_r, ident_r, devices_r)
+        });
+        let ident = match ident_r {
             Ok(i) => i,
             Err(e) => {
+                // Also takes down whatever net_up made.
                 let mut v = vm.clone();
                 let _ = self.mark_stopped(&mut v);
                 return Err(e);
@@ -419,8 +452,15 @@ impl Vms {
         self.ctx.db(|s| s.vm_update(&vm))?;
         let result = (|| -> Result<String, RpcError> {
             op.stage("configuring VM");
-            let guest_args = super::ssh::guest_args(&self.ctx, &vm)?;
-            boot::configure(&vm, &kernel, &files, &guest_net, &guest_args)?;
+            devices_r?;
+            let tap = net_r?;
+            if tap != guest_net.tap {
+                return Err(failed(Error::new(
+                    format!("bringing up the network of VM `{}`", vm.name),
+                    format!("the helper made tap {tap}, not {}", guest_net.tap),
+                )));
+            }
+            boot::attach_net_and_start(&vm, &files, &guest_net)?;
             op.stage("waiting for guest");
             let boot_id =
                 boot::wait_ready(&image, &files, &ident, &self.proc_root, console_offset)?;

@@ -15,6 +15,12 @@ pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
 /// How long a server waits for a whole request to arrive.
 pub const READ_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a server may take to hand a whole response to a client that does not read it.
+pub const WRITE_DEADLINE: Duration = Duration::from_secs(10);
+/// Most connections one server holds open at once. At the cap, a new connection makes the server
+/// close the one that has waited longest without sending its request (idle reaping); when every
+/// held connection is running a call, the new one is answered `busy`.
+pub const MAX_CONNECTIONS: usize = 256;
 
 /// One request.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -533,6 +533,9 @@ fn stage_verified_release(
     let say = seams.say;
     let release = &target.release;
     let keys = signature::trusted_keys(&opts.keys)?;
+    if let KeySource::File(file) = &opts.keys {
+        announce_key_override(layout, seams, file, &keys);
+    }
     let paths = staging::prepare(layout)?;
     say(&format!("downloading SHA256SUMS for {}", target.to));
     let sums_bytes = download::to_memory(
@@ -574,6 +577,43 @@ fn stage_verified_release(
         binary.display()
     ));
     Ok(Staged { paths, binary })
+}
+
+/// A `--pubkey-file` replaces the keys built into banger: say so loudly, once per run, naming the
+/// file and each key's fingerprint, and put the same line in the system log (`/dev/log`, which
+/// journald reads) so the override is on record after the terminal is gone.
+fn announce_key_override(
+    layout: &Layout,
+    seams: &Seams,
+    file: &Path,
+    keys: &[signature::PublicKey],
+) {
+    let fps: Vec<String> = keys.iter().map(|k| k.fingerprint()).collect();
+    let line = format!(
+        "WARNING: trusting release signing key{} {} from --pubkey-file {} INSTEAD OF the keys built into banger",
+        if fps.len() == 1 { "" } else { "s" },
+        fps.join(", "),
+        file.display()
+    );
+    match log_to_syslog(&layout.syslog_socket(), &line) {
+        Ok(()) => (seams.say)(&line),
+        Err(e) => (seams.say)(&format!(
+            "{line} (not in the system log: {}: {e})",
+            layout.syslog_socket().display()
+        )),
+    }
+}
+
+/// Sends `msg` to the syslog datagram socket at `socket` as `banger-update[pid]`, priority
+/// user.warning. The message is one line.
+fn log_to_syslog(socket: &Path, msg: &str) -> std::io::Result<()> {
+    let s = std::os::unix::net::UnixDatagram::unbound()?;
+    let line = format!(
+        "<12>banger-update[{}]: {}",
+        std::process::id(),
+        msg.replace('\n', " ")
+    );
+    s.send_to(line.as_bytes(), socket).map(|_| ())
 }
 
 /// Step 6: run the staged binary before trusting it: it must say it is the target, and its daemon
@@ -1882,6 +1922,63 @@ mod tests {
         // A real update afterwards starts from a clean staging dir.
         go(&h, &h.opts(), &Fakes::new()).unwrap();
         h.assert_exactly(NEW_BIN, "after dry run");
+    }
+
+    /// A `--pubkey-file` run prints one loud line naming the file and the key's fingerprint, and
+    /// sends the same line to the system log socket; runs on the embedded keys print none.
+    #[test]
+    fn a_key_file_override_is_announced_and_logged() {
+        let h = Host::new("flow-keyfile");
+        std::fs::create_dir_all(h.layout.syslog_socket().parent().unwrap()).unwrap();
+        let log = std::os::unix::net::UnixDatagram::bind(h.layout.syslog_socket()).unwrap();
+        log.set_nonblocking(true).unwrap();
+        let f = Fakes::new();
+        let o = Options {
+            dry_run: true,
+            ..h.opts()
+        };
+        go(&h, &o, &f).unwrap();
+        let fp = signature::PublicKey::from_file(&h.pubkey).unwrap()[0].fingerprint();
+        let loud: Vec<String> = f
+            .said
+            .borrow()
+            .iter()
+            .filter(|l| l.contains("--pubkey-file"))
+            .cloned()
+            .collect();
+        assert_eq!(loud.len(), 1, "{:?}", f.said.borrow());
+        let want = format!(
+            "WARNING: trusting release signing key {fp} from --pubkey-file {} INSTEAD OF the keys built into banger",
+            h.pubkey.display()
+        );
+        assert_eq!(loud[0], want);
+        let mut buf = [0u8; 4096];
+        let n = log.recv(&mut buf).expect("one syslog datagram");
+        let got = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(got.starts_with("<12>banger-update["), "{got}");
+        assert!(got.ends_with(&format!("]: {want}")), "{got}");
+        assert!(log.recv(&mut buf).is_err(), "exactly one record");
+
+        // Without a system log the line still prints, and says it is not logged.
+        drop(log);
+        std::fs::remove_file(h.layout.syslog_socket()).unwrap();
+        let f = Fakes::new();
+        go(&h, &o, &f).unwrap();
+        let said = f.said.borrow().join("\n");
+        assert!(
+            said.contains(&format!("{want} (not in the system log:")),
+            "{said}"
+        );
+
+        // A group-writable key file is refused before anything is downloaded or staged.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&h.pubkey, std::fs::Permissions::from_mode(0o664)).unwrap();
+        std::fs::remove_dir_all(StagingPaths::new(&h.layout).dir).ok();
+        let before = h.snapshot();
+        let e = go(&h, &o, &Fakes::new()).unwrap_err();
+        assert_eq!(e.why, "its mode 0664 lets its group write it", "{e}");
+        assert_eq!(h.snapshot(), before);
+        assert!(!StagingPaths::new(&h.layout).dir.exists());
     }
 
     #[test]

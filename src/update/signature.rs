@@ -109,12 +109,96 @@ impl PublicKey {
         Ok(keys)
     }
 
-    /// All public keys in a PEM file.
+    /// All public keys in a PEM file, which must pass [`read_key_file`]'s trust checks.
     pub fn from_file(path: &Path) -> Result<Vec<PublicKey>> {
-        let text = std::fs::read_to_string(path)
-            .ctx(|| format!("reading public key file {}", path.display()))?;
+        let text = read_key_file(path)?;
         PublicKey::from_pem(&path.display().to_string(), &text)
     }
+
+    /// The SubjectPublicKeyInfo DER of this key (what `openssl pkey -pubin -outform DER` prints).
+    pub fn spki_der(&self) -> Vec<u8> {
+        let mut der = SPKI_P256_PREFIX.to_vec();
+        der.extend_from_slice(&self.point);
+        der
+    }
+
+    /// `SHA256:<hex>` of the key's DER SubjectPublicKeyInfo: the same as
+    /// `openssl pkey -pubin -in KEY.pem -outform DER | sha256sum`.
+    pub fn fingerprint(&self) -> String {
+        let d = ring::digest::digest(&ring::digest::SHA256, &self.spki_der());
+        format!("SHA256:{}", hex::encode(d.as_ref()))
+    }
+}
+
+/// Largest key file read, in bytes (two PEM keys are well under 1 KiB).
+const KEY_FILE_MAX: u64 = 64 << 10;
+
+/// Reads a `--pubkey-file`, refusing (and saying why) unless it is a regular file owned by root
+/// (or by the user running banger, when that is not root) that neither group nor others may write:
+/// a key file anyone else can change would let them choose which releases root installs. Opened
+/// `O_NOFOLLOW|O_NONBLOCK` (a planted link or FIFO is refused, never followed or waited on) and
+/// checked with `fstat` on the opened file, so the checks and the read see the same file.
+pub fn read_key_file(path: &Path) -> Result<String> {
+    read_key_file_as(path, rustix::process::geteuid().as_raw())
+}
+
+fn read_key_file_as(path: &Path, euid: u32) -> Result<String> {
+    use rustix::fs::{FileType, Mode, OFlags, CWD};
+    use std::io::Read;
+    let what = || format!("trusting the --pubkey-file {}", path.display());
+    let hint = "use a key file owned by root with mode 0644 or tighter, e.g. sudo install -o root -m 0644 KEY.pub.pem /etc/banger/";
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat(CWD, path, flags, Mode::empty()).map_err(|e| {
+        let why = if e == rustix::io::Errno::LOOP {
+            "it is a symlink (name the key file itself)".to_string()
+        } else {
+            e.to_string()
+        };
+        Error::new(what(), why).hint(hint)
+    })?;
+    let st = rustix::fs::fstat(&fd).ctx(what)?;
+    let kind = FileType::from_raw_mode(st.st_mode);
+    if kind != FileType::RegularFile {
+        return Err(
+            Error::new(what(), format!("it is not a regular file (a {kind:?})")).hint(hint),
+        );
+    }
+    if st.st_uid != 0 && st.st_uid != euid {
+        return Err(Error::new(
+            what(),
+            format!(
+                "it is owned by uid {}, not by root{}",
+                st.st_uid,
+                if euid == 0 {
+                    String::new()
+                } else {
+                    format!(" or uid {euid}")
+                }
+            ),
+        )
+        .hint(hint));
+    }
+    let mode = st.st_mode & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(Error::new(
+            what(),
+            format!(
+                "its mode {mode:04o} lets {} write it",
+                match mode & 0o022 {
+                    0o020 => "its group",
+                    0o002 => "everyone",
+                    _ => "its group and everyone",
+                }
+            ),
+        )
+        .hint(hint));
+    }
+    let mut text = String::new();
+    std::fs::File::from(fd)
+        .take(KEY_FILE_MAX)
+        .read_to_string(&mut text)
+        .ctx(|| format!("reading public key file {}", path.display()))?;
+    Ok(text)
 }
 
 /// Which keys to trust.
@@ -197,6 +281,7 @@ pub fn verify<'k>(keys: &'k [PublicKey], data: &[u8], sig_b64: &[u8]) -> Result<
         )
         .hint(hint));
     }
+    der_shape(&der).map_err(|why| Error::new(what, why).hint(hint))?;
     for key in keys {
         if UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &key.point[..])
             .verify(data, &der)
@@ -214,6 +299,61 @@ pub fn verify<'k>(keys: &'k [PublicKey], data: &[u8], sig_b64: &[u8]) -> Result<
         ),
     )
     .hint(hint))
+}
+
+/// Why `der` is not shaped like a DER ECDSA signature, `SEQUENCE { INTEGER r, INTEGER s }`, so a
+/// truncated or garbled signature is reported as such rather than as "does not verify". ring
+/// re-checks the encoding strictly; this only names the reason.
+pub fn der_shape(der: &[u8]) -> Result<(), String> {
+    /// One DER header at `at`: (tag, content start, content length).
+    fn header(der: &[u8], at: usize) -> Option<(u8, usize, usize)> {
+        let tag = *der.get(at)?;
+        let first = *der.get(at + 1)? as usize;
+        match first {
+            0..=0x7f => Some((tag, at + 2, first)),
+            0x81 => Some((tag, at + 3, *der.get(at + 2)? as usize)),
+            _ => None,
+        }
+    }
+    let Some((tag, start, len)) = header(der, 0) else {
+        return Err(format!(
+            "the signature is {} bytes of which none form a DER header",
+            der.len()
+        ));
+    };
+    if tag != 0x30 {
+        return Err(format!(
+            "the signature is not a DER SEQUENCE (it starts with byte {tag:#04x})"
+        ));
+    }
+    let total = start + len;
+    if total > der.len() {
+        return Err(format!(
+            "the signature is truncated: its DER header says {total} bytes, it has {}",
+            der.len()
+        ));
+    }
+    if total < der.len() {
+        return Err(format!(
+            "the signature has {} bytes after its DER SEQUENCE",
+            der.len() - total
+        ));
+    }
+    let mut at = start;
+    for part in ["r", "s"] {
+        match header(der, at) {
+            Some((0x02, s, l)) if l > 0 && s + l <= total => at = s + l,
+            _ => {
+                return Err(format!(
+                    "the signature's DER SEQUENCE does not hold the INTEGER {part}"
+                ))
+            }
+        }
+    }
+    if at != total {
+        return Err("the signature's DER SEQUENCE has more than two INTEGERs".to_string());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -264,43 +404,146 @@ WbRw/CnKLRN4z9OeZNxYv1Ub8RJZxNI9hGvwdCYtmjQSuPlkddJ1KNP9nKte7oXb
         );
     }
 
+    fn b64(bytes: &[u8]) -> Vec<u8> {
+        base64::engine::general_purpose::STANDARD
+            .encode(bytes)
+            .into_bytes()
+    }
+
+    /// Each way a signature can be bad fails for its own stated reason (the exact `why`), not
+    /// just with the word "signature" that every one of these errors carries in its `what`.
     #[test]
     fn rejections() {
-        let k = keys(&[K1]);
-        let k2 = keys(&[K2]);
+        let k = PublicKey::from_pem("K1", K1).unwrap();
+        let k2 = PublicKey::from_pem("K2", K2).unwrap();
+        let both: Vec<PublicKey> = k2.iter().chain(k.iter()).cloned().collect();
+        let sig_der = base64::engine::general_purpose::STANDARD
+            .decode(SIG)
+            .unwrap();
         let mut truncated = SIG.to_string();
         truncated.truncate(40);
         let mut flipped = SIG.as_bytes().to_vec();
         flipped[20] = if flipped[20] == b'A' { b'B' } else { b'A' };
-        type Case<'a> = (&'a [PublicKey], Vec<u8>, Vec<u8>, &'a str);
+        let mut trailing = sig_der.clone();
+        trailing.extend_from_slice(&[0, 0]);
+        // SEQUENCE holding only r (s cut off, lengths made consistent).
+        let r_len = sig_der[3] as usize;
+        let mut only_r = vec![0x30, (2 + r_len) as u8];
+        only_r.extend_from_slice(&sig_der[2..4 + r_len]);
+        let not_seq: Vec<u8> = std::iter::once(0x31)
+            .chain(sig_der[1..].iter().copied())
+            .collect();
+        let no_key = "it does not verify against any trusted key";
+        type Case<'a> = (&'a str, &'a [PublicKey], Vec<u8>, Vec<u8>, String);
         let cases: Vec<Case> = vec![
             (
+                "tampered SHA256SUMS",
                 &k,
                 b"hello SHA256SUMS\r\n".to_vec(),
                 SIG.into(),
-                "does not verify",
+                format!("{no_key} (K1)"),
             ),
-            (&k, b"".to_vec(), SIG.into(), "does not verify"),
-            (&k2, MSG.to_vec(), SIG.into(), "does not verify"),
-            (&k, MSG.to_vec(), truncated.into_bytes(), "signature"),
-            (&k, MSG.to_vec(), flipped, "does not verify"),
             (
+                "empty SHA256SUMS",
+                &k,
+                b"".to_vec(),
+                SIG.into(),
+                format!("{no_key} (K1)"),
+            ),
+            (
+                "wrong key",
+                &k2,
+                MSG.to_vec(),
+                SIG.into(),
+                format!("{no_key} (K2)"),
+            ),
+            (
+                "no keys",
+                &[],
+                MSG.to_vec(),
+                SIG.into(),
+                format!("{no_key} ()"),
+            ),
+            (
+                "truncated signature",
+                &both,
+                MSG.to_vec(),
+                truncated.into_bytes(),
+                "the signature is truncated: its DER header says 70 bytes, it has 30".into(),
+            ),
+            (
+                "flipped bit in r",
+                &k,
+                MSG.to_vec(),
+                flipped,
+                format!("{no_key} (K1)"),
+            ),
+            (
+                "trailing bytes",
+                &k,
+                MSG.to_vec(),
+                b64(&trailing),
+                "the signature has 2 bytes after its DER SEQUENCE".into(),
+            ),
+            (
+                "s missing",
+                &k,
+                MSG.to_vec(),
+                b64(&only_r),
+                "the signature's DER SEQUENCE does not hold the INTEGER s".into(),
+            ),
+            (
+                "not a SEQUENCE",
+                &k,
+                MSG.to_vec(),
+                b64(&not_seq),
+                "the signature is not a DER SEQUENCE (it starts with byte 0x31)".into(),
+            ),
+            (
+                "garbage text",
                 &k,
                 MSG.to_vec(),
                 b"!!!not base64!!!".to_vec(),
-                "not valid base64",
+                "the signature is not valid base64 (Invalid symbol 33, offset 0.)".into(),
             ),
-            (&k, MSG.to_vec(), b"\xff\xfe".to_vec(), "not base64 text"),
-            (&k, MSG.to_vec(), b"  \n".to_vec(), "empty"),
-            (&k, MSG.to_vec(), b"AAAA".to_vec(), "not a DER ECDSA"),
-            (&k, MSG.to_vec(), vec![b'A'; 2000], "larger than"),
-            (&[], MSG.to_vec(), SIG.into(), "does not verify"),
+            (
+                "binary garbage",
+                &k,
+                MSG.to_vec(),
+                b"\xff\xfe".to_vec(),
+                "the signature file is not base64 text".into(),
+            ),
+            (
+                "blank",
+                &k,
+                MSG.to_vec(),
+                b"  \n".to_vec(),
+                "the signature file is empty".into(),
+            ),
+            (
+                "too short",
+                &k,
+                MSG.to_vec(),
+                b"AAAA".to_vec(),
+                "the signature is 3 bytes, not a DER ECDSA P-256 signature".into(),
+            ),
+            (
+                "too large",
+                &k,
+                MSG.to_vec(),
+                vec![b'A'; 2000],
+                format!("the signature is larger than {SIGNATURE_MAX} bytes"),
+            ),
         ];
-        for (keys, data, sig, want) in cases {
-            let e = verify(keys, &data, &sig).unwrap_err().to_string();
-            assert!(e.contains(want), "want {want:?} in {e}");
-            assert!(e.contains("do not install it"), "{e}");
+        for (case, keys, data, sig, want) in cases {
+            let e = verify(keys, &data, &sig).unwrap_err();
+            assert_eq!(e.why, want, "{case}");
+            assert_eq!(e.what, "verifying the SHA256SUMS signature", "{case}");
+            assert!(e.to_string().contains("do not install it"), "{case}: {e}");
         }
+        // The good signature still passes the shape check and verifies.
+        assert_eq!(der_shape(&sig_der), Ok(()));
+        assert!(verify(&both, MSG, SIG.as_bytes()).is_ok());
     }
 
     #[test]
@@ -348,6 +591,92 @@ WbRw/CnKLRN4z9OeZNxYv1Ub8RJZxNI9hGvwdCYtmjQSuPlkddJ1KNP9nKte7oXb
                 .len(),
             1
         );
+    }
+
+    #[test]
+    fn key_file_trust_checks() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = crate::update::testutil::TempDir::new("sigtrust");
+        let p = dir.path().join("k.pub");
+        std::fs::write(&p, K1).unwrap();
+        let mode =
+            |m: u32| std::fs::set_permissions(&p, std::fs::Permissions::from_mode(m)).unwrap();
+        let me = rustix::process::geteuid().as_raw();
+        let why = |path: &Path, euid: u32| read_key_file_as(path, euid).unwrap_err().why;
+        mode(0o644);
+        assert_eq!(read_key_file_as(&p, me).unwrap(), K1);
+        mode(0o600);
+        assert_eq!(read_key_file_as(&p, me).unwrap(), K1);
+        mode(0o664);
+        assert_eq!(why(&p, me), "its mode 0664 lets its group write it");
+        mode(0o646);
+        assert_eq!(why(&p, me), "its mode 0646 lets everyone write it");
+        mode(0o666);
+        assert_eq!(
+            why(&p, me),
+            "its mode 0666 lets its group and everyone write it"
+        );
+        mode(0o644);
+        // Owned by someone else: refused when root runs the update, and for any other user.
+        let other = dir.path().join("other.pub");
+        std::fs::write(&other, K1).unwrap();
+        if me == 0 {
+            std::os::unix::fs::chown(&other, Some(4242), None).unwrap();
+            assert_eq!(why(&other, 0), "it is owned by uid 4242, not by root");
+            assert_eq!(
+                why(&other, 1000),
+                "it is owned by uid 4242, not by root or uid 1000"
+            );
+            assert_eq!(read_key_file_as(&other, 4242).unwrap(), K1);
+        } else {
+            assert_eq!(
+                why(&other, 0),
+                format!("it is owned by uid {me}, not by root")
+            );
+        }
+        let link = dir.path().join("link.pub");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        assert_eq!(why(&link, me), "it is a symlink (name the key file itself)");
+        let fifo = dir.path().join("fifo.pub");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        assert_eq!(why(&fifo, me), "it is not a regular file (a Fifo)");
+        assert_eq!(
+            why(dir.path(), me),
+            "it is not a regular file (a Directory)"
+        );
+        // The whole refusal reads `trusting the --pubkey-file <path>: <why> (<what to do>)`.
+        let e = read_key_file_as(&link, me).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("trusting the --pubkey-file {}", link.display())),
+            "{e}"
+        );
+        assert!(e.contains("owned by root with mode 0644"), "{e}");
+    }
+
+    #[test]
+    fn fingerprint_is_sha256_of_the_spki_der() {
+        let k = &PublicKey::from_pem("K1", K1).unwrap()[0];
+        let body: String = K1.lines().filter(|l| !l.starts_with("-----")).collect();
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .unwrap();
+        assert_eq!(k.spki_der(), der);
+        let fp = k.fingerprint();
+        assert_eq!(
+            fp,
+            format!(
+                "SHA256:{}",
+                hex::encode(ring::digest::digest(&ring::digest::SHA256, &der))
+            )
+        );
+        assert_ne!(fp, PublicKey::from_pem("K2", K2).unwrap()[0].fingerprint());
     }
 
     #[test]

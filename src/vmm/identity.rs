@@ -13,6 +13,7 @@ use crate::error::{Context, Error, Result};
 use rustix::fd::{AsFd, OwnedFd};
 use rustix::fs::{Mode, OFlags, CWD};
 use serde::{Deserialize, Serialize};
+use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -401,28 +402,64 @@ pub fn write_handles(path: &Path, handles: &Handles, owner: Option<(u32, u32)>) 
     write_atomic(path, &bytes, 0o600, owner)
 }
 
-/// Reads `path`: `Ok(None)` when it does not exist; an error when it is unreadable, not JSON of
-/// the expected shape, or of a newer format version.
+/// Opens `name` in the pinned directory `dir` for reading, as root in an owner-writable
+/// directory: `O_NOFOLLOW` (a planted link is refused, never followed) and `O_NONBLOCK` (a planted
+/// FIFO or device cannot make the open wait for a writer), then `fstat` on the opened file: only a
+/// regular file is returned, so a read never blocks either. `Ok(None)` when it does not exist;
+/// `shown` names the file in errors.
+pub fn open_regular_at(
+    dir: &impl AsFd,
+    name: &OsStr,
+    shown: &Path,
+) -> Result<Option<std::fs::File>> {
+    let what = || format!("reading {}", shown.display());
+    let flags =
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    let fd = match rustix::fs::openat(dir, name, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        Err(rustix::io::Errno::LOOP) => return Err(Error::new(what(), "it is a symlink")),
+        Err(e) => return Err(Error::new(what(), e)),
+    };
+    let st = rustix::fs::fstat(&fd).ctx(what)?;
+    let kind = rustix::fs::FileType::from_raw_mode(st.st_mode);
+    if kind != rustix::fs::FileType::RegularFile {
+        return Err(
+            Error::new(what(), format!("it is not a regular file (a {kind:?})"))
+                .hint("remove it; banger writes this file itself"),
+        );
+    }
+    Ok(Some(std::fs::File::from(fd)))
+}
+
+/// A path that reaches `name` inside the pinned directory `dir` through this process's fd table
+/// (`/proc/self/fd/N/name`), for the calls that only take a path (`connect(2)` on a Unix socket):
+/// whatever the directory's path points at by now, this stays the directory that was opened.
+pub fn fd_path(dir: &impl AsFd, name: &OsStr) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", dir.as_fd().as_raw_fd())).join(name)
+}
+
+/// Reads `path`: `Ok(None)` when it does not exist; an error when it is unreadable, not a regular
+/// file, not JSON of the expected shape, or of a newer format version.
 pub fn read_handles(path: &Path) -> Result<Option<Handles>> {
-    let what = || format!("reading {}", path.display());
     // The root helper reads this from the owner's directory: no symlink anywhere on the way.
     let (dir, name) = match open_parent(path) {
         Ok(d) => d,
         Err(_) if !path.exists() && path.parent().is_some_and(|p| !p.exists()) => return Ok(None),
         Err(e) => return Err(e),
     };
-    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let fd = match rustix::fs::openat(&dir, name.as_os_str(), flags, Mode::empty()) {
-        Ok(fd) => fd,
-        Err(rustix::io::Errno::NOENT) => return Ok(None),
-        Err(rustix::io::Errno::LOOP) => return Err(Error::new(what(), "it is a symlink")),
-        Err(e) => return Err(Error::new(what(), e)),
+    read_handles_at(&dir, &name, path)
+}
+
+/// [`read_handles`] of `name` in the pinned directory `dir` (`shown` names it in errors).
+pub fn read_handles_at(dir: &impl AsFd, name: &OsStr, shown: &Path) -> Result<Option<Handles>> {
+    let what = || format!("reading {}", shown.display());
+    let Some(f) = open_regular_at(dir, name, shown)? else {
+        return Ok(None);
     };
     let mut bytes = Vec::new();
-    std::fs::File::from(fd)
-        .take(1 << 20)
-        .read_to_end(&mut bytes)
-        .ctx(what)?;
+    f.take(1 << 20).read_to_end(&mut bytes).ctx(what)?;
     let h: Handles = serde_json::from_slice(&bytes).ctx(what)?;
     if h.version != HANDLES_VERSION {
         return Err(Error::new(
@@ -647,6 +684,60 @@ pub(crate) mod tests {
             write_handles(&t.path().join("link/handles.json"), &handles(1, 1), None).unwrap_err();
         assert!(e.to_string().contains("not a plain directory"), "{e}");
         assert!(!real.join("handles.json").exists());
+    }
+
+    /// A FIFO (or a link, or a directory) planted as `handles.json` is refused at once: the open
+    /// does not wait for a writer and nothing is read from it.
+    #[test]
+    fn read_refuses_a_planted_fifo_link_or_dir_without_blocking() {
+        let t = TempDir::new();
+        let f = t.path().join("handles.json");
+        rustix::fs::mknodat(
+            CWD,
+            &f,
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .expect("mkfifo");
+        // Were the open blocking, this thread would wait forever for a writer: run it aside.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let f2 = f.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(read_handles(&f2).map_err(|e| e.why));
+        });
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("read_handles returned (the FIFO did not block it)");
+        assert_eq!(r, Err("it is not a regular file (a Fifo)".to_string()));
+        assert!(matches!(
+            classify_handles(&f, Path::new("/proc")),
+            Liveness::Unsure(_)
+        ));
+        std::fs::remove_file(&f).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", &f).unwrap();
+        assert_eq!(read_handles(&f).unwrap_err().why, "it is a symlink");
+        std::fs::remove_file(&f).unwrap();
+        std::fs::create_dir(&f).unwrap();
+        assert_eq!(
+            read_handles(&f).unwrap_err().why,
+            "it is not a regular file (a Directory)"
+        );
+    }
+
+    #[test]
+    fn fd_path_reaches_the_pinned_directory_after_a_rename() {
+        let t = TempDir::new();
+        let d = t.path().join("d");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("x"), "pinned").unwrap();
+        let fd = open_dir_nofollow(&d).unwrap();
+        std::fs::rename(&d, t.path().join("moved")).unwrap();
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("x"), "impostor").unwrap();
+        let p = fd_path(&fd, OsStr::new("x"));
+        assert!(p.starts_with("/proc/self/fd/"), "{}", p.display());
+        assert_eq!(std::fs::read_to_string(p).unwrap(), "pinned");
     }
 
     #[test]

@@ -34,6 +34,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::process::{Pid, PidfdFlags, Signal};
 use std::ffi::OsString;
 use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -229,7 +230,10 @@ fn open_console(path: &Path, run_as: Option<&RunAs>) -> Result<File> {
             Ok(f)
         }
         Err(rustix::io::Errno::EXIST) => {
-            let fd = rustix::fs::openat(&dir, name.as_os_str(), flags, mode).ctx(what)?;
+            // O_NONBLOCK: a planted FIFO or device must not make the open wait (on a regular
+            // file, the only kind kept below, it changes nothing).
+            let fd = rustix::fs::openat(&dir, name.as_os_str(), flags | OFlags::NONBLOCK, mode)
+                .ctx(what)?;
             let st = rustix::fs::fstat(&fd).ctx(what)?;
             let want_uid = run_as
                 .map(|r| r.uid)
@@ -269,7 +273,8 @@ fn clear_stale_socket(path: &Path) -> Result<()> {
     if FileType::from_raw_mode(st.st_mode) != FileType::Socket {
         return Err(Error::new(what(), "it exists and is not a socket"));
     }
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+    // Through the pinned directory, not `path`: the directory may have been swapped since.
+    if std::os::unix::net::UnixStream::connect(identity::fd_path(&dir, &name)).is_ok() {
         return Err(Error::new(what(), "a process is still listening on it")
             .hint("the VM's VMM is still running; stop it first"));
     }
@@ -501,7 +506,10 @@ pub fn cleanup(vm_dir: &Path, proc_root: &Path) -> Result<Vec<PathBuf>> {
         Err(_) if !vm_dir.exists() => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
-    if let Ok(Some(h)) = identity::read_handles(&files.handles) {
+    // Everything below goes through the pinned `dir`, never through `vm_dir` again: the owner can
+    // rename or replace the directory (or plant links and FIFOs in it) at any moment.
+    let handles_name = files.handles.file_name().unwrap_or_default();
+    if let Ok(Some(h)) = identity::read_handles_at(&dir, handles_name, &files.handles) {
         match classify(&h.identity, proc_root) {
             Liveness::Gone(_) => {}
             Liveness::Alive => {
@@ -525,10 +533,11 @@ pub fn cleanup(vm_dir: &Path, proc_root: &Path) -> Result<Vec<PathBuf>> {
         (PIDFILE.into(), FileType::RegularFile),
     ];
     let prefix = format!("{VSOCK_SOCKET}_");
-    for entry in std::fs::read_dir(vm_dir).ctx(what)? {
-        let name = entry.ctx(what)?.file_name();
+    for entry in rustix::fs::Dir::read_from(&dir).ctx(what)? {
+        let entry = entry.ctx(what)?;
+        let name = std::ffi::OsStr::from_bytes(entry.file_name().to_bytes());
         if name.to_string_lossy().starts_with(&prefix) {
-            names.push((name, FileType::Socket));
+            names.push((name.to_os_string(), FileType::Socket));
         }
     }
     let mut removed = Vec::new();

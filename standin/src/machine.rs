@@ -5,6 +5,8 @@
 //! (deny-unknown-fields, exact integer widths, like Firecracker's serde types) and then applies the
 //! rules Firecracker applies: ids in paths, files that must exist, value ranges, pre-boot-only
 //! configuration, actions in the right state. Fault messages are Firecracker's where we know them.
+//! A network interface opens its tap at PUT, as Firecracker does, and holds it while the VM lives
+//! (see [`crate::tap`]).
 
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -14,6 +16,8 @@ use banger::vmm::models::{
     InstanceState, Logger, MachineConfiguration, Metrics, NetworkInterface, Vsock,
 };
 use serde::de::DeserializeOwned;
+
+use crate::tap::Tap;
 
 /// The Firecracker version the stand-in impersonates.
 pub const VERSION: &str = "1.16.1";
@@ -82,8 +86,8 @@ pub struct Machine {
     pub machine: MachineConfiguration,
     /// Block devices, in insertion order.
     pub drives: Vec<Drive>,
-    /// Network interfaces, in insertion order.
-    pub nets: Vec<NetworkInterface>,
+    /// Network interfaces and their open taps, in insertion order.
+    pub nets: Vec<(NetworkInterface, Tap)>,
     /// The vsock device and its bound host-side listener, once configured.
     pub vsock: Option<(Vsock, UnixListener)>,
     /// Metrics file, once configured.
@@ -382,43 +386,59 @@ impl Machine {
         Ok((Answer::no_content(), After::Nothing))
     }
 
+    /// Firecracker's order: the request checks (id, body, path id = body id), pre-boot, the MAC
+    /// in use by another interface, then the device: an interface of the same id is dropped first
+    /// (its tap closed), the tap opened, the vnet header sized, and only then the MTU checked.
     fn put_net(&mut self, path_id: &str, n: NetworkInterface) -> Result<Reply, Answer> {
         if n.iface_id != path_id {
             return Err(Answer::fault(
                 400,
-                "The id from the path does not match the id from the body!",
+                format!(
+                    "The id from the path [{path_id}] does not match the id from the body [{}]!",
+                    n.iface_id
+                ),
             ));
         }
-        self.pre_boot()?;
         if let Some(mac) = &n.guest_mac {
             if !valid_mac(mac) {
                 return Err(Answer::fault(
                     400,
-                    format!("An error occurred when deserializing the json body of a request: invalid MAC address {mac:?}."),
+                    "An error occurred when deserializing the json body of a request: The provided MAC address is invalid.",
                 ));
             }
         }
+        self.pre_boot()?;
+        let config_error = |msg: String| Answer::fault(400, format!("Network config error: {msg}"));
+        if let Some(mac) = &n.guest_mac {
+            let in_use = self.nets.iter().any(|(o, _)| {
+                o.iface_id != n.iface_id
+                    && o.guest_mac.as_deref().map(str::to_ascii_lowercase)
+                        == Some(mac.to_ascii_lowercase())
+            });
+            if in_use {
+                return Err(config_error(format!(
+                    "The MAC address is already in use: {}",
+                    mac.to_ascii_lowercase()
+                )));
+            }
+        }
+        // Firecracker removes the old device before building the new one, so re-putting the same
+        // tap works and a failed re-put leaves the interface gone.
+        self.nets.retain(|(o, _)| o.iface_id != n.iface_id);
+        let tap = Tap::open_named(&n.host_dev_name).map_err(|e| {
+            config_error(format!(
+                "Could not create the network device: {}",
+                e.net_error()
+            ))
+        })?;
         if let Some(mtu) = n.mtu {
             if mtu < 68 {
-                return Err(Answer::fault(
-                    400,
-                    format!("Invalid MTU {mtu}: must be within 68..=65535"),
-                ));
+                return Err(config_error(format!(
+                    "Could not create the network device: MTU {mtu} is out of range [68, 65535]"
+                )));
             }
         }
-        if n.host_dev_name.is_empty() || n.host_dev_name.len() > 15 {
-            return Err(Answer::fault(
-                400,
-                format!(
-                    "Could not create the network device: invalid tap name {:?}",
-                    n.host_dev_name
-                ),
-            ));
-        }
-        match self.nets.iter_mut().find(|o| o.iface_id == n.iface_id) {
-            Some(o) => *o = n,
-            None => self.nets.push(n),
-        }
+        self.nets.push((n, tap));
         Ok((Answer::no_content(), After::Nothing))
     }
 
@@ -596,12 +616,22 @@ mod tests {
             (
                 "/network-interfaces/eth0",
                 json!({"iface_id": "eth1", "host_dev_name": "tap0"}),
-                "does not match",
+                "The id from the path [eth0] does not match the id from the body [eth1]!",
             ),
             (
                 "/network-interfaces/eth0",
                 json!({"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "zz"}),
-                "invalid MAC",
+                "The provided MAC address is invalid.",
+            ),
+            (
+                "/network-interfaces/eth0",
+                json!({"iface_id": "eth0", "host_dev_name": "bgr-0123456789ab"}),
+                "Network config error: Could not create the network device: Open tap device failed: ",
+            ),
+            (
+                "/network-interfaces/eth0",
+                json!({"iface_id": "eth0", "host_dev_name": "bgr-nosuchtap"}),
+                "Network config error: Could not create the network device: Open tap device failed: ",
             ),
             (
                 "/vsock",
@@ -759,5 +789,84 @@ mod tests {
             .contains("\"running\":true"));
         let (s, _, after) = put(&mut m, "/actions", json!({"action_type": "SendCtrlAltDel"}));
         assert_eq!((s, after), (204, After::Exit));
+    }
+
+    #[test]
+    fn network_interface_holds_its_tap() {
+        const SETUP: &[&[&str]] = &[
+            &["ip", "tuntap", "add", "dev", "bgr-a", "mode", "tap"],
+            &["ip", "tuntap", "add", "dev", "bgr-b", "mode", "tap"],
+        ];
+        // As root in a namespace of the test's own: Machine opens the real /dev/net/tun.
+        let r = crate::tap::tests::in_netns_as("machine", SETUP, None, |_| {
+            let t = tmp("net");
+            let k = elf(&t.0);
+            let mut m = Machine::new("vm1");
+            let net = |tap: &str, mac: &str| json!({"iface_id": "eth0", "host_dev_name": tap, "guest_mac": mac});
+            let mut out = vec![
+                put(
+                    &mut m,
+                    "/network-interfaces/eth0",
+                    net("bgr-a", "02:00:00:00:00:01"),
+                ),
+                // Re-put of the same interface and tap: the old queue is closed first.
+                put(
+                    &mut m,
+                    "/network-interfaces/eth0",
+                    net("bgr-a", "02:00:00:00:00:01"),
+                ),
+                put(
+                    &mut m,
+                    "/network-interfaces/eth1",
+                    json!({"iface_id": "eth1", "host_dev_name": "bgr-a"}),
+                ),
+                put(
+                    &mut m,
+                    "/network-interfaces/eth1",
+                    json!({"iface_id": "eth1", "host_dev_name": "bgr-b", "guest_mac": "02:00:00:00:00:01"}),
+                ),
+                put(
+                    &mut m,
+                    "/network-interfaces/eth1",
+                    json!({"iface_id": "eth1", "host_dev_name": "bgr-b", "mtu": 67}),
+                ),
+            ];
+            let nets_before_boot = m.nets.len();
+            put(&mut m, "/boot-source", json!({"kernel_image_path": k}));
+            put(&mut m, "/actions", json!({"action_type": "InstanceStart"}));
+            out.push(put(
+                &mut m,
+                "/network-interfaces/eth1",
+                json!({"iface_id": "eth1", "host_dev_name": "bgr-b"}),
+            ));
+            // The held queue keeps bgr-a busy for anyone else while the VM lives.
+            let busy = crate::tap::Tap::open_named("bgr-a").is_err();
+            drop(m);
+            let free = crate::tap::Tap::open_named("bgr-a").is_ok();
+            (out, nets_before_boot, busy, free)
+        });
+        let (out, nets, busy, free) = match r {
+            Ok(v) => v,
+            Err(why) => {
+                eprintln!("SKIP: network_interface_holds_its_tap: {why}");
+                return;
+            }
+        };
+        let fault = "Network config error: Could not create the network device: ";
+        assert_eq!((out[0].0, out[1].0), (204, 204), "{out:?}");
+        assert_eq!(out[2].0, 400);
+        assert_eq!(out[2].1, format!("{fault}Open tap device failed: Error while creating ifreq structure: Device or resource busy (os error 16). Invalid TUN/TAP Backend provided by bgr-a. Check our documentation on setting up the network devices."));
+        assert_eq!(
+            out[3].1,
+            "Network config error: The MAC address is already in use: 02:00:00:00:00:01"
+        );
+        assert_eq!(
+            out[4].1,
+            format!("{fault}MTU 67 is out of range [68, 65535]")
+        );
+        assert_eq!(nets, 1, "only eth0 is configured");
+        assert_eq!(out[5].1, POST_BOOT);
+        assert!(busy, "bgr-a is held while the VM lives");
+        assert!(free, "bgr-a is released with the VM");
     }
 }

@@ -3,14 +3,19 @@
 //!
 //! It owns exactly what banger's tests need from a VMM process: Firecracker's command line, the API
 //! subset banger speaks (held to Firecracker's spec, see [`machine`]), a console line with a fresh
-//! boot id after InstanceStart, and the vsock handshake answered by banger's real guest-agent
-//! handler. It never runs guest code. One process, a few threads; it exits 0 shortly after
+//! boot id after InstanceStart, the vsock handshake answered by banger's real guest-agent
+//! handler, and the taps of its network interfaces, opened and held as Firecracker holds them. It
+//! never runs guest code itself; with QEMU installed and a real Linux kernel configured, its TCG
+//! engine ([`tcg`]) boots that kernel under QEMU instead. One process, a few threads; it exits 0
+//! shortly after
 //! SendCtrlAltDel (as Firecracker does when its guest reboots), dies by SIGTERM/SIGINT after
 //! removing its sockets, and leaves them behind on SIGKILL like the real thing.
 
 mod cli;
 mod machine;
 mod server;
+mod tap;
+mod tcg;
 
 use std::process::ExitCode;
 

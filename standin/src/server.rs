@@ -101,6 +101,7 @@ pub fn run(opts: Options) -> Result<(), String> {
         )
     })?;
     remember(&API_SOCK, &opts.api_sock);
+    crate::tcg::init(&opts.api_sock);
     install_signal_handlers();
 
     let machine = Arc::new(Mutex::new(Machine::new(&opts.id)));
@@ -231,10 +232,21 @@ fn serve_api_connection(mut s: UnixStream, machine: &Mutex<Machine>) {
             Ok(m) => m,
             Err(p) => p.into_inner(),
         };
-        let (answer, after) = m.handle(&method, &path, &body);
+        let (mut answer, after) = m.handle(&method, &path, &body);
         match after {
             After::Nothing => {}
-            After::Booted => boot(&m),
+            After::Booted => {
+                if let Err(fault) = boot(&m) {
+                    m.started = false;
+                    answer = fault;
+                }
+            }
+            After::Exit if crate::tcg::engine().is_some() => {
+                // A real guest: it reboots (and QEMU, then the stand-in, exits) by itself.
+                if let Some(Err(e)) = crate::tcg::engine().map(|e| e.ctrl_alt_del()) {
+                    eprintln!("stand-in: TCG engine: Ctrl+Alt+Del: {e}");
+                }
+            }
             After::Exit => {
                 // Firecracker answers, then exits when the guest resets; do the same, shortly.
                 thread::spawn(|| {
@@ -258,10 +270,31 @@ pub const STANDIN_HOST_KEY: &str =
 /// The "guest's" hostname when its boot args carry no valid `banger.name=`.
 pub const STANDIN_HOSTNAME: &str = "banger-standin";
 
-/// What the "guest" does once started: say it is ready on the console, serve its agent on vsock.
-/// Its agent answers `hello` with [`STANDIN_HOST_KEY`] and the boot args' `banger.name=` (as the
-/// real agent would set it), and `ports` with no sockets.
-fn boot(m: &Machine) {
+/// What the "guest" does once started: a real kernel boots under QEMU ([`crate::tcg`]); otherwise
+/// the stand-in says it is ready on the console and serves its agent on vsock. That agent answers
+/// `hello` with [`STANDIN_HOST_KEY`] and the boot args' `banger.name=` (as the real agent would set
+/// it), and `ports` with no sockets.
+fn boot(m: &Machine) -> Result<(), Answer> {
+    if let Some(qemu) = crate::tcg::engages(m) {
+        crate::tcg::start(m, &qemu, |code| exit_clean(code)).map_err(|e| {
+            Answer::fault(
+                400,
+                format!("Cannot start microvm: the stand-in's TCG engine failed: {e}"),
+            )
+        })?;
+        if let Some((v, l)) = &m.vsock {
+            remember(&VSOCK_SOCK, &v.uds_path);
+            match l.try_clone() {
+                // Connections go to the guest's own agent (see `vsock_connection`); this env
+                // is never served.
+                Ok(l) => {
+                    thread::spawn(move || serve_vsock(l, AgentEnv::default()));
+                }
+                Err(e) => eprintln!("firecracker (banger stand-in): vsock listener: {e}"),
+            }
+        }
+        return Ok(());
+    }
     let boot_id = fresh_boot_id();
     if let Some((v, l)) = &m.vsock {
         remember(&VSOCK_SOCK, &v.uds_path);
@@ -284,6 +317,7 @@ fn boot(m: &Machine) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{}", agent::ready_line(&boot_id));
     let _ = out.flush();
+    Ok(())
 }
 
 /// Host-side port numbers Firecracker hands out for host-initiated connections start at 2^30.
@@ -314,6 +348,18 @@ fn vsock_connection(mut s: UnixStream, env: &AgentEnv) {
         .ok()
         .and_then(|l| l.strip_prefix("CONNECT "))
         .and_then(|p| p.trim().parse::<u32>().ok());
+    if let Some(engine) = crate::tcg::engine() {
+        // A real guest: its agent's port through the tap, or refused (closed) like a guest's RST.
+        let Some(guest) = port.and_then(|p| engine.connect_guest(p)) else {
+            return;
+        };
+        let host_port = NEXT_HOST_PORT.fetch_add(1, Ordering::SeqCst);
+        if s.write_all(format!("OK {host_port}\n").as_bytes()).is_ok() {
+            let _ = s.set_read_timeout(None);
+            crate::tcg::splice(s, guest);
+        }
+        return;
+    }
     // Only the agent listens in this "guest"; any other port is refused the way Firecracker
     // reports a guest's RST: by closing the connection.
     if port != Some(agent::AGENT_VSOCK_PORT) {

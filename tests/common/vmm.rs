@@ -76,3 +76,38 @@ fn build_standin() -> Result<PathBuf, String> {
         })
         .clone()
 }
+
+/// Whether `vmm` opens the tap it is given at `PUT /network-interfaces` as Firecracker does
+/// (a real Firecracker always does). A stand-in is asked in namespace `ns`: one that opens taps
+/// refuses a tap that does not exist; an older one accepts any valid name. Nothing is created.
+pub fn opens_taps(vmm: &Path, standin: bool, ns: &super::NetNs, dir: &Path) -> bool {
+    use banger::vmm::api::{wait_for_socket, Client};
+    use banger::vmm::models::NetworkInterface;
+    if !standin {
+        return true;
+    }
+    let sock = dir.join("tap-probe.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(vmm)
+        .arg("--api-sock")
+        .arg(&sock)
+        .args(["--id", "tap-probe"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawning the stand-in");
+    wait_for_socket(&sock, std::time::Duration::from_secs(10)).expect("stand-in API socket");
+    let r = Client::new(&sock).put_network_interface(&NetworkInterface {
+        iface_id: "eth0".into(),
+        host_dev_name: "bgr-no-such".into(),
+        guest_mac: None,
+        mtu: None,
+        rx_rate_limiter: None,
+        tx_rate_limiter: None,
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    r.is_err()
+}
