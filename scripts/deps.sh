@@ -14,7 +14,8 @@ if [[ -c /dev/net/tun && $(stat -c %a /dev/net/tun) != 666 ]]; then
   fi
 fi
 
-want=(openssl python3 shellcheck binutils)
+# e2fsprogs: mkfs.ext4 -d and debugfs for `image build` and its tests.
+want=(openssl python3 shellcheck binutils e2fsprogs)
 # Guest agent tests: ssh-keygen (host keys), ip (the agent's TCP transport in a private netns).
 want+=(openssh-client iproute2)
 # Guest networking: the root helper's nftables table (iproute2 above: its tests and doctor's view).
@@ -23,7 +24,8 @@ want+=(nftables)
 # (the package's own service is disabled right after a fresh install, below).
 want+=(openssh-server)
 if [[ "${1:-}" == "--smoke" ]]; then
-  # qemu-system-x86: the stand-in VMM's TCG engine boots real Linux guests with it (DESIGN §13).
+  # qemu-system-x86: the stand-in's TCG engine boots the real guest kernel and image.
+  # The kernel's own build dependencies are installed by packaging/kernel/build.sh.
   want+=(debootstrap systemd-container jq qemu-system-x86)
 fi
 

@@ -13,7 +13,9 @@
 # SMOKE_FIRECRACKER (a real firecracker; default: the stand-in VMM, `cargo build -p
 # banger-fc-standin`, or the `firecracker` beside BANGER_BIN), SMOKE_KEEP_LOGS=1 (keep the per-run
 # log dir), SMOKE_RELEASE_BIN (--bench: a release-profile banger to measure staging with too;
-# default: target/x86_64-unknown-linux-gnu/release/banger when it exists).
+# default: target/x86_64-unknown-linux-gnu/release/banger when it exists), SMOKE_KERNEL_DIR (the
+# real-guest scenarios' kernel dir; default: packaging/kernel/build.sh --cached-only, else they
+# SKIP), SMOKE_GUEST_CACHE (their debootstrap cache, default /var/tmp/banger-cache/smoke-image).
 #
 # The update scenarios (and --bench) need releases: this source built once per run with
 # BANGER_VERSION=v0.smoke.0 (dev profile, own target dir in the cache, seeded from target/), signed
@@ -40,6 +42,8 @@ source "$REPO_ROOT/scripts/smoke/vm.sh"
 source "$REPO_ROOT/scripts/smoke/update.sh"
 # shellcheck source=scripts/smoke/net.sh
 source "$REPO_ROOT/scripts/smoke/net.sh"
+# shellcheck source=scripts/smoke/guest.sh
+source "$REPO_ROOT/scripts/smoke/guest.sh"
 
 # --- runner ----------------------------------------------------------------------------------------
 
@@ -52,20 +56,25 @@ scenario_names() { local s; for s in "${SCENARIOS[@]}"; do echo "${s%%|*}"; done
 
 PASSED=0
 FAILED=0
+SKIPPED=0
 declare -A BENCH_SCENARIO_MS=()
 BOOT_TIMES=()
 
 scenario_body() { scenario_body_fn "scenario_$1"; }
 
 run_scenario() {
-    local name=$1 started rc=0 reason elapsed
+    local name=$1 started rc=0 reason elapsed h
     started=$(now_ms)
+    CT_EXTRA_BINDS=()
+    for h in "${BEFORE_CONTAINER_HOOKS[@]}"; do "$h" "$name"; done
     if ! start_container; then
         FAILED=$((FAILED + 1))
         echo "FAIL $name: $BOOT_ERROR"
         { tail -n 20 "$RUN_DIR/$CT_NAME.console" 2>/dev/null || true; } | sed 's/^/  | /'
         KEEP_LOGS=yes
         stop_container
+        for h in "${AFTER_CONTAINER_HOOKS[@]}"; do "$h" "$name"; done
+        CT_EXTRA_BINDS=()
         return
     fi
     BOOT_TIMES+=("$BENCH_BOOT_MS")
@@ -73,10 +82,16 @@ run_scenario() {
     NOTES_FILE=$RUN_DIR/$name.notes
     : >"$REASON_FILE"
     : >"$NOTES_FILE"
+    SKIP_FILE=$RUN_DIR/$name.skip
+    : >"$SKIP_FILE"
     run_tracked scenario_body "$name" >"$RUN_DIR/$name.log" 2>&1 || rc=$?
     elapsed=$(($(now_ms) - started))
     BENCH_SCENARIO_MS[$name]=$elapsed
-    if ((rc == 0)); then
+    if ((rc == 0)) && [[ -s $SKIP_FILE ]]; then
+        SKIPPED=$((SKIPPED + 1))
+        echo "SKIP: $name: $(head -n1 "$SKIP_FILE")" >&2
+        sort -u "$NOTES_FILE" | sed 's/^/  note: /'
+    elif ((rc == 0)); then
         PASSED=$((PASSED + 1))
         echo "PASS $name ($(secs "$elapsed"))"
         sort -u "$NOTES_FILE" | sed 's/^/  note: /'
@@ -92,6 +107,8 @@ run_scenario() {
         KEEP_LOGS=yes
     fi
     stop_container
+    for h in "${AFTER_CONTAINER_HOOKS[@]}"; do "$h" "$name"; done
+    CT_EXTRA_BINDS=()
 }
 
 usage() {
@@ -136,6 +153,8 @@ main() {
     prepare_vmm
     prepare_guest
     prepare_rootfs "$rebuild"
+    local hook
+    for hook in "${PREPARE_HOOKS[@]}"; do "$hook" "${names[@]}"; done
     if [[ $bench == yes || " ${names[*]} " == *" update_"* || " ${names[*]} " == *" net_survives_restarts "* ]]; then
         prepare_releases "$bench"
     fi
@@ -150,7 +169,7 @@ main() {
         echo "bench: container boot to running: ${BOOT_TIMES[*]} ms"
         for n in "${names[@]}"; do echo "bench: scenario $n: ${BENCH_SCENARIO_MS[$n]} ms"; done
     fi
-    echo "smoke: $PASSED passed, $FAILED failed"
+    echo "smoke: $PASSED passed, $FAILED failed$( ((SKIPPED == 0)) || echo ", $SKIPPED skipped")"
     ((FAILED == 0))
 }
 

@@ -92,6 +92,11 @@ impl Layout {
         self.etc_dir().join("config.toml")
     }
 
+    /// `/etc/apt`: read by `image build` for the mirror this host already uses.
+    pub fn apt_dir(&self) -> PathBuf {
+        self.at("etc/apt")
+    }
+
     /// `/var/lib/banger`: state owned by the owner user.
     pub fn state_dir(&self) -> PathBuf {
         self.at("var/lib/banger")
@@ -165,6 +170,14 @@ impl Layout {
     pub fn updates_dir(&self) -> PathBuf {
         self.cache_dir().join("updates")
     }
+    /// `/var/cache/banger/debootstrap`: root's cache of debootstrapped trees for `image build`.
+    pub fn debootstrap_cache_dir(&self) -> PathBuf {
+        self.cache_dir().join("debootstrap")
+    }
+    /// `/var/cache/banger/image-build`: scratch space of running `image build`s.
+    pub fn image_build_dir(&self) -> PathBuf {
+        self.cache_dir().join("image-build")
+    }
 
     /// `/run/banger`: the daemon's runtime dir.
     pub fn run_dir(&self) -> PathBuf {
@@ -225,6 +238,14 @@ mod tests {
             Path::new("/home/alice/.ssh/config")
         );
         assert_eq!(l.updates_dir(), Path::new("/var/cache/banger/updates"));
+        assert_eq!(
+            l.debootstrap_cache_dir(),
+            Path::new("/var/cache/banger/debootstrap")
+        );
+        assert_eq!(
+            l.image_build_dir(),
+            Path::new("/var/cache/banger/image-build")
+        );
         assert_eq!(l.daemon_socket(), Path::new("/run/banger/bangerd.sock"));
         assert_eq!(
             l.helper_socket(),

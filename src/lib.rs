@@ -10,6 +10,7 @@ pub mod cli;
 pub mod clock;
 pub mod daemon;
 pub mod error;
+pub mod guest;
 pub mod helper;
 pub mod layout;
 pub mod logging;

@@ -41,6 +41,23 @@ NL=$'\n'
 
 SCENARIOS=()
 
+# Hooks for scenario areas that need more than the common test bed (guest.sh: the built kernel, the
+# image cache, the mirror proxy). PREPARE_HOOKS run once with the selected scenario names before
+# any container; BEFORE_CONTAINER_HOOKS with the scenario name before its container boots (they may
+# set CT_EXTRA_BINDS, nspawn bind options for that one container); AFTER_CONTAINER_HOOKS with the
+# name once it is stopped; CLEANUP_HOOKS at exit.
+PREPARE_HOOKS=()
+BEFORE_CONTAINER_HOOKS=()
+AFTER_CONTAINER_HOOKS=()
+CLEANUP_HOOKS=()
+CT_EXTRA_BINDS=()
+
+# Ends the scenario as skipped, with the reason (the runner prints SKIP, never PASS).
+skip() {
+    printf '%s\n' "$*" >"$SKIP_FILE"
+    exit 0
+}
+
 # doctor checks that cannot pass in this test bed, and why. They must never say PASS here; a FAIL
 # of one of these is allowed (noted). Empty now: the VMM is installed in every container.
 declare -A DOCTOR_CANNOT_PASS=()
@@ -288,6 +305,9 @@ debian_mirror() {
 }
 
 ROOTFS_PACKAGES=(systemd systemd-sysv dbus iproute2 iptables nftables openssl python3 procps sudo)
+# The real-guest scenarios (guest.sh): `image build` runs debootstrap and strip, the stand-in boots
+# the guest with QEMU, and `vm exec`/`vm ssh` need an ssh client.
+ROOTFS_PACKAGES+=(debootstrap binutils qemu-system-x86 openssh-client)
 
 # Everything that decides the rootfs content. Its text is hashed into the cache directory name, so
 # editing this function or the package list rebuilds the rootfs.
@@ -462,7 +482,7 @@ start_container() {
     CT_SEQ=$((CT_SEQ + 1))
     CT_NAME=banger-smoke-$$-$CT_SEQ
     local binds=(--bind-ro="$BIN:$SRC_BIN" --bind-ro="$HELPERS_DIR:$SMOKE_LIB"
-        --bind-ro="$VMM_HOST:$VMM_SRC" --bind-ro="$RUN_DIR/guest:$GUEST_DIR") dev root started
+        --bind-ro="$VMM_HOST:$VMM_SRC" --bind-ro="$RUN_DIR/guest:$GUEST_DIR" "${CT_EXTRA_BINDS[@]}") dev root started
     [[ -c /dev/kvm ]] && binds+=(--bind=/dev/kvm)
     [[ -z $REL_HOST ]] || binds+=(--bind-ro="$REL_HOST:$REL_DIR")
     CT_CGROUPS=()
@@ -628,6 +648,8 @@ cleanup() {
     # A signal can land while a redirected function runs (run_tracked > log): talk to the terminal.
     exec 1>&"$ORIG_STDOUT" 2>&"$ORIG_STDERR"
     stop_container
+    local h
+    for h in "${CLEANUP_HOOKS[@]}"; do "$h" || true; done
     if [[ -n ${RUN_DIR:-} && -d $RUN_DIR ]]; then
         if [[ ${KEEP_LOGS:-} == yes || ${SMOKE_KEEP_LOGS:-} == 1 ]]; then
             log "logs kept in $RUN_DIR"

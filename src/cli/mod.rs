@@ -7,6 +7,7 @@ mod completion;
 mod daemon;
 mod doctor;
 mod enter;
+mod image_build;
 mod run;
 mod ssh_config;
 mod system;

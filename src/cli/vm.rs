@@ -457,6 +457,7 @@ pub struct ImageCmd {
 #[derive(FromArgs, ArgsInfo)]
 #[argh(subcommand)]
 enum ImageSub {
+    Build(super::image_build::ImageBuildCmd),
     Import(ImageImport),
     List(ImageList),
     Rm(ImageRm),
@@ -502,6 +503,7 @@ struct ImageRm {
 /// Runs an `image` subcommand.
 pub fn run_image(c: ImageCmd) -> Result<i32> {
     match c.cmd {
+        ImageSub::Build(b) => super::image_build::run(b),
         ImageSub::Import(i) => {
             let rootfs = absolute(&i.rootfs)?;
             let v = long_call(

@@ -42,13 +42,39 @@ pub fn cow_copy(src: &Path, dst: &Path) -> Result<CopyKind> {
     result
 }
 
-fn sparse_copy(mut input: &File, out: &mut File) -> std::io::Result<()> {
-    const BLOCK: usize = 64 * 1024;
+fn sparse_copy(input: &File, out: &mut File) -> std::io::Result<()> {
     let len = input.metadata()?.len();
-    let mut buf = vec![0u8; BLOCK];
+    // Only the data extents are read (SEEK_DATA/SEEK_HOLE): a 2 GiB image holding 200 MiB is
+    // copied in ~200 MiB of reads, not 2 GiB of zero checks. Filesystems without them report the
+    // whole file as one extent.
     let mut pos: u64 = 0;
-    loop {
-        let n = read_full(&mut input, &mut buf)?;
+    while pos < len {
+        let data = match rustix::fs::seek(input, rustix::fs::SeekFrom::Data(pos as i64)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let hole = rustix::fs::seek(input, rustix::fs::SeekFrom::Hole(data as i64))
+            .map_err(std::io::Error::from)?
+            .min(len);
+        copy_range(input, out, data, hole - data)?;
+        pos = hole;
+    }
+    // Trailing holes need an explicit length.
+    out.set_len(len)?;
+    Ok(())
+}
+
+/// Copies `len` bytes at `offset` of `input` to the same offset of `out`, skipping zero blocks.
+fn copy_range(mut input: &File, out: &mut File, offset: u64, len: u64) -> std::io::Result<()> {
+    const BLOCK: usize = 64 * 1024;
+    let mut buf = vec![0u8; BLOCK];
+    input.seek(SeekFrom::Start(offset))?;
+    out.seek(SeekFrom::Start(offset))?;
+    let mut left = len;
+    while left > 0 {
+        let want = BLOCK.min(usize::try_from(left).unwrap_or(BLOCK));
+        let n = read_full(&mut input, &mut buf[..want])?;
         if n == 0 {
             break;
         }
@@ -57,10 +83,8 @@ fn sparse_copy(mut input: &File, out: &mut File) -> std::io::Result<()> {
         } else {
             out.write_all(&buf[..n])?;
         }
-        pos += n as u64;
+        left -= n as u64;
     }
-    // Trailing holes need an explicit length.
-    out.set_len(len.max(pos))?;
     Ok(())
 }
 
@@ -89,6 +113,9 @@ mod tests {
         f.write_all(b"header").unwrap();
         f.seek(SeekFrom::Start(8 << 20)).unwrap();
         f.write_all(b"middle").unwrap();
+        // A data extent that is all zeros (written, not a hole) is still copied as a hole.
+        f.seek(SeekFrom::Start(12 << 20)).unwrap();
+        f.write_all(&vec![0u8; 1 << 20]).unwrap();
         f.set_len(16 << 20).unwrap();
         drop(f);
         let dst = dir.join("dst.img");
