@@ -20,6 +20,9 @@ want=(openssl python3 shellcheck binutils e2fsprogs)
 want+=(openssh-client iproute2)
 # Guest networking: the root helper's nftables table (iproute2 above: its tests and doctor's view).
 want+=(nftables)
+# SSH tests: a real sshd, run by the tests themselves on a private network namespace's loopback
+# (the package's own service is disabled right after a fresh install, below).
+want+=(openssh-server)
 if [[ "${1:-}" == "--smoke" ]]; then
   # qemu-system-x86: the stand-in's TCG engine boots the real guest kernel and image.
   # The kernel's own build dependencies are installed by packaging/kernel/build.sh.
@@ -43,3 +46,8 @@ echo "deps: installing ${missing[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+if [[ " ${missing[*]} " == *" openssh-server "* ]] && command -v systemctl >/dev/null; then
+  # Only the tests' own sshd instances are wanted; never a host sshd this script brought in.
+  echo "deps: disabling the openssh-server service it just installed (tests run their own sshd)" >&2
+  systemctl disable --now ssh.service ssh.socket >/dev/null 2>&1 || true
+fi

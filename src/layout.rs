@@ -122,6 +122,46 @@ impl Layout {
         self.vms_dir().join(id)
     }
 
+    /// `/var/lib/banger/ssh`: banger's own SSH material (0700, the owner's).
+    pub fn ssh_dir(&self) -> PathBuf {
+        self.state_dir().join("ssh")
+    }
+    /// `/var/lib/banger/ssh/id_ed25519`: the install's one SSH key (OpenSSH format, 0600).
+    pub fn ssh_key(&self) -> PathBuf {
+        self.ssh_dir().join("id_ed25519")
+    }
+    /// `/var/lib/banger/ssh/id_ed25519.pub`: its public half.
+    pub fn ssh_key_pub(&self) -> PathBuf {
+        self.ssh_dir().join("id_ed25519.pub")
+    }
+    /// `/var/lib/banger/ssh/known_hosts`: guests' pinned host keys (never the user's own file).
+    pub fn ssh_known_hosts(&self) -> PathBuf {
+        self.ssh_dir().join("known_hosts")
+    }
+    /// `/var/lib/banger/ssh/config`: the daemon's generated `Host <name>.vm` blocks.
+    pub fn ssh_config(&self) -> PathBuf {
+        self.ssh_dir().join("config")
+    }
+    /// `<home>/.ssh/config` of a user whose home is `home` (an absolute path such as
+    /// `/home/alice`), relocated under the root like every other path.
+    pub fn user_ssh_config(&self, home: &Path) -> PathBuf {
+        let rel = home.strip_prefix("/").unwrap_or(home);
+        self.root.join(rel).join(".ssh").join("config")
+    }
+
+    /// Where bash-completion looks for a command's script (`/usr/share/bash-completion/completions`).
+    pub fn bash_completion_dir(&self) -> PathBuf {
+        self.at("usr/share/bash-completion/completions")
+    }
+    /// zsh's directory for packaged completion functions (`/usr/share/zsh/vendor-completions`).
+    pub fn zsh_completion_dir(&self) -> PathBuf {
+        self.at("usr/share/zsh/vendor-completions")
+    }
+    /// fish's directory for packaged completions (`/usr/share/fish/vendor_completions.d`).
+    pub fn fish_completion_dir(&self) -> PathBuf {
+        self.at("usr/share/fish/vendor_completions.d")
+    }
+
     /// `/var/cache/banger`.
     pub fn cache_dir(&self) -> PathBuf {
         self.at("var/cache/banger")
@@ -187,6 +227,16 @@ mod tests {
         assert_eq!(l.link("bangerd"), Path::new("/usr/local/bin/bangerd"));
         assert_eq!(l.install_toml(), Path::new("/etc/banger/install.toml"));
         assert_eq!(l.state_db(), Path::new("/var/lib/banger/state.db"));
+        assert_eq!(l.ssh_key(), Path::new("/var/lib/banger/ssh/id_ed25519"));
+        assert_eq!(
+            l.ssh_known_hosts(),
+            Path::new("/var/lib/banger/ssh/known_hosts")
+        );
+        assert_eq!(l.ssh_config(), Path::new("/var/lib/banger/ssh/config"));
+        assert_eq!(
+            l.user_ssh_config(Path::new("/home/alice")),
+            Path::new("/home/alice/.ssh/config")
+        );
         assert_eq!(l.updates_dir(), Path::new("/var/cache/banger/updates"));
         assert_eq!(
             l.debootstrap_cache_dir(),
@@ -213,5 +263,9 @@ mod tests {
         assert!(!l.is_system());
         assert_eq!(l.state_db(), Path::new("/tmp/x/var/lib/banger/state.db"));
         assert_eq!(l.vm_dir("ab"), Path::new("/tmp/x/var/lib/banger/vms/ab"));
+        assert_eq!(
+            l.user_ssh_config(Path::new("/home/alice")),
+            Path::new("/tmp/x/home/alice/.ssh/config")
+        );
     }
 }

@@ -17,6 +17,7 @@ pub mod logging;
 pub mod net;
 pub mod rpc;
 pub mod sdnotify;
+pub mod ssh;
 pub mod store;
 pub mod system;
 pub mod update;

@@ -3,10 +3,10 @@
 use crate::error::Result;
 use crate::layout::{Layout, DAEMON_UNIT};
 use crate::rpc::client;
-use argh::FromArgs;
+use argh::{ArgsInfo, FromArgs};
 use serde_json::{json, Value};
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Inspect or stop the banger daemon (bangerd).
 #[argh(subcommand, name = "daemon")]
 pub struct DaemonCmd {
@@ -14,7 +14,7 @@ pub struct DaemonCmd {
     cmd: Sub,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 #[argh(subcommand)]
 enum Sub {
     Socket(SocketCmd),
@@ -22,12 +22,12 @@ enum Sub {
     Stop(StopCmd),
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Print the daemon's socket path, nothing else.
 #[argh(subcommand, name = "socket")]
 struct SocketCmd {}
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Ask the daemon how it is: version, pid, uptime, socket, state directory.
 #[argh(subcommand, name = "status")]
 struct StatusCmd {
@@ -36,7 +36,7 @@ struct StatusCmd {
     json: bool,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Stop the installed daemon service (root; running VMs keep running).
 #[argh(
     subcommand,

@@ -3,9 +3,9 @@
 use crate::error::Result;
 use crate::layout::Layout;
 use crate::system::doctor::{self, Check, Level};
-use argh::FromArgs;
+use argh::{ArgsInfo, FromArgs};
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Check this host's banger install (read-only; never changes anything). Exits 1 on any FAIL.
 #[argh(subcommand, name = "doctor")]
 pub struct DoctorCmd {

@@ -11,14 +11,14 @@ use crate::guest::debootstrap::Recipe;
 use crate::guest::{ext4, mirror, progress::Progress};
 use crate::layout::Layout;
 use crate::rpc::client;
-use argh::FromArgs;
+use argh::{ArgsInfo, FromArgs};
 use serde_json::{json, Value};
 use std::time::Duration;
 
 /// The daemon copies the image into its state; a 2G sparse image takes seconds, a large one more.
 const IMPORT_TIMEOUT: Duration = Duration::from_secs(900);
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Build an image (as root): Debian with systemd, udev, sshd and the banger agent, made into ext4
 /// and imported for the owner. The debootstrap result is cached, so rebuilds take seconds.
 #[argh(

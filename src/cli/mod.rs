@@ -3,21 +3,26 @@
 //! Each command group lives in its own module and returns `Result<i32>`; this module maps errors
 //! to `banger: <what failed>: <why> (<what to do>)` on stderr with exit 1 (usage errors exit 2).
 
+mod completion;
 mod daemon;
 mod doctor;
+mod enter;
 mod image_build;
+mod run;
+mod ssh_config;
 mod system;
 mod update;
 mod vm;
 
 use crate::error::{Error, Result};
-use argh::FromArgs;
+use argh::{ArgsInfo, FromArgs};
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// banger: one-command development sandboxes on Firecracker microVMs.
 #[argh(
     example = "Install banger on this host for user alice (once, as root):\n  sudo banger system install --owner alice",
     example = "Check that everything is in order:\n  banger doctor",
+    example = "A fresh VM and a root shell in it, deleted when you leave:\n  banger vm run --rm",
     example = "Is the daemon up?\n  banger daemon status",
     example = "Is a newer banger out? Install it (VMs keep running):\n  banger update --check\n  sudo banger update",
     note = "Run `banger <command> --help` for a command's options. `banger --version` prints one line."
@@ -27,7 +32,7 @@ struct Top {
     cmd: Cmd,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 #[argh(subcommand)]
 enum Cmd {
     Version(VersionCmd),
@@ -38,9 +43,11 @@ enum Cmd {
     Image(vm::ImageCmd),
     Kernel(vm::KernelCmd),
     Update(update::UpdateCmd),
+    SshConfig(ssh_config::SshConfigCmd),
+    Completion(completion::CompletionCmd),
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Print this binary's build identity as three lines: version, commit, built_at.
 #[argh(subcommand, name = "version")]
 struct VersionCmd {}
@@ -66,6 +73,8 @@ pub fn run(args: Vec<String>) -> i32 {
         Cmd::Image(c) => vm::run_image(c),
         Cmd::Kernel(c) => vm::run_kernel(c),
         Cmd::Update(c) => update::run(c),
+        Cmd::SshConfig(c) => ssh_config::run(c),
+        Cmd::Completion(c) => completion::run(c),
     };
     match result {
         Ok(code) => code,

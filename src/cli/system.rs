@@ -3,14 +3,14 @@
 use crate::error::{Error, Result};
 use crate::layout::{Layout, DAEMON_UNIT, HELPER_UNIT};
 use crate::system::{install, service};
-use argh::FromArgs;
+use argh::{ArgsInfo, FromArgs};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// How long install/restart wait for the daemon to answer.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Install, inspect, restart or remove banger's system services.
 #[argh(subcommand, name = "system")]
 pub struct SystemCmd {
@@ -18,7 +18,7 @@ pub struct SystemCmd {
     cmd: Sub,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 #[argh(subcommand)]
 enum Sub {
     Install(InstallCmd),
@@ -27,7 +27,7 @@ enum Sub {
     Uninstall(UninstallCmd),
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Install this binary system-wide and start bangerd and bangerd-root (root).
 #[argh(
     subcommand,
@@ -41,17 +41,17 @@ struct InstallCmd {
     owner: String,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Show what is installed and whether the services run.
 #[argh(subcommand, name = "status")]
 struct StatusCmd {}
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Restart bangerd-root, then bangerd, and wait until the daemon answers (root). VMs keep running.
 #[argh(subcommand, name = "restart")]
 struct RestartCmd {}
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Stop and remove banger's services, links, binary and network objects (root). VM state is kept unless --purge.
 #[argh(subcommand, name = "uninstall")]
 struct UninstallCmd {

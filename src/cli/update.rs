@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use argh::FromArgs;
+use argh::{ArgsInfo, FromArgs};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
@@ -15,7 +15,7 @@ use crate::update::flow::{self, DaemonProbe, Options, ProcessRunner, Seams};
 use crate::update::manifest::DEFAULT_MANIFEST_URL;
 use crate::update::signature::KeySource;
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Update banger to the latest signed release without stopping running VMs (root).
 #[argh(
     subcommand,

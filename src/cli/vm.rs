@@ -6,7 +6,7 @@
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::rpc::client;
-use argh::FromArgs;
+use argh::{ArgsInfo, FromArgs};
 use serde_json::{json, Value};
 use std::io::Write;
 use std::time::Duration;
@@ -14,12 +14,14 @@ use std::time::Duration;
 /// How long a create/start/restart may take end to end.
 const LONG_CALL: Duration = Duration::from_secs(300);
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Create, run, inspect and remove VMs.
 #[argh(
     subcommand,
     name = "vm",
+    example = "banger vm run --rm                  # create, boot, shell; deleted afterwards",
     example = "banger vm create --name dev --image debian",
+    example = "banger vm ssh dev                   # or: banger vm exec dev -- uname -a",
     example = "banger vm create --name web --nat",
     example = "banger vm list",
     example = "banger vm stop dev && banger vm delete dev"
@@ -29,7 +31,7 @@ pub struct VmCmd {
     cmd: VmSub,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 #[argh(subcommand)]
 enum VmSub {
     Create(CreateCmd),
@@ -42,9 +44,13 @@ enum VmSub {
     Ps(PsCmd),
     Show(ShowCmd),
     Logs(LogsCmd),
+    Run(super::run::RunCmd),
+    Ssh(super::enter::SshCmd),
+    Exec(super::enter::ExecCmd),
+    Ports(super::enter::PortsCmd),
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Create a VM from an image and start it (unless --no-start); returns once the guest is ready.
 #[argh(subcommand, name = "create")]
 struct CreateCmd {
@@ -69,7 +75,7 @@ struct CreateCmd {
     nat: bool,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Start a stopped VM; returns once the guest is ready.
 #[argh(subcommand, name = "start")]
 struct StartCmd {
@@ -78,7 +84,7 @@ struct StartCmd {
     vm: String,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Stop a VM and start it again: a new boot with a new boot_id.
 #[argh(subcommand, name = "restart")]
 struct RestartCmd {
@@ -87,7 +93,7 @@ struct RestartCmd {
     vm: String,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Stop a VM gracefully (Ctrl-Alt-Del), killing it after --timeout seconds if it does not stop.
 #[argh(subcommand, name = "stop")]
 struct StopCmd {
@@ -99,7 +105,7 @@ struct StopCmd {
     timeout: u64,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Send a signal to a VM's VMM process (default KILL): TERM, KILL, INT or HUP.
 #[argh(subcommand, name = "kill")]
 struct KillCmd {
@@ -111,7 +117,7 @@ struct KillCmd {
     signal: String,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Delete VMs (stopping them first) and their disks.
 #[argh(subcommand, name = "delete")]
 struct DeleteCmd {
@@ -120,7 +126,7 @@ struct DeleteCmd {
     vms: Vec<String>,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// List VMs.
 #[argh(subcommand, name = "list")]
 struct ListCmd {
@@ -129,7 +135,7 @@ struct ListCmd {
     json: bool,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// List VMs (same as `vm list`).
 #[argh(subcommand, name = "ps")]
 struct PsCmd {
@@ -138,7 +144,7 @@ struct PsCmd {
     json: bool,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Show one VM: state, VMM identity, guest boot_id, files.
 #[argh(subcommand, name = "show")]
 struct ShowCmd {
@@ -150,7 +156,7 @@ struct ShowCmd {
     json: bool,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Print a VM's console log; -f keeps following it.
 #[argh(subcommand, name = "logs")]
 struct LogsCmd {
@@ -182,7 +188,7 @@ fn call(method: &str, params: Value, what: &str) -> Result<Value> {
 }
 
 /// A long call: on a TTY, a thread shows the operation's stage while we wait.
-fn long_call(method: &str, params: Value, what: &str, target: &str) -> Result<Value> {
+pub(super) fn long_call(method: &str, params: Value, what: &str, target: &str) -> Result<Value> {
     use std::io::IsTerminal;
     let sock = socket();
     let live = std::io::stderr().is_terminal();
@@ -251,6 +257,10 @@ pub fn run(c: VmCmd) -> Result<i32> {
             println!("{}", summary(&v));
             Ok(0)
         }
+        VmSub::Run(c) => super::run::run(c),
+        VmSub::Ssh(c) => super::enter::ssh(c),
+        VmSub::Exec(c) => super::enter::exec(c),
+        VmSub::Ports(c) => super::enter::ports(c),
         VmSub::Start(r) => one_long("vm.start", &r.vm, "starting"),
         VmSub::Restart(r) => one_long("vm.restart", &r.vm, "restarting"),
         VmSub::Stop(s) => {
@@ -432,7 +442,7 @@ fn logs(vm: &str, follow: bool) -> Result<i32> {
     }
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Import, list and remove images (a root filesystem plus the kernel to boot it with).
 #[argh(
     subcommand,
@@ -444,7 +454,7 @@ pub struct ImageCmd {
     cmd: ImageSub,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 #[argh(subcommand)]
 enum ImageSub {
     Build(super::image_build::ImageBuildCmd),
@@ -453,7 +463,7 @@ enum ImageSub {
     Rm(ImageRm),
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Import a root filesystem as an image (copied into banger's state).
 #[argh(subcommand, name = "import")]
 struct ImageImport {
@@ -472,7 +482,7 @@ struct ImageImport {
     ready_console: Option<String>,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// List images.
 #[argh(subcommand, name = "list")]
 struct ImageList {
@@ -481,7 +491,7 @@ struct ImageList {
     json: bool,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Remove an image (VMs made from it keep their own disks).
 #[argh(subcommand, name = "rm")]
 struct ImageRm {
@@ -574,7 +584,7 @@ pub fn run_image(c: ImageCmd) -> Result<i32> {
     }
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Import, list and remove guest kernels.
 #[argh(
     subcommand,
@@ -586,7 +596,7 @@ pub struct KernelCmd {
     cmd: KernelSub,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 #[argh(subcommand)]
 enum KernelSub {
     Import(KernelImport),
@@ -594,7 +604,7 @@ enum KernelSub {
     Rm(KernelRm),
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Import a guest kernel (an uncompressed vmlinux ELF; copied into banger's state).
 #[argh(subcommand, name = "import")]
 struct KernelImport {
@@ -606,7 +616,7 @@ struct KernelImport {
     path: String,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// List kernels.
 #[argh(subcommand, name = "list")]
 struct KernelList {
@@ -615,7 +625,7 @@ struct KernelList {
     json: bool,
 }
 
-#[derive(FromArgs)]
+#[derive(FromArgs, ArgsInfo)]
 /// Remove a kernel no image uses.
 #[argh(subcommand, name = "rm")]
 struct KernelRm {

@@ -49,9 +49,14 @@ pub struct GuestNet {
     pub ip_arg: String,
 }
 
-/// The guest kernel's command line: banger's base arguments and the static address.
-pub fn boot_args(net: &GuestNet) -> String {
-    format!("{BOOT_ARGS} {}", net.ip_arg)
+/// The guest kernel's command line: banger's base arguments, the static address and the guest
+/// agent's arguments (`guest`, from [`super::ssh::guest_args`]; empty for none).
+pub fn boot_args(net: &GuestNet, guest: &str) -> String {
+    if guest.is_empty() {
+        format!("{BOOT_ARGS} {}", net.ip_arg)
+    } else {
+        format!("{BOOT_ARGS} {} {guest}", net.ip_arg)
+    }
 }
 
 /// The identity the helper recorded for the VMM it just launched.
@@ -82,6 +87,7 @@ pub fn configure_devices(
     kernel: &Kernel,
     files: &VmFiles,
     net: &GuestNet,
+    guest_args: &str,
 ) -> Result<(), RpcError> {
     let api = api_error(vm);
     crate::vmm::api::wait_for_socket(&files.api_socket, API_TIMEOUT).map_err(failed)?;
@@ -103,7 +109,7 @@ pub fn configure_devices(
     .map_err(&api)?;
     c.put_boot_source(&BootSource {
         kernel_image_path: PathBuf::from(&kernel.path),
-        boot_args: Some(boot_args(net)),
+        boot_args: Some(boot_args(net, guest_args)),
         initrd_path: None,
     })
     .map_err(&api)?;
@@ -236,8 +242,12 @@ mod tests {
             ip_arg: crate::net::kernel_ip_arg("172.30.0.7".parse().unwrap(), &subnet, "dev"),
         };
         assert_eq!(
-            boot_args(&net),
+            boot_args(&net, ""),
             "console=ttyS0 reboot=k panic=1 pci=off ip=172.30.0.7::172.30.0.1:255.255.255.0:dev:eth0:off"
+        );
+        assert_eq!(
+            boot_args(&net, "banger.name=dev banger.key=c3No"),
+            "console=ttyS0 reboot=k panic=1 pci=off ip=172.30.0.7::172.30.0.1:255.255.255.0:dev:eth0:off banger.name=dev banger.key=c3No"
         );
     }
 

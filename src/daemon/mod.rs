@@ -3,7 +3,8 @@
 //! Knows nothing about argv or sockets; `applets::bangerd` binds the socket and serves this.
 //! Every method's parameters are read here into their typed struct ([`requests`]) and handed to
 //! the module that owns the concern: [`vms`] (lifecycle, with [`boot`]), [`images`], [`kernels`],
-//! [`net`] (the guest address plan and the helper's network calls).
+//! [`net`] (the guest address plan and the helper's network calls), [`ssh`] (the guest's key
+//! arguments, pinned host keys, the generated ssh config, `vm.ports`).
 
 pub mod boot;
 pub mod images;
@@ -12,6 +13,7 @@ pub mod net;
 pub mod ops;
 pub mod requests;
 pub mod shared;
+pub mod ssh;
 pub mod vms;
 
 use crate::buildinfo::BuildInfo;
@@ -68,7 +70,9 @@ impl Daemon {
 
     /// Re-adopts, stops or reports every VM recorded as running (call once at start).
     pub fn reconcile(&self) -> (usize, usize, usize) {
-        self.vms.reconcile()
+        let r = self.vms.reconcile();
+        ssh::reconcile(&self.ctx);
+        r
     }
 
     /// The state store.
@@ -134,6 +138,7 @@ impl Handler for Daemon {
             }
             "vm.show" => self.vms.show(parse(m, p)?),
             "vm.logs" => self.vms.logs(parse(m, p)?),
+            "vm.ports" => ssh::ports(ctx, &parse::<requests::VmRef>(m, p)?.vm),
             "image.import" => images::import(ctx, ops, parse(m, p)?),
             "image.list" => parse::<NoParams>(m, p).and_then(|_| images::list(ctx)),
             "image.rm" => images::remove(ctx, parse(m, p)?),

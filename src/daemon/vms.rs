@@ -406,6 +406,14 @@ impl Vms {
                 return Err(e);
             }
         };
+        let guest_args = match super::ssh::guest_args(&self.ctx, &vm) {
+            Ok(a) => a,
+            Err(e) => {
+                let mut v = vm.clone();
+                let _ = self.mark_stopped(&mut v);
+                return Err(e);
+            }
+        };
         op.stage("launching VMM");
         // `priv.net_up` runs beside the launch and the device configuration, which need only the
         // address: the tap and its rules are in place before the VMM is told to open the tap
@@ -418,7 +426,7 @@ impl Vms {
                 .helper("priv.vm_launch", json!({"id": vm.id}))
                 .and_then(|_| boot::read_identity(&files));
             let devices_r = match &ident_r {
-                Ok(_) => boot::configure_devices(vm, &kernel, &files, &guest_net),
+                Ok(_) => boot::configure_devices(vm, &kernel, &files, &guest_net, &guest_args),
                 Err(_) => Ok(()),
             };
             let net_r = net_thread.join().unwrap_or_else(|_| {
@@ -442,7 +450,7 @@ impl Vms {
         vm.start_time = Some(ident.start_time);
         vm.comm = Some(ident.comm.clone());
         self.ctx.db(|s| s.vm_update(&vm))?;
-        let result = (|| {
+        let result = (|| -> Result<String, RpcError> {
             op.stage("configuring VM");
             devices_r?;
             let tap = net_r?;
@@ -454,7 +462,10 @@ impl Vms {
             }
             boot::attach_net_and_start(&vm, &files, &guest_net)?;
             op.stage("waiting for guest");
-            boot::wait_ready(&image, &files, &ident, &self.proc_root, console_offset)
+            let boot_id =
+                boot::wait_ready(&image, &files, &ident, &self.proc_root, console_offset)?;
+            super::ssh::pin_host_key(&self.ctx, &vm, &image, &files)?;
+            Ok(boot_id)
         })();
         match result {
             Ok(boot_id) => {
@@ -471,6 +482,7 @@ impl Vms {
                         );
                     }
                 }
+                super::ssh::refresh_config(&self.ctx);
                 Ok(vm_json(&vm))
             }
             Err(e) => {
@@ -636,6 +648,7 @@ impl Vms {
                     .map_err(|e| failed(Error::new(format!("removing {}", dir.display()), e)))?;
             }
             self.ctx.db(|s| s.vm_delete(&vm.id))?;
+            super::ssh::forget(&self.ctx, &vm);
             deleted.push(vm.name.clone());
         }
         Ok(json!({"deleted": deleted}))

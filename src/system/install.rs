@@ -54,6 +54,8 @@ pub struct InstallReport {
     pub started: Vec<String>,
     /// Units restarted because their unit, the binary or the owner changed.
     pub restarted: Vec<String>,
+    /// Shell completion loaders written (for the shells whose directory exists).
+    pub completions_changed: Vec<PathBuf>,
 }
 
 impl InstallReport {
@@ -67,6 +69,7 @@ impl InstallReport {
             && self.enabled.is_empty()
             && self.started.is_empty()
             && self.restarted.is_empty()
+            && self.completions_changed.is_empty()
     }
 }
 
@@ -116,6 +119,13 @@ impl fmt::Display for InstallReport {
         }
         if !self.restarted.is_empty() {
             writeln!(f, "  restarted: {}", list(&self.restarted))?;
+        }
+        if !self.completions_changed.is_empty() {
+            writeln!(
+                f,
+                "  shell completion: {}",
+                paths(&self.completions_changed)
+            )?;
         }
         Ok(())
     }
@@ -204,6 +214,7 @@ pub fn install(
         enabled: vec![],
         started: vec![],
         restarted: vec![],
+        completions_changed: super::completions::install(layout)?,
     };
     svc.daemon_reload()?;
     // Helper first: the daemon wants it, and a restarted daemon should find it answering.
@@ -468,6 +479,9 @@ pub fn uninstall_with_network(
             report.removed.push(file);
         }
     }
+    report
+        .removed
+        .extend(super::completions::uninstall(layout)?);
     let lib = layout.lib_dir();
     match fs::remove_dir(&lib) {
         Ok(()) => report.removed.push(lib),

@@ -5,6 +5,7 @@
 //! [`service::ServiceManager`] seam, so the whole install/uninstall story runs in unit tests against a
 //! temp root and [`service::FakeServices`]. It never checks for root: that is the CLI's job.
 
+pub mod completions;
 pub mod doctor;
 mod fsutil;
 pub mod install;
