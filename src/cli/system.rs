@@ -52,7 +52,7 @@ struct StatusCmd {}
 struct RestartCmd {}
 
 #[derive(FromArgs, ArgsInfo)]
-/// Stop and remove banger's services, links and binary (root). VM state is kept unless --purge.
+/// Stop and remove banger's services, links, binary and network objects (root). VM state is kept unless --purge.
 #[argh(subcommand, name = "uninstall")]
 struct UninstallCmd {
     /// also delete state (/var/lib/banger), cache and /etc/banger
