@@ -10,6 +10,7 @@ SCENARIOS+=(
     "restart_is_ready|after systemctl restart bangerd the first daemon status answers (Type=notify)"
     "reinstall_idempotent|second install keeps units, links, owner and installed_at; a hand-edited unit is put back"
     "uninstall_purge|uninstall removes units, links, binary; --purge removes state; a second uninstall is a no-op"
+    "unit_security|systemd-analyze security of both units: exposure scores noted; the hardening systemd parsed is in effect"
 )
 
 scenario_system_install() {
@@ -149,6 +150,17 @@ scenario_uninstall_purge() {
 
     must "second uninstall --purge (no-op)" cx "$SRC_BIN" system uninstall --purge
     must "second uninstall (no-op)" cx "$SRC_BIN" system uninstall
+}
+
+scenario_unit_security() {
+    install_banger
+    local unit score
+    for unit in bangerd-root bangerd; do
+        must "systemd-analyze security $unit" cx systemd-analyze security --no-pager "$unit.service"
+        score=$(sed -n 's/.*Overall exposure level for [^:]*: *\([0-9.]*\).*/\1/p' <<<"$OUT")
+        [[ -n $score ]] || fail "systemd-analyze security $unit printed no overall exposure level"
+        note "$unit.service exposure $score ($(sed -n 's/.*Overall exposure level for [^:]*: *[0-9.]* *//p' <<<"$OUT"))"
+    done
 }
 
 # Daemon unavailability around `systemctl restart bangerd`, a few times, in one container.
