@@ -65,13 +65,25 @@ fn run(layout: Layout) -> Result<()> {
     // First, before any thread: no child process may see the socket-activation variables.
     let activation = listen::Activation::take_from_env();
     let install = crate::system::install_toml::load(&layout)?;
-    // A bad [network] stops the daemon here, before it creates or binds anything.
+    // A bad [network] stops the daemon here, before it creates, binds or takes anything.
     let net = crate::net::NetConfig::load(&layout)?;
     let me = rustix::process::getuid().as_raw();
     let mut allowed = vec![0, me];
     if let Some(i) = &install {
         allowed.push(i.owner_uid);
     }
+    // Before the store: a socket systemd passed that is not ours stops the daemon with nothing
+    // created. From here a client waits (in the socket's backlog) until the daemon serves.
+    let socket = layout.daemon_socket();
+    let (listener, origin) = listen::listen(
+        &activation,
+        &listen::Want {
+            path: &socket,
+            name: DAEMON_SOCKET_NAME,
+            mode: 0o600,
+            owner: None,
+        },
+    )?;
     for d in [
         layout.state_dir(),
         layout.vms_dir(),
@@ -88,16 +100,6 @@ fn run(layout: Layout) -> Result<()> {
         "state store open",
         serde_json::json!({"db": layout.state_db(), "migrations_applied": store.migrations_applied(), "operations_interrupted": interrupted}),
     );
-    let socket = layout.daemon_socket();
-    let (listener, origin) = listen::listen(
-        &activation,
-        &listen::Want {
-            path: &socket,
-            name: DAEMON_SOCKET_NAME,
-            mode: 0o600,
-            owner: None,
-        },
-    )?;
     let (stop_tx, stop_rx) = smol::channel::bounded(4);
     crate::logging::info(
         "bangerd",
