@@ -337,7 +337,8 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(got.1, [3, 4, 5]);
-        let bad: &[(Option<&str>, Option<&str>, Option<&str>, &str)] = &[
+        type Bad<'a> = (Option<&'a str>, Option<&'a str>, Option<&'a str>, &'a str);
+        let bad: &[Bad] = &[
             (Some("me"), Some("1"), None, "is not a process id"),
             (Some("42"), Some("one"), None, "is not a count"),
             (Some("42"), Some("-1"), None, "is not a count"),
