@@ -204,6 +204,20 @@ scenario_unit_security() {
         [[ -n $score ]] || fail "systemd-analyze security $unit printed no overall exposure level"
         note "$unit.service exposure $score ($(sed -n 's/.*Overall exposure level for [^:]*: *[0-9.]* *//p' <<<"$OUT"))"
     done
+    # What systemd parsed: the helper's capabilities are exactly what it uses.
+    expect_eq "$(cx systemctl show -P CapabilityBoundingSet bangerd-root | tr ' ' '\n' | sort | tr '\n' ' ')" \
+        "cap_chown cap_dac_override cap_fowner cap_kill cap_net_admin cap_setgid cap_setuid " "bangerd-root CapabilityBoundingSet (systemctl show)"
+    [[ -n $(cx systemctl show -P SystemCallFilter bangerd) ]] || fail "bangerd has no SystemCallFilter in effect"
+    expect_match "$(cx systemctl show -P DeviceAllow bangerd-root)" '/dev/net/tun rw' "bangerd-root DeviceAllow (systemctl show)"
+    # ProtectClock= closes the device policy: without the DeviceAllow= line the helper could not
+    # open the tun device (where this systemd enforces device policies; say which).
+    must "tun device under ProtectClock= with DeviceAllow=" cx systemd-run --quiet --wait --pipe \
+        -p ProtectClock=yes -p "DeviceAllow=/dev/net/tun rw" sh -c 'exec 3<>/dev/net/tun'
+    if cx systemd-run --quiet --wait --pipe -p ProtectClock=yes sh -c 'exec 3<>/dev/net/tun' >/dev/null 2>&1; then
+        note "this container's systemd does not enforce device policies: DeviceAllow=/dev/net/tun is unproven here"
+    else
+        note "device policy enforced here: ProtectClock= alone denies /dev/net/tun, DeviceAllow= lets the helper open it"
+    fi
 }
 
 # Daemon unavailability around `systemctl restart bangerd`, a few times, in one container.
