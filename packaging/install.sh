@@ -231,7 +231,7 @@ pick_release() {
 # split_pems PREFIX < TEXT: each PUBLIC KEY block to PREFIX.N.pem; prints the file names.
 split_pems() {
 	awk -v p="$1" '
-		/-----BEGIN PUBLIC KEY-----/ { n++; f = p "." n ".pem" }
+		/-----BEGIN PUBLIC KEY-----/ { n++; f = p "." n ".pem"; sub(/^.*-----BEGIN/, "-----BEGIN") }
 		f != "" { print > f }
 		/-----END PUBLIC KEY-----/ { if (f != "") { close(f); print f }; f = "" }'
 }

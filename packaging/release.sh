@@ -148,7 +148,7 @@ fingerprints() {
 			die "$1: a PUBLIC KEY block openssl cannot read"
 		echo "SHA256:${hex%% *}"
 	done < <(awk -v p="$2" '
-		/-----BEGIN PUBLIC KEY-----/ { n++; f = p "." n ".pem" }
+		/-----BEGIN PUBLIC KEY-----/ { n++; f = p "." n ".pem"; sub(/^.*-----BEGIN/, "-----BEGIN") }
 		f != "" { print > f }
 		/-----END PUBLIC KEY-----/ { if (f != "") { close(f); print f }; f = "" }' "$1") | sort
 }
