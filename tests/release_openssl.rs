@@ -221,21 +221,23 @@ fn builder_signatures_verify_with_banger_and_openssl() {
 }
 
 /// A copy of the release builder and the installer in `dir/packaging/`, the installer's
-/// RELEASE_KEYS block holding `keys` (PEM text; empty = the placeholder state).
+/// RELEASE_KEYS block holding `keys` (PEM text; empty = no key, the placeholder state).
 fn packaging_copy(dir: &Path, keys: &str) -> PathBuf {
     let pk = dir.join("packaging");
     std::fs::create_dir_all(&pk).unwrap();
     std::fs::copy(script(), pk.join("release.sh")).unwrap();
     let install = std::fs::read_to_string(installer()).unwrap();
-    let block = "RELEASE_KEYS=''\n";
-    assert_eq!(
-        install.matches(block).count(),
-        1,
-        "packaging/install.sh must hold exactly one empty RELEASE_KEYS='' (the placeholder state)"
-    );
+    let (begin, end) = ("# BEGIN RELEASE KEYS\n", "# END RELEASE KEYS\n");
+    let (Some(b), Some(e)) = (install.find(begin), install.find(end)) else {
+        panic!("packaging/install.sh has no {begin:?} ... {end:?} block");
+    };
     std::fs::write(
         pk.join("install.sh"),
-        install.replace(block, &format!("RELEASE_KEYS='{keys}'\n")),
+        format!(
+            "{}{begin}RELEASE_KEYS='{keys}'\n{}",
+            &install[..b],
+            &install[e..]
+        ),
     )
     .unwrap();
     pk.join("release.sh")
@@ -310,7 +312,7 @@ fn builder_refuses_mismatched_installer_keys() {
         );
     };
 
-    // The real binary and the real installer agree (today both hold the PLACEHOLDER: no key):
+    // The real binary and the real installer agree (today both hold the PLACEHOLDER, no key):
     // packaging/release.sh publishes packaging/install.sh as it is. (A stripped copy of the
     // binary when strip is there: the same keys, a faster gzip.)
     let banger = dir.join("banger");
@@ -358,7 +360,7 @@ fn builder_refuses_mismatched_installer_keys() {
     );
     assert!(err.contains(&fp(&k)), "names the installer's key: {err}");
     assert!(
-        err.contains("none (PLACEHOLDER)"),
+        err.contains("binary (banger --release-keys, src/update/signature.rs): "),
         "names the binary's keys: {err}"
     );
     nothing_written("out-extra");
