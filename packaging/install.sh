@@ -128,7 +128,7 @@ fetch() {
 	local url=$1 out=$2 max=$3 err=$WORK/fetch.err
 	FETCH_ERR=""
 	if [[ $FETCH == curl ]]; then
-		if ! curl -q -fsSL --proto '=http,https' --max-filesize "$max" --connect-timeout 20 \
+		if ! curl -q -fsSL --proto '=http,https' --proto-redir '=http,https' --max-filesize "$max" --connect-timeout 20 \
 			--retry 2 -o "$out" "$url" 2>"$err"; then
 			FETCH_ERR=$(tail -n1 "$err")
 			return 1

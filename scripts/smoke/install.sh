@@ -8,7 +8,7 @@
 SCENARIOS+=(
     "install_sh_fresh_host|wget -qO- URL/install.sh | bash -s -- --yes as $TEST_USER, no banger before: verified, installed, doctor clean; again: no change"
     "install_sh_tampered|one tarball byte changed: refused with the hash reason; /usr/local, /etc/banger, /var/lib/banger, /etc/systemd, ~ unchanged"
-    "install_sh_refusals|bad signature, no trusted key, missing file, unknown version, root, no sudo, not x86_64, PID 1 not systemd, no tty: each says why, writes nothing"
+    "install_sh_refusals|bad signature, no trusted key, missing file, unknown version, root, no sudo, not Linux/x86_64, PID 1 not systemd, no tty: each says why, writes nothing"
 )
 
 INST_HOST=""                             # the release on the host (install_sh_prepare)
@@ -227,6 +227,13 @@ open(p, "wb").write(b)' "$INST_WWW/badsig/$v/SHA256SUMS"
     must_fail "install.sh on aarch64" cu env PATH=/opt/fake-arch:/usr/local/bin:/usr/bin:/bin \
         bash "$script" --yes --base-url "$INST_URL/good" --pubkey-file "$INST_KEY"
     expect_refused "not x86_64" "checking this host: it is aarch64; banger is released for x86_64 only"
+
+    # Not Linux (uname says FreeBSD).
+    # shellcheck disable=SC2016 # expanded by the fake uname
+    must "a uname that says FreeBSD" cx sh -c 'mkdir -p /opt/fake-os && printf "#!/bin/sh\n[ \"\$1\" = -s ] && echo FreeBSD && exit 0\nexec /usr/bin/uname \"\$@\"\n" >/opt/fake-os/uname && chmod 0755 /opt/fake-os/uname'
+    must_fail "install.sh on FreeBSD" cu env PATH=/opt/fake-os:/usr/local/bin:/usr/bin:/bin \
+        bash "$script" --yes --base-url "$INST_URL/good" --pubkey-file "$INST_KEY"
+    expect_refused "not Linux" "checking this host: it runs FreeBSD; banger runs on Linux only"
 
     # PID 1 is not systemd (a PID namespace of its own, where runuser is PID 1).
     must_fail "install.sh where PID 1 is not systemd" cx unshare --pid --fork --mount-proc \
