@@ -73,17 +73,16 @@ fn run(layout: Layout) -> Result<()> {
         allowed.push(i.owner_uid);
     }
     // Before the store: a socket systemd passed that is not ours stops the daemon with nothing
-    // created. From here a client waits (in the socket's backlog) until the daemon serves.
+    // created. From here a client of systemd's socket waits in its backlog until the daemon
+    // serves.
     let socket = layout.daemon_socket();
-    let (listener, origin) = listen::listen(
-        &activation,
-        &listen::Want {
-            path: &socket,
-            name: DAEMON_SOCKET_NAME,
-            mode: 0o600,
-            owner: None,
-        },
-    )?;
+    let want = listen::Want {
+        path: &socket,
+        name: DAEMON_SOCKET_NAME,
+        mode: 0o600,
+        owner: None,
+    };
+    let passed = listen::from_systemd(&activation, &want)?;
     for d in [
         layout.state_dir(),
         layout.vms_dir(),
@@ -100,6 +99,8 @@ fn run(layout: Layout) -> Result<()> {
         "state store open",
         serde_json::json!({"db": layout.state_db(), "migrations_applied": store.migrations_applied(), "operations_interrupted": interrupted}),
     );
+    // Without systemd, bind only now: a socket that answers means a store that is open.
+    let (listener, origin) = listen::or_bind(passed, &want)?;
     let (stop_tx, stop_rx) = smol::channel::bounded(4);
     crate::logging::info(
         "bangerd",

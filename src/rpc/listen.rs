@@ -248,49 +248,62 @@ fn hold_mode(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<bool> 
     Ok(changed)
 }
 
-/// The listening socket for `want`: systemd's when `activation` passed one to this process
-/// (checked by [`adopt`], its file held to `want`'s mode and owner), else bound here by
-/// [`super::server::bind`]. Passed fds that are not ours are closed.
-pub fn listen(activation: &Activation, want: &Want) -> Result<(UnixListener, Origin)> {
-    let me = std::process::id();
-    match activation.select(me, want.name)? {
+/// The socket systemd passed to this process for `want`, checked by [`adopt`] with its file held
+/// to `want`'s mode and owner; `Ok(None)` when systemd passed none (bind it then). Passed fds
+/// that are not ours are closed. It has no other effect, so a role calls it before it creates
+/// anything: a socket that is not ours stops the role with nothing changed.
+pub fn from_systemd(activation: &Activation, want: &Want) -> Result<Option<UnixListener>> {
+    let Some((fd, all)) = activation.select(std::process::id(), want.name)? else {
+        return Ok(None);
+    };
+    for other in all.into_iter().filter(|o| *o != fd) {
+        // SAFETY: systemd passed these fds to this process (LISTEN_PID is ours) and nothing
+        // else in it has taken them: closing them once, here, is sound.
+        drop(unsafe { OwnedFd::from_raw_fd(other) });
+    }
+    // Refuse a number that is no open fd before taking ownership of it.
+    rustix::io::fcntl_getfd(
+        // SAFETY: only borrowed for this one call; an fd that is not open makes it fail.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+    )
+    .map_err(|e| {
+        Error::new(
+            format!("taking the {} socket from systemd", want.name),
+            format!("fd {fd} (LISTEN_FDS) is not open: {e}"),
+        )
+        .hint(HINT_REINSTALL)
+    })?;
+    // SAFETY: fd is open (checked just above), was passed to this process by systemd for this
+    // socket, and is owned by nothing else in this process.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let listener = adopt(owned, want.path)?;
+    if hold_mode(want.path, want.mode, want.owner)? {
+        crate::logging::log(
+            "warn",
+            "rpc",
+            "systemd's socket had another owner or mode: set it back",
+            serde_json::json!({"socket": want.path, "mode": format!("{:o}", want.mode)}),
+        );
+    }
+    Ok(Some(listener))
+}
+
+/// The listening socket for `want`: `passed` (from [`from_systemd`]) when there is one, else
+/// bound here by [`super::server::bind`].
+pub fn or_bind(passed: Option<UnixListener>, want: &Want) -> Result<(UnixListener, Origin)> {
+    match passed {
+        Some(l) => Ok((l, Origin::Systemd)),
         None => Ok((
             super::server::bind(want.path, want.mode, want.owner)?,
             Origin::Bound,
         )),
-        Some((fd, all)) => {
-            for other in all.into_iter().filter(|o| *o != fd) {
-                // SAFETY: systemd passed these fds to this process (LISTEN_PID is ours) and
-                // nothing else in it has taken them: closing them once, here, is sound.
-                drop(unsafe { OwnedFd::from_raw_fd(other) });
-            }
-            // Refuse a number that is no open fd before taking ownership of it.
-            rustix::io::fcntl_getfd(
-                // SAFETY: only borrowed for this one call; an fd that is not open makes it fail.
-                unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
-            )
-            .map_err(|e| {
-                Error::new(
-                    format!("taking the {} socket from systemd", want.name),
-                    format!("fd {fd} (LISTEN_FDS) is not open: {e}"),
-                )
-                .hint(HINT_REINSTALL)
-            })?;
-            // SAFETY: fd is open (checked just above), was passed to this process by systemd
-            // for this socket, and is owned by nothing else in this process.
-            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-            let listener = adopt(owned, want.path)?;
-            if hold_mode(want.path, want.mode, want.owner)? {
-                crate::logging::log(
-                    "warn",
-                    "rpc",
-                    "systemd's socket had another owner or mode: set it back",
-                    serde_json::json!({"socket": want.path, "mode": format!("{:o}", want.mode)}),
-                );
-            }
-            Ok((listener, Origin::Systemd))
-        }
     }
+}
+
+/// [`from_systemd`], else bind: both steps at once, for a role that has nothing to do between.
+pub fn listen(activation: &Activation, want: &Want) -> Result<(UnixListener, Origin)> {
+    let passed = from_systemd(activation, want)?;
+    or_bind(passed, want)
 }
 
 #[cfg(test)]
