@@ -193,6 +193,9 @@ scenario_restart_refuses_nobody() {
     expect_version 0.smoke.0 "after the update"
     expect_active bangerd bangerd-root bangerd.socket bangerd-root.socket
     expect_doctor_clean
+    # Latencies here are mostly systemd setting up the daemon's sandbox (mount namespace), and
+    # grow with the machine's load: say what it was.
+    note "load average during the restarts: $(cut -d' ' -f1-3 /proc/loadavg)"
 }
 
 scenario_unit_security() {
