@@ -356,7 +356,7 @@ fn vsock_connection(mut s: UnixStream, env: &AgentEnv) {
         let host_port = NEXT_HOST_PORT.fetch_add(1, Ordering::SeqCst);
         if s.write_all(format!("OK {host_port}\n").as_bytes()).is_ok() {
             let _ = s.set_read_timeout(None);
-            crate::tcg::splice(s, guest);
+            engine.splice(s, guest);
         }
         return;
     }

@@ -5,11 +5,14 @@
 //! It owns: deciding whether to engage ([`engages`]), the QEMU command line built from the
 //! Firecracker configuration the API accepted ([`plan`]: vcpus, memory, drives, the tap, the boot
 //! arguments Firecracker would pass, the serial console on the stand-in's stdout), the QEMU child
-//! (it dies with the stand-in: `PR_SET_PDEATHSIG`), QMP on a private socket for Ctrl+Alt+Del, and the
-//! map of Firecracker's vsock device (which QEMU cannot offer here: no `/dev/vhost-vsock`) onto the
-//! guest's TCP port 52 through the tap. It never decides an API answer (that is [`crate::machine`]),
-//! never creates or changes a network object (the tap is the one the host made), and is never
-//! shipped: tests only.
+//! (it dies with the stand-in: `PR_SET_PDEATHSIG`), QMP on a private socket (Ctrl+Alt+Del; pause and
+//! resume; snapshots as QEMU migration streams: [`Engine::save`] into the memory file, [`restore`]
+//! from it into a new QEMU with the same devices), and the map of Firecracker's vsock device (which
+//! QEMU cannot offer here: no `/dev/vhost-vsock`) onto the guest's TCP port 52 through the tap. A
+//! restored guest keeps the snapshot's address until the agent's `reconfigure` answer, which the
+//! vsock splice reads, moves it ([`Engine::splice`]). It never decides an API answer (that is
+//! [`crate::machine`]), never creates or changes a network object (the tap is the one the host
+//! made), and is never shipped: tests only.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -22,6 +25,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -51,6 +55,19 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a host-side `CONNECT 52` waits for the guest's TCP port before it is refused.
 const GUEST_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a migration stream may take to be written or read back (a TCG guest's memory on a
+/// busy machine; QEMU skips zero pages, so a mostly idle guest takes a second or two).
+#[cfg_attr(not(test), allow(dead_code))]
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The QMP name the memory file's descriptor gets for `migrate fd:`.
+#[cfg_attr(not(test), allow(dead_code))]
+const MIGRATION_FD_NAME: &str = "banger-snapshot";
+
+/// Migration bandwidth: QEMU's default (128 MiB/s) would throttle a local file for nothing.
+#[cfg_attr(not(test), allow(dead_code))]
+const MIGRATION_MAX_BANDWIDTH: u64 = 8 << 30;
 
 /// `XEN_ELFNOTE_PHYS32_ENTRY`: the ELF note (owner "Xen") holding the 32-bit PVH entry point.
 const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
@@ -424,7 +441,11 @@ enum Phase {
 /// The running engine: the QMP connection and where vsock connections go.
 pub struct Engine {
     qmp: Mutex<Qmp>,
-    guest: Option<SocketAddr>,
+    /// The guest agent's TCP address: from `ip=`, then from each accepted `reconfigure`.
+    guest: Mutex<Option<SocketAddr>>,
+    /// Restored and not reconfigured yet: the guest still answers the snapshot's address, which
+    /// another clone may have used, so each connection is preceded by `announce-self`.
+    announce: AtomicBool,
 }
 
 static ENGINE: OnceLock<Engine> = OnceLock::new();
@@ -495,22 +516,100 @@ pub fn start(
     if ENGINE.get().is_some() {
         return Err("the TCG engine already runs a guest".into());
     }
+    let engine = start_engine(m, qemu, on_exit)?;
+    Ok(ENGINE.get_or_init(|| engine))
+}
+
+/// [`start`] without the process-wide engine slot (tests run several).
+fn start_engine(
+    m: &Machine,
+    qemu: &Path,
+    on_exit: impl FnOnce(i32) + Send + 'static,
+) -> Result<Engine, String> {
     let dir = private_dir()?;
     let qmp_path = dir.join("qmp.sock");
-    let result = spawn_and_connect(m, qemu, &qmp_path, on_exit);
+    let result = plan(m, &qmp_path).and_then(|p| spawn_and_connect(m, p, qemu, &qmp_path, on_exit));
     let _ = std::fs::remove_file(&qmp_path);
     let _ = std::fs::remove_dir(&dir);
-    let engine = result?;
+    result
+}
+
+/// `plan` for a restore: the same machine, plus `-S -incoming fd:<mem_fd>` (QEMU reads the
+/// migration stream from that descriptor and stays paused).
+#[cfg_attr(not(test), allow(dead_code))] // called by the snapshot API (SNAPAPI.md)
+fn restore_plan(mut plan: Plan, mem_fd: RawFd) -> Plan {
+    plan.args.extend(
+        ["-S".to_string(), "-incoming".into(), format!("fd:{mem_fd}")]
+            .into_iter()
+            .map(OsString::from),
+    );
+    plan.pass_fds.push(mem_fd);
+    plan
+}
+
+/// Firecracker's snapshot load for a TCG snapshot: starts QEMU for `m` (the machine rebuilt from
+/// the vmstate, overrides applied, taps open) reading the migration stream in `mem_file`, waits
+/// for the stream to be read completely, and continues the guest when `resume`. An error (with
+/// QEMU's last words) leaves no QEMU running. `on_exit` as for [`start`].
+#[cfg_attr(not(test), allow(dead_code))] // called by the snapshot API (SNAPAPI.md)
+pub fn restore(
+    m: &Machine,
+    mem_file: &Path,
+    resume: bool,
+    on_exit: impl FnOnce(i32) + Send + 'static,
+) -> Result<&'static Engine, String> {
+    if ENGINE.get().is_some() {
+        return Err("the TCG engine already runs a guest".into());
+    }
+    let qemu = qemu_binary().ok_or_else(|| {
+        format!("the snapshot was taken by the TCG engine, and {QEMU} is not installed or {QEMU_ENV}=off")
+    })?;
+    let engine = restore_engine(m, &qemu, mem_file, resume, on_exit)?;
     Ok(ENGINE.get_or_init(|| engine))
+}
+
+/// [`restore`] without the process-wide engine slot (tests run several).
+#[cfg_attr(not(test), allow(dead_code))] // called by the snapshot API (SNAPAPI.md)
+fn restore_engine(
+    m: &Machine,
+    qemu: &Path,
+    mem_file: &Path,
+    resume: bool,
+    on_exit: impl FnOnce(i32) + Send + 'static,
+) -> Result<Engine, String> {
+    // Kept open until QEMU has been spawned with its own copy.
+    let mem = File::open(mem_file)
+        .map_err(|e| format!("opening the memory file {}: {e}", mem_file.display()))?;
+    let dir = private_dir()?;
+    let qmp_path = dir.join("qmp.sock");
+    let result = plan(m, &qmp_path).and_then(|p| {
+        spawn_and_connect(
+            m,
+            restore_plan(p, mem.as_raw_fd()),
+            qemu,
+            &qmp_path,
+            on_exit,
+        )
+    });
+    let _ = std::fs::remove_file(&qmp_path);
+    let _ = std::fs::remove_dir(&dir);
+    drop(mem);
+    let engine = result?;
+    if let Err(e) = engine.finish_incoming(resume) {
+        let _ = engine.quit();
+        return Err(e);
+    }
+    engine.announce.store(true, Ordering::SeqCst);
+    Ok(engine)
 }
 
 fn spawn_and_connect(
     m: &Machine,
+    plan: Plan,
     qemu: &Path,
     qmp_path: &Path,
     on_exit: impl FnOnce(i32) + Send + 'static,
 ) -> Result<Engine, String> {
-    let plan = plan(m, qmp_path)?;
     eprintln!("stand-in: TCG engine: {}", shell_words(qemu, &plan.args));
     let guest = plan.guest_ip.map(|ip| SocketAddr::from((ip, AGENT_PORT)));
     match (&m.vsock, guest) {
@@ -655,8 +754,48 @@ fn spawn_and_connect(
     eprintln!("stand-in: TCG engine: QEMU pid {pid} running");
     Ok(Engine {
         qmp: Mutex::new(qmp),
-        guest,
+        guest: Mutex::new(guest),
+        announce: AtomicBool::new(false),
     })
+}
+
+/// Sends `data` on `s` with descriptor `fd` attached (SCM_RIGHTS), as QMP's `getfd` wants it.
+fn send_with_fd(s: &UnixStream, data: &[u8], fd: RawFd) -> std::io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: CMSG_SPACE/CMSG_LEN are pure arithmetic.
+    let (space, len) = unsafe {
+        (
+            libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize,
+            libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32),
+        )
+    };
+    // u64 words: the control buffer must be aligned for cmsghdr.
+    let mut control = vec![0u64; space.div_ceil(8)];
+    // SAFETY: msghdr is plain old data; all-zero is a valid starting value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: msg_control points at `space` writable, aligned bytes, enough for one cmsghdr with
+    // one descriptor (CMSG_SPACE), so CMSG_FIRSTHDR is non-null and CMSG_DATA has room for it;
+    // sendmsg reads only the buffers msg points at, which outlive the call.
+    let n = unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = len as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd);
+        libc::sendmsg(s.as_raw_fd(), &msg, libc::MSG_NOSIGNAL)
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // The descriptor went with the first byte; the rest (if any) is plain data.
+    (&*s).write_all(&data[n as usize..])
 }
 
 /// A QMP client on the private socket.
@@ -701,11 +840,22 @@ impl Qmp {
 
     /// Runs one command; its `return` value or QMP's error.
     fn execute(&mut self, cmd: serde_json::Value) -> Result<serde_json::Value, String> {
+        self.execute_with_fd(cmd, None)
+    }
+
+    /// [`Self::execute`], with a descriptor attached to the command (for `getfd`).
+    fn execute_with_fd(
+        &mut self,
+        cmd: serde_json::Value,
+        fd: Option<RawFd>,
+    ) -> Result<serde_json::Value, String> {
         let mut text = cmd.to_string();
         text.push('\n');
-        self.w
-            .write_all(text.as_bytes())
-            .map_err(|e| format!("writing QMP: {e}"))?;
+        match fd {
+            Some(fd) => send_with_fd(&self.w, text.as_bytes(), fd),
+            None => self.w.write_all(text.as_bytes()),
+        }
+        .map_err(|e| format!("writing QMP: {e}"))?;
         let v = self.read_message()?;
         if let Some(r) = v.get("return") {
             return Ok(r.clone());
@@ -732,36 +882,225 @@ impl Engine {
             .map(|_| ())
     }
 
+    fn qmp(&self) -> Result<std::sync::MutexGuard<'_, Qmp>, String> {
+        self.qmp
+            .lock()
+            .map_err(|_| "the QMP lock is poisoned".to_string())
+    }
+
+    /// Firecracker's `PUT /vm {"state":"Paused"}`: QMP `stop`.
+    #[cfg_attr(not(test), allow(dead_code))] // the snapshot API (SNAPAPI.md)
+    pub fn pause(&self) -> Result<(), String> {
+        self.qmp()?
+            .execute(serde_json::json!({"execute": "stop"}))
+            .map(drop)
+    }
+
+    /// Firecracker's `PUT /vm {"state":"Resumed"}`: QMP `cont` (also after a [`Self::save`]).
+    #[cfg_attr(not(test), allow(dead_code))] // the snapshot API (SNAPAPI.md)
+    pub fn resume(&self) -> Result<(), String> {
+        self.qmp()?
+            .execute(serde_json::json!({"execute": "cont"}))
+            .map(drop)
+    }
+
+    /// Firecracker's full snapshot's memory file: QEMU's migration stream of the paused guest
+    /// (devices and memory) written into `mem_file` (created or truncated, mode 0600). Returns
+    /// once QEMU says the migration completed; the guest stays paused.
+    #[cfg_attr(not(test), allow(dead_code))] // the snapshot API (SNAPAPI.md)
+    pub fn save(&self, mem_file: &Path) -> Result<(), String> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut q = self.qmp()?;
+        let status = q.execute(serde_json::json!({"execute": "query-status"}))?;
+        if status.get("running").and_then(serde_json::Value::as_bool) != Some(false) {
+            return Err(format!(
+                "the guest is not paused (QEMU status {}): pause it before taking a snapshot",
+                status.get("status").unwrap_or(&status)
+            ));
+        }
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(mem_file)
+            .map_err(|e| format!("creating the memory file {}: {e}", mem_file.display()))?;
+        q.execute_with_fd(
+            serde_json::json!({"execute": "getfd", "arguments": {"fdname": MIGRATION_FD_NAME}}),
+            Some(f.as_raw_fd()),
+        )?;
+        q.execute(serde_json::json!({"execute": "migrate-set-parameters",
+            "arguments": {"max-bandwidth": MIGRATION_MAX_BANDWIDTH}}))?;
+        q.execute(serde_json::json!({"execute": "migrate",
+            "arguments": {"uri": format!("fd:{MIGRATION_FD_NAME}")}}))?;
+        wait_migration(&mut q, "writing the migration stream")?;
+        f.sync_all()
+            .map_err(|e| format!("syncing the memory file {}: {e}", mem_file.display()))
+    }
+
+    /// After `-incoming`: waits until the stream is read, then `cont` when `resume`.
+    #[cfg_attr(not(test), allow(dead_code))] // the snapshot API (SNAPAPI.md)
+    fn finish_incoming(&self, resume: bool) -> Result<(), String> {
+        let mut q = self.qmp()?;
+        wait_migration(&mut q, "reading the migration stream")?;
+        if resume {
+            q.execute(serde_json::json!({"execute": "cont"}))?;
+        }
+        Ok(())
+    }
+
+    /// Ends QEMU (a failed restore).
+    #[cfg_attr(not(test), allow(dead_code))] // the snapshot API (SNAPAPI.md)
+    fn quit(&self) -> Result<(), String> {
+        self.qmp()?
+            .execute(serde_json::json!({"execute": "quit"}))
+            .map(drop)
+    }
+
+    /// Where the agent's port is reached now.
+    pub fn guest_addr(&self) -> Option<SocketAddr> {
+        *self.guest.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The guest end of a host-side vsock `CONNECT port`: TCP to the guest's address, only for
     /// the agent's port. `None` is Firecracker's answer to a port nobody listens on (the host side
-    /// is closed).
+    /// is closed). A restored guest not reconfigured yet announces itself first (QMP
+    /// `announce-self`: the bridge learns that the snapshot's MAC is behind this clone's tap).
     pub fn connect_guest(&self, port: u32) -> Option<TcpStream> {
         if port != u32::from(AGENT_PORT) {
             return None;
         }
-        let s = TcpStream::connect_timeout(&self.guest?, GUEST_CONNECT_TIMEOUT).ok()?;
+        let addr = self.guest_addr()?;
+        if self.announce.load(Ordering::SeqCst) {
+            let r = self.qmp().and_then(|mut q| {
+                q.execute(serde_json::json!({"execute": "announce-self",
+                    "arguments": {"initial": 0, "max": 50, "rounds": 3, "step": 50}}))
+            });
+            if let Err(e) = r {
+                eprintln!("stand-in: TCG engine: announce-self: {e}");
+            }
+        }
+        let s = TcpStream::connect_timeout(&addr, GUEST_CONNECT_TIMEOUT).ok()?;
         let _ = s.set_nodelay(true);
         Some(s)
     }
+
+    /// Copies both ways between the host's vsock connection and the guest's TCP connection until
+    /// both directions are done, half-closing each side as its peer finishes. It reads the agent's
+    /// line protocol on the way: a `reconfigure` request answered `"ok":true` moves the guest's
+    /// address to the request's `ip` for every later connection (the old one is gone from the
+    /// guest); that connection is then closed both ways once the host is done with it (the guest
+    /// can no longer hear the host on it).
+    pub fn splice(&self, host: UnixStream, guest: TcpStream) {
+        let (Ok(host_w), Ok(guest_w)) = (host.try_clone(), guest.try_clone()) else {
+            return;
+        };
+        let pending: Arc<Mutex<VecDeque<Option<Ipv4Addr>>>> = Arc::default();
+        let moved = Arc::new(AtomicBool::new(false));
+        let (pending2, moved2) = (pending.clone(), moved.clone());
+        let up = thread::spawn(move || {
+            let mut host = BufReader::new(host);
+            let mut guest_w = guest_w;
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match host.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                if line.ends_with(b"\n") {
+                    if let Ok(mut p) = pending2.lock() {
+                        p.push_back(reconfigure_target(&line));
+                    }
+                }
+                if guest_w.write_all(&line).is_err() {
+                    break;
+                }
+            }
+            let how = if moved2.load(Ordering::SeqCst) {
+                Shutdown::Both
+            } else {
+                Shutdown::Write
+            };
+            let _ = guest_w.shutdown(how);
+        });
+        let mut guest = BufReader::new(guest);
+        let mut host_w = host_w;
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match guest.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            if line.ends_with(b"\n") {
+                let target = pending
+                    .lock()
+                    .ok()
+                    .and_then(|mut p| p.pop_front())
+                    .flatten();
+                if let Some(ip) = target.filter(|_| answer_ok(&line)) {
+                    let addr = SocketAddr::from((ip, AGENT_PORT));
+                    *self.guest.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
+                    self.announce.store(false, Ordering::SeqCst);
+                    moved.store(true, Ordering::SeqCst);
+                    eprintln!("stand-in: TCG engine: the guest was reconfigured: vsock port {AGENT_PORT} -> tcp {addr}");
+                }
+            }
+            if host_w.write_all(&line).is_err() {
+                break;
+            }
+        }
+        let _ = host_w.shutdown(Shutdown::Write);
+        let _ = up.join();
+    }
 }
 
-/// Copies both ways between the host's vsock connection and the guest's TCP connection until both
-/// directions are done, half-closing each side as its peer finishes.
-pub fn splice(host: UnixStream, guest: TcpStream) {
-    let (Ok(host_w), Ok(guest_w)) = (host.try_clone(), guest.try_clone()) else {
-        return;
-    };
-    let up = thread::spawn(move || {
-        let mut host = host;
-        let mut guest_w = guest_w;
-        let _ = std::io::copy(&mut host, &mut guest_w);
-        let _ = guest_w.shutdown(Shutdown::Write);
-    });
-    let mut guest = guest;
-    let mut host_w = host_w;
-    let _ = std::io::copy(&mut guest, &mut host_w);
-    let _ = host_w.shutdown(Shutdown::Write);
-    let _ = up.join();
+/// Polls `query-migrate` until the migration completed (`Ok`) or failed, was cancelled or took
+/// longer than [`MIGRATION_TIMEOUT`].
+#[cfg_attr(not(test), allow(dead_code))] // called by the snapshot API (SNAPAPI.md)
+fn wait_migration(q: &mut Qmp, what: &str) -> Result<(), String> {
+    let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    loop {
+        let v = q.execute(serde_json::json!({"execute": "query-migrate"}))?;
+        match v.get("status").and_then(serde_json::Value::as_str) {
+            Some("completed") => return Ok(()),
+            Some(s @ ("failed" | "cancelled")) => {
+                return Err(format!(
+                    "{what}: QEMU's migration {s}{}",
+                    v.get("error-desc")
+                        .and_then(serde_json::Value::as_str)
+                        .map(|d| format!(": {d}"))
+                        .unwrap_or_default()
+                ))
+            }
+            _ if Instant::now() > deadline => {
+                return Err(format!(
+                    "{what}: not done within {}s (QEMU says {v})",
+                    MIGRATION_TIMEOUT.as_secs()
+                ))
+            }
+            _ => thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// The address a request line asks the guest to move to: `params.ip` of a `reconfigure`.
+fn reconfigure_target(line: &[u8]) -> Option<Ipv4Addr> {
+    let v: serde_json::Value = serde_json::from_slice(line).ok()?;
+    if v.get("method")?.as_str()? != "reconfigure" {
+        return None;
+    }
+    let ip = v.get("params")?.get("ip")?.as_str()?;
+    ip.split('/').next()?.parse().ok()
+}
+
+/// Whether an answer line is `{"ok":true,…}`.
+fn answer_ok(line: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(line)
+        .ok()
+        .and_then(|v| v.get("ok").and_then(serde_json::Value::as_bool))
+        == Some(true)
 }
 
 #[cfg(test)]
@@ -1157,7 +1496,8 @@ mod tests {
                 r: BufReader::new(qmp.try_clone().unwrap()),
                 w: qmp,
             }),
-            guest: Some(addr),
+            guest: Mutex::new(Some(addr)),
+            announce: AtomicBool::new(false),
         };
         assert!(engine.connect_guest(53).is_none());
         assert!(engine.connect_guest(22).is_none());
@@ -1165,7 +1505,9 @@ mod tests {
             .connect_guest(52)
             .expect("the agent's port is mapped");
         let (mut host, vmm_end) = UnixStream::pair().unwrap();
-        let bridge = thread::spawn(move || splice(vmm_end, tcp));
+        let engine = Arc::new(engine);
+        let e2 = engine.clone();
+        let bridge = thread::spawn(move || e2.splice(vmm_end, tcp));
         host.write_all(b"ping").unwrap();
         host.shutdown(Shutdown::Write).unwrap();
         let mut answer = String::new();
@@ -1174,11 +1516,8 @@ mod tests {
         agent.join().unwrap();
         bridge.join().unwrap();
 
-        let nowhere = Engine {
-            guest: None,
-            ..engine
-        };
-        assert!(nowhere.connect_guest(52).is_none());
+        *engine.guest.lock().unwrap() = None;
+        assert!(engine.connect_guest(52).is_none());
     }
 
     /// The QMP client against a scripted QEMU end: greeting, capabilities, events skipped, the
@@ -1207,7 +1546,8 @@ mod tests {
         });
         let engine = Engine {
             qmp: Mutex::new(Qmp::handshake(ours).unwrap()),
-            guest: None,
+            guest: Mutex::new(None),
+            announce: AtomicBool::new(false),
         };
         engine.ctrl_alt_del().unwrap();
         let err = engine.ctrl_alt_del().unwrap_err();
@@ -1224,6 +1564,283 @@ mod tests {
         );
         // QEMU gone: a clear error, not a hang.
         assert!(engine.ctrl_alt_del().unwrap_err().contains("QMP"));
+    }
+
+    /// Reads one line from a scripted QEMU's end with recvmsg, keeping a descriptor that came
+    /// with it (QMP's `getfd`).
+    fn recv_line(s: &UnixStream) -> (serde_json::Value, Option<std::os::fd::OwnedFd>) {
+        use std::os::fd::FromRawFd;
+        let mut line = Vec::new();
+        let mut fd = None;
+        while !line.ends_with(b"\n") {
+            let mut buf = [0u8; 4096];
+            let mut iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            };
+            let mut control = [0u64; 8];
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = std::mem::size_of_val(&control) as _;
+            let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, 0) };
+            assert!(n > 0, "recvmsg: {}", std::io::Error::last_os_error());
+            unsafe {
+                let c = libc::CMSG_FIRSTHDR(&msg);
+                if !c.is_null() && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let raw = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<RawFd>());
+                    fd = Some(std::os::fd::OwnedFd::from_raw_fd(raw));
+                }
+            }
+            line.extend_from_slice(&buf[..n as usize]);
+        }
+        (serde_json::from_slice(&line).unwrap(), fd)
+    }
+
+    /// A scripted QEMU: greeting, then for each command the answer `reply` gives (events may
+    /// precede it); returns the commands it got and what was written into a passed descriptor.
+    fn scripted_qemu(
+        theirs: UnixStream,
+        reply: impl Fn(&serde_json::Value, Option<&std::os::fd::OwnedFd>) -> Option<String>
+            + Send
+            + 'static,
+    ) -> thread::JoinHandle<Vec<serde_json::Value>> {
+        thread::spawn(move || {
+            let mut w = theirs.try_clone().unwrap();
+            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n")
+                .unwrap();
+            let mut got = Vec::new();
+            loop {
+                let mut probe = [0u8; 1];
+                let n = unsafe {
+                    libc::recv(
+                        theirs.as_raw_fd(),
+                        probe.as_mut_ptr().cast(),
+                        1,
+                        libc::MSG_PEEK,
+                    )
+                };
+                if n <= 0 {
+                    return got;
+                }
+                let (cmd, fd) = recv_line(&theirs);
+                let answer = reply(&cmd, fd.as_ref());
+                got.push(cmd);
+                match answer {
+                    Some(a) => w.write_all(format!("{a}\r\n").as_bytes()).unwrap(),
+                    None => return got,
+                }
+            }
+        })
+    }
+
+    fn engine_on(ours: UnixStream) -> Engine {
+        Engine {
+            qmp: Mutex::new(Qmp::handshake(ours).unwrap()),
+            guest: Mutex::new(None),
+            announce: AtomicBool::new(false),
+        }
+    }
+
+    /// pause/resume are QMP stop/cont; save checks the guest is paused, hands QEMU the memory
+    /// file by descriptor (`getfd`, SCM_RIGHTS), lifts the bandwidth cap, migrates to `fd:` and
+    /// waits for `completed` (events and `active` polls in between); what QEMU writes through
+    /// the descriptor is the file's content, mode 0600.
+    #[test]
+    fn qmp_pause_resume_save() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tmp("save");
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let polls = Arc::new(Mutex::new(0));
+        let polls2 = polls.clone();
+        let qemu = scripted_qemu(theirs, move |cmd, fd| {
+            let ok = "{\"return\": {}}".to_string();
+            Some(match cmd["execute"].as_str().unwrap() {
+                "query-status" => {
+                    "{\"return\": {\"status\": \"paused\", \"running\": false}}".into()
+                }
+                "getfd" => {
+                    let mut f = File::from(
+                        fd.expect("getfd came with a descriptor")
+                            .try_clone()
+                            .unwrap(),
+                    );
+                    f.write_all(b"QEVM stream").unwrap();
+                    ok
+                }
+                "query-migrate" => {
+                    let mut n = polls2.lock().unwrap();
+                    *n += 1;
+                    if *n < 3 {
+                        "{\"event\": \"MIGRATION\", \"data\": {}}\r\n{\"return\": {\"status\": \"active\"}}".into()
+                    } else {
+                        "{\"return\": {\"status\": \"completed\"}}".into()
+                    }
+                }
+                _ => ok,
+            })
+        });
+        let engine = engine_on(ours);
+        engine.pause().unwrap();
+        let mem = t.0.join("mem");
+        engine.save(&mem).unwrap();
+        engine.resume().unwrap();
+        assert_eq!(std::fs::read(&mem).unwrap(), b"QEVM stream");
+        assert_eq!(
+            std::fs::metadata(&mem).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        drop(engine);
+        let got = qemu.join().unwrap();
+        let names: Vec<&str> = got.iter().map(|c| c["execute"].as_str().unwrap()).collect();
+        assert_eq!(
+            names,
+            [
+                "qmp_capabilities",
+                "stop",
+                "query-status",
+                "getfd",
+                "migrate-set-parameters",
+                "migrate",
+                "query-migrate",
+                "query-migrate",
+                "query-migrate",
+                "cont"
+            ]
+        );
+        assert_eq!(
+            got[3]["arguments"],
+            serde_json::json!({"fdname": MIGRATION_FD_NAME})
+        );
+        assert_eq!(
+            got[4]["arguments"],
+            serde_json::json!({"max-bandwidth": MIGRATION_MAX_BANDWIDTH})
+        );
+        assert_eq!(
+            got[5]["arguments"],
+            serde_json::json!({"uri": format!("fd:{MIGRATION_FD_NAME}")})
+        );
+    }
+
+    /// A running guest is refused before any file is made; a failed migration says QEMU's why.
+    #[test]
+    fn qmp_save_refusals() {
+        let t = tmp("saveno");
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let running = Arc::new(Mutex::new(true));
+        let r2 = running.clone();
+        let qemu = scripted_qemu(theirs, move |cmd, _| {
+            Some(match cmd["execute"].as_str().unwrap() {
+                "query-status" if *r2.lock().unwrap() => {
+                    "{\"return\": {\"status\": \"running\", \"running\": true}}".into()
+                }
+                "query-status" => "{\"return\": {\"status\": \"paused\", \"running\": false}}".into(),
+                "query-migrate" => "{\"return\": {\"status\": \"failed\", \"error-desc\": \"No space left on device\"}}".into(),
+                _ => "{\"return\": {}}".into(),
+            })
+        });
+        let engine = engine_on(ours);
+        let mem = t.0.join("mem");
+        let e = engine.save(&mem).unwrap_err();
+        assert!(e.contains("not paused") && e.contains("running"), "{e}");
+        assert!(!mem.exists());
+        *running.lock().unwrap() = false;
+        let e = engine.save(&mem).unwrap_err();
+        assert!(
+            e.contains("migration failed: No space left on device"),
+            "{e}"
+        );
+        let e = engine.save(&t.0.join("no/such/dir/mem")).unwrap_err();
+        assert!(e.contains("creating the memory file"), "{e}");
+        drop(engine);
+        qemu.join().unwrap();
+    }
+
+    /// A restore is the boot's command line plus `-S -incoming fd:N`, N inherited by QEMU.
+    #[test]
+    fn restore_plan_adds_incoming() {
+        let t = tmp("rplan");
+        let (m, net) = configured(&t);
+        let qmp = t.0.join("q.sock");
+        let boot = plan_with_nets(&m, &[(&net, Some(7))], &qmp).unwrap();
+        let r = restore_plan(boot.clone(), 9);
+        let (a, b) = (strings(&r), strings(&boot));
+        assert_eq!(a[..b.len()], b[..]);
+        assert_eq!(a[b.len()..], ["-S", "-incoming", "fd:9"]);
+        assert_eq!(r.pass_fds, [7, 9]);
+        assert_eq!(r.guest_ip, boot.guest_ip);
+    }
+
+    /// The splice reads the agent's lines: only a reconfigure answered ok moves the address
+    /// (and stops the announcements); failed ones, other methods and garbage do not.
+    #[test]
+    fn splice_follows_reconfigure() {
+        use std::io::Read;
+        let guest = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = guest.local_addr().unwrap();
+        // A fake agent: answers each line; a reconfigure to 10.9.8.66 fails, others succeed.
+        let agent = thread::spawn(move || {
+            let (c, _) = guest.accept().unwrap();
+            let mut w = c.try_clone().unwrap();
+            for line in BufReader::new(c).lines() {
+                let line = line.unwrap();
+                let answer = if line.contains("10.9.8.66") || !line.starts_with('{') {
+                    r#"{"ok":false,"error":"reconfigure refused: no"}"#
+                } else {
+                    r#"{"ok":true,"result":{"instance_id":"00","boot_id":"b"}}"#
+                };
+                w.write_all(format!("{answer}\n").as_bytes()).unwrap();
+            }
+        });
+        let (qmp, _q) = UnixStream::pair().unwrap();
+        let engine = Arc::new(Engine {
+            qmp: Mutex::new(Qmp {
+                r: BufReader::new(qmp.try_clone().unwrap()),
+                w: qmp,
+            }),
+            guest: Mutex::new(Some(addr)),
+            announce: AtomicBool::new(true),
+        });
+        let tcp = TcpStream::connect(addr).unwrap();
+        let (host, vmm_end) = UnixStream::pair().unwrap();
+        let e2 = engine.clone();
+        let bridge = thread::spawn(move || e2.splice(vmm_end, tcp));
+        let mut r = BufReader::new(host.try_clone().unwrap());
+        let mut w = host;
+        let mut ask = |line: &str| {
+            w.write_all(format!("{line}\n").as_bytes()).unwrap();
+            let mut a = String::new();
+            r.read_line(&mut a).unwrap();
+            a
+        };
+        let reconf = |ip: &str| {
+            serde_json::json!({"method": "reconfigure", "params": {"ip": ip}}).to_string()
+        };
+        assert!(ask(r#"{"method":"hello"}"#).contains("\"ok\":true"));
+        assert!(ask("not json").contains("\"ok\":false"));
+        assert!(ask(&reconf("10.9.8.66/24")).contains("\"ok\":false"));
+        assert_eq!(engine.guest_addr(), Some(addr));
+        assert!(engine.announce.load(Ordering::SeqCst));
+        assert!(ask(&reconf("10.9.8.7/24")).contains("\"ok\":true"));
+        assert_eq!(engine.guest_addr(), Some("10.9.8.7:52".parse().unwrap()));
+        assert!(!engine.announce.load(Ordering::SeqCst));
+        // After a move the host's end of input closes the guest connection both ways.
+        w.shutdown(Shutdown::Write).unwrap();
+        let mut rest = String::new();
+        r.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest, "");
+        bridge.join().unwrap();
+        agent.join().unwrap();
+        assert_eq!(
+            reconfigure_target(reconf("10.1.2.3").as_bytes()),
+            Some(Ipv4Addr::new(10, 1, 2, 3))
+        );
+        assert_eq!(
+            reconfigure_target(b"{\"method\":\"hello\",\"params\":{\"ip\":\"10.0.0.1/8\"}}"),
+            None
+        );
+        assert!(!answer_ok(b"{\"ok\":\"true\"}"));
     }
 
     fn find_test_kernel() -> Option<PathBuf> {
