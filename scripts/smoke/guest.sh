@@ -237,7 +237,8 @@ scenario_guest_boots() {
     agent_call "$id" hello
     note "agent hello over vsock (stand-in -> guest TCP 52): $(($(now_ms) - t0)) ms"
     local hello=$OUT
-    expect_eq "$(jq -r .protocol <<<"$hello")" 1 "hello protocol"
+    expect_eq "$(jq -r .protocol <<<"$hello")" 2 "hello protocol"
+    expect_match "$(jq -r .instance_id <<<"$hello")" '^[0-9a-f]{32}$' "hello instance_id"
     expect_eq "$(jq -r .boot_id <<<"$hello")" "$boot" "hello boot_id (the one vm show recorded)"
     expect_match "$(jq -r .host_key <<<"$hello")" '^ssh-ed25519 AAAA[0-9A-Za-z+/]+=*$' "hello host_key"
     expect_guest_hostname g1 "$hello"

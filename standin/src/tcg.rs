@@ -551,7 +551,7 @@ fn restore_plan(mut plan: Plan, mem_fd: RawFd) -> Plan {
 /// the vmstate, overrides applied, taps open) reading the migration stream in `mem_file`, waits
 /// for the stream to be read completely, and continues the guest when `resume`. An error (with
 /// QEMU's last words) leaves no QEMU running. `on_exit` as for [`start`].
-#[cfg_attr(not(test), allow(dead_code))] // called by the snapshot API (SNAPAPI.md)
+#[allow(dead_code)] // called by the snapshot API (SNAPAPI.md)
 pub fn restore(
     m: &Machine,
     mem_file: &Path,
@@ -1841,6 +1841,341 @@ mod tests {
             None
         );
         assert!(!answer_ok(b"{\"ok\":\"true\"}"));
+    }
+
+    /// Runs a command; its stdout, or why it failed.
+    fn sh(args: &[&str]) -> Result<String, String> {
+        let o = Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .map_err(|e| format!("{args:?}: {e}"))?;
+        if !o.status.success() {
+            return Err(format!(
+                "{args:?}: {}: {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    }
+
+    /// One agent request over the engine's vsock map (connect, one line, one answer).
+    fn ask_agent(e: &Engine, line: &str) -> Result<serde_json::Value, String> {
+        let s = e
+            .connect_guest(52)
+            .ok_or("no TCP connection to the agent")?;
+        s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+        (&s).write_all(format!("{line}\n").as_bytes())
+            .map_err(|e| e.to_string())?;
+        let mut a = String::new();
+        BufReader::new(&s)
+            .read_line(&mut a)
+            .map_err(|e| e.to_string())?;
+        serde_json::from_str(&a).map_err(|e| format!("{a:?}: {e}"))
+    }
+
+    /// The agent to put into the test image: `BANGER_TEST_AGENT`, else the `banger` binary this
+    /// workspace built next to this test (`target/<triple>/debug/banger`), if any.
+    fn test_agent() -> Option<PathBuf> {
+        if let Some(a) = std::env::var_os("BANGER_TEST_AGENT") {
+            return Some(PathBuf::from(a));
+        }
+        let me = std::env::current_exe().ok()?;
+        Some(me.parent()?.parent()?.join("banger")).filter(|p| p.is_file())
+    }
+
+    fn machine_for(
+        kernel: &Path,
+        disk: &Path,
+        tap: &str,
+        vsock: &Path,
+        key_b64: &str,
+    ) -> Result<Machine, String> {
+        let mut m = Machine::new("snap");
+        m.boot_source = Some(BootSource {
+            kernel_image_path: kernel.to_path_buf(),
+            boot_args: Some(format!(
+                "console=ttyS0 reboot=k panic=1 pci=off ip=172.30.0.5::172.30.0.1:255.255.255.0:snap-src:eth0:off banger.name=snap-src banger.key={key_b64}"
+            )),
+            initrd_path: None,
+        });
+        m.machine.vcpu_count = 1;
+        m.machine.mem_size_mib = 256;
+        m.drives.push(Drive {
+            drive_id: "rootfs".into(),
+            partuuid: None,
+            is_root_device: true,
+            cache_type: None,
+            is_read_only: Some(false),
+            path_on_host: Some(disk.to_path_buf()),
+            rate_limiter: None,
+            io_engine: None,
+            socket: None,
+        });
+        let t = crate::tap::Tap::open_named(tap).map_err(|e| e.net_error())?;
+        m.nets.push((
+            NetworkInterface {
+                iface_id: "eth0".into(),
+                host_dev_name: tap.into(),
+                guest_mac: Some("02:aa:00:00:00:05".into()),
+                mtu: None,
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
+            },
+            t,
+        ));
+        let _ = std::fs::remove_file(vsock);
+        let l = std::os::unix::net::UnixListener::bind(vsock).map_err(|e| e.to_string())?;
+        m.vsock = Some((
+            Vsock {
+                guest_cid: 3,
+                uds_path: vsock.to_path_buf(),
+                vsock_id: None,
+            },
+            l,
+        ));
+        Ok(m)
+    }
+
+    /// The whole snapshot story on a real guest (kernel + `BANGER_TEST_ROOTFS` with this
+    /// workspace's agent put in): boot under QEMU on tap0, pause, save the migration stream,
+    /// copy the disk, stop the source; restore into a second QEMU on tap1 with the copy; the
+    /// agent answers at the snapshot's address with the source's boot id and instance id;
+    /// `reconfigure` through the splice moves it (name, MAC, address); the agent and sshd
+    /// answer at the new address, same boot id, new instance id. All in a network namespace of
+    /// this test thread's own. Prints TCG-BENCH numbers.
+    #[test]
+    fn snapshot_restore_reconfigure_real_guest() {
+        const TEST: &str = "snapshot_restore_reconfigure_real_guest";
+        let skip = |why: &str| eprintln!("SKIP: {TEST}: {why}");
+        if !rustix::process::geteuid().is_root() {
+            return skip("needs root (network namespace, bridge, taps)");
+        }
+        let Some(qemu) = qemu_binary() else {
+            return skip("qemu-system-x86_64 is not installed");
+        };
+        let Some(kernel) = find_test_kernel() else {
+            return skip("no kernel (BANGER_TEST_KERNEL, or packaging/kernel/build.sh)");
+        };
+        let Some(rootfs) = std::env::var_os("BANGER_TEST_ROOTFS").map(PathBuf::from) else {
+            return skip("BANGER_TEST_ROOTFS is not set (an image from `banger image build`)");
+        };
+        for tool in ["ip", "ssh", "ssh-keygen", "debugfs"] {
+            if sh(&["sh", "-c", &format!("command -v {tool}")]).is_err() {
+                return skip(&format!("{tool} is not installed"));
+            }
+        }
+        let t = tmp("snapreal");
+        let d = &t.0;
+        // This thread's own network namespace: children (ip, QEMU, ssh) and the engine's
+        // threads start in it; it goes away with them.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return skip(&format!(
+                "unshare(CLONE_NEWNET): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        for c in [
+            "ip link set lo up",
+            "ip link add br0 type bridge",
+            "ip addr add 172.30.0.1/24 dev br0",
+            "ip link set br0 up",
+            "ip tuntap add dev tap0 mode tap",
+            "ip tuntap add dev tap1 mode tap",
+            "ip link set tap0 master br0 up",
+            "ip link set tap1 master br0 up",
+        ] {
+            sh(&c.split(' ').collect::<Vec<_>>()).unwrap();
+        }
+        // The source's disk: the image with this workspace's agent (protocol 2) put in.
+        let disk = d.join("source.ext4");
+        sh(&[
+            "cp",
+            "--sparse=always",
+            rootfs.to_str().unwrap(),
+            disk.to_str().unwrap(),
+        ])
+        .unwrap();
+        match test_agent() {
+            Some(agent) => {
+                let cmds = d.join("debugfs.cmds");
+                std::fs::write(
+                    &cmds,
+                    format!(
+                        "cd /usr/local/bin\nrm banger-vsock-agent\nwrite {} banger-vsock-agent\nsif banger-vsock-agent mode 0100755\n",
+                        agent.display()
+                    ),
+                )
+                .unwrap();
+                sh(&[
+                    "debugfs",
+                    "-w",
+                    "-f",
+                    cmds.to_str().unwrap(),
+                    disk.to_str().unwrap(),
+                ])
+                .unwrap();
+                eprintln!("{TEST}: agent {} put into the image copy", agent.display());
+            }
+            None => eprintln!("{TEST}: no agent binary to put in; the image's own agent is used"),
+        }
+        let key = d.join("id");
+        sh(&[
+            "ssh-keygen",
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-f",
+            key.to_str().unwrap(),
+        ])
+        .unwrap();
+        let key_b64 = sh(&["base64", "-w0", d.join("id.pub").to_str().unwrap()])
+            .unwrap()
+            .trim()
+            .to_string();
+
+        let m1 = machine_for(&kernel, &disk, "tap0", &d.join("v1.sock"), &key_b64).unwrap();
+        let source = start_engine(&m1, &qemu, |_| {}).unwrap();
+        let t0 = Instant::now();
+        let hello = loop {
+            match ask_agent(&source, r#"{"method":"hello"}"#) {
+                Ok(v) if v["ok"] == true => break v["result"].clone(),
+                _ if t0.elapsed() > Duration::from_secs(600) => {
+                    panic!("the source guest's agent never answered")
+                }
+                _ => thread::sleep(Duration::from_millis(500)),
+            }
+        };
+        let boot_ms = t0.elapsed().as_millis();
+        if hello["protocol"] != 2 {
+            let _ = source.quit();
+            return skip(&format!(
+                "the image's agent speaks protocol {} (needs 2: BANGER_TEST_AGENT or build the banger binary)",
+                hello["protocol"]
+            ));
+        }
+        let (boot_id, source_id) = (hello["boot_id"].clone(), hello["instance_id"].clone());
+        // A warmed-up VM: snapshot once sshd listens (it starts after the agent).
+        loop {
+            let p = ask_agent(&source, r#"{"method":"ports"}"#).unwrap_or_default();
+            if p["result"]["ports"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|p| p["port"] == 22))
+            {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(900),
+                "sshd never listened in the source guest: {p}"
+            );
+            thread::sleep(Duration::from_millis(500));
+        }
+        let sshd_ms = t0.elapsed().as_millis();
+
+        let mem = d.join("snapshot.mem");
+        let t1 = Instant::now();
+        source.pause().unwrap();
+        source.save(&mem).unwrap();
+        let save_ms = t1.elapsed().as_millis();
+        let clone_disk = d.join("clone.ext4");
+        sh(&[
+            "cp",
+            "--sparse=always",
+            disk.to_str().unwrap(),
+            clone_disk.to_str().unwrap(),
+        ])
+        .unwrap();
+        source.quit().unwrap();
+        drop(m1);
+        let mem_meta = std::fs::metadata(&mem).unwrap();
+        use std::os::unix::fs::MetadataExt;
+
+        let m2 = machine_for(&kernel, &clone_disk, "tap1", &d.join("v2.sock"), &key_b64).unwrap();
+        let t2 = Instant::now();
+        let clone = restore_engine(&m2, &qemu, &mem, true, |_| {}).unwrap();
+        let restore_ms = t2.elapsed().as_millis();
+        let t3 = Instant::now();
+        let again = loop {
+            match ask_agent(&clone, r#"{"method":"hello"}"#) {
+                Ok(v) if v["ok"] == true => break v["result"].clone(),
+                r if t3.elapsed() > Duration::from_secs(120) => {
+                    panic!("the restored guest's agent never answered at its old address: {r:?}")
+                }
+                _ => thread::sleep(Duration::from_millis(200)),
+            }
+        };
+        let first_hello_ms = t3.elapsed().as_millis();
+        assert_eq!(again["boot_id"], boot_id, "{again}");
+        assert_eq!(again["instance_id"], source_id, "{again}");
+        assert_eq!(again["hostname"], "snap-src", "{again}");
+
+        // reconfigure through the splice, as the stand-in serves vsock.
+        let req = serde_json::json!({"method": "reconfigure", "v": 2, "params": {
+            "name": "clone-1", "ip": "172.30.0.9/24", "gateway": "172.30.0.1",
+            "mac": "02:bb:00:00:00:09", "key": key_b64,
+        }});
+        let t4 = Instant::now();
+        let tcp = clone
+            .connect_guest(52)
+            .expect("the agent at the old address");
+        let (host, vmm_end) = UnixStream::pair().unwrap();
+        let answer = thread::scope(|sc| {
+            sc.spawn(|| clone.splice(vmm_end, tcp));
+            (&host).write_all(format!("{req}\n").as_bytes()).unwrap();
+            host.set_read_timeout(Some(Duration::from_secs(60)))
+                .unwrap();
+            let mut a = String::new();
+            BufReader::new(&host).read_line(&mut a).unwrap();
+            host.shutdown(Shutdown::Both).unwrap();
+            a
+        });
+        let reconf_ms = t4.elapsed().as_millis();
+        let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+        assert_eq!(answer["ok"], true, "{answer}");
+        assert_eq!(answer["result"]["boot_id"], boot_id);
+        assert_ne!(answer["result"]["instance_id"], source_id);
+        assert_eq!(clone.guest_addr(), Some("172.30.0.9:52".parse().unwrap()));
+
+        let after = ask_agent(&clone, r#"{"method":"hello"}"#).unwrap();
+        assert_eq!(after["result"]["boot_id"], boot_id, "{after}");
+        assert_eq!(
+            after["result"]["instance_id"],
+            answer["result"]["instance_id"]
+        );
+        assert_eq!(after["result"]["hostname"], "clone-1");
+        let ssh = |cmd: &str| {
+            sh(&[
+                "ssh",
+                "-i",
+                key.to_str().unwrap(),
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=30",
+                "root@172.30.0.9",
+                cmd,
+            ])
+        };
+        let out = ssh("cat /proc/sys/kernel/random/boot_id; hostname; cat /sys/class/net/eth0/address; ip -4 -o addr show dev eth0 | wc -l; ip -4 -o addr show dev eth0")
+            .unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], boot_id.as_str().unwrap(), "{out}");
+        assert_eq!(lines[1], "clone-1", "{out}");
+        assert_eq!(lines[2], "02:bb:00:00:00:09", "{out}");
+        assert_eq!(lines[3], "1", "{out}");
+        assert!(lines[4].contains("172.30.0.9/24"), "{out}");
+        clone.quit().unwrap();
+        eprintln!(
+            "TCG-BENCH: boot -> agent {boot_ms} ms, -> sshd {sshd_ms} ms; pause+save {save_ms} ms, memory file {} MB ({} MB allocated) for 256 MiB; restore (QEMU start + stream read + cont) {restore_ms} ms; first hello after restore {first_hello_ms} ms; reconfigure {reconf_ms} ms",
+            mem_meta.len() >> 20,
+            (mem_meta.blocks() * 512) >> 20
+        );
     }
 
     fn find_test_kernel() -> Option<PathBuf> {
