@@ -45,7 +45,7 @@ BEFORE_CONTAINER_HOOKS+=(guest_before_container)
 AFTER_CONTAINER_HOOKS+=(guest_after_container)
 CLEANUP_HOOKS+=(guest_cleanup)
 
-is_guest_scenario() { [[ $1 == guest_* || $1 == image_build_* ]]; }
+is_guest_scenario() { [[ $1 == guest_* || $1 == image_build_* || $1 == snapshot_clone_network ]]; }
 
 # --- host side: once per run, then per container ---------------------------------------------------
 
