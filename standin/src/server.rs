@@ -348,8 +348,12 @@ fn vsock_connection(mut s: UnixStream, env: &AgentEnv) {
         .ok()
         .and_then(|l| l.strip_prefix("CONNECT "))
         .and_then(|p| p.trim().parse::<u32>().ok());
-    if let Some(engine) = crate::tcg::engine() {
-        // A real guest: its agent's port through the tap, or refused (closed) like a guest's RST.
+    if crate::tcg::active() {
+        // A real guest: its agent's port through the tap, or refused (closed) like a guest's RST;
+        // a loaded snapshot not resumed yet has no running guest to answer.
+        let Some(engine) = crate::tcg::engine() else {
+            return;
+        };
         let Some(guest) = port.and_then(|p| engine.connect_guest(p)) else {
             return;
         };

@@ -446,6 +446,15 @@ pub struct Engine {
     /// Restored and not reconfigured yet: the guest still answers the snapshot's address, which
     /// another clone may have used, so each connection is preceded by `announce-self`.
     announce: AtomicBool,
+    /// The file QEMU has open for each drive.
+    drives: Vec<(String, Option<PathBuf>)>,
+}
+
+fn drive_paths(m: &Machine) -> Vec<(String, Option<PathBuf>)> {
+    m.drives
+        .iter()
+        .map(|d| (d.drive_id.clone(), d.path_on_host.clone()))
+        .collect()
 }
 
 static ENGINE: OnceLock<Engine> = OnceLock::new();
@@ -547,29 +556,117 @@ fn restore_plan(mut plan: Plan, mem_fd: RawFd) -> Plan {
     plan
 }
 
-/// Firecracker's snapshot load for a TCG snapshot: starts QEMU for `m` (the machine rebuilt from
-/// the vmstate, overrides applied, taps open) reading the migration stream in `mem_file`, waits
-/// for the stream to be read completely, and continues the guest when `resume`. An error (with
-/// QEMU's last words) leaves no QEMU running. `on_exit` as for [`start`].
-#[allow(dead_code)] // called by the snapshot API (SNAPAPI.md)
+/// A snapshot loaded with `resume_vm: false`, waiting for the resume that starts its QEMU (so
+/// that a drive re-pointed meanwhile, `PATCH /drives`, is the file QEMU opens).
+#[allow(dead_code)] // wired by the snapshot API (SNAPAPI.md)
+struct Pending {
+    qemu: PathBuf,
+    mem_file: PathBuf,
+    on_exit: Box<dyn FnOnce(i32) + Send>,
+}
+
+#[allow(dead_code)] // wired by the snapshot API (SNAPAPI.md)
+static PENDING: Mutex<Option<Pending>> = Mutex::new(None);
+
+/// The first bytes of every QEMU migration stream (`QEMU_VM_FILE_MAGIC`).
+#[allow(dead_code)] // wired by the snapshot API (SNAPAPI.md)
+const MIGRATION_MAGIC: &[u8; 4] = b"QEVM";
+
+#[allow(dead_code)] // wired by the snapshot API (SNAPAPI.md)
+fn pending() -> std::sync::MutexGuard<'static, Option<Pending>> {
+    PENDING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether the TCG engine is in charge of this VM: it runs a guest, or holds a loaded snapshot
+/// that starts at the next resume.
+pub fn active() -> bool {
+    ENGINE.get().is_some() || pending().is_some()
+}
+
+/// Firecracker's snapshot load for a TCG snapshot. `m` is the machine rebuilt from the vmstate
+/// (overrides applied, taps open); `mem_file` must hold a QEMU migration stream. With `resume`
+/// QEMU starts now (see [`resume`]); without, the snapshot waits, paused, for [`resume`]. `on_exit`
+/// as for [`start`].
+#[allow(dead_code)] // wired by the snapshot API (SNAPAPI.md)
 pub fn restore(
     m: &Machine,
     mem_file: &Path,
-    resume: bool,
+    resume_now: bool,
     on_exit: impl FnOnce(i32) + Send + 'static,
-) -> Result<&'static Engine, String> {
-    if ENGINE.get().is_some() {
+) -> Result<(), String> {
+    if active() {
         return Err("the TCG engine already runs a guest".into());
     }
     let qemu = qemu_binary().ok_or_else(|| {
         format!("the snapshot was taken by the TCG engine, and {QEMU} is not installed or {QEMU_ENV}=off")
     })?;
-    let engine = restore_engine(m, &qemu, mem_file, resume, on_exit)?;
-    Ok(ENGINE.get_or_init(|| engine))
+    let mut magic = [0u8; 4];
+    File::open(mem_file)
+        .and_then(|f| f.read_exact_at(&mut magic, 0))
+        .map_err(|e| format!("reading the memory file {}: {e}", mem_file.display()))?;
+    if &magic != MIGRATION_MAGIC {
+        return Err(format!(
+            "the memory file {} is not a QEMU migration stream (the TCG engine's snapshots are)",
+            mem_file.display()
+        ));
+    }
+    *pending() = Some(Pending {
+        qemu,
+        mem_file: mem_file.to_path_buf(),
+        on_exit: Box::new(on_exit),
+    });
+    if resume_now {
+        return resume(m);
+    }
+    Ok(())
 }
 
-/// [`restore`] without the process-wide engine slot (tests run several).
-#[cfg_attr(not(test), allow(dead_code))] // called by the snapshot API (SNAPAPI.md)
+/// `PATCH /vm {"state":"Paused"}`: QMP `stop`; a loaded snapshot not started yet is paused
+/// already.
+#[allow(dead_code)] // wired by the snapshot API (SNAPAPI.md)
+pub fn pause() -> Result<(), String> {
+    match ENGINE.get() {
+        Some(e) => e.pause(),
+        None => Ok(()),
+    }
+}
+
+/// `PATCH /vm {"state":"Resumed"}`: a loaded snapshot starts (QEMU with `m`'s devices reads the
+/// stream, then continues); a running engine continues (QMP `cont`), refused when a drive of `m`
+/// names another file than the one QEMU has open (QEMU cannot switch it).
+#[allow(dead_code)] // wired by the snapshot API (SNAPAPI.md)
+pub fn resume(m: &Machine) -> Result<(), String> {
+    if let Some(e) = ENGINE.get() {
+        e.same_drives(m)?;
+        return e.resume();
+    }
+    let Some(p) = pending().take() else {
+        return Err("the TCG engine has no guest".into());
+    };
+    let engine = restore_engine(m, &p.qemu, &p.mem_file, true, p.on_exit)?;
+    let _ = ENGINE.set(engine);
+    Ok(())
+}
+
+/// `PUT /snapshot/create` for the TCG engine: the running guest's migration stream into
+/// `mem_file` ([`Engine::save`]); a loaded snapshot not started yet is copied as it is.
+#[allow(dead_code)] // wired by the snapshot API (SNAPAPI.md)
+pub fn save(mem_file: &Path) -> Result<(), String> {
+    if let Some(e) = ENGINE.get() {
+        return e.save(mem_file);
+    }
+    let from = pending()
+        .as_ref()
+        .map(|p| p.mem_file.clone())
+        .ok_or("the TCG engine has no guest")?;
+    std::fs::copy(&from, mem_file)
+        .map(drop)
+        .map_err(|e| format!("copying {} to {}: {e}", from.display(), mem_file.display()))
+}
+
+/// Starts QEMU for `m` reading the migration stream in `mem_file`, waits for the stream to be
+/// read completely, and continues the guest when `resume`. An error (with QEMU's last words)
+/// leaves no QEMU running.
 fn restore_engine(
     m: &Machine,
     qemu: &Path,
@@ -756,6 +853,7 @@ fn spawn_and_connect(
         qmp: Mutex::new(qmp),
         guest: Mutex::new(guest),
         announce: AtomicBool::new(false),
+        drives: drive_paths(m),
     })
 }
 
@@ -886,6 +984,21 @@ impl Engine {
         self.qmp
             .lock()
             .map_err(|_| "the QMP lock is poisoned".to_string())
+    }
+
+    /// Refuses when a drive of `m` is another file than the one QEMU has open.
+    fn same_drives(&self, m: &Machine) -> Result<(), String> {
+        for (id, path) in drive_paths(m) {
+            let open = self.drives.iter().find(|(d, _)| *d == id).map(|(_, p)| p);
+            if open != Some(&path) {
+                return Err(format!(
+                    "drive {id} now names {}, but QEMU has {} open and cannot switch a running guest's drive (re-point drives only between a snapshot load and the resume, or back before resuming)",
+                    path.as_deref().map_or("nothing".into(), |p| p.display().to_string()),
+                    open.and_then(|p| p.as_deref()).map_or("nothing".into(), |p| p.display().to_string()),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Firecracker's `PUT /vm {"state":"Paused"}`: QMP `stop`.
@@ -1498,6 +1611,7 @@ mod tests {
             }),
             guest: Mutex::new(Some(addr)),
             announce: AtomicBool::new(false),
+            drives: Vec::new(),
         };
         assert!(engine.connect_guest(53).is_none());
         assert!(engine.connect_guest(22).is_none());
@@ -1548,6 +1662,7 @@ mod tests {
             qmp: Mutex::new(Qmp::handshake(ours).unwrap()),
             guest: Mutex::new(None),
             announce: AtomicBool::new(false),
+            drives: Vec::new(),
         };
         engine.ctrl_alt_del().unwrap();
         let err = engine.ctrl_alt_del().unwrap_err();
@@ -1640,6 +1755,7 @@ mod tests {
             qmp: Mutex::new(Qmp::handshake(ours).unwrap()),
             guest: Mutex::new(None),
             announce: AtomicBool::new(false),
+            drives: Vec::new(),
         }
     }
 
@@ -1801,6 +1917,7 @@ mod tests {
             }),
             guest: Mutex::new(Some(addr)),
             announce: AtomicBool::new(true),
+            drives: Vec::new(),
         });
         let tcp = TcpStream::connect(addr).unwrap();
         let (host, vmm_end) = UnixStream::pair().unwrap();
@@ -1841,6 +1958,58 @@ mod tests {
             None
         );
         assert!(!answer_ok(b"{\"ok\":\"true\"}"));
+    }
+
+    /// Loading a TCG snapshot: the memory file must be a migration stream (else refused, nothing
+    /// held); without resume_vm it waits (paused: pause is a no-op, a new snapshot copies the
+    /// stream); a resume that would need QEMU to switch a drive's file is refused.
+    #[test]
+    fn restore_pending_and_drive_checks() {
+        let t = tmp("pending");
+        let (m, _) = configured(&t);
+        let bad = t.0.join("bad.mem");
+        std::fs::write(&bad, b"not a stream").unwrap();
+        if qemu_binary().is_none() {
+            eprintln!("SKIP: restore_pending_and_drive_checks (load half): {QEMU} not installed");
+        } else {
+            let e = restore(&m, &bad, false, |_| {}).unwrap_err();
+            assert!(e.contains("not a QEMU migration stream"), "{e}");
+            let e = restore(&m, &t.0.join("missing"), false, |_| {}).unwrap_err();
+            assert!(e.contains("reading the memory file"), "{e}");
+            assert!(!active());
+            let good = t.0.join("good.mem");
+            std::fs::write(&good, b"QEVM\0\0\0\x03rest of the stream").unwrap();
+            restore(&m, &good, false, |_| {}).unwrap();
+            assert!(active());
+            assert!(restore(&m, &good, false, |_| {})
+                .unwrap_err()
+                .contains("already"));
+            pause().unwrap();
+            let copy = t.0.join("again.mem");
+            save(&copy).unwrap();
+            assert_eq!(std::fs::read(&copy).unwrap(), std::fs::read(&good).unwrap());
+            *pending() = None;
+            assert!(!active());
+        }
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let engine = Engine {
+            qmp: Mutex::new(Qmp {
+                r: BufReader::new(ours.try_clone().unwrap()),
+                w: ours,
+            }),
+            guest: Mutex::new(None),
+            announce: AtomicBool::new(false),
+            drives: drive_paths(&m),
+        };
+        engine.same_drives(&m).unwrap();
+        let mut moved = Machine::new("x");
+        moved.drives = m.drives.clone();
+        moved.drives[1].path_on_host = Some(t.0.join("clone.ext4"));
+        let e = engine.same_drives(&moved).unwrap_err();
+        assert!(
+            e.contains("drive rootfs now names") && e.contains("cannot switch"),
+            "{e}"
+        );
     }
 
     /// Runs a command; its stdout, or why it failed.
