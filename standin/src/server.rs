@@ -236,10 +236,19 @@ fn serve_api_connection(mut s: UnixStream, machine: &Mutex<Machine>) {
         match after {
             After::Nothing => {}
             After::Booted => {
+                m.boot_id = Some(fresh_boot_id());
                 if let Err(fault) = boot(&m) {
                     m.started = false;
                     answer = fault;
                 }
+            }
+            After::Restored => serve_restored(&m),
+            After::ExitFailed => {
+                // Firecracker answers a failed load, then exits with status 1.
+                thread::spawn(|| {
+                    thread::sleep(Duration::from_millis(50));
+                    exit_clean(1);
+                });
             }
             After::Exit if crate::tcg::engine().is_some() => {
                 // A real guest: it reboots (and QEMU, then the stand-in, exits) by itself.
@@ -295,7 +304,7 @@ fn boot(m: &Machine) -> Result<(), Answer> {
         }
         return Ok(());
     }
-    let boot_id = fresh_boot_id();
+    let boot_id = m.boot_id.clone().unwrap_or_else(fresh_boot_id);
     if let Some((v, l)) = &m.vsock {
         remember(&VSOCK_SOCK, &v.uds_path);
         match l.try_clone() {
@@ -318,6 +327,29 @@ fn boot(m: &Machine) -> Result<(), Answer> {
     let _ = writeln!(out, "{}", agent::ready_line(&boot_id));
     let _ = out.flush();
     Ok(())
+}
+
+/// After a snapshot load (tiny engine): the "guest" resumes where it was, so no console line; its
+/// agent answers on the (possibly overridden) vsock socket with the boot id the snapshot recorded.
+fn serve_restored(m: &Machine) {
+    let boot_id = m.boot_id.clone().unwrap_or_else(fresh_boot_id);
+    let Some((v, l)) = &m.vsock else { return };
+    remember(&VSOCK_SOCK, &v.uds_path);
+    match l.try_clone() {
+        Ok(l) => {
+            let args = m
+                .boot_source
+                .as_ref()
+                .and_then(|b| b.boot_args.as_deref())
+                .unwrap_or("");
+            let name = cmdline::parse(args)
+                .name
+                .unwrap_or_else(|| STANDIN_HOSTNAME.to_string());
+            let env = AgentEnv::fixed(&boot_id, STANDIN_HOST_KEY, &name);
+            thread::spawn(move || serve_vsock(l, env));
+        }
+        Err(e) => eprintln!("firecracker (banger stand-in): vsock listener: {e}"),
+    }
 }
 
 /// Host-side port numbers Firecracker hands out for host-initiated connections start at 2^30.
