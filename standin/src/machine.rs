@@ -108,6 +108,8 @@ pub struct Machine {
     pub boot_id: Option<String>,
     /// The guest agent's instance id recorded by a snapshot this VM was restored from.
     pub instance_id: Option<String>,
+    /// The fake guest agent's live instance id (changed by `reconfigure`), once it serves.
+    pub agent_instance: Option<std::sync::Arc<std::sync::Mutex<String>>>,
 }
 
 type Reply = (Answer, After);
@@ -177,6 +179,7 @@ impl Machine {
             boot_path: false,
             boot_id: None,
             instance_id: None,
+            agent_instance: None,
         }
     }
 

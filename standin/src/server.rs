@@ -237,12 +237,15 @@ fn serve_api_connection(mut s: UnixStream, machine: &Mutex<Machine>) {
             After::Nothing => {}
             After::Booted => {
                 m.boot_id = Some(fresh_boot_id());
-                if let Err(fault) = boot(&m) {
-                    m.started = false;
-                    answer = fault;
+                match boot(&m) {
+                    Ok(instance) => m.agent_instance = instance,
+                    Err(fault) => {
+                        m.started = false;
+                        answer = fault;
+                    }
                 }
             }
-            After::Restored => serve_restored(&m),
+            After::Restored => m.agent_instance = serve_restored(&m),
             After::ExitFailed => {
                 // Firecracker answers a failed load, then exits with status 1.
                 thread::spawn(|| {
@@ -283,7 +286,7 @@ pub const STANDIN_HOSTNAME: &str = "banger-standin";
 /// the stand-in says it is ready on the console and serves its agent on vsock. That agent answers
 /// `hello` with [`STANDIN_HOST_KEY`] and the boot args' `banger.name=` (as the real agent would set
 /// it), and `ports` with no sockets.
-fn boot(m: &Machine) -> Result<(), Answer> {
+fn boot(m: &Machine) -> Result<Option<Arc<Mutex<String>>>, Answer> {
     if let Some(qemu) = crate::tcg::engages(m) {
         crate::tcg::start(m, &qemu, |code| exit_clean(code)).map_err(|e| {
             Answer::fault(
@@ -302,9 +305,10 @@ fn boot(m: &Machine) -> Result<(), Answer> {
                 Err(e) => eprintln!("firecracker (banger stand-in): vsock listener: {e}"),
             }
         }
-        return Ok(());
+        return Ok(None);
     }
     let boot_id = m.boot_id.clone().unwrap_or_else(fresh_boot_id);
+    let mut instance = None;
     if let Some((v, l)) = &m.vsock {
         remember(&VSOCK_SOCK, &v.uds_path);
         match l.try_clone() {
@@ -318,6 +322,7 @@ fn boot(m: &Machine) -> Result<(), Answer> {
                     .name
                     .unwrap_or_else(|| STANDIN_HOSTNAME.to_string());
                 let env = AgentEnv::fixed(&boot_id, STANDIN_HOST_KEY, &name);
+                instance = Some(Arc::clone(&env.instance_id));
                 thread::spawn(move || serve_vsock(l, env));
             }
             Err(e) => eprintln!("firecracker (banger stand-in): vsock listener: {e}"),
@@ -326,14 +331,15 @@ fn boot(m: &Machine) -> Result<(), Answer> {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{}", agent::ready_line(&boot_id));
     let _ = out.flush();
-    Ok(())
+    Ok(instance)
 }
 
 /// After a snapshot load (tiny engine): the "guest" resumes where it was, so no console line; its
-/// agent answers on the (possibly overridden) vsock socket with the boot id the snapshot recorded.
-fn serve_restored(m: &Machine) {
+/// agent answers on the (possibly overridden) vsock socket with the boot id and instance id the
+/// snapshot recorded (until a `reconfigure` replaces the latter). Returns the live instance id.
+fn serve_restored(m: &Machine) -> Option<Arc<Mutex<String>>> {
     let boot_id = m.boot_id.clone().unwrap_or_else(fresh_boot_id);
-    let Some((v, l)) = &m.vsock else { return };
+    let (v, l) = m.vsock.as_ref()?;
     remember(&VSOCK_SOCK, &v.uds_path);
     match l.try_clone() {
         Ok(l) => {
@@ -346,9 +352,17 @@ fn serve_restored(m: &Machine) {
                 .name
                 .unwrap_or_else(|| STANDIN_HOSTNAME.to_string());
             let env = AgentEnv::fixed(&boot_id, STANDIN_HOST_KEY, &name);
+            if let (Some(id), Ok(mut live)) = (&m.instance_id, env.instance_id.lock()) {
+                live.clone_from(id);
+            }
+            let instance = Arc::clone(&env.instance_id);
             thread::spawn(move || serve_vsock(l, env));
+            Some(instance)
         }
-        Err(e) => eprintln!("firecracker (banger stand-in): vsock listener: {e}"),
+        Err(e) => {
+            eprintln!("firecracker (banger stand-in): vsock listener: {e}");
+            None
+        }
     }
 }
 

@@ -175,7 +175,10 @@ impl Machine {
                 vsock: self.vsock.as_ref().map(|(v, _)| v.clone()),
             },
             boot_id: self.boot_id.clone(),
-            instance_id: self.instance_id.clone(),
+            instance_id: match &self.agent_instance {
+                Some(live) => live.lock().ok().map(|v| v.clone()),
+                None => self.instance_id.clone(),
+            },
         };
         let mem = std::fs::File::create(&c.mem_file_path)
             .and_then(|f| f.set_len(self.machine.mem_size_mib << 20));
