@@ -651,7 +651,10 @@ fn snapshots_migration_keeps_old_vms_as_booted() {
     let snap = snapshot_row("aaaaaaaaaaaa", "warm");
     s.snapshot_insert(&snap).unwrap();
     assert_eq!(s.snapshot_get("warm").unwrap().as_ref(), Some(&snap));
-    assert_eq!(s.snapshot_get("aaaaaaaaaaaa").unwrap().as_ref(), Some(&snap));
+    assert_eq!(
+        s.snapshot_get("aaaaaaaaaaaa").unwrap().as_ref(),
+        Some(&snap)
+    );
     let e = s
         .snapshot_insert(&snapshot_row("bbbbbbbbbbbb", "warm"))
         .unwrap_err();
@@ -678,7 +681,10 @@ fn snapshots_migration_keeps_old_vms_as_booted() {
     // vm_update leaves the origin alone.
     let c = s.vm_get("clone").unwrap().unwrap();
     s.vm_update(&c).unwrap();
-    assert_eq!(s.vm_origin("cccccccccccc").unwrap().1.as_deref(), Some("i1"));
+    assert_eq!(
+        s.vm_origin("cccccccccccc").unwrap().1.as_deref(),
+        Some("i1")
+    );
     s.snapshot_delete(&snap.id).unwrap();
     assert!(s.snapshot_get("warm").unwrap().is_none());
     assert!(s.vm_snapshot_names().unwrap().is_empty());
