@@ -58,15 +58,12 @@ const GUEST_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long a migration stream may take to be written or read back (a TCG guest's memory on a
 /// busy machine; QEMU skips zero pages, so a mostly idle guest takes a second or two).
-#[cfg_attr(not(test), allow(dead_code))]
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The QMP name the memory file's descriptor gets for `migrate fd:`.
-#[cfg_attr(not(test), allow(dead_code))]
 const MIGRATION_FD_NAME: &str = "banger-snapshot";
 
 /// Migration bandwidth: QEMU's default (128 MiB/s) would throttle a local file for nothing.
-#[cfg_attr(not(test), allow(dead_code))]
 const MIGRATION_MAX_BANDWIDTH: u64 = 8 << 30;
 
 /// `XEN_ELFNOTE_PHYS32_ENTRY`: the ELF note (owner "Xen") holding the 32-bit PVH entry point.
@@ -545,7 +542,6 @@ fn start_engine(
 
 /// `plan` for a restore: the same machine, plus `-S -incoming fd:<mem_fd>` (QEMU reads the
 /// migration stream from that descriptor and stays paused).
-#[cfg_attr(not(test), allow(dead_code))] // called by the snapshot API (SNAPAPI.md)
 fn restore_plan(mut plan: Plan, mem_fd: RawFd) -> Plan {
     plan.args.extend(
         ["-S".to_string(), "-incoming".into(), format!("fd:{mem_fd}")]
@@ -558,21 +554,17 @@ fn restore_plan(mut plan: Plan, mem_fd: RawFd) -> Plan {
 
 /// A snapshot loaded with `resume_vm: false`, waiting for the resume that starts its QEMU (so
 /// that a drive re-pointed meanwhile, `PATCH /drives`, is the file QEMU opens).
-#[allow(dead_code)] // wired by the snapshot API (SNAPAPI.md)
 struct Pending {
     qemu: PathBuf,
     mem_file: PathBuf,
     on_exit: Box<dyn FnOnce(i32) + Send>,
 }
 
-#[allow(dead_code)] // wired by the snapshot API (SNAPAPI.md)
 static PENDING: Mutex<Option<Pending>> = Mutex::new(None);
 
 /// The first bytes of every QEMU migration stream (`QEMU_VM_FILE_MAGIC`).
-#[allow(dead_code)] // wired by the snapshot API (SNAPAPI.md)
 const MIGRATION_MAGIC: &[u8; 4] = b"QEVM";
 
-#[allow(dead_code)] // wired by the snapshot API (SNAPAPI.md)
 fn pending() -> std::sync::MutexGuard<'static, Option<Pending>> {
     PENDING.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -587,7 +579,6 @@ pub fn active() -> bool {
 /// (overrides applied, taps open); `mem_file` must hold a QEMU migration stream. With `resume`
 /// QEMU starts now (see [`resume`]); without, the snapshot waits, paused, for [`resume`]. `on_exit`
 /// as for [`start`].
-#[allow(dead_code)] // wired by the snapshot API (SNAPAPI.md)
 pub fn restore(
     m: &Machine,
     mem_file: &Path,
@@ -623,7 +614,6 @@ pub fn restore(
 
 /// `PATCH /vm {"state":"Paused"}`: QMP `stop`; a loaded snapshot not started yet is paused
 /// already.
-#[allow(dead_code)] // wired by the snapshot API (SNAPAPI.md)
 pub fn pause() -> Result<(), String> {
     match ENGINE.get() {
         Some(e) => e.pause(),
@@ -634,7 +624,6 @@ pub fn pause() -> Result<(), String> {
 /// `PATCH /vm {"state":"Resumed"}`: a loaded snapshot starts (QEMU with `m`'s devices reads the
 /// stream, then continues); a running engine continues (QMP `cont`), refused when a drive of `m`
 /// names another file than the one QEMU has open (QEMU cannot switch it).
-#[allow(dead_code)] // wired by the snapshot API (SNAPAPI.md)
 pub fn resume(m: &Machine) -> Result<(), String> {
     if let Some(e) = ENGINE.get() {
         e.same_drives(m)?;
@@ -650,7 +639,6 @@ pub fn resume(m: &Machine) -> Result<(), String> {
 
 /// `PUT /snapshot/create` for the TCG engine: the running guest's migration stream into
 /// `mem_file` ([`Engine::save`]); a loaded snapshot not started yet is copied as it is.
-#[allow(dead_code)] // wired by the snapshot API (SNAPAPI.md)
 pub fn save(mem_file: &Path) -> Result<(), String> {
     if let Some(e) = ENGINE.get() {
         return e.save(mem_file);
@@ -1002,7 +990,6 @@ impl Engine {
     }
 
     /// Firecracker's `PUT /vm {"state":"Paused"}`: QMP `stop`.
-    #[cfg_attr(not(test), allow(dead_code))] // the snapshot API (SNAPAPI.md)
     pub fn pause(&self) -> Result<(), String> {
         self.qmp()?
             .execute(serde_json::json!({"execute": "stop"}))
@@ -1010,7 +997,6 @@ impl Engine {
     }
 
     /// Firecracker's `PUT /vm {"state":"Resumed"}`: QMP `cont` (also after a [`Self::save`]).
-    #[cfg_attr(not(test), allow(dead_code))] // the snapshot API (SNAPAPI.md)
     pub fn resume(&self) -> Result<(), String> {
         self.qmp()?
             .execute(serde_json::json!({"execute": "cont"}))
@@ -1020,7 +1006,6 @@ impl Engine {
     /// Firecracker's full snapshot's memory file: QEMU's migration stream of the paused guest
     /// (devices and memory) written into `mem_file` (created or truncated, mode 0600). Returns
     /// once QEMU says the migration completed; the guest stays paused.
-    #[cfg_attr(not(test), allow(dead_code))] // the snapshot API (SNAPAPI.md)
     pub fn save(&self, mem_file: &Path) -> Result<(), String> {
         use std::os::unix::fs::OpenOptionsExt;
         let mut q = self.qmp()?;
@@ -1052,7 +1037,6 @@ impl Engine {
     }
 
     /// After `-incoming`: waits until the stream is read, then `cont` when `resume`.
-    #[cfg_attr(not(test), allow(dead_code))] // the snapshot API (SNAPAPI.md)
     fn finish_incoming(&self, resume: bool) -> Result<(), String> {
         let mut q = self.qmp()?;
         wait_migration(&mut q, "reading the migration stream")?;
@@ -1063,7 +1047,6 @@ impl Engine {
     }
 
     /// Ends QEMU (a failed restore).
-    #[cfg_attr(not(test), allow(dead_code))] // the snapshot API (SNAPAPI.md)
     fn quit(&self) -> Result<(), String> {
         self.qmp()?
             .execute(serde_json::json!({"execute": "quit"}))
@@ -1171,7 +1154,6 @@ impl Engine {
 
 /// Polls `query-migrate` until the migration completed (`Ok`) or failed, was cancelled or took
 /// longer than [`MIGRATION_TIMEOUT`].
-#[cfg_attr(not(test), allow(dead_code))] // called by the snapshot API (SNAPAPI.md)
 fn wait_migration(q: &mut Qmp, what: &str) -> Result<(), String> {
     let deadline = Instant::now() + MIGRATION_TIMEOUT;
     loop {
