@@ -313,7 +313,7 @@ fn reconfigure_guest(
     };
     match env.configurer.apply(&v, env.defer_address_removal) {
         Ok(after) => {
-            *id = reconfigure::new_instance_id();
+            *id = reconfigure::instance_id_for(&v);
             (ok(json!({"instance_id": *id, "boot_id": boot_id})), after)
         }
         Err(e) => (

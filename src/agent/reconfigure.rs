@@ -192,6 +192,62 @@ pub fn new_instance_id() -> String {
     hex::encode(b)
 }
 
+/// The instance id a `reconfigure` gives: the hash of fresh kernel randomness, the clocks and the
+/// new identity (name, address, MAC). Clones restored from one snapshot share the kernel's random
+/// generator state, so its output alone repeats from clone to clone (found by the smoke suite: two
+/// clones drew the same id); their identities never do.
+pub fn instance_id_for(v: &Validated) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(new_instance_id().as_bytes());
+    ctx.update(format!("{:?}", std::time::SystemTime::now()).as_bytes());
+    ctx.update(format!("{:?}", std::time::Instant::now()).as_bytes());
+    ctx.update(
+        format!(
+            "{}\0{}/{}\0{}\0{}",
+            v.name, v.ip, v.prefix, v.gateway, v.mac
+        )
+        .as_bytes(),
+    );
+    hex::encode(&ctx.finish().as_ref()[..16])
+}
+
+/// Mixes the clone's new identity and the clocks into the kernel's random pool and asks for a
+/// reseed (`RNDRESEEDCRNG`), so clones of one snapshot stop drawing the same "random" numbers
+/// (sshd's, TLS's). Clone-unique, not secret: a host-sent seed would be better (not in protocol
+/// 2). Best effort: a failure is logged, never fatal.
+fn reseed_kernel_rng(v: &Validated) {
+    use std::io::Write;
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    let mix = format!(
+        "banger reconfigure {} {}/{} {} {:?} {:?}",
+        v.name,
+        v.ip,
+        v.prefix,
+        v.mac,
+        std::time::SystemTime::now(),
+        std::time::Instant::now()
+    );
+    let r = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")
+        .and_then(|mut f| {
+            f.write_all(mix.as_bytes())?;
+            use std::os::fd::AsRawFd;
+            // SAFETY: RNDRESEEDCRNG takes no argument; the descriptor is open for the call.
+            if unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    if let Err(e) = r {
+        crate::logging::error(
+            "banger-vsock-agent",
+            "reseeding the kernel's random generator after a restore",
+            serde_json::json!({"error": e.to_string()}),
+        );
+    }
+}
+
 /// An instance id as agents make them: 32 lowercase hex digits.
 pub fn is_instance_id(s: &str) -> bool {
     s.len() == 32
@@ -365,6 +421,11 @@ impl Configurer for System {
             &["route", "replace", "default", "via", &gw, "dev", iface],
         )?;
         lap("address_and_route");
+        if self.kernel_hostname {
+            // The guest's own kernel only (never a test machine's).
+            reseed_kernel_rng(v);
+            lap("rng_reseed");
+        }
         crate::logging::info(
             "banger-vsock-agent",
             "reconfigured",
@@ -566,6 +627,21 @@ mod tests {
             let e = r.validate().unwrap_err();
             assert!(e.contains(want), "{what}: {e:?} lacks {want:?}");
         }
+    }
+
+    /// Clones share the kernel's generator state; their identities make their ids differ even if
+    /// the random part repeats.
+    #[test]
+    fn instance_ids_follow_the_identity() {
+        let a = good().validate().unwrap();
+        let b = Validated {
+            name: "clone-2".into(),
+            ..a.clone()
+        };
+        let (x, y) = (instance_id_for(&a), instance_id_for(&b));
+        assert!(is_instance_id(&x) && is_instance_id(&y), "{x} {y}");
+        assert_ne!(x, y);
+        assert_ne!(instance_id_for(&a), x);
     }
 
     #[test]

@@ -56,6 +56,10 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a host-side `CONNECT 52` waits for the guest's TCP port before it is refused.
 const GUEST_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long a host-side `CONNECT 52` keeps trying a restored guest not reconfigured yet (under
+/// the 30 s the daemon gives `reconfigure`).
+const RESTORED_CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// How long a migration stream may take to be written or read back (a TCG guest's memory on a
 /// busy machine; QEMU skips zero pages, so a mostly idle guest takes a second or two).
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
@@ -1067,18 +1071,33 @@ impl Engine {
             return None;
         }
         let addr = self.guest_addr()?;
-        if self.announce.load(Ordering::SeqCst) {
-            let r = self.qmp().and_then(|mut q| {
-                q.execute(serde_json::json!({"execute": "announce-self",
-                    "arguments": {"initial": 0, "max": 50, "rounds": 3, "step": 50}}))
-            });
-            if let Err(e) = r {
-                eprintln!("stand-in: TCG engine: announce-self: {e}");
+        // A restored guest's agent listens (its memory says so), but the way to it settles only
+        // after the restore (the bridge learning the MAC's new port, the host's neighbour entry
+        // for an address another clone just gave up): keep trying for a while.
+        let deadline = Instant::now() + RESTORED_CONNECT_TIMEOUT;
+        loop {
+            let restored = self.announce.load(Ordering::SeqCst);
+            if restored {
+                let r = self.qmp().and_then(|mut q| {
+                    q.execute(serde_json::json!({"execute": "announce-self",
+                        "arguments": {"initial": 0, "max": 50, "rounds": 3, "step": 50}}))
+                });
+                if let Err(e) = r {
+                    eprintln!("stand-in: TCG engine: announce-self: {e}");
+                }
+            }
+            match TcpStream::connect_timeout(&addr, GUEST_CONNECT_TIMEOUT) {
+                Ok(s) => {
+                    let _ = s.set_nodelay(true);
+                    return Some(s);
+                }
+                Err(e) if restored && Instant::now() < deadline => {
+                    eprintln!("stand-in: TCG engine: restored guest at {addr}: {e}; trying again");
+                    thread::sleep(Duration::from_millis(200));
+                }
+                Err(_) => return None,
             }
         }
-        let s = TcpStream::connect_timeout(&addr, GUEST_CONNECT_TIMEOUT).ok()?;
-        let _ = s.set_nodelay(true);
-        Some(s)
     }
 
     /// Copies both ways between the host's vsock connection and the guest's TCP connection until
