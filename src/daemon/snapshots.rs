@@ -521,9 +521,7 @@ fn load(
                 }
             }
             super::ssh::refresh_config(&vms.ctx);
-            let mut out = vm_json(&vm, Some(&snap.name));
-            out["instance_id"] = json!(instance_id);
-            Ok(out)
+            Ok(vm_json(&vm, Some(&(Some(snap.name.clone()), instance_id))))
         }
         Err(e) => {
             let _ = vms
