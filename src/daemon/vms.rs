@@ -681,10 +681,7 @@ impl Vms {
 
     /// A VM as the methods report it, with the snapshot it came from.
     fn vm_view(&self, vm: &Vm) -> Value {
-        let (snap_id, instance) = self
-            .ctx
-            .db(|s| s.vm_origin(&vm.id))
-            .unwrap_or((None, None));
+        let (snap_id, instance) = self.ctx.db(|s| s.vm_origin(&vm.id)).unwrap_or((None, None));
         let name = snap_id
             .and_then(|id| self.ctx.db(|s| s.snapshot_get(&id)).ok().flatten())
             .map(|s| s.name);
@@ -718,7 +715,10 @@ impl Vms {
             .map(|(id, name, instance)| (id, (name, instance)))
             .collect();
         serde_json::value::to_raw_value(&List {
-            vms: vms.iter().map(|v| VmView::of(v, origins.get(&v.id))).collect(),
+            vms: vms
+                .iter()
+                .map(|v| VmView::of(v, origins.get(&v.id)))
+                .collect(),
         })
         .map_err(|e| {
             RpcError::new(

@@ -37,6 +37,9 @@ pub struct Snapshot {
     pub created_at: String,
 }
 
+/// (vm id, snapshot name if it still exists, agent instance id), from [`Store::vm_origins`].
+pub type VmOrigin = (String, Option<String>, Option<String>);
+
 const COLUMNS: &str = "id, name, source_vm, kernel, image, vcpu, memory_mib, agent, \
      firecracker_version, boot_id, dir, size_bytes, created_at";
 
@@ -162,7 +165,7 @@ impl Store {
 
     /// For every VM restored from a snapshot: (vm id, the snapshot's name if it still exists,
     /// the agent's instance id).
-    pub fn vm_origins(&self) -> Result<Vec<(String, Option<String>, Option<String>)>> {
+    pub fn vm_origins(&self) -> Result<Vec<VmOrigin>> {
         let mut st = self
             .conn
             .prepare_cached(
