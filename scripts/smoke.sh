@@ -46,6 +46,8 @@ source "$REPO_ROOT/scripts/smoke/net.sh"
 source "$REPO_ROOT/scripts/smoke/guest.sh"
 # shellcheck source=scripts/smoke/snapshot.sh
 source "$REPO_ROOT/scripts/smoke/snapshot.sh"
+# shellcheck source=scripts/smoke/snapguest.sh
+source "$REPO_ROOT/scripts/smoke/snapguest.sh"
 
 # --- runner ----------------------------------------------------------------------------------------
 

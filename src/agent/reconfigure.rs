@@ -334,17 +334,26 @@ impl Configurer for System {
                     .into(),
             );
         };
+        // Milliseconds since the start at each step, for the log line (TCG guests are slow).
+        let t0 = std::time::Instant::now();
+        let mut steps = serde_json::Map::new();
+        let mut lap = |what: &str| {
+            steps.insert(what.into(), (t0.elapsed().as_millis() as u64).into());
+        };
         let setter: &dyn prepare::HostnameSetter = if self.kernel_hostname {
             &prepare::KernelHostname
         } else {
             &FilesOnly
         };
         prepare::set_hostname(&v.name, &self.files, setter).map_err(|e| e.to_string())?;
+        lap("hostname");
         prepare::write_authorized_key(&v.authorized_key, &self.files).map_err(|e| e.to_string())?;
+        lap("authorized_key");
         let addr = format!("{}/{}", v.ip, v.prefix);
         let gw = v.gateway.to_string();
         // Live MAC change (virtio-net supports it): no link down, so no route is lost.
         run_ip(&self.ip, &["link", "set", "dev", iface, "address", &v.mac])?;
+        lap("mac");
         // The new address may share the old one's subnet and so start as its secondary: it must
         // be promoted, not deleted with it, when the old one goes.
         let promote = self.ipv4_conf.join(iface).join("promote_secondaries");
@@ -355,6 +364,15 @@ impl Configurer for System {
             &self.ip,
             &["route", "replace", "default", "via", &gw, "dev", iface],
         )?;
+        lap("address_and_route");
+        crate::logging::info(
+            "banger-vsock-agent",
+            "reconfigured",
+            serde_json::json!({
+                "name": v.name, "address": addr, "mac": v.mac, "ms_at": steps,
+                "old_addresses_removed": if defer_address_removal { "after the answer" } else { "now" },
+            }),
+        );
         if defer_address_removal {
             let (ip, iface) = (self.ip.clone(), iface.to_string());
             return Ok(Some(Box::new(move || {

@@ -61,7 +61,7 @@ fn install_signal_handlers() {
     }
 }
 
-fn exit_clean(code: i32) -> ! {
+pub(crate) fn exit_clean(code: i32) -> ! {
     unlink_remembered();
     let _ = std::io::stdout().flush();
     std::process::exit(code)
@@ -341,6 +341,17 @@ fn serve_restored(m: &Machine) -> Option<Arc<Mutex<String>>> {
     let boot_id = m.boot_id.clone().unwrap_or_else(fresh_boot_id);
     let (v, l) = m.vsock.as_ref()?;
     remember(&VSOCK_SOCK, &v.uds_path);
+    if crate::tcg::active() {
+        // A real guest restored by the TCG engine: connections go to its own agent (see
+        // `vsock_connection`); this env is never served.
+        match l.try_clone() {
+            Ok(l) => {
+                thread::spawn(move || serve_vsock(l, AgentEnv::default()));
+            }
+            Err(e) => eprintln!("firecracker (banger stand-in): vsock listener: {e}"),
+        }
+        return None;
+    }
     match l.try_clone() {
         Ok(l) => {
             let args = m
@@ -394,15 +405,19 @@ fn vsock_connection(mut s: UnixStream, env: &AgentEnv) {
         .ok()
         .and_then(|l| l.strip_prefix("CONNECT "))
         .and_then(|p| p.trim().parse::<u32>().ok());
-    if let Some(engine) = crate::tcg::engine() {
-        // A real guest: its agent's port through the tap, or refused (closed) like a guest's RST.
+    if crate::tcg::active() {
+        // A real guest: its agent's port through the tap, or refused (closed) like a guest's RST;
+        // a loaded snapshot not resumed yet has no running guest to answer.
+        let Some(engine) = crate::tcg::engine() else {
+            return;
+        };
         let Some(guest) = port.and_then(|p| engine.connect_guest(p)) else {
             return;
         };
         let host_port = NEXT_HOST_PORT.fetch_add(1, Ordering::SeqCst);
         if s.write_all(format!("OK {host_port}\n").as_bytes()).is_ok() {
             let _ = s.set_read_timeout(None);
-            crate::tcg::splice(s, guest);
+            engine.splice(s, guest);
         }
         return;
     }

@@ -8,7 +8,8 @@
 //! The vmstate is the stand-in's own JSON (SNAPAPI.md): `{"standin_vmstate":1,
 //! "firecracker_version", "engine": "tiny"|"tcg", "machine": {…}, "boot_id", "instance_id"}`.
 //! The memory of the tiny engine is a sparse file of `mem_size_mib`. Snapshots of the TCG engine
-//! belong to `crate::tcg` (snaptcg): see [`tcg_hook`].
+//! belong to `crate::tcg` (snaptcg): its memory file is QEMU's migration stream, and a TCG
+//! snapshot loaded without `resume_vm` starts its QEMU at the resume (SNAPAPI.md).
 
 use std::os::unix::net::UnixListener;
 
@@ -57,19 +58,12 @@ pub struct VmStateFile {
     pub instance_id: Option<String>,
 }
 
-/// The snapshot engine hook for a guest run by the TCG engine. snaptcg's `crate::tcg` functions
-/// (`engine().pause()/resume()/save()`, `tcg::restore`) are not in this build yet.
-///
-/// FALLBACK (snapcore, until snaptcg's functions are merged): every snapshot operation on a TCG
-/// guest is refused with a 400 and changes nothing. Replace the body with the calls to
-/// `crate::tcg::…` per SNAPAPI.md.
-pub mod tcg_hook {
-    use crate::machine::Answer;
-
-    /// Firecracker-shaped refusal of the fallback.
-    pub fn unsupported() -> Answer {
-        Answer::fault(400, "TCG snapshots not supported by this stand-in build")
-    }
+/// A TCG engine failure as Firecracker-shaped fault text.
+fn tcg_fault(what: &str, e: String) -> Answer {
+    Answer::fault(
+        400,
+        format!("{what}: the stand-in's TCG engine failed: {e}"),
+    )
 }
 
 fn load_error(msg: impl std::fmt::Display) -> Answer {
@@ -88,8 +82,12 @@ impl Machine {
         if !self.started {
             return Err(Answer::fault(400, PRE_BOOT));
         }
-        if crate::tcg::engine().is_some() {
-            return Err(tcg_hook::unsupported());
+        if crate::tcg::active() {
+            let r = match v.state {
+                VmState::Paused => crate::tcg::pause(),
+                _ => crate::tcg::resume(self),
+            };
+            r.map_err(|e| tcg_fault("Failed to change the microVM state", e))?;
         }
         // Pausing a paused VM (or resuming a running one) succeeds, as in Firecracker.
         self.paused = v.state == VmState::Paused;
@@ -108,8 +106,13 @@ impl Machine {
         if !self.started {
             return Err(Answer::fault(400, PRE_BOOT));
         }
-        if crate::tcg::engine().is_some() {
-            return Err(tcg_hook::unsupported());
+        if crate::tcg::active() && !self.paused {
+            // QEMU cannot switch a running guest's drive file: the engine opens the recorded
+            // path when a loaded snapshot resumes, and refuses a resume onto another file.
+            return Err(Answer::fault(
+                400,
+                "Drive config error: the stand-in's TCG engine re-points drives only while the microVM is paused",
+            ));
         }
         let Some(drive) = self.drives.iter_mut().find(|o| o.drive_id == d.drive_id) else {
             return Err(Answer::fault(
@@ -148,9 +151,7 @@ impl Machine {
         if !self.started {
             return Err(Answer::fault(400, PRE_BOOT));
         }
-        if crate::tcg::engine().is_some() {
-            return Err(tcg_hook::unsupported());
-        }
+        let tcg = crate::tcg::active();
         if !self.paused {
             return Err(Answer::fault(
                 400,
@@ -166,7 +167,7 @@ impl Machine {
         let state = VmStateFile {
             standin_vmstate: VMSTATE_VERSION,
             firecracker_version: VERSION.into(),
-            engine: "tiny".into(),
+            engine: if tcg { "tcg" } else { "tiny" }.into(),
             machine: SavedMachine {
                 boot_source: self.boot_source.clone(),
                 machine: self.machine.clone(),
@@ -180,8 +181,12 @@ impl Machine {
                 None => self.instance_id.clone(),
             },
         };
-        let mem = std::fs::File::create(&c.mem_file_path)
-            .and_then(|f| f.set_len(self.machine.mem_size_mib << 20));
+        let mem = if tcg {
+            crate::tcg::save(&c.mem_file_path).map_err(std::io::Error::other)
+        } else {
+            std::fs::File::create(&c.mem_file_path)
+                .and_then(|f| f.set_len(self.machine.mem_size_mib << 20))
+        };
         if let Err(e) = mem {
             return Err(Answer::fault(
                 400,
@@ -247,11 +252,19 @@ impl Machine {
                 state.firecracker_version, state.standin_vmstate
             )));
         }
-        if state.engine != "tiny" {
-            return fatal(tcg_hook::unsupported());
-        }
+        let tcg = match state.engine.as_str() {
+            "tiny" => false,
+            "tcg" => true,
+            other => {
+                return fatal(load_error(format!(
+                    "Invalid snapshot state: unknown stand-in engine {other:?}"
+                )))
+            }
+        };
         let want = state.machine.machine.mem_size_mib << 20;
         match std::fs::metadata(&mem.backend_path) {
+            // A TCG memory file is QEMU's stream (checked by the engine), not a memory image.
+            Ok(_) if tcg => {}
             Ok(m) if m.len() == want => {}
             Ok(m) => {
                 return fatal(load_error(format!(
@@ -327,6 +340,19 @@ impl Machine {
         self.instance_id = state.instance_id;
         self.started = true;
         self.paused = !l.resume_vm.unwrap_or(false);
+        if tcg {
+            let r = crate::tcg::restore(
+                self,
+                &mem.backend_path,
+                l.resume_vm.unwrap_or(false),
+                |code| crate::server::exit_clean(code),
+            );
+            if let Err(e) = r {
+                return fatal(load_error(format!(
+                    "Failed to restore the microVM with the stand-in's TCG engine: {e}"
+                )));
+            }
+        }
         Ok((Answer::no_content(), After::Restored))
     }
 }
