@@ -47,7 +47,7 @@ pub const MEMORY: &str = "memory";
 /// The disk clone in a snapshot's (and every VM's) directory.
 pub const DISK: &str = "rootfs.ext4";
 /// How long the restored guest's agent has to apply `reconfigure`.
-const RECONFIGURE_TIMEOUT: Duration = Duration::from_secs(30);
+const RECONFIGURE_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long the VMM has to open its API socket.
 const API_TIMEOUT: Duration = Duration::from_secs(10);
 /// Firecracker snapshot/load calls can take a while on a busy host (memory file, disk).
