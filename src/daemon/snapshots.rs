@@ -71,6 +71,7 @@ pub fn make_sparse(path: &Path) -> Result<u64, Error> {
     use std::io::Read;
     use std::os::unix::fs::MetadataExt;
     const PAGE: usize = 4096;
+    static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
     let what = || format!("making {} sparse", path.display());
     let mut f = std::fs::OpenOptions::new()
         .read(true)
@@ -96,7 +97,8 @@ pub fn make_sparse(path: &Path) -> Result<u64, Error> {
         }
         for (i, page) in buf[..n].chunks(PAGE).enumerate() {
             let at = off + (i * PAGE) as u64;
-            if page.iter().all(|&b| b == 0) {
+            // Slice equality is a memcmp: fast even in an unoptimized build.
+            if page == &ZERO_PAGE[..page.len()] {
                 zero_from.get_or_insert(at);
             } else if let Some(z) = zero_from.take() {
                 punch(&f, z, at)?;
