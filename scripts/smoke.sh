@@ -44,10 +44,12 @@ source "$REPO_ROOT/scripts/smoke/update.sh"
 source "$REPO_ROOT/scripts/smoke/net.sh"
 # shellcheck source=scripts/smoke/guest.sh
 source "$REPO_ROOT/scripts/smoke/guest.sh"
-# shellcheck source=scripts/smoke/snapguest.sh
-source "$REPO_ROOT/scripts/smoke/snapguest.sh"
 # shellcheck source=scripts/smoke/install.sh
 source "$REPO_ROOT/scripts/smoke/install.sh"
+# shellcheck source=scripts/smoke/snapshot.sh
+source "$REPO_ROOT/scripts/smoke/snapshot.sh"
+# shellcheck source=scripts/smoke/snapguest.sh
+source "$REPO_ROOT/scripts/smoke/snapguest.sh"
 
 # --- runner ----------------------------------------------------------------------------------------
 

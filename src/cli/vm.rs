@@ -806,13 +806,14 @@ mod tests {
             {"name": "a", "id": "0123456789ab", "state": "running", "ip": "172.30.0.2",
              "nat": true, "vcpu": 1, "memory_mib": 128, "pid": 42, "image": "tiny"},
             {"name": "b", "id": "ba9876543210", "state": "stopped", "ip": null,
-             "nat": false, "vcpu": 2, "memory_mib": 512, "pid": null, "image": "tiny"}
+             "nat": false, "vcpu": 2, "memory_mib": 512, "pid": null, "image": "tiny",
+             "snapshot": "warm"}
         ]);
         let t = table(&vms);
         let lines: Vec<Vec<&str>> = t.lines().map(|l| l.split_whitespace().collect()).collect();
         assert_eq!(
             lines[0],
-            ["NAME", "ID", "STATE", "IP", "NAT", "CPU", "MEM", "PID", "IMAGE"]
+            ["NAME", "ID", "STATE", "IP", "NAT", "CPU", "MEM", "PID", "IMAGE", "SNAPSHOT"]
         );
         assert_eq!(
             lines[1],
@@ -825,7 +826,8 @@ mod tests {
                 "1",
                 "128M",
                 "42",
-                "tiny"
+                "tiny",
+                "-"
             ]
         );
         assert_eq!(
@@ -839,7 +841,8 @@ mod tests {
                 "2",
                 "512M",
                 "-",
-                "tiny"
+                "tiny",
+                "warm"
             ]
         );
     }

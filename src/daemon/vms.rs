@@ -121,21 +121,27 @@ struct VmView<'a> {
     tap: Option<String>,
     /// The snapshot it was restored from (none for a booted VM, or once that snapshot is gone).
     snapshot: Option<&'a str>,
+    /// The guest agent's instance id recorded at the restore (none for a booted VM).
+    instance_id: Option<&'a str>,
 }
 
+/// Where a VM came from: the snapshot's name (if it still exists) and the agent's instance id.
+pub(super) type Origin = (Option<String>, Option<String>);
+
 impl<'a> VmView<'a> {
-    fn of(vm: &'a Vm, snapshot: Option<&'a str>) -> Self {
+    fn of(vm: &'a Vm, origin: Option<&'a Origin>) -> Self {
         VmView {
             vm,
             tap: vm.ip.as_ref().map(|_| crate::net::tap_name(&vm.id)),
-            snapshot,
+            snapshot: origin.and_then(|o| o.0.as_deref()),
+            instance_id: origin.and_then(|o| o.1.as_deref()),
         }
     }
 }
 
-/// A VM as the methods report it; `snapshot` is the name of the snapshot it came from.
-pub(super) fn vm_json(vm: &Vm, snapshot: Option<&str>) -> Value {
-    serde_json::to_value(VmView::of(vm, snapshot)).unwrap_or(Value::Null)
+/// A VM as the methods report it, with where it came from.
+pub(super) fn vm_json(vm: &Vm, origin: Option<&Origin>) -> Value {
+    serde_json::to_value(VmView::of(vm, origin)).unwrap_or(Value::Null)
 }
 
 impl Vms {
@@ -675,13 +681,11 @@ impl Vms {
 
     /// A VM as the methods report it, with the snapshot it came from.
     fn vm_view(&self, vm: &Vm) -> Value {
-        let snap = self
-            .ctx
-            .db(|s| s.vm_origin(&vm.id))
-            .ok()
-            .and_then(|(id, _)| id)
-            .and_then(|id| self.ctx.db(|s| s.snapshot_get(&id)).ok().flatten());
-        vm_json(vm, snap.as_ref().map(|s| s.name.as_str()))
+        let (snap_id, instance) = self.ctx.db(|s| s.vm_origin(&vm.id)).unwrap_or((None, None));
+        let name = snap_id
+            .and_then(|id| self.ctx.db(|s| s.snapshot_get(&id)).ok().flatten())
+            .map(|s| s.name);
+        vm_json(vm, Some(&(name, instance)))
     }
 
     /// `vm.list`, serialized straight from the rows: with a thousand VMs, building a `Value`
@@ -704,15 +708,16 @@ impl Vms {
                 *vm = self.refresh(vm.clone())?;
             }
         }
-        let origins: HashMap<String, String> = self
+        let origins: HashMap<String, Origin> = self
             .ctx
-            .db(|s| s.vm_snapshot_names())?
+            .db(|s| s.vm_origins())?
             .into_iter()
+            .map(|(id, name, instance)| (id, (name, instance)))
             .collect();
         serde_json::value::to_raw_value(&List {
             vms: vms
                 .iter()
-                .map(|v| VmView::of(v, origins.get(&v.id).map(String::as_str)))
+                .map(|v| VmView::of(v, origins.get(&v.id)))
                 .collect(),
         })
         .map_err(|e| {

@@ -37,6 +37,9 @@ pub struct Snapshot {
     pub created_at: String,
 }
 
+/// (vm id, snapshot name if it still exists, agent instance id), from [`Store::vm_origins`].
+pub type VmOrigin = (String, Option<String>, Option<String>);
+
 const COLUMNS: &str = "id, name, source_vm, kernel, image, vcpu, memory_mib, agent, \
      firecracker_version, boot_id, dir, size_bytes, created_at";
 
@@ -160,16 +163,19 @@ impl Store {
             .map_err(|e| db_error(&self.path, "reading a VM's origin from", e))
     }
 
-    /// Every VM's snapshot name, for VMs restored from one that still exists: (vm id, name).
-    pub fn vm_snapshot_names(&self) -> Result<Vec<(String, String)>> {
+    /// For every VM restored from a snapshot: (vm id, the snapshot's name if it still exists,
+    /// the agent's instance id).
+    pub fn vm_origins(&self) -> Result<Vec<VmOrigin>> {
         let mut st = self
             .conn
             .prepare_cached(
-                "SELECT vms.id, snapshots.name FROM vms JOIN snapshots ON vms.snapshot_id = snapshots.id",
+                "SELECT vms.id, snapshots.name, vms.instance_id FROM vms \
+                 LEFT JOIN snapshots ON vms.snapshot_id = snapshots.id \
+                 WHERE vms.snapshot_id IS NOT NULL",
             )
             .map_err(|e| db_error(&self.path, "listing VM origins in", e))?;
         let rows = st
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .and_then(|it| it.collect::<rusqlite::Result<Vec<_>>>())
             .map_err(|e| db_error(&self.path, "listing VM origins in", e));
         rows

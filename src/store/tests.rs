@@ -675,8 +675,12 @@ fn snapshots_migration_keeps_old_vms_as_booted() {
         vec![("clone".to_string(), "running".to_string())]
     );
     assert_eq!(
-        s.vm_snapshot_names().unwrap(),
-        vec![("cccccccccccc".to_string(), "warm".to_string())]
+        s.vm_origins().unwrap(),
+        vec![(
+            "cccccccccccc".to_string(),
+            Some("warm".to_string()),
+            Some("i1".to_string())
+        )]
     );
     // vm_update leaves the origin alone.
     let c = s.vm_get("clone").unwrap().unwrap();
@@ -687,7 +691,10 @@ fn snapshots_migration_keeps_old_vms_as_booted() {
     );
     s.snapshot_delete(&snap.id).unwrap();
     assert!(s.snapshot_get("warm").unwrap().is_none());
-    assert!(s.vm_snapshot_names().unwrap().is_empty());
+    assert_eq!(
+        s.vm_origins().unwrap(),
+        vec![("cccccccccccc".to_string(), None, Some("i1".to_string()))]
+    );
     drop(s);
     assert_eq!(
         check(&d.db()).unwrap(),

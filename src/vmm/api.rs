@@ -619,7 +619,8 @@ mod tests {
         let d = tempdir("snap");
         let ok = b"HTTP/1.1 204 \r\n\r\n".to_vec();
         let sock = d.join("api.sock");
-        let cases: Vec<(&str, Box<dyn Fn(&Client) -> Result<(), ApiError>>)> = vec![
+        type Call = Box<dyn Fn(&Client) -> Result<(), ApiError>>;
+        let cases: Vec<(&str, Call)> = vec![
             ("PATCH /vm HTTP/1.1", Box::new(|c| c.pause())),
             ("PATCH /vm HTTP/1.1", Box::new(|c| c.resume())),
             (
