@@ -46,6 +46,10 @@ source "$REPO_ROOT/scripts/smoke/net.sh"
 source "$REPO_ROOT/scripts/smoke/guest.sh"
 # shellcheck source=scripts/smoke/install.sh
 source "$REPO_ROOT/scripts/smoke/install.sh"
+# shellcheck source=scripts/smoke/snapshot.sh
+source "$REPO_ROOT/scripts/smoke/snapshot.sh"
+# shellcheck source=scripts/smoke/snapguest.sh
+source "$REPO_ROOT/scripts/smoke/snapguest.sh"
 
 # --- runner ----------------------------------------------------------------------------------------
 

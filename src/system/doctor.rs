@@ -140,6 +140,9 @@ pub fn run(layout: &Layout, svc: &dyn ServiceManager, opts: &DoctorOptions) -> V
         owner.clone(),
     ));
     checks.push(check_firecracker(opts.firecracker.as_deref()));
+    if let Some(c) = check_snapshots(layout, opts.firecracker.as_deref()) {
+        checks.push(c);
+    }
     checks.push(check_network(
         &NetFacts::gather(layout, &opts.tun),
         owner.as_ref(),
@@ -966,6 +969,52 @@ fn check_firecracker(explicit: Option<&Path>) -> Check {
             Check::new(level, name, details)
         }
     }
+}
+
+/// Snapshots written by another Firecracker than the installed one cannot be restored (issue 12):
+/// one line per such snapshot, empty when all match or nothing can be told (no VMM, no database).
+/// Also printed by `banger update`.
+pub fn snapshot_version_warnings(layout: &Layout, explicit: Option<&Path>) -> Vec<String> {
+    let path = match explicit {
+        Some(p) => p.to_path_buf(),
+        None => find_on_path("firecracker").unwrap_or_else(|| PathBuf::from(FIRECRACKER_FALLBACK)),
+    };
+    let Ok(meta) = fs::metadata(&path) else {
+        return vec![];
+    };
+    if !firecracker_file_problems(meta.uid(), meta.mode()).is_empty() {
+        return vec![];
+    }
+    let Some(installed) = version_output(&path)
+        .ok()
+        .and_then(|o| parse_firecracker_version(&o))
+        .map(vstr)
+    else {
+        return vec![];
+    };
+    let Ok(conn) = crate::store::open_read_only(&layout.state_db()) else {
+        return vec![];
+    };
+    let rows: Vec<(String, String)> = conn
+        .prepare("SELECT name, firecracker_version FROM snapshots ORDER BY name")
+        .and_then(|mut st| {
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .and_then(|it| it.collect())
+        })
+        .unwrap_or_default();
+    rows.into_iter()
+        .filter(|(_, v)| *v != installed)
+        .map(|(name, v)| {
+            format!(
+                "snapshot `{name}` was written by Firecracker {v}, the installed one is {installed}: it cannot be restored (reinstall {v}, or `banger snapshot rm {name}`)"
+            )
+        })
+        .collect()
+}
+
+fn check_snapshots(layout: &Layout, explicit: Option<&Path>) -> Option<Check> {
+    let w = snapshot_version_warnings(layout, explicit);
+    (!w.is_empty()).then(|| Check::new(Level::Warn, "snapshots", w))
 }
 
 /// Runs `path --version` with a bounded wait; returns stdout.
