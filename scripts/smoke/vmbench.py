@@ -70,12 +70,23 @@ def raw(args):
     vid = "raw-" + uuid.uuid4().hex[:8]
     cmd = [vmm, "--api-sock", api, "--id", vid]
     kw = {}
+    if uid is not None:
+        # The helper's groups for the VMM: the owner's and /dev/kvm's (Firecracker opens /dev/kvm).
+        groups = [gid]
+        try:
+            kvm = os.stat("/dev/kvm").st_gid
+            if kvm not in (0, gid):
+                groups.append(kvm)
+        except FileNotFoundError:
+            pass
+        kw = {"extra_groups": groups}
     if scope:
+        # systemd-run keeps the supplementary groups it was started with (it never calls setgroups).
         cmd = ["systemd-run", "--scope", "--quiet", "--collect", "--slice=banger.slice",
                f"--unit=banger-bench-{vid}.scope"] + \
               ([f"--uid={uid}", f"--gid={gid}"] if uid is not None else []) + cmd
     elif uid is not None:
-        kw = {"user": uid, "group": gid, "extra_groups": [gid]}
+        kw.update({"user": uid, "group": gid})
     with open(console, "wb") as out:
         t0 = time.monotonic()
         p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
