@@ -867,7 +867,6 @@ mod tests {
         spec.extra_args = vec![token.clone()];
         spec.use_scope = true;
         spec.systemd = scope::Endpoints {
-            private: t.path().join("no-private"),
             system_bus: t.path().join("no-bus"),
         };
         let e = launch(&spec).unwrap_err().to_string();
@@ -875,7 +874,7 @@ mod tests {
             e.contains("registering the scope banger-vm-vm-test.scope"),
             "{e}"
         );
-        assert!(e.contains("D-Bus API is unreachable"), "{e}");
+        assert!(e.contains("system bus is unreachable"), "{e}");
         assert!(e.contains("no VMM was started"), "{e}");
         assert_eq!(pids_running(&["/bin/sleep", &token]), Vec::<i32>::new());
         assert!(!spec.pidfile.exists());

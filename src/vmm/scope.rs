@@ -9,10 +9,12 @@
 //! D-Bus connection, opened lazily on first use and kept (reopened once if systemd dropped it, as
 //! `systemctl daemon-reexec` does).
 //!
-//! The connection: as root, systemd's private socket `/run/systemd/private` (peer-to-peer, no bus
-//! daemon needed; what `systemd-run --scope` itself uses as root), else the system bus. Both are
-//! systemd's and D-Bus's own fixed paths, not banger paths, so they do not come from the `Layout`
-//! ([`Endpoints`] lets tests point elsewhere).
+//! The connection goes to the system bus (`/run/dbus/system_bus_socket`, D-Bus's own fixed path,
+//! not a banger path, so it does not come from the `Layout`; [`Endpoints`] lets tests point
+//! elsewhere). Not systemd's private socket `/run/systemd/private`, which `systemd-run` uses as
+//! root: systemd stamps a well-known name as the sender of every message there, which zbus 5
+//! rejects (its reader thread panics on the first reply). Without a bus the launch fails with an
+//! error that says so: a VMM never runs outside its scope when systemd runs.
 //!
 //! It must never register any other pid than the one the caller holds, never start any unit other
 //! than a scope, and never let a VMM run outside its scope silently: every failure is an error the
@@ -27,8 +29,6 @@ use std::time::Duration;
 use zbus::blocking::Connection;
 use zbus::zvariant::{OwnedObjectPath, Value};
 
-/// systemd's private API socket (root only; peer-to-peer D-Bus).
-pub const PRIVATE_SOCKET: &str = "/run/systemd/private";
 /// The system bus socket.
 pub const SYSTEM_BUS_SOCKET: &str = "/run/dbus/system_bus_socket";
 /// systemd's marker directory (`sd_booted(3)`).
@@ -43,17 +43,14 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Where systemd's D-Bus API is reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoints {
-    /// systemd's private socket, tried first.
-    pub private: PathBuf,
-    /// The system bus, tried when the private socket does not answer.
+    /// The system bus socket.
     pub system_bus: PathBuf,
 }
 
 impl Endpoints {
-    /// The host's real endpoints ([`PRIVATE_SOCKET`], [`SYSTEM_BUS_SOCKET`]).
+    /// The host's real system bus ([`SYSTEM_BUS_SOCKET`]).
     pub fn system() -> Self {
         Endpoints {
-            private: PathBuf::from(PRIVATE_SOCKET),
             system_bus: PathBuf::from(SYSTEM_BUS_SOCKET),
         }
     }
@@ -100,35 +97,13 @@ static CONNECTION: Mutex<Option<Cached>> = Mutex::new(None);
 static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn connect(ep: &Endpoints) -> std::result::Result<(Connection, String), String> {
-    let mut tried = Vec::new();
-    let private = UnixStream::connect(&ep.private)
-        .map_err(|e| e.to_string())
-        .and_then(|s| {
-            zbus::blocking::connection::Builder::async_io_unix_stream(s)
-                .p2p()
-                .method_timeout(CALL_TIMEOUT)
-                .build()
-                .map_err(|e| e.to_string())
-        });
-    match private {
-        Ok(c) => return Ok((c, ep.private.display().to_string())),
-        Err(e) => tried.push(format!("{}: {e}", ep.private.display())),
-    }
-    let bus = UnixStream::connect(&ep.system_bus)
-        .map_err(|e| e.to_string())
-        .and_then(|s| {
-            zbus::blocking::connection::Builder::async_io_unix_stream(s)
-                .method_timeout(CALL_TIMEOUT)
-                .build()
-                .map_err(|e| e.to_string())
-        });
-    match bus {
-        Ok(c) => Ok((c, format!("the system bus {}", ep.system_bus.display()))),
-        Err(e) => {
-            tried.push(format!("system bus {}: {e}", ep.system_bus.display()));
-            Err(tried.join("; "))
-        }
-    }
+    let via = format!("the system bus {}", ep.system_bus.display());
+    let stream = UnixStream::connect(&ep.system_bus).map_err(|e| format!("{via}: {e}"))?;
+    zbus::blocking::connection::Builder::async_io_unix_stream(stream)
+        .method_timeout(CALL_TIMEOUT)
+        .build()
+        .map(|c| (c, via.clone()))
+        .map_err(|e| format!("{via}: {e}"))
 }
 
 /// The cached connection for `ep`, opened when there is none (or it was for other endpoints).
@@ -140,9 +115,9 @@ fn connection(ep: &Endpoints) -> std::result::Result<(Connection, String, u64), 
     }
     let (conn, via) = connect(ep).map_err(|why| {
         let systemd = if Path::new(SYSTEMD_MARKER).is_dir() {
-            format!("systemd runs here ({SYSTEMD_MARKER} exists) but its D-Bus API is unreachable")
+            format!("systemd runs here ({SYSTEMD_MARKER} exists) but the D-Bus system bus is unreachable")
         } else {
-            "systemd's D-Bus API is unreachable".to_string()
+            "the D-Bus system bus is unreachable".to_string()
         };
         format!("{systemd}: {why}")
     })?;
@@ -267,8 +242,8 @@ pub fn start(ep: &Endpoints, req: &ScopeRequest<'_>) -> Result<()> {
     for attempt in 0..2 {
         let (conn, via, generation) = connection(ep).map_err(|why| {
             Error::new(what(), why).hint(
-                "check that systemd is PID 1 and that dbus runs (`systemctl status dbus.socket`); \
-                 no VMM was started",
+                "banger needs D-Bus to put VMMs in their scopes: install and start it \
+                 (`apt install dbus`, `systemctl status dbus.socket`); no VMM was started",
             )
         })?;
         match start_on(&conn, req) {
@@ -396,13 +371,6 @@ mod tests {
     #[test]
     fn unreachable_bus_is_a_clear_error() {
         let t = TempDir::new();
-        // A socket nobody listens on, and no socket at all.
-        let dead = t.path().join("private");
-        drop(std::os::unix::net::UnixListener::bind(&dead).expect("bind"));
-        let ep = Endpoints {
-            private: dead.clone(),
-            system_bus: t.path().join("no-bus"),
-        };
         let req = ScopeRequest {
             unit: "banger-vm-t.scope",
             slice: "banger.slice",
@@ -411,14 +379,25 @@ mod tests {
             timeout: Duration::from_secs(1),
             proc_root: Path::new("/proc"),
         };
-        let e = start(&ep, &req).unwrap_err().to_string();
-        assert!(e.contains("registering the scope banger-vm-t.scope"), "{e}");
-        assert!(e.contains("D-Bus API is unreachable"), "{e}");
-        assert!(e.contains(&dead.display().to_string()), "{e}");
-        assert!(e.contains("no-bus"), "{e}");
-        assert!(e.contains("no VMM was started"), "{e}");
-        // Nothing cached for these endpoints: the next call tries again (and fails the same way).
-        assert!(start(&ep, &req).is_err());
+        // A socket nobody listens on, and no socket at all.
+        let dead = t.path().join("bus");
+        drop(std::os::unix::net::UnixListener::bind(&dead).expect("bind"));
+        for ep in [
+            Endpoints {
+                system_bus: dead.clone(),
+            },
+            Endpoints {
+                system_bus: t.path().join("no-bus"),
+            },
+        ] {
+            let e = start(&ep, &req).unwrap_err().to_string();
+            assert!(e.contains("registering the scope banger-vm-t.scope"), "{e}");
+            assert!(e.contains("system bus is unreachable"), "{e}");
+            assert!(e.contains(&ep.system_bus.display().to_string()), "{e}");
+            assert!(e.contains("no VMM was started"), "{e}");
+            // Nothing cached for a failed connect: the next call tries again.
+            assert!(start(&ep, &req).is_err());
+        }
     }
 
     #[test]
