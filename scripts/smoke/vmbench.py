@@ -7,8 +7,8 @@
       root drive, a vsock device, InstanceStart) driven by hand over the API socket: wall time
       from spawn to the console line starting with PREFIX. --scope starts it the way the helper
       does: forked and held before exec, registered as its own banger-bench-*.scope in
-      banger.slice with StartTransientUnit on systemd's private D-Bus socket (job waited for),
-      then released (connection setup included: each run is a new process).
+      banger.slice with StartTransientUnit over the D-Bus system bus (job waited for), then
+      released (connection setup included: each run is a new process).
       --scope=systemd-run does it with `systemd-run --scope` instead (the old way, to compare).
   vmbench.py create NAME IMAGE         wall time of `banger vm create --name NAME --image IMAGE`
   vmbench.py list N                    median/min/max of N `banger vm list --json` (CLI process)
@@ -55,9 +55,9 @@ def put(conn, path, body):
         raise RuntimeError(f"PUT {path}: {r.status} {data.decode(errors='replace')}")
 
 
-# --- a minimal D-Bus client: just enough for StartTransientUnit on systemd's private socket ---
+# --- a minimal D-Bus client: just enough for StartTransientUnit over the system bus ---
 
-PRIVATE_SOCKET = "/run/systemd/private"
+SYSTEM_BUS = "/run/dbus/system_bus_socket"
 
 
 class Writer:
@@ -135,9 +135,9 @@ class Reader:
 
 
 class Systemd:
-    """One peer-to-peer connection to systemd (root only), as the helper keeps one."""
+    """One connection to the system bus, as the helper keeps one."""
 
-    def __init__(self, path=PRIVATE_SOCKET):
+    def __init__(self, path=SYSTEM_BUS):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(10)
         self.sock.connect(path)
@@ -148,8 +148,10 @@ class Systemd:
         self.sock.sendall(b"BEGIN\r\n")
         self.serial = 0
         self.buf = b""
+        self.reply(self.call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                             "Hello", "", lambda w: None))
 
-    def call(self, member, sig, write_body):
+    def call(self, dest, path, iface, member, sig, write_body):
         body = Writer()
         write_body(body)
         self.serial += 1
@@ -157,8 +159,9 @@ class Systemd:
         h.b += b"l\x01\x00\x01"
         h.u(len(body.b))
         h.u(self.serial)
-        fields = [(1, "o", "/org/freedesktop/systemd1"), (2, "s", "org.freedesktop.systemd1.Manager"),
-                  (3, "s", member), (6, "s", "org.freedesktop.systemd1"), (8, "g", sig)]
+        fields = [(1, "o", path), (2, "s", iface), (3, "s", member), (6, "s", dest)]
+        if sig:
+            fields.append((8, "g", sig))
 
         def field(f):
             h.align(8)
@@ -168,6 +171,17 @@ class Systemd:
         h.align(8)
         self.sock.sendall(bytes(h.b) + bytes(body.b))
         return self.serial
+
+    def reply(self, serial, on_signal=None):
+        """The body Reader of the reply to `serial`; signals meanwhile go to on_signal."""
+        while True:
+            mtype, fields, r = self.message()
+            if mtype in (2, 3) and fields.get(5) == serial:
+                if mtype == 3:
+                    raise RuntimeError(f"D-Bus: {fields.get(4)}: {r.s() if fields.get(8) else ''}")
+                return r
+            if mtype == 4 and on_signal:
+                on_signal(fields, r)
 
     def _read(self, n):
         while len(self.buf) < n:
@@ -214,22 +228,27 @@ class Systemd:
                 w.variant(p[1], p[2])
             w.array(8, props, prop)
             w.array(8, [], None)
-        serial = self.call("StartTransientUnit", "ssa(sv)a(sa(sv))", body)
-        job, removed = None, {}
-        while True:
-            mtype, fields, r = self.message()
-            if mtype in (2, 3) and fields.get(5) == serial:
-                if mtype == 3:
-                    raise RuntimeError(f"StartTransientUnit: {fields.get(4)}: {r.s()}")
-                job = r.s()
-            elif mtype == 4 and fields.get(3) == "JobRemoved":
+        removed = {}
+
+        def on_signal(fields, r):
+            if fields.get(3) == "JobRemoved":
                 r.u()
                 path, _unit, result = r.s(), r.s(), r.s()
                 removed[path] = result
-            if job is not None and job in removed:
-                if removed[job] != "done":
-                    raise RuntimeError(f"scope {unit}: start job {removed[job]}")
-                return
+        rule = ("type='signal',interface='org.freedesktop.systemd1.Manager',member='JobRemoved',"
+                f"path='/org/freedesktop/systemd1',arg2='{unit}'")
+        self.reply(self.call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                             "AddMatch", "s", lambda w: w.s(rule)))
+        serial = self.call("org.freedesktop.systemd1", "/org/freedesktop/systemd1",
+                           "org.freedesktop.systemd1.Manager", "StartTransientUnit",
+                           "ssa(sv)a(sa(sv))", body)
+        job = self.reply(serial, on_signal).s()
+        while job not in removed:
+            mtype, fields, r = self.message()
+            if mtype == 4:
+                on_signal(fields, r)
+        if removed[job] != "done":
+            raise RuntimeError(f"scope {unit}: start job {removed[job]}")
 
 
 class Forked:
