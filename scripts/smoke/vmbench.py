@@ -353,6 +353,18 @@ def raw(args):
             p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
                                  stderr=subprocess.STDOUT, start_new_session=True, **kw)
     try:
+        # exec_ms: spawn -> the pid runs the VMM binary (what a scope registration adds to).
+        real = os.path.realpath(vmm)
+        while True:
+            try:
+                if os.readlink(f"/proc/{p.pid}/exe") == real:
+                    break
+            except FileNotFoundError:
+                pass
+            if p.poll() is not None:
+                raise RuntimeError(f"VMM exited {p.returncode}: {open(console).read()[-300:]}")
+            time.sleep(0.0002)
+        exec_ms = ms(t0)
         while True:  # the socket file appears before the VMM listens on it
             if p.poll() is not None:
                 raise RuntimeError(f"VMM exited {p.returncode}: {open(console).read()[-300:]}")
@@ -380,7 +392,8 @@ def raw(args):
             if time.monotonic() > deadline:
                 raise RuntimeError("no ready line within 30 s")
             time.sleep(0.001)
-        print(json.dumps({"ready_ms": ms(t0), "api_up_ms": spawned, "configured_ms": configured}))
+        print(json.dumps({"ready_ms": ms(t0), "exec_ms": exec_ms, "api_up_ms": spawned,
+                          "configured_ms": configured}))
     finally:
         try:
             os.killpg(p.pid, signal.SIGKILL)

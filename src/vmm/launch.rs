@@ -438,7 +438,7 @@ fn launch_held(spec: &LaunchSpec, register: Option<Register<'_>>) -> Result<Iden
                     (Ok(_), Ok(child)) => Ok(child),
                     (Ok(_), Err(e)) => Err(spawn_failed(e)),
                     (Err(e), Ok(mut child)) => {
-                        // Killed while held (below), never exec'd: reap it.
+                        // Killed while held (above), never exec'd: reap it.
                         let _ = child.kill();
                         let _ = child.wait();
                         Err(e)
