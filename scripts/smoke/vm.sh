@@ -467,6 +467,9 @@ bench_vm_body() {
     mc=$(printf '%s\n' "${created[@]}" | jq -s 'sort | .[length / 2 | floor]')
     mr=$(printf '%s\n' "${raw[@]}" | jq -s 'sort | .[length / 2 | floor]')
     ms=$(printf '%s\n' "${scoped[@]}" | jq -s 'sort | .[length / 2 | floor]')
+    # The helper's own time for priv.vm_launch (fork, scope, exec, API socket up), as it logs it.
+    bench "helper priv.vm_launch (duration_ms as the helper logs it): $(cx journalctl -u bangerd-root -o cat --no-pager \
+        | grep '^{' | jq -r 'select(.msg == "rpc" and .method == "priv.vm_launch") | .duration_ms' | med)"
     bench "vm create / raw start: $(jq -n "$mc / $mr * 100 | round / 100")x (target <= 1.2); / raw start in a scope: $(jq -n "$mc / $ms * 100 | round / 100")x"
     if [[ $IMAGE != tiny ]]; then
         local agent=()
