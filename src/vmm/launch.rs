@@ -26,8 +26,9 @@
 //!   unreachable, unit exists, job failed). `spawn` returns only after exec, so it runs on a short
 //!   scoped thread while the launching thread does the registration. The pid we hold is the
 //!   VMM's (exec keeps it); [`launch`] still waits until `/proc/<pid>/comm` is the VMM's and its
-//!   API socket exists, and kills it on timeout. (`systemd-run --scope` did the same dance with a
-//!   process of its own and cost ~34 ms per launch; the D-Bus call costs about a millisecond.)
+//!   API socket exists, and kills it on timeout. (`systemd-run --scope` did the same dance in a
+//!   process of its own, with its own bus connection, on every launch; systemd's job itself —
+//!   creating the cgroup and moving the pid — still costs what it costs.)
 //! - **Privileges**: with [`RunAs`] the VMM runs as the owner user (uid, primary gid, and exactly the
 //!   supplementary groups given, e.g. the group of `/dev/kvm`), so the sockets Firecracker creates
 //!   (API socket now, vsock socket when configured) belong to the owner and the daemon can connect;
