@@ -2,7 +2,10 @@
 # Real-guest scenarios (DESIGN.md §12, §13, issue 9): the kernel built by packaging/kernel/build.sh,
 # an image made in the container by the real `banger image build`, booted by the stand-in VMM's TCG
 # engine (QEMU TCG, the guest's agent on TCP 52 through the tap), with real systemd, sshd and agent
-# inside. Slow (tens of seconds of TCG boot each): few scenarios, each lean.
+# inside. Slow (tens of seconds of TCG boot each): few scenarios, each lean. Getting in (issue 10):
+# `guest_ssh` and `update_guest_keeps_vm_alive` each run several checks on one guest; every check is
+# also a scenario of its own, not in the full run (`--scenario vm_exec_io`; see the list at
+# GUEST_SSH_SCENARIOS), and `guest_ssh_bench` prints the SSH numbers (scripts/bench.sh runs it).
 #
 # What the container gets (hooks in lib.sh, for these scenarios only):
 # - /opt/banger-kernel: the cached kernel directory (read-only). None cached: the scenarios SKIP.
@@ -740,4 +743,59 @@ scenario_update_rollback_keeps_vm_alive_guest() {
     guest_update_setup
     check_update_rollback_keeps_guest
     guest_teardown "$GS"
+}
+
+# --- numbers (issue 10's note): `--scenario guest_ssh_bench`, also run by scripts/bench.sh ---------
+# Prints, never judges: `vm run --rm -- true` end to end and split into create / boot / first SSH /
+# delete; `vm exec NAME -- true` against plain ssh with banger's options to the same guest (median
+# of 20, interleaved), with the parts of banger's overhead (CLI + vm.show RPC, the sshd probe).
+
+scenario_guest_ssh_bench() {
+    guest_ssh_setup image-only
+    local t0 total create boot first del
+    t0=$(now_ms)
+    CMD_TIMEOUT=400 must "vm run --rm -- true" cu banger vm run --rm --vcpu 2 --memory 1024 -- true
+    total=$(($(now_ms) - t0))
+    t0=$(now_ms)
+    must "vm create split --no-start" cu banger vm create --name split --no-start --vcpu 2 --memory 1024
+    create=$(($(now_ms) - t0))
+    t0=$(now_ms)
+    CMD_TIMEOUT=320 must "vm start split" cu banger vm start split
+    boot=$(($(now_ms) - t0))
+    t0=$(now_ms)
+    CMD_TIMEOUT=200 must "first SSH to split" cu sh -c 'for i in $(seq 60); do banger vm exec split -- true && exit 0; sleep 0.2; done; exit 1'
+    first=$(($(now_ms) - t0))
+    t0=$(now_ms)
+    must "vm delete split" cu banger vm delete split
+    del=$(($(now_ms) - t0))
+    note "bench: vm run --rm -- true: ${total} ms end to end; split: create ${create} ms, boot (to the agent's hello and the pin) ${boot} ms, first SSH (sshd answering) ${first} ms, delete ${del} ms"
+
+    guest_create gb
+    guest_ssh_ready gb
+    CMD_TIMEOUT=600 must "vm exec vs plain ssh (20 each)" cu python3 -c 'import socket, statistics, subprocess, sys, time
+name, ip = sys.argv[1:3]
+d = "/var/lib/banger/ssh"
+# The options src/ssh/command.rs passes (SshCommand::argv), stdin not a terminal.
+plain = ["ssh", "-F", "none", "-i", d + "/id_ed25519", "-o", "UserKnownHostsFile=" + d + "/known_hosts",
+         "-o", "GlobalKnownHostsFile=none", "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes",
+         "-o", "PreferredAuthentications=publickey", "-o", "HostKeyAlgorithms=ssh-ed25519", "-o", "LogLevel=ERROR",
+         "-o", "ConnectTimeout=60", "-T", "root@" + ip, "--", "true"]
+runs = {"vm exec": ["banger", "vm", "exec", name, "--", "true"], "plain ssh": plain,
+        "vm show (CLI + RPC)": ["banger", "vm", "show", name, "--json"]}
+ms = {k: [] for k in runs}
+ms["sshd probe (TCP connect)"] = []
+for i in range(20):
+    for k, argv in runs.items():
+        t = time.monotonic()
+        subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, check=True)
+        ms[k].append((time.monotonic() - t) * 1000)
+    t = time.monotonic()
+    socket.create_connection((ip, 22), 5).close()
+    ms["sshd probe (TCP connect)"].append((time.monotonic() - t) * 1000)
+for k, v in ms.items():
+    print("%s: median %.1f ms (min %.1f, max %.1f, n=%d)" % (k, statistics.median(v), min(v), max(v), len(v)))
+print("banger overhead (median vm exec - median plain ssh): %.1f ms" % (statistics.median(ms["vm exec"]) - statistics.median(ms["plain ssh"])))' gb "$VM_IP"
+    local line
+    while IFS= read -r line; do note "bench: $line"; done <<<"$OUT"
+    guest_teardown gb
 }
