@@ -962,52 +962,12 @@ fn check_firecracker(explicit: Option<&Path>) -> Check {
 /// Like firecracker, the client is only run when root owns it and nobody else can write it.
 fn check_ssh(layout: &Layout, owner_uid: Option<u32>, explicit: Option<&Path>) -> Check {
     let name = "ssh";
-    let install = "`banger vm ssh`, `vm exec` and `vm run` need OpenSSH's client: sudo apt-get install openssh-client";
-    let mut level = Level::Pass;
-    let mut details = vec![];
-    match explicit.map(Path::to_path_buf).or_else(|| find_on_path("ssh")) {
-        None => {
-            level = Level::Warn;
-            details.push(format!("client: no `ssh` on PATH ({install})"));
-        }
-        Some(path) => {
-            let shown = path.display().to_string();
-            match fs::metadata(&path) {
-                Err(e) => {
-                    level = Level::Warn;
-                    details.push(format!("client: {shown}: {e} ({install})"));
-                }
-                Ok(m) => {
-                    let problems = firecracker_file_problems(m.uid(), m.mode());
-                    if !problems.is_empty() {
-                        level = Level::Warn;
-                        details.push(format!(
-                            "client: {shown}: not run: {} (fix with: sudo chown root:root {shown} && sudo chmod 0755 {shown})",
-                            problems.join(", ")
-                        ));
-                    } else {
-                        match bounded_output(&path, "-V", Stream::Stderr) {
-                            Ok(out) if out.starts_with("OpenSSH_") => {
-                                let first = out.lines().next().unwrap_or("").trim();
-                                details.push(format!("client: {shown} ({first})"));
-                            }
-                            Ok(out) => {
-                                level = Level::Warn;
-                                let first = out.lines().next().unwrap_or("").trim();
-                                details.push(format!(
-                                    "client: {shown} is not OpenSSH (`ssh -V` says {first:?}); banger passes OpenSSH options ({install})"
-                                ));
-                            }
-                            Err(e) => {
-                                level = Level::Warn;
-                                details.push(format!("client: running {shown} -V: {e}"));
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
+    let (mut level, client) = ssh_client(
+        explicit
+            .map(Path::to_path_buf)
+            .or_else(|| find_on_path("ssh")),
+    );
+    let mut details = vec![client];
     let Some(uid) = owner_uid else {
         details.push("key: none to check (banger is not installed)".into());
         return Check::new(level, name, details);
@@ -1053,6 +1013,45 @@ fn check_ssh(layout: &Layout, owner_uid: Option<u32>, explicit: Option<&Path>) -
         }
     }
     Check::new(level, name, details)
+}
+
+/// The client half of the ssh row: its verdict and detail line.
+fn ssh_client(path: Option<PathBuf>) -> (Level, String) {
+    let install = "`banger vm ssh`, `vm exec` and `vm run` need OpenSSH's client: sudo apt-get install openssh-client";
+    let Some(path) = path else {
+        return (Level::Warn, format!("client: no `ssh` on PATH ({install})"));
+    };
+    let shown = path.display().to_string();
+    let meta = match fs::metadata(&path) {
+        Ok(m) => m,
+        Err(e) => return (Level::Warn, format!("client: {shown}: {e} ({install})")),
+    };
+    let problems = firecracker_file_problems(meta.uid(), meta.mode());
+    if !problems.is_empty() {
+        return (
+            Level::Warn,
+            format!(
+                "client: {shown}: not run: {} (fix with: sudo chown root:root {shown} && sudo chmod 0755 {shown})",
+                problems.join(", ")
+            ),
+        );
+    }
+    match bounded_output(&path, "-V", Stream::Stderr) {
+        Ok(out) => {
+            let first = out.lines().next().unwrap_or("").trim();
+            if first.starts_with("OpenSSH_") {
+                (Level::Pass, format!("client: {shown} ({first})"))
+            } else {
+                (
+                    Level::Warn,
+                    format!(
+                        "client: {shown} is not OpenSSH (`ssh -V` says {first:?}); banger passes OpenSSH options ({install})"
+                    ),
+                )
+            }
+        }
+        Err(e) => (Level::Warn, format!("client: running {shown} -V: {e}")),
+    }
 }
 
 /// Which output of a child [`bounded_output`] returns.
