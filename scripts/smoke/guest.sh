@@ -684,8 +684,9 @@ scenario_vm_ssh_pinned() {
 
 guest_update_setup() {
     guest_need_kernel
-    update_setup
     guest_setup
+    # After guest_setup: update_setup's install (again) and fingerprint are what the update changes.
+    update_setup
     GS=gu
     guest_create "$GS"
     guest_ssh_ready "$GS"
