@@ -780,7 +780,7 @@ d = "/var/lib/banger/ssh"
 plain = ["ssh", "-F", "none", "-i", d + "/id_ed25519", "-o", "UserKnownHostsFile=" + d + "/known_hosts",
          "-o", "GlobalKnownHostsFile=none", "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes",
          "-o", "PreferredAuthentications=publickey", "-o", "HostKeyAlgorithms=ssh-ed25519", "-o", "LogLevel=ERROR",
-         "-o", "ConnectTimeout=60", "-T", "root@" + ip, "--", "true"]
+         "-o", "ConnectTimeout=60", "-o", "ConnectionAttempts=30", "-T", "root@" + ip, "--", "true"]
 runs = {"vm exec": ["banger", "vm", "exec", name, "--", "true"], "plain ssh": plain,
         "vm show (CLI + RPC)": ["banger", "vm", "show", name, "--json"]}
 ms = {k: [] for k in runs}

@@ -167,16 +167,13 @@ impl Interrupts {
     }
 }
 
-/// How long `vm ssh`/`vm exec` wait for a guest whose sshd is not listening yet (the agent is
-/// ready, and `vm create` returns, a moment before sshd starts).
-const SSHD_STARTING_WAIT: Duration = Duration::from_secs(30);
-/// How long they retry an address that does not answer at all before letting ssh say so.
-const SSHD_SILENT_WAIT: Duration = Duration::from_secs(2);
-
 /// Waits until `ip`:22 accepts a TCP connection: up to `refused` while the guest actively refuses
 /// (it is up, sshd is still starting), up to `silent` while nothing answers (no route, no ARP
 /// reply), and not past `stop()` turning true (Ctrl-C). Returns whether it was accepted; either
-/// way the caller may run ssh, which then says what is wrong in its own words.
+/// way the caller may run ssh, which then says what is wrong in its own words. Only `vm run` waits
+/// so, once, for a guest it just booted: every probe costs the guest an sshd start, so `vm ssh` and
+/// `vm exec` leave a still-starting sshd to ssh's own quiet retries
+/// ([`crate::ssh::command::CONNECT_ATTEMPTS`]).
 pub(crate) fn wait_sshd(
     ip: &str,
     refused: Duration,
@@ -206,7 +203,6 @@ pub(crate) fn wait_sshd(
 
 /// Runs ssh into `t` (a shell when `command` is `None`) and returns the exit code for banger.
 pub(crate) fn run_ssh(t: &Target, command: Option<&[String]>) -> Result<i32> {
-    wait_sshd(&t.ip, SSHD_STARTING_WAIT, SSHD_SILENT_WAIT, &|| false);
     let layout = Layout::from_env();
     let (key, kh) = (layout.ssh_key(), layout.ssh_known_hosts());
     let argv = SshCommand {

@@ -23,6 +23,13 @@ pub const SSH_FAILED: i32 = 255;
 /// (the CLI's short TCP probe), so this bound only has to stop a hung guest.
 pub const CONNECT_TIMEOUT_S: u32 = 60;
 
+/// How many times ssh tries to connect, a second apart (`ConnectionAttempts`), within the one
+/// [`CONNECT_TIMEOUT_S`] budget. A guest refuses for a moment after its agent is ready (sshd is
+/// still starting); ssh retrying quietly covers that without banger probing port 22 first: a probe
+/// connection costs the guest a whole sshd start for nothing (seconds under emulation, measured
+/// by the smoke suite's `guest_ssh_bench`).
+pub const CONNECT_ATTEMPTS: u32 = 30;
+
 /// Whether the remote side gets a terminal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tty {
@@ -77,6 +84,7 @@ impl SshCommand<'_> {
         a.extend(opt("LogLevel", "ERROR"));
         // Not TCP's minutes-long give-up (see CONNECT_TIMEOUT_S).
         a.extend(opt("ConnectTimeout", &CONNECT_TIMEOUT_S.to_string()));
+        a.extend(opt("ConnectionAttempts", &CONNECT_ATTEMPTS.to_string()));
         if let Some(p) = self.port {
             a.push("-p".into());
             a.push(p.to_string());
@@ -302,6 +310,8 @@ mod tests {
                 "LogLevel=ERROR",
                 "-o",
                 "ConnectTimeout=60",
+                "-o",
+                "ConnectionAttempts=30",
                 "-T",
                 "root@172.30.0.2",
                 "--",
