@@ -69,8 +69,14 @@ pub struct SshCommand<'a> {
 }
 
 impl SshCommand<'_> {
-    /// The argument vector, `ssh` first.
+    /// The argument vector, `ssh` first, retrying the connection [`CONNECT_ATTEMPTS`] times.
     pub fn argv(&self) -> Result<Vec<OsString>> {
+        self.argv_attempts(CONNECT_ATTEMPTS)
+    }
+
+    /// [`SshCommand::argv`] with `attempts` connection attempts (1: fail at once, for a guest that
+    /// does not answer at all, where each attempt would wait for ARP to give up).
+    pub fn argv_attempts(&self, attempts: u32) -> Result<Vec<OsString>> {
         let opt = |k: &str, v: &str| vec!["-o".to_string(), format!("{k}={v}")];
         let mut a: Vec<String> = vec!["ssh".into(), "-F".into(), "none".into()];
         a.push("-i".into());
@@ -84,7 +90,7 @@ impl SshCommand<'_> {
         a.extend(opt("LogLevel", "ERROR"));
         // Not TCP's minutes-long give-up (see CONNECT_TIMEOUT_S).
         a.extend(opt("ConnectTimeout", &CONNECT_TIMEOUT_S.to_string()));
-        a.extend(opt("ConnectionAttempts", &CONNECT_ATTEMPTS.to_string()));
+        a.extend(opt("ConnectionAttempts", &attempts.max(1).to_string()));
         if let Some(p) = self.port {
             a.push("-p".into());
             a.push(p.to_string());
@@ -318,6 +324,20 @@ mod tests {
                 "sh -c 'exit 7'",
             ]
         );
+        // A guest that does not answer: one attempt (0 is not a count ssh takes).
+        for (n, want) in [
+            (1, "ConnectionAttempts=1"),
+            (0, "ConnectionAttempts=1"),
+            (5, "ConnectionAttempts=5"),
+        ] {
+            let a: Vec<String> = c
+                .argv_attempts(n)
+                .unwrap()
+                .into_iter()
+                .map(|s| s.into_string().unwrap())
+                .collect();
+            assert!(a.iter().any(|w| w == want), "{n}: {a:?}");
+        }
         let shell = SshCommand {
             tty: Tty::Yes,
             command: None,
