@@ -28,6 +28,7 @@ file "$bin" 2>/dev/null | sed 's/^/file: /' || true
 
 BANGER_BENCH_BIN="$PWD/$bin" cargo bench --quiet --bench rpc
 BANGER_BENCH_BIN="$PWD/$bin" cargo bench --quiet --bench vm
+BANGER_BENCH_BIN="$PWD/$bin" cargo bench --quiet --bench snapshot
 # Needs root (prints SKIP otherwise): works inside a network namespace it creates.
 BANGER_BENCH_BIN="$PWD/$bin" cargo bench --quiet --bench net
 # SSH into a real guest under the stand-in's TCG engine, in a smoke container (root, the built

@@ -53,7 +53,9 @@ CLEANUP_HOOKS+=(guest_cleanup)
 # The SSH scenarios (issue 10) below are also guest scenarios: the kernel, the image cache, the proxy.
 GUEST_SSH_SCENARIOS=" vm_run_command vm_exec_io vm_ports ssh_config_install vm_ssh_pinned guest_ssh_bench \
     update_guest_keeps_vm_alive update_keeps_vm_alive_guest update_rollback_keeps_vm_alive_guest "
-is_guest_scenario() { [[ $1 == guest_* || $1 == image_build_* || $GUEST_SSH_SCENARIOS == *" $1 "* ]]; }
+is_guest_scenario() {
+    [[ $1 == guest_* || $1 == image_build_* || $1 == snapshot_clone_network || $GUEST_SSH_SCENARIOS == *" $1 "* ]]
+}
 
 # --- host side: once per run, then per container ---------------------------------------------------
 
@@ -245,7 +247,8 @@ scenario_guest_boots() {
     agent_call "$id" hello
     note "agent hello over vsock (stand-in -> guest TCP 52): $(($(now_ms) - t0)) ms"
     local hello=$OUT
-    expect_eq "$(jq -r .protocol <<<"$hello")" 1 "hello protocol"
+    expect_eq "$(jq -r .protocol <<<"$hello")" 2 "hello protocol"
+    expect_match "$(jq -r .instance_id <<<"$hello")" '^[0-9a-f]{32}$' "hello instance_id"
     expect_eq "$(jq -r .boot_id <<<"$hello")" "$boot" "hello boot_id (the one vm show recorded)"
     expect_match "$(jq -r .host_key <<<"$hello")" '^ssh-ed25519 AAAA[0-9A-Za-z+/]+=*$' "hello host_key"
     expect_guest_hostname g1 "$hello"

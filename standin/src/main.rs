@@ -14,6 +14,7 @@
 mod cli;
 mod machine;
 mod server;
+mod snapshot;
 mod tap;
 mod tcg;
 
