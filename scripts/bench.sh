@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks (numbers, never pass/fail): CLI start-up beside /bin/true, binary size, RPC latency and
-# throughput, idle RSS, guest networking (priv.net_up/net_down, nftables at 40 NAT VMs). Builds the
+# throughput, idle RSS, guest networking (priv.net_up/net_down, nftables at 40 NAT VMs), SSH into a
+# TCG guest (scripts/smoke.sh --scenario guest_ssh_bench). Builds the
 # release binary first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,3 +31,11 @@ BANGER_BENCH_BIN="$PWD/$bin" cargo bench --quiet --bench vm
 BANGER_BENCH_BIN="$PWD/$bin" cargo bench --quiet --bench snapshot
 # Needs root (prints SKIP otherwise): works inside a network namespace it creates.
 BANGER_BENCH_BIN="$PWD/$bin" cargo bench --quiet --bench net
+# SSH into a real guest under the stand-in's TCG engine, in a smoke container (root, the built
+# kernel; SKIPs otherwise): `vm exec NAME -- true` against plain ssh with banger's options (median
+# of 20) and `vm run --rm -- true` split into create / boot / first SSH / delete.
+if [[ $(id -u) == 0 ]]; then
+  BANGER_BIN="$PWD/$bin" scripts/smoke.sh --scenario guest_ssh_bench || echo "guest SSH numbers: the smoke scenario failed (see above)"
+else
+  echo "SKIP: guest SSH numbers: need root (scripts/smoke.sh runs systemd-nspawn)" >&2
+fi

@@ -1,6 +1,10 @@
 //! Role dispatch, busybox style: one binary, a role per basename of argv[0].
 //!
 //! `banger --role NAME ARGS…` (hidden) runs a role without a link, for tests.
+//!
+//! A reader that leaves early (`banger vm --help | head -1`, `banger vm list | head -0`) is not
+//! banger's failure: help and version output ignore a closed pipe, and the CLI role turns the
+//! panic of any other print on a closed stdout or stderr into a quiet exit ([`CLOSED_PIPE_EXIT`]).
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -39,7 +43,10 @@ pub fn dispatch(argv: Vec<OsString>) -> i32 {
         args[0] = role;
     }
     match name.as_str() {
-        "banger" => banger::main(args),
+        "banger" => {
+            exit_quietly_on_closed_pipe();
+            banger::main(args)
+        }
         "bangerd" => bangerd::main(args),
         "bangerd-root" => bangerd_root::main(args),
         "banger-vsock-agent" => vsock_agent::main(args),
@@ -62,7 +69,7 @@ pub(crate) fn parse_args<T: argh::FromArgs>(args: &[String]) -> Result<T, i32> {
     let rest: Vec<&str> = args[1..].iter().map(String::as_str).collect();
     T::from_args(&[cmd.as_str()], &rest).map_err(|early| match early.status {
         Ok(()) => {
-            println!("{}", early.output);
+            print_out(&format!("{}\n", early.output));
             0
         }
         Err(()) => {
@@ -115,8 +122,47 @@ pub(crate) fn serve_role(
 
 /// Prints the one-line version (`--version` of every role).
 pub(crate) fn print_version() -> i32 {
-    println!("{}", crate::buildinfo::BuildInfo::current().one_line());
+    print_out(&format!(
+        "{}\n",
+        crate::buildinfo::BuildInfo::current().one_line()
+    ));
     0
+}
+
+/// The exit status of the CLI when its stdout or stderr was closed under it: what a shell reports
+/// for a tool killed by SIGPIPE (128 + 13), as `ls | head -0` gets, without banger's panic message.
+pub const CLOSED_PIPE_EXIT: i32 = 141;
+
+/// Writes `text` to stdout as help and version output does: a closed pipe (the reader took what it
+/// wanted, `--help | head -1`) is not an error; any other failure is ignored too, as there is no
+/// better place to report it than stdout itself (stderr is likely gone with it).
+pub(crate) fn print_out(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
+/// Whether a panic message is the standard library's print macros failing on a closed pipe
+/// (`failed printing to stdout: Broken pipe (os error 32)`), and nothing else.
+fn is_closed_pipe_panic(msg: Option<&str>) -> bool {
+    msg.is_some_and(|m| {
+        (m.starts_with("failed printing to stdout") || m.starts_with("failed printing to stderr"))
+            && m.ends_with(&format!("(os error {})", libc::EPIPE))
+    })
+}
+
+/// For the CLI: `println!` on a closed stdout panics (Rust ignores SIGPIPE, so the write returns
+/// EPIPE). That panic becomes a quiet exit with [`CLOSED_PIPE_EXIT`]; every other panic keeps the
+/// default report. SIGPIPE itself stays ignored: the RPC client relies on seeing EPIPE from a
+/// daemon that closed early, which a default SIGPIPE would turn into a silent death.
+fn exit_quietly_on_closed_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if is_closed_pipe_panic(info.payload_as_str()) {
+            std::process::exit(CLOSED_PIPE_EXIT);
+        }
+        default(info)
+    }));
 }
 
 /// Runs a long-lived role's body; a failure is logged as one JSON line and exits 1.
@@ -127,5 +173,28 @@ pub(crate) fn run_service(role: &str, body: impl FnOnce() -> crate::error::Resul
             crate::logging::error(role, "fatal", serde_json::json!({"error": e.to_string()}));
             1
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closed_pipe_panics_are_told_apart() {
+        let epipe = std::io::Error::from_raw_os_error(libc::EPIPE);
+        for label in ["stdout", "stderr"] {
+            let m = format!("failed printing to {label}: {epipe}");
+            assert!(is_closed_pipe_panic(Some(&m)), "{m}");
+        }
+        let other = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        for m in [
+            format!("failed printing to stdout: {other}"),
+            format!("index out of bounds: {epipe}"),
+            "called `Option::unwrap()` on a `None` value".to_string(),
+        ] {
+            assert!(!is_closed_pipe_panic(Some(&m)), "{m}");
+        }
+        assert!(!is_closed_pipe_panic(None));
     }
 }

@@ -167,16 +167,12 @@ impl Interrupts {
     }
 }
 
-/// How long `vm ssh`/`vm exec` wait for a guest whose sshd is not listening yet (the agent is
-/// ready, and `vm create` returns, a moment before sshd starts).
-const SSHD_STARTING_WAIT: Duration = Duration::from_secs(30);
-/// How long they retry an address that does not answer at all before letting ssh say so.
-const SSHD_SILENT_WAIT: Duration = Duration::from_secs(2);
-
 /// Waits until `ip`:22 accepts a TCP connection: up to `refused` while the guest actively refuses
 /// (it is up, sshd is still starting), up to `silent` while nothing answers (no route, no ARP
 /// reply), and not past `stop()` turning true (Ctrl-C). Returns whether it was accepted; either
-/// way the caller may run ssh, which then says what is wrong in its own words.
+/// way the caller may run ssh, which then says what is wrong in its own words. Only `vm run` waits
+/// so, once, for a guest it just booted: every probe costs the guest an sshd start, so `vm ssh` and
+/// `vm exec` leave a still-starting sshd to ssh's own quiet retries (see [`run_ssh`]).
 pub(crate) fn wait_sshd(
     ip: &str,
     refused: Duration,
@@ -204,9 +200,35 @@ pub(crate) fn wait_sshd(
     }
 }
 
+/// A port where nothing listens in a guest (tcpmux): its kernel refuses a connection at once.
+const CLOSED_PORT: u16 = 1;
+/// How long [`guest_answers`] waits for the guest's kernel.
+const ANSWER_WAIT: Duration = Duration::from_secs(2);
+
+/// Whether the guest's network stack answers at all: a TCP connection to [`CLOSED_PORT`] is
+/// refused by the guest's kernel (or accepted, if something listens there) without waking any
+/// process in the guest, unlike a probe of port 22, which costs the guest a whole sshd start.
+/// Silence for `wait` (no ARP reply, no route) or a guest firewall dropping the port: no.
+pub(crate) fn guest_answers(ip: &str, wait: Duration) -> bool {
+    let Ok(addr) = format!("{ip}:{CLOSED_PORT}").parse::<SocketAddr>() else {
+        return false;
+    };
+    match TcpStream::connect_timeout(&addr, wait) {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+    }
+}
+
 /// Runs ssh into `t` (a shell when `command` is `None`) and returns the exit code for banger.
+/// A guest that answers gets ssh's quiet retries while its sshd may still be starting
+/// ([`crate::ssh::command::CONNECT_ATTEMPTS`]); one that does not gets a single attempt, so ssh
+/// says what is wrong in seconds instead of retrying a silent address for minutes.
 pub(crate) fn run_ssh(t: &Target, command: Option<&[String]>) -> Result<i32> {
-    wait_sshd(&t.ip, SSHD_STARTING_WAIT, SSHD_SILENT_WAIT, &|| false);
+    let attempts = if guest_answers(&t.ip, ANSWER_WAIT) {
+        crate::ssh::command::CONNECT_ATTEMPTS
+    } else {
+        1
+    };
     let layout = Layout::from_env();
     let (key, kh) = (layout.ssh_key(), layout.ssh_known_hosts());
     let argv = SshCommand {
@@ -217,7 +239,7 @@ pub(crate) fn run_ssh(t: &Target, command: Option<&[String]>) -> Result<i32> {
         tty: Tty::from_stdin(),
         command,
     }
-    .argv()?;
+    .argv_attempts(attempts)?;
     let _catch = Interrupts::catch(None)?;
     let status = std::process::Command::new(&argv[0])
         .args(&argv[1..])
@@ -392,6 +414,20 @@ mod tests {
             Duration::ZERO,
             &|| false
         ));
+    }
+
+    /// Loopback only: a refused port is a guest (here: a kernel) that answers.
+    #[test]
+    fn guest_answers_when_its_kernel_refuses() {
+        let closed = format!("127.0.0.1:{CLOSED_PORT}").parse().unwrap();
+        if TcpStream::connect_timeout(&closed, Duration::from_millis(200)).is_err() {
+            assert!(guest_answers("127.0.0.1", Duration::from_secs(1)));
+        } else {
+            eprintln!(
+                "SKIP: guest_answers refusal case: something listens on 127.0.0.1:{CLOSED_PORT}"
+            );
+        }
+        assert!(!guest_answers("not an address", Duration::ZERO));
     }
 
     #[test]

@@ -23,6 +23,13 @@ pub const SSH_FAILED: i32 = 255;
 /// (the CLI's short TCP probe), so this bound only has to stop a hung guest.
 pub const CONNECT_TIMEOUT_S: u32 = 60;
 
+/// How many times ssh tries to connect, a second apart (`ConnectionAttempts`), within the one
+/// [`CONNECT_TIMEOUT_S`] budget. A guest refuses for a moment after its agent is ready (sshd is
+/// still starting); ssh retrying quietly covers that without banger probing port 22 first: a probe
+/// connection costs the guest a whole sshd start for nothing (seconds under emulation, measured
+/// by the smoke suite's `guest_ssh_bench`).
+pub const CONNECT_ATTEMPTS: u32 = 30;
+
 /// Whether the remote side gets a terminal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tty {
@@ -62,8 +69,14 @@ pub struct SshCommand<'a> {
 }
 
 impl SshCommand<'_> {
-    /// The argument vector, `ssh` first.
+    /// The argument vector, `ssh` first, retrying the connection [`CONNECT_ATTEMPTS`] times.
     pub fn argv(&self) -> Result<Vec<OsString>> {
+        self.argv_attempts(CONNECT_ATTEMPTS)
+    }
+
+    /// [`SshCommand::argv`] with `attempts` connection attempts (1: fail at once, for a guest that
+    /// does not answer at all, where each attempt would wait for ARP to give up).
+    pub fn argv_attempts(&self, attempts: u32) -> Result<Vec<OsString>> {
         let opt = |k: &str, v: &str| vec!["-o".to_string(), format!("{k}={v}")];
         let mut a: Vec<String> = vec!["ssh".into(), "-F".into(), "none".into()];
         a.push("-i".into());
@@ -77,6 +90,7 @@ impl SshCommand<'_> {
         a.extend(opt("LogLevel", "ERROR"));
         // Not TCP's minutes-long give-up (see CONNECT_TIMEOUT_S).
         a.extend(opt("ConnectTimeout", &CONNECT_TIMEOUT_S.to_string()));
+        a.extend(opt("ConnectionAttempts", &attempts.max(1).to_string()));
         if let Some(p) = self.port {
             a.push("-p".into());
             a.push(p.to_string());
@@ -302,12 +316,28 @@ mod tests {
                 "LogLevel=ERROR",
                 "-o",
                 "ConnectTimeout=60",
+                "-o",
+                "ConnectionAttempts=30",
                 "-T",
                 "root@172.30.0.2",
                 "--",
                 "sh -c 'exit 7'",
             ]
         );
+        // A guest that does not answer: one attempt (0 is not a count ssh takes).
+        for (n, want) in [
+            (1, "ConnectionAttempts=1"),
+            (0, "ConnectionAttempts=1"),
+            (5, "ConnectionAttempts=5"),
+        ] {
+            let a: Vec<String> = c
+                .argv_attempts(n)
+                .unwrap()
+                .into_iter()
+                .map(|s| s.into_string().unwrap())
+                .collect();
+            assert!(a.iter().any(|w| w == want), "{n}: {a:?}");
+        }
         let shell = SshCommand {
             tty: Tty::Yes,
             command: None,

@@ -46,10 +46,12 @@ pub fn render(layout: &Layout, vms: &[VmHost]) -> Result<String> {
             "\nHost {alias}\n    HostName {ip}\n    User root\n    IdentityFile {key}\n    \
              UserKnownHostsFile {kh}\n    GlobalKnownHostsFile none\n    StrictHostKeyChecking yes\n    \
              IdentitiesOnly yes\n    PreferredAuthentications publickey\n    \
-             HostKeyAlgorithms ssh-ed25519\n    LogLevel ERROR\n    ConnectTimeout {timeout}\n",
+             HostKeyAlgorithms ssh-ed25519\n    LogLevel ERROR\n    ConnectTimeout {timeout}\n    \
+             ConnectionAttempts {attempts}\n",
             alias = super::host_alias(&vm.name),
             ip = vm.ip,
             timeout = super::command::CONNECT_TIMEOUT_S,
+            attempts = super::command::CONNECT_ATTEMPTS,
         ));
     }
     Ok(out)
@@ -104,6 +106,7 @@ mod tests {
                 "HostKeyAlgorithms ssh-ed25519",
                 "LogLevel ERROR",
                 "ConnectTimeout 60",
+                "ConnectionAttempts 30",
                 "",
             ]
         );

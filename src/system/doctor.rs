@@ -99,6 +99,8 @@ pub struct DoctorOptions {
     pub extra: Vec<Check>,
     /// The tun clone device the owner's VMMs open.
     pub tun: PathBuf,
+    /// The ssh client to check (default: `ssh` on `PATH`, which `banger vm ssh` runs).
+    pub ssh: Option<PathBuf>,
 }
 
 impl Default for DoctorOptions {
@@ -109,12 +111,14 @@ impl Default for DoctorOptions {
             systemd: service::systemd_running(),
             extra: vec![],
             tun: PathBuf::from(crate::net::tap::TUN_DEVICE),
+            ssh: None,
         }
     }
 }
 
 /// Runs every check, in a fixed order: architecture, version, `opts.extra`, units, unit
-/// directives, sockets, kvm, firecracker, network, update.
+/// directives, sockets, kvm, firecracker, ssh, snapshots (only when one cannot be restored), network,
+/// update.
 pub fn run(layout: &Layout, svc: &dyn ServiceManager, opts: &DoctorOptions) -> Vec<Check> {
     let install = install_toml::load(layout);
     let owner_uid = match &install {
@@ -140,6 +144,7 @@ pub fn run(layout: &Layout, svc: &dyn ServiceManager, opts: &DoctorOptions) -> V
         owner.clone(),
     ));
     checks.push(check_firecracker(opts.firecracker.as_deref()));
+    checks.push(check_ssh(layout, owner_uid, opts.ssh.as_deref()));
     if let Some(c) = check_snapshots(layout, opts.firecracker.as_deref()) {
         checks.push(c);
     }
@@ -971,6 +976,111 @@ fn check_firecracker(explicit: Option<&Path>) -> Check {
     }
 }
 
+/// The ssh row: the client `banger vm ssh` runs (on `PATH`, OpenSSH, its version) and, once
+/// banger is installed, banger's private key (the owner's, mode 0600: ssh refuses a key others can
+/// read). No client is a WARN (only getting into VMs needs it); a key ssh would refuse is a FAIL.
+/// Like firecracker, the client is only run when root owns it and nobody else can write it.
+fn check_ssh(layout: &Layout, owner_uid: Option<u32>, explicit: Option<&Path>) -> Check {
+    let name = "ssh";
+    let (mut level, client) = ssh_client(
+        explicit
+            .map(Path::to_path_buf)
+            .or_else(|| find_on_path("ssh")),
+    );
+    let mut details = vec![client];
+    let Some(uid) = owner_uid else {
+        details.push("key: none to check (banger is not installed)".into());
+        return Check::new(level, name, details);
+    };
+    let key = layout.ssh_key();
+    let shown = key.display();
+    match fs::symlink_metadata(&key) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => details.push(format!(
+            "key: {shown} not made yet (the daemon makes it when it creates the first VM)"
+        )),
+        Err(e) => {
+            level = level.max(Level::Warn);
+            details.push(format!(
+                "key: cannot check {shown} as this user: {e} (run `banger doctor` as the owner or root)"
+            ));
+        }
+        Ok(m) if !m.file_type().is_file() => {
+            level = Level::Fail;
+            details.push(format!(
+                "key: {shown} is not a regular file (move it aside; the daemon makes a new key, then recreate your VMs)"
+            ));
+        }
+        Ok(m) => {
+            let mode = m.mode() & 0o7777;
+            let mut problems = vec![];
+            if m.uid() != uid {
+                problems.push(format!(
+                    "owned by uid {}, not the owner (uid {uid}), whose ssh must read it (fix with: sudo chown {uid} {shown})",
+                    m.uid()
+                ));
+            }
+            if mode & 0o077 != 0 {
+                problems.push(format!(
+                    "mode {mode:04o}: ssh refuses a private key others can read (if you trust it: chmod 600 {shown}; otherwise delete it and recreate your VMs)"
+                ));
+            }
+            if problems.is_empty() {
+                details.push(format!("key: {shown} (owner uid {uid}, mode {mode:04o})"));
+            } else {
+                level = Level::Fail;
+                details.extend(problems.into_iter().map(|p| format!("key: {shown}: {p}")));
+            }
+        }
+    }
+    Check::new(level, name, details)
+}
+
+/// The client half of the ssh row: its verdict and detail line.
+fn ssh_client(path: Option<PathBuf>) -> (Level, String) {
+    let install = "`banger vm ssh`, `vm exec` and `vm run` need OpenSSH's client: sudo apt-get install openssh-client";
+    let Some(path) = path else {
+        return (Level::Warn, format!("client: no `ssh` on PATH ({install})"));
+    };
+    let shown = path.display().to_string();
+    let meta = match fs::metadata(&path) {
+        Ok(m) => m,
+        Err(e) => return (Level::Warn, format!("client: {shown}: {e} ({install})")),
+    };
+    let problems = firecracker_file_problems(meta.uid(), meta.mode());
+    if !problems.is_empty() {
+        return (
+            Level::Warn,
+            format!(
+                "client: {shown}: not run: {} (fix with: sudo chown root:root {shown} && sudo chmod 0755 {shown})",
+                problems.join(", ")
+            ),
+        );
+    }
+    match bounded_output(&path, "-V", Stream::Stderr) {
+        Ok(out) => {
+            let first = out.lines().next().unwrap_or("").trim();
+            if first.starts_with("OpenSSH_") {
+                (Level::Pass, format!("client: {shown} ({first})"))
+            } else {
+                (
+                    Level::Warn,
+                    format!(
+                        "client: {shown} is not OpenSSH (`ssh -V` says {first:?}); banger passes OpenSSH options ({install})"
+                    ),
+                )
+            }
+        }
+        Err(e) => (Level::Warn, format!("client: running {shown} -V: {e}")),
+    }
+}
+
+/// Which output of a child [`bounded_output`] returns.
+#[derive(Clone, Copy)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
 /// Snapshots written by another Firecracker than the installed one cannot be restored (issue 12):
 /// one line per such snapshot, empty when all match or nothing can be told (no VMM, no database).
 /// Also printed by `banger update`.
@@ -1019,7 +1129,12 @@ fn check_snapshots(layout: &Layout, explicit: Option<&Path>) -> Option<Check> {
 
 /// Runs `path --version` with a bounded wait; returns stdout.
 fn version_output(path: &Path) -> Result<String, String> {
-    let mut child = spawn_retrying(path)?;
+    bounded_output(path, "--version", Stream::Stdout)
+}
+
+/// Runs `path arg` with a bounded wait; returns the chosen stream (the first 64 KiB).
+fn bounded_output(path: &Path, arg: &str, stream: Stream) -> Result<String, String> {
+    let mut child = spawn_retrying(path, arg, stream)?;
     let started = Instant::now();
     loop {
         match child.try_wait() {
@@ -1034,7 +1149,11 @@ fn version_output(path: &Path) -> Result<String, String> {
         }
     }
     let mut out = Vec::new();
-    if let Some(s) = child.stdout.take() {
+    let pipe: Option<Box<dyn Read>> = match stream {
+        Stream::Stdout => child.stdout.take().map(|s| Box::new(s) as Box<dyn Read>),
+        Stream::Stderr => child.stderr.take().map(|s| Box::new(s) as Box<dyn Read>),
+    };
+    if let Some(s) = pipe {
         s.take(64 * 1024)
             .read_to_end(&mut out)
             .map_err(|e| e.to_string())?;
@@ -1044,14 +1163,18 @@ fn version_output(path: &Path) -> Result<String, String> {
 
 /// Spawns, retrying briefly on ETXTBSY (a just-written file whose write fd another thread's fork
 /// briefly inherited).
-fn spawn_retrying(path: &Path) -> Result<std::process::Child, String> {
+fn spawn_retrying(path: &Path, arg: &str, stream: Stream) -> Result<std::process::Child, String> {
+    let pipe = |s: Stream| match (s, stream) {
+        (Stream::Stdout, Stream::Stdout) | (Stream::Stderr, Stream::Stderr) => Stdio::piped(),
+        _ => Stdio::null(),
+    };
     let mut tries = 0;
     loop {
         let r = Command::new(path)
-            .arg("--version")
+            .arg(arg)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stdout(pipe(Stream::Stdout))
+            .stderr(pipe(Stream::Stderr))
             .spawn();
         match r {
             Ok(c) => return Ok(c),
@@ -1209,6 +1332,79 @@ mod tests {
             "{c:?}"
         );
         assert!(!marker.exists(), "an untrusted firecracker must not be run");
+    }
+
+    #[test]
+    fn ssh_row_client_and_key_table() {
+        let t = TempDir::new();
+        // No client: WARN with how to get it; not installed: the key is not looked for.
+        let l = Layout::under(t.path());
+        let c = check_ssh(&l, None, Some(&t.path().join("missing")));
+        assert_eq!(c.level, Level::Warn, "{c:?}");
+        assert!(c.details[0].contains("openssh-client"), "{c:?}");
+        assert!(c.details[1].contains("not installed"), "{c:?}");
+        if euid() != 0 {
+            eprintln!("SKIP ssh_row_client_and_key_table (rest): needs root to own the fake ssh and chown the key");
+            return;
+        }
+        // A client nobody else can replace is run (`ssh -V` answers on stderr).
+        let ssh = script(
+            t.path(),
+            "ssh",
+            "[ \"$1\" = -V ] && echo 'OpenSSH_9.2p1 Debian-2+deb12u3, OpenSSL 3.0.15' >&2",
+            0o755,
+        );
+        let c = check_ssh(&l, None, Some(&ssh));
+        assert_eq!(c.level, Level::Pass, "{c:?}");
+        assert!(c.details[0].contains("OpenSSH_9.2p1"), "{c:?}");
+        // Something else called ssh: WARN, with what it said.
+        let other = script(t.path(), "other-ssh", "echo 'Dropbear v2022' >&2", 0o755);
+        let c = check_ssh(&l, None, Some(&other));
+        assert_eq!(c.level, Level::Warn, "{c:?}");
+        assert!(c.details[0].contains("not OpenSSH"), "{c:?}");
+        // A world-writable client is never run.
+        let marker = t.path().join("ran");
+        let ww = script(
+            t.path(),
+            "ssh-ww",
+            &format!("touch {}; echo OpenSSH_9 >&2", marker.display()),
+            0o757,
+        );
+        let c = check_ssh(&l, None, Some(&ww));
+        assert_eq!(c.level, Level::Warn, "{c:?}");
+        assert!(c.details[0].contains("not run"), "{c:?}");
+        assert!(!marker.exists(), "an untrusted ssh must not be run");
+
+        // Installed: the key, as the daemon makes it (the owner's, 0600), or not made yet.
+        let uid = 4242;
+        let l = installed_layout(&t, uid);
+        let c = check_ssh(&l, Some(uid), Some(&ssh));
+        assert_eq!(c.level, Level::Pass, "{c:?}");
+        assert!(c.details[1].contains("not made yet"), "{c:?}");
+        fs::create_dir_all(l.ssh_dir()).unwrap();
+        fs::write(l.ssh_key(), "key").unwrap();
+        let set = |mode: u32, owner: u32| {
+            fs::set_permissions(l.ssh_key(), fs::Permissions::from_mode(mode)).unwrap();
+            std::os::unix::fs::chown(l.ssh_key(), Some(owner), None).unwrap();
+        };
+        let cases: &[(u32, u32, Level, &str)] = &[
+            (0o600, uid, Level::Pass, "mode 0600"),
+            (0o644, uid, Level::Fail, "chmod 600"),
+            (0o600, 0, Level::Fail, "not the owner"),
+            (0o640, 0, Level::Fail, "ssh refuses"),
+        ];
+        for (mode, owner, want, says) in cases {
+            set(*mode, *owner);
+            let c = check_ssh(&l, Some(uid), Some(&ssh));
+            assert_eq!(c.level, *want, "{mode:o} {owner}: {c:?}");
+            assert!(c.details.iter().any(|d| d.contains(says)), "{says}: {c:?}");
+        }
+        // A symlink where the key belongs: FAIL (ssh would follow it anywhere).
+        fs::remove_file(l.ssh_key()).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", l.ssh_key()).unwrap();
+        let c = check_ssh(&l, Some(uid), Some(&ssh));
+        assert_eq!(c.level, Level::Fail, "{c:?}");
+        assert!(c.details[1].contains("not a regular file"), "{c:?}");
     }
 
     #[test]
@@ -1495,6 +1691,7 @@ mod tests {
             systemd: false,
             extra: vec![Check::new(Level::Pass, "state store", vec!["ok".into()])],
             tun: PathBuf::from("/dev/null"),
+            ssh: Some(t.path().join("no-ssh")),
         };
         let checks = run(&l, &svc, &opts);
         let names: Vec<&str> = checks.iter().map(|c| c.name.as_str()).collect();
@@ -1509,6 +1706,7 @@ mod tests {
                 "sockets",
                 "kvm",
                 "firecracker",
+                "ssh",
                 "network",
                 "update"
             ]
