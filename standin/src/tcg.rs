@@ -56,8 +56,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a host-side `CONNECT 52` waits for the guest's TCP port before it is refused.
 const GUEST_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How long a host-side `CONNECT 52` keeps trying a restored guest not reconfigured yet (under
-/// the 30 s the daemon gives `reconfigure`).
+/// How long a host-side `CONNECT 52` keeps trying a restored guest not reconfigured yet (well
+/// under the 90 s the daemon gives `reconfigure`).
 const RESTORED_CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How long a migration stream may take to be written or read back (a TCG guest's memory on a
