@@ -570,7 +570,7 @@ mod agent_reconfigure {
         /// Validation never panics; what it accepts is in range.
         #[test]
         fn reconfigure_validation(name in "[ -~]{0,70}", ip in "[0-9./]{0,20}", gw in "[0-9.]{0,16}", mac in "[0-9a-fA-F:]{0,20}") {
-            let r = Reconfigure { name, ip, gateway: gw, mac, key: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, KEY_LINE) };
+            let r = Reconfigure { name, ip, gateway: gw, mac, key: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, KEY_LINE), seed: None };
             if let Ok(v) = r.validate() {
                 prop_assert!((8..=30).contains(&v.prefix));
                 prop_assert!(v.ip.is_private());

@@ -14,7 +14,7 @@
 //! `{"method":"hello"}` → `{"ok":true,"result":{"protocol":2,"boot_id":"…","instance_id":"<32 hex>","host_key":"ssh-ed25519 AAAA…","hostname":"…"}}`
 //! (plus `"problems":[…]` when the agent's start-up preparation refused or failed something;
 //! protocol 1 agents send no `instance_id`);
-//! `{"method":"reconfigure","v":2,"params":{"name":"…","ip":"10.x.y.z/NN","gateway":"…","mac":"02:…","key":"<base64>"}}`
+//! `{"method":"reconfigure","v":2,"params":{"name":"…","ip":"10.x.y.z/NN","gateway":"…","mac":"02:…","key":"<base64>","seed":"<64 hex, optional>"}}`
 //! → `{"ok":true,"result":{"instance_id":"<new 32 hex>","boot_id":"…"}}` once applied (see
 //! [`reconfigure`]); a refused one changes nothing;
 //! `{"method":"ports"}` → `{"ok":true,"result":{"ports":[{"address":"0.0.0.0","port":22,"process":"sshd"},…]}}`;

@@ -36,6 +36,11 @@ pub struct Reconfigure {
     pub mac: String,
     /// Base64 of root's authorized_keys line, as in `banger.key=`.
     pub key: String,
+    /// 64 hex digits of fresh host randomness, mixed into the guest kernel's random pool before
+    /// it reseeds: clones of one snapshot share the generator state, and what only the clone's
+    /// identity would add is guessable. Optional on the wire (a host that sends none still works).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<String>,
 }
 
 /// A [`Reconfigure`] that passed validation: what the guest applies.
@@ -53,6 +58,8 @@ pub struct Validated {
     pub mac: String,
     /// The decoded authorized_keys line (no newline).
     pub authorized_key: String,
+    /// The host's seed, decoded (32 bytes), if it sent one.
+    pub seed: Option<[u8; 32]>,
 }
 
 /// The private IPv4 blocks (RFC 1918) a guest's address and gateway must be in.
@@ -162,6 +169,21 @@ impl Reconfigure {
         }
         let mac = parse_mac(&self.mac)?;
         let authorized_key = cmdline::decode_key("key", &self.key)?;
+        let seed = match &self.seed {
+            None => None,
+            Some(h) => {
+                let mut b = [0u8; 32];
+                match hex::decode_to_slice(h, &mut b) {
+                    Ok(()) => Some(b),
+                    Err(_) => {
+                        return Err(format!(
+                            "seed is not 64 hex digits ({} characters given)",
+                            h.len()
+                        ))
+                    }
+                }
+            }
+        };
         Ok(Validated {
             name: self.name.clone(),
             ip,
@@ -169,6 +191,7 @@ impl Reconfigure {
             gateway,
             mac,
             authorized_key,
+            seed,
         })
     }
 }
@@ -211,10 +234,10 @@ pub fn instance_id_for(v: &Validated) -> String {
     hex::encode(&ctx.finish().as_ref()[..16])
 }
 
-/// Mixes the clone's new identity and the clocks into the kernel's random pool and asks for a
-/// reseed (`RNDRESEEDCRNG`), so clones of one snapshot stop drawing the same "random" numbers
-/// (sshd's, TLS's). Clone-unique, not secret: a host-sent seed would be better (not in protocol
-/// 2). Best effort: a failure is logged, never fatal.
+/// Mixes the host's seed (secret, fresh per restore), the clone's new identity and the clocks
+/// into the kernel's random pool and asks for a reseed (`RNDRESEEDCRNG`), so clones of one
+/// snapshot stop drawing the same "random" numbers (sshd's, TLS's). Without a host seed the mix is
+/// clone-unique but not secret. Best effort: a failure is logged, never fatal.
 fn reseed_kernel_rng(v: &Validated) {
     use std::io::Write;
     const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
@@ -231,6 +254,9 @@ fn reseed_kernel_rng(v: &Validated) {
         .write(true)
         .open("/dev/urandom")
         .and_then(|mut f| {
+            if let Some(seed) = &v.seed {
+                f.write_all(seed)?;
+            }
             f.write_all(mix.as_bytes())?;
             use std::os::fd::AsRawFd;
             // SAFETY: RNDRESEEDCRNG takes no argument; the descriptor is open for the call.
@@ -459,6 +485,7 @@ mod tests {
             gateway: "172.30.0.1".into(),
             mac: "02:AB:cd:00:00:07".into(),
             key: base64::engine::general_purpose::STANDARD.encode(format!("{LINE}\n")),
+            seed: Some("ab".repeat(32)),
         }
     }
 
@@ -473,8 +500,14 @@ mod tests {
                 gateway: Ipv4Addr::new(172, 30, 0, 1),
                 mac: "02:ab:cd:00:00:07".into(),
                 authorized_key: LINE.into(),
+                seed: Some([0xab; 32]),
             }
         );
+        let unseeded = Reconfigure {
+            seed: None,
+            ..good()
+        };
+        assert_eq!(unseeded.validate().unwrap().seed, None);
         for (ip, gw) in [
             ("10.0.0.2/8", "10.255.255.254"),
             ("192.168.7.9/30", "192.168.7.10"),
@@ -619,6 +652,16 @@ mod tests {
                 "key text",
                 |r| r.key = "aGVsbG8gd29ybGQ=".into(),
                 "key does not decode to an OpenSSH",
+            ),
+            (
+                "short seed",
+                |r| r.seed = Some("abcd".into()),
+                "seed is not 64 hex digits (4 characters given)",
+            ),
+            (
+                "seed not hex",
+                |r| r.seed = Some("zz".repeat(32)),
+                "seed is not 64 hex digits",
             ),
         ];
         for (what, edit, want) in cases {

@@ -497,6 +497,12 @@ fn load(
                 .clone()
                 .unwrap_or_else(|| crate::net::mac_for(&vm.id)),
             key: key.kernel_arg_value(),
+            seed: Some(fresh_seed().map_err(|e| {
+                failed(Error::new(
+                    what("drawing a seed for the guest's random generator"),
+                    e,
+                ))
+            })?),
         };
         let done = agent::reconfigure(&files.vsock_uds, &rc, RECONFIGURE_TIMEOUT)
             .map_err(|e| failed(Error::new(what("telling the guest its new identity"), e)))?;
@@ -586,6 +592,17 @@ pub fn remove(vms: &Vms, req: SnapshotRef) -> Result<Value, RpcError> {
     }
     vms.ctx.db(|st| st.snapshot_delete(&s.id))?;
     Ok(json!({"removed": s.name, "freed_bytes": freed}))
+}
+
+/// 32 bytes of host randomness, hex: the seed a restored guest mixes into its kernel's random pool
+/// (clones of one snapshot share the generator state the snapshot froze).
+fn fresh_seed() -> std::result::Result<String, String> {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| "the host's random generator failed".to_string())?;
+    Ok(hex::encode(b))
 }
 
 #[cfg(test)]
