@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use super::models::{
     ActionType, BootSource, Drive, Fault, FirecrackerVersion, InstanceActionInfo, InstanceInfo,
-    Logger, MachineConfiguration, Metrics, NetworkInterface, Vsock,
+    Logger, MachineConfiguration, Metrics, NetworkInterface, SerialDevice, Vsock,
 };
 use crate::error::{Context, Error, Result};
 
@@ -257,6 +257,11 @@ impl Client {
     /// `PUT /vsock`.
     pub fn put_vsock(&self, body: &Vsock) -> Result<(), ApiError> {
         self.put("/vsock", body)
+    }
+
+    /// `PUT /serial` (pre-boot only): the serial console's output path and rate limiter.
+    pub fn put_serial(&self, body: &SerialDevice) -> Result<(), ApiError> {
+        self.put("/serial", body)
     }
 
     /// `PUT /logger`.
