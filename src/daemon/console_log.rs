@@ -53,7 +53,8 @@ const MIN_CAP_PER_RATE: u64 = 16;
 /// The smallest `console_rate` accepted.
 const MIN_RATE: u64 = 1 << 10;
 const KEYS: [&str; 2] = ["console_log_max", "console_rate"];
-const SIZE_FORM: &str = "bytes as an integer or a string like \"16M\", \"512K\", \"1G\" (powers of 1024)";
+const SIZE_FORM: &str =
+    "bytes as an integer or a string like \"16M\", \"512K\", \"1G\" (powers of 1024)";
 
 /// The validated `[vm]` section's log settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,8 +139,11 @@ impl ConsoleConfig {
             return Ok(cfg);
         };
         let Some(section) = section.as_table() else {
-            return Err(Error::new(format!("{origin}: vm"), "must be a table ([vm])")
-                .hint(format!("write the settings under a [vm] header in {origin}")));
+            return Err(
+                Error::new(format!("{origin}: vm"), "must be a table ([vm])").hint(format!(
+                    "write the settings under a [vm] header in {origin}"
+                )),
+            );
         };
         if let Some(k) = section.keys().find(|k| !KEYS.contains(&k.as_str())) {
             return Err(Error::new(
@@ -157,7 +161,9 @@ impl ConsoleConfig {
                     format!("{origin}: vm.{key} = {v}"),
                     format!("{why}; allowed: {SIZE_FORM}"),
                 )
-                .hint(format!("fix vm.{key} in {origin}, or remove it to use the default"))
+                .hint(format!(
+                    "fix vm.{key} in {origin}, or remove it to use the default"
+                ))
             };
             match section.get(key) {
                 None => Ok(None),
@@ -321,7 +327,8 @@ pub fn rotate(path: &Path, cfg: &ConsoleConfig) -> Result<Option<u64>> {
             return Err(Error::new(what(), e));
         }
     };
-    std::fs::rename(&tmp, &prev).ctx(|| format!("renaming {} to {}", tmp.display(), prev.display()))?;
+    std::fs::rename(&tmp, &prev)
+        .ctx(|| format!("renaming {} to {}", tmp.display(), prev.display()))?;
     Ok(Some(copied))
 }
 
@@ -342,7 +349,11 @@ pub fn rotate_all(
         Ok(v) => v,
         Err(e) => {
             if reported.insert(e.to_string()) {
-                crate::logging::error("bangerd", "log rotation: listing VMs", serde_json::json!({"error": e.to_string()}));
+                crate::logging::error(
+                    "bangerd",
+                    "log rotation: listing VMs",
+                    serde_json::json!({"error": e.to_string()}),
+                );
             }
             return;
         }
@@ -428,7 +439,16 @@ mod tests {
         ] {
             assert_eq!(parse_size(s), Ok(want), "{s}");
         }
-        for bad in ["", "M", "-1", "1.5M", "16T", "16 M x", "99999999999999999999", "17179869184G"] {
+        for bad in [
+            "",
+            "M",
+            "-1",
+            "1.5M",
+            "16T",
+            "16 M x",
+            "99999999999999999999",
+            "17179869184G",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
         for n in [0, 1000, 1 << 10, 3 << 20, 16 << 20, 1 << 30, (1 << 20) + 1] {
@@ -443,17 +463,24 @@ mod tests {
             ConsoleConfig::parse("[network]\nbridge = \"banger0\"\n").unwrap(),
             ConsoleConfig::default()
         );
-        let c = ConsoleConfig::parse("[vm]\nconsole_log_max = \"1M\"\nconsole_rate = 4096\n").unwrap();
+        let c =
+            ConsoleConfig::parse("[vm]\nconsole_log_max = \"1M\"\nconsole_rate = 4096\n").unwrap();
         assert_eq!((c.max_bytes, c.rate), (1 << 20, 4096));
         assert_eq!(c.rotate_at(), 512 << 10);
         for (text, want) in [
-            ("[vm]\nconsole_log_max = \"16Q\"\n", "vm.console_log_max = \"16Q\""),
+            (
+                "[vm]\nconsole_log_max = \"16Q\"\n",
+                "vm.console_log_max = \"16Q\"",
+            ),
             ("[vm]\nconsole_log_max = -5\n", "negative"),
             ("[vm]\nconsole_log_max = true\n", "not a size"),
             ("[vm]\nconsole_log_maxx = \"1M\"\n", "vm.console_log_maxx"),
             ("[vm]\nconsole_rate = \"512\"\n", "below the minimum"),
             // 16 × the default rate is 512K.
-            ("[vm]\nconsole_log_max = \"256K\"\n", "16 × vm.console_rate (512K)"),
+            (
+                "[vm]\nconsole_log_max = \"256K\"\n",
+                "16 × vm.console_rate (512K)",
+            ),
             ("vm = 3\n", "must be a table"),
             ("[vm\n", "parsing config.toml"),
         ] {
@@ -540,7 +567,11 @@ mod tests {
         let kept = rotate(&p, &cfg).unwrap().expect("rotated");
         let prev = std::fs::read(previous(&p)).unwrap();
         assert_eq!(prev.len() as u64, kept);
-        assert!(prev.starts_with(b"after the rotation\n"), "{:?}", &prev[..32]);
+        assert!(
+            prev.starts_with(b"after the rotation\n"),
+            "{:?}",
+            &prev[..32]
+        );
         assert!(!prev.contains(&0), "the hole was copied");
     }
 

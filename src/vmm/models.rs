@@ -404,7 +404,10 @@ mod tests {
             json!({})
         );
         let ok: SerialDevice = serde_json::from_value(json!({"serial_out_path": "/s"})).unwrap();
-        assert_eq!(ok.serial_out_path.as_deref(), Some(std::path::Path::new("/s")));
+        assert_eq!(
+            ok.serial_out_path.as_deref(),
+            Some(std::path::Path::new("/s"))
+        );
         for bad in [
             json!({"rate_limiter": {"size": 1}}),
             json!({"rate_limiter": {"size": -1, "refill_time": 1}}),
@@ -412,7 +415,10 @@ mod tests {
             json!({"serial_out_path": 5}),
             json!({"log_path": "/x"}),
         ] {
-            assert!(serde_json::from_value::<SerialDevice>(bad.clone()).is_err(), "{bad}");
+            assert!(
+                serde_json::from_value::<SerialDevice>(bad.clone()).is_err(),
+                "{bad}"
+            );
         }
     }
 

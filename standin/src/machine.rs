@@ -696,7 +696,10 @@ mod tests {
         let k = elf(&t.0);
         let mut m = Machine::new("vm1");
         for (body, want) in [
-            (json!({"rate_limiter": {"size": 1}}), "missing field `refill_time`"),
+            (
+                json!({"rate_limiter": {"size": 1}}),
+                "missing field `refill_time`",
+            ),
             (
                 json!({"rate_limiter": {"size": -1, "refill_time": 1}}),
                 "invalid value",
@@ -709,10 +712,14 @@ mod tests {
             assert!(msg.contains(want), "{body}: {msg:?} lacks {want:?}");
         }
         assert!(m.serial.is_none(), "a refused PUT configured the serial");
-        let limited = json!({"rate_limiter": {"size": 4096, "refill_time": 1000, "one_time_burst": 0}});
+        let limited =
+            json!({"rate_limiter": {"size": 4096, "refill_time": 1000, "one_time_burst": 0}});
         assert_eq!(put(&mut m, "/serial", limited).0, 204);
         assert_eq!(
-            m.serial.as_ref().and_then(|s| s.rate_limiter.as_ref()).map(|r| r.size),
+            m.serial
+                .as_ref()
+                .and_then(|s| s.rate_limiter.as_ref())
+                .map(|r| r.size),
             Some(4096)
         );
         // A later PUT replaces the earlier one; an empty body object is valid (stdout, no limit).

@@ -128,8 +128,9 @@ impl Console {
     /// Writes what the rate limiter lets through of `bytes` (all of them without a limiter).
     pub fn write(&mut self, bytes: &[u8]) {
         let n = match &mut self.bucket {
-            Some(b) => usize::try_from(b.admit(bytes.len() as u64, Instant::now()))
-                .unwrap_or(bytes.len()),
+            Some(b) => {
+                usize::try_from(b.admit(bytes.len() as u64, Instant::now())).unwrap_or(bytes.len())
+            }
             None => bytes.len(),
         };
         self.dropped += (bytes.len() - n) as u64;
@@ -266,7 +267,9 @@ mod tests {
             serial_out_path: Some(dir.join("no/such/dir")),
             rate_limiter: None,
         };
-        assert!(Console::open(Some(&cfg)).unwrap_err().contains("no/such/dir"));
+        assert!(Console::open(Some(&cfg))
+            .unwrap_err()
+            .contains("no/such/dir"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

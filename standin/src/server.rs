@@ -322,7 +322,10 @@ fn boot(m: &Machine) -> Result<(), Answer> {
         }
     }
     console.write(format!("{}\n", agent::ready_line(&boot_id)).as_bytes());
-    let kernel = m.boot_source.as_ref().map(|b| b.kernel_image_path.as_path());
+    let kernel = m
+        .boot_source
+        .as_ref()
+        .map(|b| b.kernel_image_path.as_path());
     if kernel.is_some_and(crate::serial::is_flood_kernel) {
         thread::spawn(move || console.flood());
     }
