@@ -16,6 +16,7 @@ use common::vmm::find_vmm;
 use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 const READY: &str = "banger-guest: ready boot_id=";
@@ -59,71 +60,110 @@ impl Drop for Killer {
     }
 }
 
-#[test]
-fn a_flooding_guest_keeps_its_logs_under_the_cap_and_keeps_running() {
-    if !is_root() {
-        eprintln!("SKIP: a_flooding_guest_keeps_its_logs_under_the_cap_and_keeps_running: needs root (the helper launches VMMs)");
-        return;
+/// The daemon and helper of one test, under a temp layout with `config`.
+struct Host {
+    bed: Bed,
+    daemon: Server,
+    _helper: Server,
+    _killer: Killer,
+    standin: bool,
+    /// Dropped last: its interfaces go with it.
+    _ns: NetNs,
+}
+
+impl Host {
+    fn new(test: &str, tag: &str, config: &str) -> Option<Host> {
+        if !is_root() {
+            eprintln!("SKIP: {test}: needs root (the helper launches VMMs)");
+            return None;
+        }
+        let (vmm, standin) = match find_vmm() {
+            Ok(v) => v,
+            Err(why) => {
+                eprintln!("SKIP: {test}: {why}");
+                return None;
+            }
+        };
+        let ns = match NetNs::new(tag) {
+            Ok(ns) => ns,
+            Err(why) => {
+                eprintln!("SKIP: {test}: no network namespace: {why}");
+                return None;
+            }
+        };
+        let bed = Bed::new(tag);
+        let l = bed.layout();
+        std::fs::create_dir_all(l.etc_dir()).unwrap();
+        std::fs::write(l.config_toml(), config).unwrap();
+        let helper = bed.spawn_in(
+            Some(&ns),
+            "bangerd-root",
+            &l.helper_socket(),
+            &[("BANGER_FIRECRACKER", &vmm)],
+        );
+        let daemon = bed.spawn("bangerd", &l.daemon_socket());
+        Some(Host {
+            _killer: Killer(l.vms_dir()),
+            bed,
+            daemon,
+            _helper: helper,
+            standin,
+            _ns: ns,
+        })
     }
-    let (vmm, standin) = match find_vmm() {
-        Ok(v) => v,
-        Err(why) => {
-            eprintln!(
-                "SKIP: a_flooding_guest_keeps_its_logs_under_the_cap_and_keeps_running: {why}"
-            );
-            return;
-        }
-    };
-    let ns = match NetNs::new("flood") {
-        Ok(ns) => ns,
-        Err(why) => {
-            eprintln!("SKIP: a_flooding_guest_keeps_its_logs_under_the_cap_and_keeps_running: no network namespace: {why}");
-            return;
-        }
-    };
-    let bed = Bed::new("flood");
-    let l = bed.layout();
-    std::fs::create_dir_all(l.etc_dir()).unwrap();
-    std::fs::write(l.config_toml(), CONFIG).unwrap();
-    let _helper = bed.spawn_in(
-        Some(&ns),
-        "bangerd-root",
-        &l.helper_socket(),
-        &[("BANGER_FIRECRACKER", &vmm)],
-    );
-    let daemon = bed.spawn("bangerd", &l.daemon_socket());
-    let _killer = Killer(l.vms_dir());
-    let ok = |args: &[&str]| -> String {
-        let o = bed.run("banger", args);
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.bed.run("banger", args);
         assert!(
             o.status.success(),
             "banger {args:?} failed: {}\ndaemon log:\n{}",
             stderr(&o),
-            daemon.log_text()
+            self.daemon.log_text()
         );
         stdout(&o)
+    }
+
+    /// Imports `kernel` and an image `name` booting it with console readiness.
+    fn import(&self, name: &str, kernel: &Path) {
+        let rootfs = self.bed.root.join("rootfs.img");
+        std::fs::write(&rootfs, vec![0u8; 1 << 20]).unwrap();
+        self.ok(&["kernel", "import", name, kernel.to_str().unwrap()]);
+        self.ok(&[
+            "image",
+            "import",
+            name,
+            "--rootfs",
+            rootfs.to_str().unwrap(),
+            "--kernel",
+            name,
+            "--ready-console",
+            READY,
+        ]);
+    }
+
+    fn show(&self, vm: &str) -> Value {
+        let v: Value = serde_json::from_str(&self.ok(&["vm", "show", vm, "--json"])).unwrap();
+        v["vm"].clone()
+    }
+}
+
+#[test]
+fn a_flooding_guest_keeps_its_logs_under_the_cap_and_keeps_running() {
+    let Some(h) = Host::new(
+        "a_flooding_guest_keeps_its_logs_under_the_cap_and_keeps_running",
+        "flood",
+        CONFIG,
+    ) else {
+        return;
     };
+    let (bed, daemon, standin) = (&h.bed, &h.daemon, h.standin);
+    let l = bed.layout();
+    let ok = |args: &[&str]| h.ok(args);
     let kernel = guest::build_flood_guest(&bed.root).expect("building the flooding guest");
-    let rootfs = bed.root.join("rootfs.img");
-    std::fs::write(&rootfs, vec![0u8; 1 << 20]).unwrap();
-    ok(&["kernel", "import", "flood", kernel.to_str().unwrap()]);
-    ok(&[
-        "image",
-        "import",
-        "flood",
-        "--rootfs",
-        rootfs.to_str().unwrap(),
-        "--kernel",
-        "flood",
-        "--ready-console",
-        READY,
-    ]);
+    h.import("flood", &kernel);
     let out = ok(&["vm", "create", "--name", "f", "--image", "flood"]);
     assert!(out.contains("f running boot_id="), "{out}");
-    let show = || -> Value {
-        let v: Value = serde_json::from_str(&ok(&["vm", "show", "f", "--json"])).unwrap();
-        v["vm"].clone()
-    };
+    let show = || h.show("f");
     let vm = show();
     let dir = l.vm_dir(vm["id"].as_str().unwrap());
     let (console, previous) = (dir.join("console.log"), dir.join("console.log.1"));
@@ -179,4 +219,63 @@ fn a_flooding_guest_keeps_its_logs_under_the_cap_and_keeps_running() {
     ok(&["vm", "stop", "f", "--timeout", "10"]);
     assert_eq!(show()["state"], "stopped");
     assert!(!alive(&vm2), "VMM still alive after stop");
+}
+
+#[test]
+fn vm_logs_and_errors_show_guest_control_sequences_escaped() {
+    let Some(h) = Host::new(
+        "vm_logs_and_errors_show_guest_control_sequences_escaped",
+        "escape",
+        "",
+    ) else {
+        return;
+    };
+    let kernel = guest::build_tiny_guest(&h.bed.root).expect("building the tiny guest");
+    h.import("tiny", &kernel);
+    h.ok(&["vm", "create", "--name", "e", "--image", "tiny"]);
+    let vm = h.show("e");
+    // What a hostile guest writes on its console: a window-title OSC, a clipboard write, a
+    // screen clear and a cursor move, a bell, a lone CR, a C1 CSI; and colour, which is kept.
+    let evil = "\x1b]0;pwned\x07\x1b]52;c;cGFzdGU=\x1b\\\x1b[2J\x1b[1;1Hding\x07 hidden\rshown \u{9b}31m \x1b[32mgreen\x1b[0m\r\n";
+    let console = h
+        .bed
+        .layout()
+        .vm_dir(vm["id"].as_str().unwrap())
+        .join("console.log");
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&console)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, evil.as_bytes()))
+        .unwrap();
+    let out = h.ok(&["vm", "logs", "e"]);
+    for want in [
+        "\\x1b]0;pwned\\x07",
+        "\\x1b]52;c;cGFzdGU=\\x1b\\",
+        "\\x1b[2J\\x1b[1;1Hding\\x07",
+        "hidden\\x0dshown",
+        "\\u{009b}31m",
+        "\x1b[32mgreen\x1b[0m\r\n",
+        READY,
+    ] {
+        assert!(out.contains(want), "vm logs lacks {want:?}: {out:?}");
+    }
+    let bare_esc = out
+        .match_indices('\x1b')
+        .filter(|(i, _)| !out[*i..].starts_with("\x1b[32m") && !out[*i..].starts_with("\x1b[0m"))
+        .count();
+    assert_eq!(
+        bare_esc, 0,
+        "an escape sequence other than colour reached stdout: {out:?}"
+    );
+    assert!(!out.contains('\x07') && !out.contains('\u{9b}'), "{out:?}");
+    // --raw passes the bytes through.
+    let raw = h.ok(&["vm", "logs", "e", "--raw"]);
+    assert!(raw.contains(evil), "--raw changed the console: {raw:?}");
+    // An error carrying daemon-echoed text shows it escaped too.
+    let o: Output = h.bed.run("banger", &["vm", "show", "\x1b]0;pwned\x07"]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("\\x1b]0;pwned\\x07"), "{err:?}");
+    assert!(!err.contains('\x1b') && !err.contains('\x07'), "{err:?}");
+    h.ok(&["vm", "stop", "e", "--timeout", "10"]);
 }

@@ -59,7 +59,7 @@ pub fn run(c: DaemonCmd) -> Result<i32> {
             if s.json {
                 println!("{v}");
             } else {
-                print!("{}", render_status(&v));
+                print!("{}", crate::termsafe::plain(&render_status(&v)));
             }
             Ok(0)
         }

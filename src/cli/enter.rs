@@ -285,7 +285,8 @@ pub fn ports(c: PortsCmd) -> Result<i32> {
     if c.json {
         println!("{}", json!({"ports": all}));
     } else {
-        print!("{}", ports_table(&all));
+        // Process names come from the guest.
+        print!("{}", crate::termsafe::plain(&ports_table(&all)));
     }
     Ok(0)
 }

@@ -6,6 +6,7 @@
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::rpc::client;
+use crate::termsafe as term;
 use argh::{ArgsInfo, FromArgs};
 use serde_json::{json, Value};
 use std::io::Write;
@@ -157,7 +158,9 @@ struct ShowCmd {
 }
 
 #[derive(FromArgs, ArgsInfo)]
-/// Print a VM's console log; -f keeps following it.
+/// Print a VM's console log; -f keeps following it. Control characters and escape sequences
+/// from the guest are shown escaped (newlines, tabs and colours are kept); --raw prints the
+/// console as it is.
 #[argh(subcommand, name = "logs")]
 struct LogsCmd {
     /// VM name or id
@@ -166,6 +169,9 @@ struct LogsCmd {
     /// keep printing new output until interrupted
     #[argh(switch, short = 'f')]
     follow: bool,
+    /// print the console's bytes unescaped (the guest's escape sequences reach your terminal)
+    #[argh(switch)]
+    raw: bool,
 }
 
 /// Validates a VM name as the daemon will: 1–63 of a-z, 0-9, '-', no leading/trailing '-'.
@@ -254,7 +260,7 @@ pub fn run(c: VmCmd) -> Result<i32> {
                 "creating a VM",
                 &target,
             )?;
-            println!("{}", summary(&v));
+            println!("{}", term::plain(&summary(&v)));
             Ok(0)
         }
         VmSub::Run(c) => super::run::run(c),
@@ -270,7 +276,7 @@ pub fn run(c: VmCmd) -> Result<i32> {
                 &format!("stopping VM `{}`", s.vm),
                 &s.vm,
             )?;
-            println!("{}", summary(&v));
+            println!("{}", term::plain(&summary(&v)));
             Ok(0)
         }
         VmSub::Kill(k) => {
@@ -281,7 +287,7 @@ pub fn run(c: VmCmd) -> Result<i32> {
                 json!({"vm": k.vm, "signal": k.signal}),
                 &format!("signalling VM `{}`", k.vm),
             )?;
-            println!("{}", summary(&v));
+            println!("{}", term::plain(&summary(&v)));
             Ok(0)
         }
         VmSub::Delete(d) => {
@@ -290,7 +296,7 @@ pub fn run(c: VmCmd) -> Result<i32> {
             }
             let v = long_call("vm.delete", json!({"vms": d.vms}), "deleting VMs", "")?;
             for name in v["deleted"].as_array().into_iter().flatten() {
-                println!("deleted {}", name.as_str().unwrap_or("?"));
+                println!("deleted {}", term::plain(name.as_str().unwrap_or("?")));
             }
             Ok(0)
         }
@@ -310,7 +316,7 @@ pub fn run(c: VmCmd) -> Result<i32> {
             } else {
                 let v: Value = serde_json::from_str(raw.get())
                     .map_err(|e| Error::new("reading the daemon's VM list", e))?;
-                print!("{}", table(&v["vms"]));
+                print!("{}", term::plain(&table(&v["vms"])));
             }
             Ok(0)
         }
@@ -323,17 +329,17 @@ pub fn run(c: VmCmd) -> Result<i32> {
             if s.json {
                 println!("{v}");
             } else {
-                print!("{}", details(&v));
+                print!("{}", term::plain(&details(&v)));
             }
             Ok(0)
         }
-        VmSub::Logs(l) => logs(&l.vm, l.follow),
+        VmSub::Logs(l) => logs(&l.vm, l.follow, l.raw),
     }
 }
 
 fn one_long(method: &str, vm: &str, verb: &str) -> Result<i32> {
     let v = long_call(method, json!({"vm": vm}), &format!("{verb} VM `{vm}`"), vm)?;
-    println!("{}", summary(&v));
+    println!("{}", term::plain(&summary(&v)));
     Ok(0)
 }
 
@@ -418,7 +424,16 @@ fn details(v: &Value) -> String {
     out
 }
 
-fn logs(vm: &str, follow: bool) -> Result<i32> {
+/// What `vm logs` prints of a chunk of console text: escaped for the terminal unless `raw`.
+fn console_text(data: &str, raw: bool) -> std::borrow::Cow<'_, str> {
+    if raw {
+        std::borrow::Cow::Borrowed(data)
+    } else {
+        term::console(data)
+    }
+}
+
+fn logs(vm: &str, follow: bool, raw: bool) -> Result<i32> {
     let mut offset: u64 = 0;
     let mut out = std::io::stdout();
     loop {
@@ -429,16 +444,18 @@ fn logs(vm: &str, follow: bool) -> Result<i32> {
         )?;
         let data = v["data"].as_str().unwrap_or("");
         if !data.is_empty() {
-            let _ = out.write_all(data.as_bytes());
+            let _ = out.write_all(console_text(data, raw).as_bytes());
             let _ = out.flush();
         }
         offset = v["offset"].as_u64().unwrap_or(offset);
+        // The daemon answers in chunks: print all of it, then stop or wait for more.
+        if v["more"] == true && !data.is_empty() {
+            continue;
+        }
         if !follow {
             return Ok(0);
         }
-        if v["more"] != true {
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        std::thread::sleep(Duration::from_millis(250));
     }
 }
 
@@ -560,7 +577,7 @@ pub fn run_image(c: ImageCmd) -> Result<i32> {
                 &format!("importing image `{}`", i.name),
                 &i.name,
             )?;
-            println!("imported image {}", s(&v, "name"));
+            println!("imported image {}", term::plain(s(&v, "name")));
             Ok(0)
         }
         ImageSub::List(l) => {
@@ -568,7 +585,7 @@ pub fn run_image(c: ImageCmd) -> Result<i32> {
             if l.json {
                 println!("{}", v["images"]);
             } else {
-                print!("{}", image_table(&v["images"]));
+                print!("{}", term::plain(&image_table(&v["images"])));
             }
             Ok(0)
         }
@@ -644,7 +661,7 @@ pub fn run_kernel(c: KernelCmd) -> Result<i32> {
                 json!({"name": k.name, "path": path}),
                 &format!("importing kernel `{}`", k.name),
             )?;
-            println!("imported kernel {}", s(&v, "name"));
+            println!("imported kernel {}", term::plain(s(&v, "name")));
             Ok(0)
         }
         KernelSub::List(l) => {
@@ -654,7 +671,8 @@ pub fn run_kernel(c: KernelCmd) -> Result<i32> {
             } else {
                 println!("{:<20} PATH", "NAME");
                 for k in v["kernels"].as_array().into_iter().flatten() {
-                    println!("{:<20} {}", s(k, "name"), s(k, "path"));
+                    let row = format!("{:<20} {}", s(k, "name"), s(k, "path"));
+                    println!("{}", term::plain(&row));
                 }
             }
             Ok(0)
@@ -692,6 +710,16 @@ fn absolute(p: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logs_escape_unless_raw() {
+        let evil = "\x1b]0;t\x07\x1b[1mbold\x1b[0m\r\n";
+        assert_eq!(
+            console_text(evil, false),
+            "\\x1b]0;t\\x07\x1b[1mbold\x1b[0m\r\n"
+        );
+        assert_eq!(console_text(evil, true), evil);
+    }
 
     #[test]
     fn image_table_has_size_and_origin_columns() {
