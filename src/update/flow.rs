@@ -228,18 +228,20 @@ impl fmt::Display for Outcome {
 /// Runs `banger update` against `layout`.
 pub fn run(layout: &Layout, opts: &Options, seams: &Seams) -> Result<Outcome> {
     let running = Version::parse(&opts.running)?;
-    let _lock = if opts.is_root && !opts.check {
-        let lock = UpdateLock::acquire(layout)?;
+    // An interrupted update is finished or rolled back first (under the lock), even offline.
+    // Otherwise nothing on the host changes — not even the lock file — until the target is known
+    // and every refusal of steps 1-4 has had its say: the lock is taken just before staging.
+    // (An unreadable journal counts as pending: recovery reports it.)
+    let pending = !journal::Journal::read(layout).is_ok_and(|r| journal::is_finished(&r));
+    let mut lock = None;
+    if opts.is_root && !opts.check && pending {
+        lock = Some(UpdateLock::acquire(layout)?);
         if let Some(done) = recover_interrupted_update(layout, opts, seams)? {
             return Ok(done);
         }
-        Some(lock)
-    } else {
-        if opts.check && journal::Journal::read(layout).is_ok_and(|r| !journal::is_finished(&r)) {
-            (seams.say)("note: an interrupted update is pending; run sudo banger update to finish or roll it back");
-        }
-        None
-    };
+    } else if opts.check && pending {
+        (seams.say)("note: an interrupted update is pending; run sudo banger update to finish or roll it back");
+    }
     let target = fetch_manifest_and_choose_target(opts, seams, &running)?; // 1
     if opts.check {
         return Ok(report_check(&target)); // 2
@@ -249,6 +251,17 @@ pub fn run(layout: &Layout, opts: &Options, seams: &Seams) -> Result<Outcome> {
     }
     require_root_and_an_install(layout, opts, &target)?; // 3
     refuse_while_operations_in_flight(opts, seams)?; // 4
+    let _lock = match lock {
+        Some(l) => l,
+        None => {
+            let l = UpdateLock::acquire(layout)?;
+            // An update that crashed since we looked is handled before this one starts.
+            if let Some(done) = recover_interrupted_update(layout, opts, seams)? {
+                return Ok(done);
+            }
+            l
+        }
+    };
     let (staged, migrates) =
         match stage_verified_release(layout, opts, seams, &target) // 5
         .and_then(|s| sanity_run_staged_binary(seams, &s, &target).map(|m| (s, m))) // 6
@@ -1818,6 +1831,14 @@ mod tests {
                 "bangerd --check-migrations failed (exit 139)",
             ),
         ];
+        // Refused before staging (steps 1-4): not even the cache dir or the lock file appears.
+        let before_staging = [
+            "unknown --to",
+            "not root",
+            "busy",
+            "downgrade without --allow-downgrade",
+            "manifest schema_version 2",
+        ];
         for (name, setup, want) in cases {
             let h = Host::new("flow-refuse");
             let f = Fakes::new();
@@ -1827,6 +1848,13 @@ mod tests {
             let e = go(&h, &o, &f).unwrap_err().to_string();
             assert!(e.contains(want), "{name}: {e}");
             assert_eq!(h.snapshot(), before, "{name}: host changed");
+            if before_staging.contains(&name) {
+                assert!(
+                    !h.layout.cache_dir().exists(),
+                    "{name}: {} was created",
+                    lock_path(&h.layout).display()
+                );
+            }
             assert!(
                 f.services.calls().is_empty(),
                 "{name}: {:?}",
