@@ -1099,10 +1099,14 @@ pub fn lock_path(layout: &Layout) -> PathBuf {
 }
 
 /// An exclusive `flock` held for a whole update run: a second `banger update` refuses, and
-/// `banger doctor` tells an update in progress from one a crash left behind.
+/// `banger doctor` tells an update in progress from one a crash left behind. The lock file exists
+/// only while an update runs: it is removed (still locked) when the run ends, so a refused update
+/// leaves nothing behind, and a taker checks that the file it locked is still the one at the path
+/// (else a finishing update removed it under it, and it tries again).
 #[derive(Debug)]
 pub struct UpdateLock {
-    _file: File,
+    file: File,
+    path: PathBuf,
 }
 
 impl UpdateLock {
@@ -1111,23 +1115,43 @@ impl UpdateLock {
         let p = lock_path(layout);
         let what = || format!("locking {}", p.display());
         std::fs::create_dir_all(layout.cache_dir()).map_err(|e| Error::new(what(), e))?;
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&p)
-            .map_err(|e| Error::new(what(), e))?;
-        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => Ok(UpdateLock { _file: file }),
-            Err(rustix::io::Errno::WOULDBLOCK) => Err(Error::new(
-                "starting banger update",
-                "another banger update is running",
-            )
-            .hint("wait for it to finish")),
-            Err(e) => Err(Error::new(what(), e)),
+        for _ in 0..10 {
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o644)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&p)
+                .map_err(|e| Error::new(what(), e))?;
+            match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => {}
+                Err(rustix::io::Errno::WOULDBLOCK) => {
+                    return Err(Error::new(
+                        "starting banger update",
+                        "another banger update is running",
+                    )
+                    .hint("wait for it to finish"))
+                }
+                Err(e) => return Err(Error::new(what(), e)),
+            }
+            let held = rustix::fs::fstat(&file).map_err(|e| Error::new(what(), e))?;
+            match rustix::fs::lstat(&p) {
+                Ok(st) if (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino) => {
+                    return Ok(UpdateLock { file, path: p });
+                }
+                _ => continue,
+            }
         }
+        Err(Error::new(what(), "the lock file kept being replaced").hint("try again"))
+    }
+}
+
+impl Drop for UpdateLock {
+    fn drop(&mut self) {
+        // Removed while still held: a waiter that opened it re-checks the path and starts over.
+        let _ = std::fs::remove_file(&self.path);
+        let _ = rustix::fs::flock(&self.file, rustix::fs::FlockOperation::Unlock);
     }
 }
 
@@ -1848,6 +1872,10 @@ mod tests {
             let e = go(&h, &o, &f).unwrap_err().to_string();
             assert!(e.contains(want), "{name}: {e}");
             assert_eq!(h.snapshot(), before, "{name}: host changed");
+            assert!(
+                !lock_path(&h.layout).exists(),
+                "{name}: the lock file was left behind"
+            );
             if before_staging.contains(&name) {
                 assert!(
                     !h.layout.cache_dir().exists(),
@@ -2199,6 +2227,12 @@ mod tests {
         assert!(e.contains("another banger update is running"), "{e}");
         drop(_held);
         assert!(!update_in_progress(&h.layout));
+        assert!(!lock_path(&h.layout).exists(), "a released lock leaves its file");
+        // A lock file a killed update left behind (no process holds it) is taken over.
+        std::fs::write(lock_path(&h.layout), b"").unwrap();
+        go(&h, &h.opts(), &Fakes::new()).unwrap();
+        h.assert_exactly(NEW_BIN, "after taking over a stale lock file");
+        assert!(!lock_path(&h.layout).exists(), "a finished update leaves its lock file");
     }
 
     #[test]
