@@ -98,7 +98,7 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
 /// `n` bytes the way [`parse_size`] reads them back (`16M`, `512K`, `1000`).
 pub fn format_size(n: u64) -> String {
     for (shift, unit) in [(30, "G"), (20, "M"), (10, "K")] {
-        if n >= 1 << shift && n % (1 << shift) == 0 {
+        if n >= 1 << shift && n.is_multiple_of(1 << shift) {
             return format!("{}{unit}", n >> shift);
         }
     }

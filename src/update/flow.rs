@@ -2227,12 +2227,18 @@ mod tests {
         assert!(e.contains("another banger update is running"), "{e}");
         drop(_held);
         assert!(!update_in_progress(&h.layout));
-        assert!(!lock_path(&h.layout).exists(), "a released lock leaves its file");
+        assert!(
+            !lock_path(&h.layout).exists(),
+            "a released lock leaves its file"
+        );
         // A lock file a killed update left behind (no process holds it) is taken over.
         std::fs::write(lock_path(&h.layout), b"").unwrap();
         go(&h, &h.opts(), &Fakes::new()).unwrap();
         h.assert_exactly(NEW_BIN, "after taking over a stale lock file");
-        assert!(!lock_path(&h.layout).exists(), "a finished update leaves its lock file");
+        assert!(
+            !lock_path(&h.layout).exists(),
+            "a finished update leaves its lock file"
+        );
     }
 
     #[test]
