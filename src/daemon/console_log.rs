@@ -26,8 +26,9 @@
 //! lands at its old offset, leaving a hole (no disk blocks) before it. So a log's size here is
 //! the smaller of its length and its allocated bytes, and the copy starts at the first data after
 //! the hole (`SEEK_DATA`): the disk space stays bounded; the file's length can read larger.
-//! Firecracker's own log has no rate limiter (a guest can make it log a warning per bad port
-//! access), so only the rotation bounds it.
+//! Firecracker's own log is bounded by Firecracker itself: v1.16.1 rate-limits its warnings and
+//! errors per call site (10 per 5 s); a guest writing to an unmapped port in a tight loop grew
+//! `firecracker.log` by 1.2 KB in 3 s here. The rotation bounds it like the console.
 
 use crate::error::{Context, Error, Result};
 use crate::layout::Layout;
