@@ -7,6 +7,9 @@
 //! and so on. So every such string goes through this module before it reaches stdout or stderr:
 //!
 //! - [`plain`]: keeps newlines and tabs; every other control character is shown escaped.
+//! - [`json`]: JSON text (`--json` output) with the characters JSON encoders leave raw inside
+//!   strings (DEL, C1, bidi controls) written as `\uNNNN` escapes: the same JSON value, inert on a
+//!   terminal.
 //! - [`console`] (for `banger vm logs`): also keeps `\r\n` line ends and colour (SGR) sequences
 //!   `ESC [ <digits ; :> m`; every other escape sequence, a lone `\r`, BEL and the rest are
 //!   shown escaped.
@@ -49,6 +52,25 @@ pub fn plain(s: &str) -> Cow<'_, str> {
     for c in s.chars() {
         if dangerous(c) && c != '\n' && c != '\t' {
             push_escaped(&mut out, c);
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// JSON text with every control character but the JSON whitespace `\n`, `\t`, `\r` written as a
+/// `\uNNNN` escape (inside a string that is the same character; valid JSON has no other raw
+/// control characters outside strings).
+pub fn json(s: &str) -> Cow<'_, str> {
+    let bad = |c: char| dangerous(c) && !matches!(c, '\n' | '\t' | '\r');
+    if !s.chars().any(bad) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        if bad(c) {
+            let _ = write!(out, "\\u{:04x}", c as u32);
         } else {
             out.push(c);
         }
@@ -139,6 +161,25 @@ mod tests {
     }
 
     #[test]
+    fn json_is_the_same_value_made_inert() {
+        let v = serde_json::json!({"boot_id": "a\u{9b}2J\u{7f}\u{202e}b", "n": 1});
+        let text = serde_json::to_string(&v).unwrap();
+        assert!(
+            text.contains('\u{9b}'),
+            "serde_json leaves C1 raw: {text:?}"
+        );
+        let safe = json(&text);
+        assert_eq!(safe, r#"{"boot_id":"a\u009b2J\u007f\u202eb","n":1}"#);
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&safe).unwrap(), v);
+        let pretty = serde_json::to_string_pretty(&v).unwrap();
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&json(&pretty)).unwrap(),
+            v
+        );
+        assert!(matches!(json("{\"a\": \"b\"}\n"), Cow::Borrowed(_)));
+    }
+
+    #[test]
     fn console_table() {
         for (input, want) in [
             ("boot ok\r\n", "boot ok\r\n"),
@@ -213,8 +254,20 @@ mod tests {
             .all(|c| out.any(|o| o == c))
     }
 
+    /// As src/proptests.rs: `PROPTEST_CASES` cases (default 64), nothing persisted in the tree.
+    fn config() -> ProptestConfig {
+        ProptestConfig {
+            cases: std::env::var("PROPTEST_CASES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(64),
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(512))]
+        #![proptest_config(config())]
 
         #[test]
         fn console_never_lets_a_command_through(s in "(\\PC|[\\x00-\\x1f\\x7f\\u{80}-\\u{9f}\\u{202e}]|\\x1b\\[[0-9;:]{0,4}[mHJK]?)*") {
@@ -222,6 +275,16 @@ mod tests {
             prop_assert!(console_safe(&out).is_ok(), "{:?} -> {:?}: {:?}", s, out, console_safe(&out));
             // Nothing is dropped: every printable character is still there, in order.
             prop_assert!(printable_kept(&s, &out), "{:?} -> {:?}", s, out);
+        }
+
+        #[test]
+        fn json_keeps_the_value_and_no_control(s in "(\\PC|[\\x00-\\x1f\\x7f\\u{80}-\\u{9f}\\u{2066}])*") {
+            let v = serde_json::json!({"s": s, "list": [s]});
+            for text in [serde_json::to_string(&v).unwrap(), serde_json::to_string_pretty(&v).unwrap()] {
+                let out = json(&text);
+                prop_assert!(!out.chars().any(|c| dangerous(c) && !matches!(c, '\n' | '\t' | '\r')), "{:?}", out);
+                prop_assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap(), v.clone());
+            }
         }
 
         #[test]

@@ -57,7 +57,7 @@ pub fn run(c: DaemonCmd) -> Result<i32> {
             let v = client::call(&layout.daemon_socket(), "daemon.status", json!({}))
                 .map_err(|e| e.into_error("asking the daemon for its status"))?;
             if s.json {
-                println!("{v}");
+                println!("{}", crate::termsafe::json(&v.to_string()));
             } else {
                 print!("{}", crate::termsafe::plain(&render_status(&v)));
             }

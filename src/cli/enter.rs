@@ -283,7 +283,10 @@ pub fn ports(c: PortsCmd) -> Result<i32> {
         }
     }
     if c.json {
-        println!("{}", json!({"ports": all}));
+        println!(
+            "{}",
+            crate::termsafe::json(&json!({"ports": all}).to_string())
+        );
     } else {
         // Process names come from the guest.
         print!("{}", crate::termsafe::plain(&ports_table(&all)));

@@ -312,7 +312,7 @@ pub fn run(c: VmCmd) -> Result<i32> {
                 }
                 let l: List<'_> = serde_json::from_str(raw.get())
                     .map_err(|e| Error::new("reading the daemon's VM list", e))?;
-                println!("{}", l.vms.get());
+                println!("{}", term::json(l.vms.get()));
             } else {
                 let v: Value = serde_json::from_str(raw.get())
                     .map_err(|e| Error::new("reading the daemon's VM list", e))?;
@@ -327,7 +327,7 @@ pub fn run(c: VmCmd) -> Result<i32> {
                 &format!("showing VM `{}`", s.vm),
             )?;
             if s.json {
-                println!("{v}");
+                println!("{}", term::json(&v.to_string()));
             } else {
                 print!("{}", term::plain(&details(&v)));
             }
@@ -583,7 +583,7 @@ pub fn run_image(c: ImageCmd) -> Result<i32> {
         ImageSub::List(l) => {
             let v = call("image.list", json!({}), "listing images")?;
             if l.json {
-                println!("{}", v["images"]);
+                println!("{}", term::json(&v["images"].to_string()));
             } else {
                 print!("{}", term::plain(&image_table(&v["images"])));
             }
@@ -667,7 +667,7 @@ pub fn run_kernel(c: KernelCmd) -> Result<i32> {
         KernelSub::List(l) => {
             let v = call("kernel.list", json!({}), "listing kernels")?;
             if l.json {
-                println!("{}", v["kernels"]);
+                println!("{}", term::json(&v["kernels"].to_string()));
             } else {
                 println!("{:<20} PATH", "NAME");
                 for k in v["kernels"].as_array().into_iter().flatten() {
