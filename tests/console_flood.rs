@@ -4,9 +4,13 @@
 //! under a small `[vm] console_log_max` keeps `console.log` and `console.log.1` under the cap,
 //! is rotated, and keeps running.
 //!
+//! Also, at the VMM API: `PUT /serial`'s rate limiter bounds what the flooding guest gets into its
+//! console. And `banger vm logs` / errors show a guest's control sequences escaped (finding 7).
+//!
 //! Against the stand-in VMM (which runs no guest code, so the flood is the one it produces for the
 //! flood kernel, through the rate limiter banger configures), or with `BANGER_TEST_FIRECRACKER` a
-//! real Firecracker running the flooding guest itself.
+//! real Firecracker running the flooding guest itself. The tests here take one lock: a flooding
+//! guest keeps a host CPU busy, and on a small machine two at once starve each other's VMMs.
 
 mod common;
 #[path = "guest/mod.rs"]
@@ -17,7 +21,20 @@ use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Output;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use banger::agent;
+use banger::vmm::api::{wait_for_socket, Client};
+use banger::vmm::models::{
+    BootSource, InstanceState, MachineConfiguration, SerialDevice, TokenBucket,
+};
+
+/// One VM test of this file at a time (see the module doc).
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 const READY: &str = "banger-guest: ready boot_id=";
 const CAP: u64 = 64 << 10;
@@ -149,6 +166,7 @@ impl Host {
 
 #[test]
 fn a_flooding_guest_keeps_its_logs_under_the_cap_and_keeps_running() {
+    let _one = one_at_a_time();
     let Some(h) = Host::new(
         "a_flooding_guest_keeps_its_logs_under_the_cap_and_keeps_running",
         "flood",
@@ -223,6 +241,7 @@ fn a_flooding_guest_keeps_its_logs_under_the_cap_and_keeps_running() {
 
 #[test]
 fn vm_logs_and_errors_show_guest_control_sequences_escaped() {
+    let _one = one_at_a_time();
     let Some(h) = Host::new(
         "vm_logs_and_errors_show_guest_control_sequences_escaped",
         "escape",
@@ -278,4 +297,182 @@ fn vm_logs_and_errors_show_guest_control_sequences_escaped() {
     assert!(err.contains("\\x1b]0;pwned\\x07"), "{err:?}");
     assert!(!err.contains('\x1b') && !err.contains('\x07'), "{err:?}");
     h.ok(&["vm", "stop", "e", "--timeout", "10"]);
+}
+
+/// A bare VMM process (no daemon) in a scratch directory, killed on drop.
+struct Vmm {
+    child: std::process::Child,
+    api: Client,
+    dir: TempDir,
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Vmm {
+    fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+/// Boots the flooding guest with its serial console going to `serial.out` under `limit`; returns
+/// the VMM and that file once the readiness line is in it.
+fn boot_flood(bin: &Path, limit: Option<TokenBucket>) -> (Vmm, PathBuf) {
+    let dir = TempDir::new("flood-vmm");
+    let sock = dir.0.join("api.sock");
+    let child = std::process::Command::new(bin)
+        .arg("--api-sock")
+        .arg(&sock)
+        .args(["--id", "flood"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
+    wait_for_socket(&sock, Duration::from_secs(10)).unwrap();
+    let vmm = Vmm {
+        child,
+        api: Client::new(&sock).with_timeout(Duration::from_secs(10)),
+        dir,
+    };
+    let kernel = guest::build_flood_guest(&vmm.dir.0).unwrap();
+    vmm.api
+        .put_boot_source(&BootSource {
+            kernel_image_path: kernel,
+            boot_args: Some("console=ttyS0 reboot=k panic=1".into()),
+            initrd_path: None,
+        })
+        .unwrap();
+    vmm.api
+        .put_machine_config(&MachineConfiguration {
+            vcpu_count: 1,
+            mem_size_mib: 128,
+            smt: None,
+            track_dirty_pages: None,
+            cpu_template: None,
+            huge_pages: None,
+        })
+        .unwrap();
+    let out = vmm.dir.0.join("serial.out");
+    vmm.api
+        .put_serial(&SerialDevice {
+            serial_out_path: Some(out.clone()),
+            rate_limiter: limit,
+        })
+        .unwrap();
+    vmm.api.instance_start().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read(&out).unwrap_or_default();
+        if String::from_utf8_lossy(&text)
+            .lines()
+            .any(|l| agent::parse_ready_line(l).is_some())
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no readiness line in {} within 30s: {:?}",
+            out.display(),
+            String::from_utf8_lossy(&text[..text.len().min(300)])
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (vmm, out)
+}
+
+#[test]
+fn serial_rate_limiter_bounds_a_flooding_guest() {
+    let _one = one_at_a_time();
+    let (bin, standin) = match find_vmm() {
+        Ok(v) => v,
+        Err(why) => {
+            eprintln!("SKIP: serial_rate_limiter_bounds_a_flooding_guest: {why}");
+            return;
+        }
+    };
+    if standin {
+        println!("note: the stand-in runs no guest code: its flood is the one it produces for the flood kernel");
+    }
+    // 256 bytes per second, bucket of 256, no burst.
+    let rate = 256u64;
+    // Unlimited first: the flood is real and far above that limit (each byte is a VM exit, so a
+    // real Firecracker on a slow, loaded /dev/kvm manages a few KiB/s; the stand-in offers
+    // 400 KiB/s).
+    let (mut vmm, out) = boot_flood(&bin, None);
+    let (t0, n0) = (Instant::now(), size(&out));
+    std::thread::sleep(Duration::from_secs(2));
+    let unlimited = size(&out) - n0;
+    let secs = t0.elapsed().as_secs_f64();
+    assert!(
+        unlimited as f64 > 4.0 * rate as f64 * secs,
+        "the flooding guest wrote only {unlimited} bytes in {secs:.1}s without a limiter"
+    );
+    println!(
+        "unlimited flood: {:.1} KiB/s",
+        unlimited as f64 / 1024.0 / secs
+    );
+    vmm.api.send_ctrl_alt_del().unwrap();
+    assert!(
+        vmm.wait_exit(Duration::from_secs(20)).is_some(),
+        "flooding guest did not stop"
+    );
+    drop(vmm);
+
+    // Limited: after the starting budget, the console grows by at most `rate` per second of wall
+    // time (a slower machine only writes less), and the guest keeps running.
+    let (mut vmm, out) = boot_flood(
+        &bin,
+        Some(TokenBucket {
+            one_time_burst: None,
+            refill_time: 1000,
+            size: rate,
+        }),
+    );
+    let (t0, n0) = (Instant::now(), size(&out));
+    std::thread::sleep(Duration::from_secs(3));
+    let grown = size(&out) - n0;
+    let secs = t0.elapsed().as_secs_f64();
+    // Whatever was left in the bucket at t0 (at most its size) plus the refill since.
+    let bound = rate + (rate as f64 * secs) as u64 + 8;
+    assert!(
+        grown <= bound,
+        "console grew {grown} bytes in {secs:.1}s, above the limiter's {bound}"
+    );
+    assert!(grown > 0, "the limited guest stopped writing");
+    println!("limited flood: {grown} bytes in {secs:.1}s (bound {bound})");
+    let text = String::from_utf8_lossy(&std::fs::read(&out).unwrap()).into_owned();
+    assert!(
+        text.contains("banger-guest: flood 0123"),
+        "no flood line in the console"
+    );
+    assert_eq!(
+        vmm.api.instance_info().unwrap().state,
+        InstanceState::Running
+    );
+    // Pre-boot only.
+    let e = vmm.api.put_serial(&SerialDevice::default()).unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(
+        e.fault_message()
+            .unwrap_or_default()
+            .contains("not supported after starting the microVM"),
+        "{e}"
+    );
+    vmm.api.send_ctrl_alt_del().unwrap();
+    let st = vmm
+        .wait_exit(Duration::from_secs(20))
+        .expect("flooding guest still running 20s after SendCtrlAltDel");
+    assert!(st.success(), "VMM exited with {st}");
 }
