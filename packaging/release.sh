@@ -6,6 +6,12 @@
 #   OUT/<version>/SHA256SUMS                            GNU sha256sum format
 #   OUT/<version>/SHA256SUMS.sig                        base64 DER ECDSA P-256/SHA-256 over SHA256SUMS
 #   OUT/manifest.json                                   schema_version 1, releases merged by version
+#   OUT/install.sh                                      packaging/install.sh (the verifying installer)
+#
+# install.sh verifies releases against the keys embedded in it, so they must be the keys compiled
+# into the binary (`banger --release-keys`, from src/update/signature.rs): the builder compares
+# their fingerprints and refuses to publish anything when they differ. A --binary that is a script
+# (a test stand-in, not a banger build) has no keys to compare: it is released without install.sh.
 #
 # The signature is `openssl dgst -sha256 -sign KEY | base64 -w0`: the same bytes `cosign sign-blob`
 # produces, and what banger's verifier (src/update/signature.rs) checks.
@@ -18,15 +24,18 @@ usage() {
 usage: $prog --version vX.Y.Z --out DIR --key KEY.pem [options]
        $prog --key KEY.pem --print-pubkey
 
-Builds (or takes with --binary) a banger binary stamped with the version, packs it, writes
-SHA256SUMS, signs it with the ECDSA P-256 key, and writes/merges DIR/manifest.json.
+Builds (or takes with --binary) a banger binary stamped with the version, checks that the keys
+embedded in packaging/install.sh are the binary's (banger --release-keys), packs it, writes
+SHA256SUMS, signs it with the ECDSA P-256 key, writes/merges DIR/manifest.json and publishes
+install.sh as DIR/install.sh.
 
 options:
   --version V      release version (v prefix added if missing), e.g. v0.2.0
   --out DIR        release directory (served as-is over HTTP)
   --key KEY.pem    ECDSA P-256 private key (PEM) used to sign SHA256SUMS
   --gen-key        generate KEY.pem first (refuses to overwrite); also writes its public half
-                   next to it (KEY.pub.pem) — embed that in src/update/signature.rs
+                   next to it (KEY.pub.pem) — embed that in src/update/signature.rs and in
+                   packaging/install.sh (RELEASE_KEYS)
   --print-pubkey   print the public key PEM of --key and exit
   --binary PATH    package this file instead of building (tests)
   --profile NAME   cargo profile to build with (default: release; "dev" for a quick build)
@@ -126,6 +135,56 @@ print(exe)
 fi
 [[ -f $binary ]] || die "--binary $binary is not a file"
 
+# --- install.sh's keys must be the binary's -------------------------------------------------------
+install_sh=$(cd "$(dirname "$0")" && pwd)/install.sh
+[[ -f $install_sh ]] || die "$install_sh not found (it is published beside manifest.json)"
+
+# fingerprints FILE PREFIX: SHA256:<hex> of each PUBLIC KEY block in FILE, sorted, one a line.
+fingerprints() {
+	local f hex
+	while IFS= read -r f; do
+		[[ -n $f ]] || continue
+		hex=$(openssl pkey -pubin -in "$f" -outform DER 2>/dev/null | sha256sum) ||
+			die "$1: a PUBLIC KEY block openssl cannot read"
+		echo "SHA256:${hex%% *}"
+	done < <(awk -v p="$2" '
+		/-----BEGIN PUBLIC KEY-----/ { n++; f = p "." n ".pem"; sub(/^.*-----BEGIN/, "-----BEGIN") }
+		f != "" { print > f }
+		/-----END PUBLIC KEY-----/ { if (f != "") { close(f); print f }; f = "" }' "$1") | sort
+}
+
+publish_install_sh=1
+"$binary" --release-keys >"$work/binary-keys" 2>"$work/binary-keys.err" || true
+header=$(head -n1 "$work/binary-keys")
+if [[ $header =~ ^banger\ release\ keys:\ ([0-9]+) ]]; then
+	want_n=${BASH_REMATCH[1]}
+	bin_fps=$(fingerprints "$work/binary-keys" "$work/bk")
+	[[ $(grep -c . <<<"$bin_fps" || true) == "$want_n" ]] ||
+		die "$binary --release-keys says $want_n keys but prints $(grep -c . <<<"$bin_fps" || true) PEM blocks"
+	[[ $(grep -c '^# BEGIN RELEASE KEYS$' "$install_sh") == 1 && $(grep -c '^# END RELEASE KEYS$' "$install_sh") == 1 ]] ||
+		die "$install_sh must hold exactly one '# BEGIN RELEASE KEYS' ... '# END RELEASE KEYS' block"
+	sed -n '/^# BEGIN RELEASE KEYS$/,/^# END RELEASE KEYS$/p' "$install_sh" >"$work/script-keys"
+	script_fps=$(fingerprints "$work/script-keys" "$work/sk")
+	if [[ $bin_fps != "$script_fps" ]]; then
+		die "refusing to publish: the keys embedded in $install_sh differ from the keys compiled into $binary
+  binary (banger --release-keys, src/update/signature.rs): ${bin_fps:-none (PLACEHOLDER)}
+  install.sh (RELEASE_KEYS):                              ${script_fps:-none}
+  (put the same public key PEM(s) in both: RELEASE_KEYS in packaging/install.sh, EMBEDDED_KEY_CURRENT/NEXT in src/update/signature.rs)"
+	fi
+	if [[ -z $bin_fps ]]; then
+		echo "$prog: warning: $binary embeds no release key (PLACEHOLDER): it and install.sh verify no release without a test key" >&2
+	fi
+	default_base=$(sed -n 's/^DEFAULT_BASE_URL=//p' "$install_sh")
+	if [[ -n $base_url && ${base_url%/} != "$default_base" ]]; then
+		echo "$prog: warning: install.sh reads releases from $default_base by default, not from --base-url $base_url" >&2
+	fi
+elif [[ $(head -c2 "$binary") == '#!' ]]; then
+	echo "$prog: warning: --binary $binary is a script, not a banger build: it has no keys to compare, so install.sh is not published with it" >&2
+	publish_install_sh=0
+else
+	die "cannot compare release keys: '$binary --release-keys' did not print them ($(head -n1 "$work/binary-keys.err" 2>/dev/null)${header:+; it printed: $header}); is it a banger build from this source?"
+fi
+
 mkdir -p "$rel_dir"
 install -m 0755 "$binary" "$work/banger"
 tar --format=gnu --owner=0 --group=0 --numeric-owner --mtime="@${SOURCE_DATE_EPOCH:-0}" \
@@ -141,6 +200,10 @@ openssl dgst -sha256 -verify "$work/pub.pem" -signature "$work/SHA256SUMS.der" "
 for f in "$tar_name" SHA256SUMS SHA256SUMS.sig; do
 	mv "$work/$f" "$rel_dir/$f"
 done
+if [[ $publish_install_sh == 1 ]]; then
+	install -m 0644 "$install_sh" "$out/install.sh.tmp"
+	mv "$out/install.sh.tmp" "$out/install.sh"
+fi
 
 if [[ -n $base_url ]]; then
 	prefix="${base_url%/}/$version"

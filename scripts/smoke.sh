@@ -44,6 +44,8 @@ source "$REPO_ROOT/scripts/smoke/update.sh"
 source "$REPO_ROOT/scripts/smoke/net.sh"
 # shellcheck source=scripts/smoke/guest.sh
 source "$REPO_ROOT/scripts/smoke/guest.sh"
+# shellcheck source=scripts/smoke/install.sh
+source "$REPO_ROOT/scripts/smoke/install.sh"
 
 # --- runner ----------------------------------------------------------------------------------------
 

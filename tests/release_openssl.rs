@@ -64,6 +64,9 @@ fn builder_signatures_verify_with_banger_and_openssl() {
         ],
     ));
     let rel = dir.join("out/v0.9.1");
+    // A script payload is no banger build: it has no keys to check install.sh against, so the
+    // release is made without install.sh.
+    assert!(!dir.join("out/install.sh").exists());
     let tar_name = "banger-v0.9.1-linux-amd64.tar.gz";
     let sums_bytes = std::fs::read(rel.join("SHA256SUMS")).unwrap();
     let sig = std::fs::read(rel.join("SHA256SUMS.sig")).unwrap();
@@ -215,6 +218,217 @@ fn builder_signatures_verify_with_banger_and_openssl() {
         ],
     );
     assert!(!e.status.success());
+}
+
+/// A copy of the release builder and the installer in `dir/packaging/`, the installer's
+/// RELEASE_KEYS block holding `keys` (PEM text; empty = no key, the placeholder state).
+fn packaging_copy(dir: &Path, keys: &str) -> PathBuf {
+    let pk = dir.join("packaging");
+    std::fs::create_dir_all(&pk).unwrap();
+    std::fs::copy(script(), pk.join("release.sh")).unwrap();
+    let install = std::fs::read_to_string(installer()).unwrap();
+    let (begin, end) = ("# BEGIN RELEASE KEYS\n", "# END RELEASE KEYS\n");
+    let (Some(b), Some(e)) = (install.find(begin), install.find(end)) else {
+        panic!("packaging/install.sh has no {begin:?} ... {end:?} block");
+    };
+    std::fs::write(
+        pk.join("install.sh"),
+        format!(
+            "{}{begin}RELEASE_KEYS='{keys}'\n{}",
+            &install[..b],
+            &install[e..]
+        ),
+    )
+    .unwrap();
+    pk.join("release.sh")
+}
+
+fn installer() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/install.sh")
+}
+
+/// A stand-in "banger" that answers `--release-keys` the way a build embedding `pems` would.
+fn keys_binary(path: &Path, n: usize, pems: &str) {
+    std::fs::write(
+        path,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = --release-keys ] || exit 3\ncat <<'KEYS'\nbanger release keys: {n}\n{pems}KEYS\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+fn run_builder(
+    builder: &Path,
+    dir: &Path,
+    out: &str,
+    version: &str,
+    binary: &Path,
+) -> std::process::Output {
+    Command::new("bash")
+        .arg(builder)
+        .args([
+            "--version",
+            version,
+            "--out",
+            out,
+            "--key",
+            "key.pem",
+            "--binary",
+        ])
+        .arg(binary)
+        .current_dir(dir)
+        .output()
+        .expect("running bash release.sh")
+}
+
+/// The release builder publishes install.sh only when the keys embedded in it are the keys
+/// compiled into the binary, and otherwise refuses before writing anything: no release directory,
+/// no manifest, no install.sh.
+#[test]
+fn builder_refuses_mismatched_installer_keys() {
+    if !have("openssl", "version") {
+        println!("SKIP: openssl not found");
+        return;
+    }
+    let tmp = TempDir::new("keycheck");
+    let dir = &tmp.0;
+    ok(&release(
+        dir,
+        &["--key", "key.pem", "--gen-key", "--print-pubkey"],
+    ));
+    ok(&release(
+        dir,
+        &["--key", "other.pem", "--gen-key", "--print-pubkey"],
+    ));
+    let k = std::fs::read_to_string(dir.join("key.pub.pem")).unwrap();
+    let other = std::fs::read_to_string(dir.join("other.pub.pem")).unwrap();
+    let fp = |pem: &str| PublicKey::from_pem("k", pem).unwrap()[0].fingerprint();
+    let nothing_written = |out: &str| {
+        assert!(
+            !dir.join(out).exists(),
+            "{out} was written by a refused run"
+        );
+    };
+
+    // The real binary and the real installer agree (today both hold the PLACEHOLDER, no key):
+    // packaging/release.sh publishes packaging/install.sh as it is. (A stripped copy of the
+    // binary when strip is there: the same keys, a faster gzip.)
+    let banger = dir.join("banger");
+    let stripped = Command::new("strip")
+        .arg("-o")
+        .arg(&banger)
+        .arg(env!("CARGO_BIN_EXE_banger"))
+        .status()
+        .is_ok_and(|s| s.success());
+    if !stripped {
+        std::fs::copy(env!("CARGO_BIN_EXE_banger"), &banger).unwrap();
+    }
+    let banger = banger.as_path();
+    let o = Command::new("bash")
+        .arg(script())
+        .args([
+            "--version",
+            "v0.1.0",
+            "--out",
+            "out-repo",
+            "--key",
+            "key.pem",
+            "--binary",
+        ])
+        .arg(banger)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    ok(&o);
+    assert_eq!(
+        std::fs::read(dir.join("out-repo/install.sh")).unwrap(),
+        std::fs::read(installer()).unwrap(),
+        "the published install.sh is packaging/install.sh"
+    );
+    let same = packaging_copy(&dir.join("same"), "");
+
+    // The installer embeds a key the binary does not have.
+    let extra = packaging_copy(&dir.join("extra"), &k);
+    let o = run_builder(&extra, dir, "out-extra", "v0.1.0", banger);
+    assert!(!o.status.success(), "published with mismatched keys");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("refusing to publish: the keys embedded in"),
+        "{err}"
+    );
+    assert!(err.contains(&fp(&k)), "names the installer's key: {err}");
+    assert!(
+        err.contains("binary (banger --release-keys, src/update/signature.rs): "),
+        "names the binary's keys: {err}"
+    );
+    nothing_written("out-extra");
+
+    // The binary embeds a key the installer does not have.
+    let bin_k = dir.join("bin-k");
+    keys_binary(&bin_k, 1, &k);
+    let o = run_builder(&same, dir, "out-missing", "v0.1.0", &bin_k);
+    assert!(
+        !o.status.success(),
+        "published an installer without the binary's key"
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains(&fp(&k)));
+    nothing_written("out-missing");
+
+    // Different keys on each side.
+    let wrong = packaging_copy(&dir.join("wrong"), &other);
+    let o = run_builder(&wrong, dir, "out-wrong", "v0.1.0", &bin_k);
+    assert!(!o.status.success(), "published with a different key");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&fp(&k)) && err.contains(&fp(&other)), "{err}");
+    nothing_written("out-wrong");
+
+    // Rotation: two keys on both sides, in any order, match; one of two does not.
+    let bin_2 = dir.join("bin-2");
+    keys_binary(&bin_2, 2, &format!("{k}{other}"));
+    let both = packaging_copy(&dir.join("both"), &format!("{other}{k}"));
+    ok(&run_builder(&both, dir, "out-both", "v0.1.0", &bin_2));
+    assert!(dir.join("out-both/install.sh").is_file());
+    let o = run_builder(&extra, dir, "out-half", "v0.1.0", &bin_2);
+    assert!(!o.status.success(), "published with one of two keys");
+    nothing_written("out-half");
+
+    // The same key on both sides: published, and the published installer holds it.
+    ok(&run_builder(&extra, dir, "out-match", "v0.1.0", &bin_k));
+    let published = std::fs::read_to_string(dir.join("out-match/install.sh")).unwrap();
+    assert!(published.contains(k.trim()), "{published}");
+
+    // A binary whose answer is inconsistent, or an executable that cannot answer, is refused.
+    let liar = dir.join("bin-liar");
+    keys_binary(&liar, 2, &k);
+    let o = run_builder(&same, dir, "out-liar", "v0.1.0", &liar);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("says 2 keys but prints 1"));
+    nothing_written("out-liar");
+    let o = run_builder(&same, dir, "out-true", "v0.1.0", Path::new("/bin/true"));
+    assert!(
+        !o.status.success(),
+        "published with a binary that printed no keys"
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot compare release keys"));
+    nothing_written("out-true");
+}
+
+#[test]
+fn installer_is_shellcheck_clean() {
+    if !have("shellcheck", "--version") {
+        println!("SKIP: shellcheck not found");
+        return;
+    }
+    let out = Command::new("shellcheck")
+        .arg(installer())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]

@@ -57,6 +57,19 @@ pub fn run(args: Vec<String>) -> i32 {
     if args.len() == 2 && (args[1] == "--version" || args[1] == "-V") {
         return crate::applets::print_version();
     }
+    // Hidden: the release signing keys compiled in, for packaging/release.sh's check.
+    if args.len() == 2 && args[1] == "--release-keys" {
+        return match crate::update::signature::release_keys_report() {
+            Ok(text) => {
+                print!("{text}");
+                0
+            }
+            Err(e) => {
+                eprintln!("banger: {e}");
+                1
+            }
+        };
+    }
     let top: Top = match crate::applets::parse_args(&args) {
         Ok(t) => t,
         Err(code) => return code,

@@ -122,6 +122,19 @@ impl PublicKey {
         der
     }
 
+    /// The key as a SubjectPublicKeyInfo PEM block (64-column base64, what `openssl pkey -pubout`
+    /// writes).
+    pub fn pem(&self) -> String {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(self.spki_der());
+        let mut out = String::from("-----BEGIN PUBLIC KEY-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            out.push_str(&String::from_utf8_lossy(line));
+            out.push('\n');
+        }
+        out.push_str("-----END PUBLIC KEY-----\n");
+        out
+    }
+
     /// `SHA256:<hex>` of the key's DER SubjectPublicKeyInfo: the same as
     /// `openssl pkey -pubin -in KEY.pem -outform DER | sha256sum`.
     pub fn fingerprint(&self) -> String {
@@ -218,6 +231,41 @@ pub fn trusted_keys(source: &KeySource) -> Result<Vec<PublicKey>> {
             ("embedded next key", EMBEDDED_KEY_NEXT),
         ]),
         KeySource::File(p) => PublicKey::from_file(p),
+    }
+}
+
+/// Header line of [`release_keys_report`].
+pub const RELEASE_KEYS_HEADER: &str = "banger release keys:";
+
+/// What the hidden `banger --release-keys` prints: `banger release keys: N`, then the N keys this
+/// build trusts as PEM (a PLACEHOLDER build trusts none: N is 0). `packaging/release.sh` compares
+/// it with the keys embedded in `packaging/install.sh` and refuses to publish when they differ.
+pub fn release_keys_report() -> Result<String> {
+    report_from_consts(&[
+        ("embedded current key", EMBEDDED_KEY_CURRENT),
+        ("embedded next key", EMBEDDED_KEY_NEXT),
+    ])
+}
+
+fn report_from_consts(consts: &[(&str, &str)]) -> Result<String> {
+    match keys_from_consts(consts) {
+        Ok(keys) => {
+            let mut out = format!("{RELEASE_KEYS_HEADER} {}\n", keys.len());
+            for k in &keys {
+                out.push_str(&k.pem());
+            }
+            Ok(out)
+        }
+        Err(_)
+            if consts
+                .iter()
+                .any(|(_, pem)| pem.trim_start().starts_with(PLACEHOLDER_MARKER)) =>
+        {
+            Ok(format!(
+                "{RELEASE_KEYS_HEADER} 0 (this build has a PLACEHOLDER key and verifies no release)\n"
+            ))
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -402,6 +450,29 @@ WbRw/CnKLRN4z9OeZNxYv1Ub8RJZxNI9hGvwdCYtmjQSuPlkddJ1KNP9nKte7oXb
                 .len(),
             2
         );
+    }
+
+    /// `--release-keys` prints the keys as openssl writes them (so the release builder can compare
+    /// fingerprints), the count first; a placeholder build reports none; a broken key is an error.
+    #[test]
+    fn release_keys_report_lists_pems() {
+        assert_eq!(PublicKey::from_pem("k", K1).unwrap()[0].pem(), K1);
+        assert_eq!(
+            report_from_consts(&[("c", K1), ("n", K2)]).unwrap(),
+            format!("banger release keys: 2\n{K1}{K2}")
+        );
+        assert_eq!(
+            report_from_consts(&[("c", K1), ("n", "")]).unwrap(),
+            format!("banger release keys: 1\n{K1}")
+        );
+        assert_eq!(
+            report_from_consts(&[("c", "PLACEHOLDER: none"), ("n", "")]).unwrap(),
+            "banger release keys: 0 (this build has a PLACEHOLDER key and verifies no release)\n"
+        );
+        assert!(report_from_consts(&[("c", P384), ("n", "")]).is_err());
+        // This build's own answer is one of those shapes.
+        let own = release_keys_report().unwrap();
+        assert!(own.starts_with("banger release keys: "), "{own}");
     }
 
     fn b64(bytes: &[u8]) -> Vec<u8> {
