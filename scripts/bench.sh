@@ -27,5 +27,6 @@ file "$bin" 2>/dev/null | sed 's/^/file: /' || true
 
 BANGER_BENCH_BIN="$PWD/$bin" cargo bench --quiet --bench rpc
 BANGER_BENCH_BIN="$PWD/$bin" cargo bench --quiet --bench vm
+BANGER_BENCH_BIN="$PWD/$bin" cargo bench --quiet --bench snapshot
 # Needs root (prints SKIP otherwise): works inside a network namespace it creates.
 BANGER_BENCH_BIN="$PWD/$bin" cargo bench --quiet --bench net

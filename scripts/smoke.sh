@@ -46,6 +46,10 @@ source "$REPO_ROOT/scripts/smoke/net.sh"
 source "$REPO_ROOT/scripts/smoke/guest.sh"
 # shellcheck source=scripts/smoke/install.sh
 source "$REPO_ROOT/scripts/smoke/install.sh"
+# shellcheck source=scripts/smoke/snapshot.sh
+source "$REPO_ROOT/scripts/smoke/snapshot.sh"
+# shellcheck source=scripts/smoke/snapguest.sh
+source "$REPO_ROOT/scripts/smoke/snapguest.sh"
 
 # --- runner ----------------------------------------------------------------------------------------
 
@@ -157,7 +161,7 @@ main() {
     prepare_rootfs "$rebuild"
     local hook
     for hook in "${PREPARE_HOOKS[@]}"; do "$hook" "${names[@]}"; done
-    if [[ $bench == yes || " ${names[*]} " == *" update_"* || " ${names[*]} " == *" net_survives_restarts "* ]]; then
+    if [[ $bench == yes || " ${names[*]} " == *" update_"* || " ${names[*]} " == *" net_survives_restarts "* || " ${names[*]} " == *" restart_refuses_nobody "* ]]; then
         prepare_releases "$bench"
     fi
     log "rootfs $ROOTFS ($BENCH_ROOTFS_KIND, $(secs "$BENCH_ROOTFS_MS")); binary $BIN; VMM $VMM_HOST ($VMM_KIND)"

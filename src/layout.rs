@@ -122,6 +122,15 @@ impl Layout {
         self.vms_dir().join(id)
     }
 
+    /// `/var/lib/banger/snapshots`.
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.state_dir().join("snapshots")
+    }
+    /// `/var/lib/banger/snapshots/<id>`: one snapshot's vmstate, memory and disk clone.
+    pub fn snapshot_dir(&self, id: &str) -> PathBuf {
+        self.snapshots_dir().join(id)
+    }
+
     /// `/var/lib/banger/ssh`: banger's own SSH material (0700, the owner's).
     pub fn ssh_dir(&self) -> PathBuf {
         self.state_dir().join("ssh")

@@ -1,6 +1,6 @@
 //! Property tests (proptest) for the parsers that read bytes from outside the process: the RPC
 //! envelope, the release manifest, `SHA256SUMS`, signature and public-key decoding, release
-//! tarball staging, and `--version` output.
+//! tarball staging, `--version` output, and the guest agent's `reconfigure` request.
 //!
 //! Each property runs [`cases`] cases: 64 under `cargo test`, `PROPTEST_CASES` when set
 //! (`scripts/fuzz.sh` runs each in a loop for a bounded time). Properties say what must always
@@ -468,6 +468,114 @@ mod version_output {
             }
             if let Some(v) = parse_one_line_version(&text) {
                 prop_assert!(!v.chars().any(char::is_whitespace));
+            }
+        }
+    }
+}
+
+mod agent_reconfigure {
+    use super::*;
+    use crate::agent::reconfigure::{Configurer, Deferred, Reconfigure, Validated};
+    use crate::agent::{handle_line, AgentEnv};
+    use serde_json::{json, Value};
+    use std::sync::{Arc, Mutex};
+
+    /// Counts what reached the guest.
+    #[derive(Debug, Default)]
+    struct Count(Mutex<Vec<Validated>>);
+
+    impl Configurer for Count {
+        fn apply(&self, v: &Validated, _defer: bool) -> Result<Option<Deferred>, String> {
+            self.0.lock().unwrap().push(v.clone());
+            Ok(None)
+        }
+    }
+
+    const KEY_LINE: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILf5oszbHqEb+6X3j8hlzlMXxaLuKBJTgVM/l0kQlrAO o";
+
+    /// Fields that are often almost valid.
+    fn field() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            "[a-z0-9-]{0,10}".prop_map(Value::from),
+            "(10|172|192|8|127)\\.[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}(/[0-9]{1,3})?"
+                .prop_map(Value::from),
+            "[0-9a-fA-F]{1,2}(:[0-9a-fA-F]{1,3}){4,6}".prop_map(Value::from),
+            Just(Value::from(base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                KEY_LINE
+            ))),
+            "[ -~]{0,20}".prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            Just(Value::Null),
+        ]
+    }
+
+    fn request() -> impl Strategy<Value = Vec<u8>> {
+        let names = ["name", "ip", "gateway", "mac", "key", "extra"];
+        prop_oneof![
+            proptest::collection::vec((0usize..6, field()), 0..7).prop_map(move |kv| {
+                let params: serde_json::Map<String, Value> =
+                    kv.into_iter().map(|(k, v)| (names[k].to_string(), v)).collect();
+                json!({"method": "reconfigure", "params": params}).to_string().into_bytes()
+            }),
+            // A valid request with at most one field replaced: both outcomes are exercised.
+            (proptest::option::of((0usize..6, field())), 1u8..200).prop_map(move |(edit, host)| {
+                let mut p = json!({
+                    "name": "clone-1",
+                    "ip": format!("10.0.0.{host}/24"),
+                    "gateway": "10.0.0.254",
+                    "mac": "02:00:00:00:00:01",
+                    "key": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, KEY_LINE),
+                });
+                if let Some((k, v)) = edit {
+                    p[names[k]] = v;
+                }
+                json!({"method": "reconfigure", "params": p}).to_string().into_bytes()
+            }),
+            jsonish(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        /// Any request line: one JSON answer, never a panic. Whatever reaches the guest passed
+        /// validation, and the instance id changes exactly when the answer is ok.
+        #[test]
+        fn reconfigure_any_request(bytes in request()) {
+            let count = Arc::new(Count::default());
+            let env = AgentEnv {
+                configurer: count.clone(),
+                ..AgentEnv::fixed("b007", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGposxU1u8AlmBpcq3yn+btS1uQymLutYq90E6gMTcpH", "vm")
+            };
+            let before = env.instance_id().unwrap();
+            let line = String::from_utf8_lossy(&bytes).replace('\n', " ");
+            let answer: Value = serde_json::from_str(&handle_line(&line, &env)).unwrap();
+            let ok = answer["ok"].as_bool().unwrap();
+            let applied = count.0.lock().unwrap().clone();
+            if ok && answer["result"].get("instance_id").is_some() {
+                prop_assert_eq!(applied.len(), 1);
+                prop_assert_ne!(env.instance_id().unwrap(), before);
+                let params: Reconfigure = serde_json::from_value(
+                    serde_json::from_str::<Value>(&line).unwrap()["params"].clone(),
+                ).unwrap();
+                prop_assert_eq!(params.validate().unwrap(), applied[0].clone());
+            } else {
+                prop_assert!(applied.is_empty());
+                prop_assert_eq!(env.instance_id().unwrap(), before);
+            }
+        }
+
+        /// Validation never panics; what it accepts is in range.
+        #[test]
+        fn reconfigure_validation(name in "[ -~]{0,70}", ip in "[0-9./]{0,20}", gw in "[0-9.]{0,16}", mac in "[0-9a-fA-F:]{0,20}") {
+            let r = Reconfigure { name, ip, gateway: gw, mac, key: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, KEY_LINE) };
+            if let Ok(v) = r.validate() {
+                prop_assert!((8..=30).contains(&v.prefix));
+                prop_assert!(v.ip.is_private());
+                prop_assert!(v.gateway.is_private() && v.gateway != v.ip);
+                prop_assert_eq!(v.mac.len(), 17);
             }
         }
     }

@@ -1,6 +1,7 @@
 //! The real agent binary (`banger-vsock-agent`) against a temp guest root and a fake kernel
 //! command line, listening on a Unix socket (no vhost-vsock here): start-up preparation with the
-//! real `ssh-keygen`, readiness through sd_notify, and the protocol over the socket.
+//! real `ssh-keygen`, readiness through sd_notify, and the protocol over the socket; `reconfigure`
+//! for real in a network namespace of the test's own (a veth `eth0`).
 
 mod common;
 
@@ -19,6 +20,17 @@ const OWNER_KEY: &str =
 
 /// Starts the agent on `root` with `cmdline`, waits for its READY=1 and returns it with its socket.
 fn start_agent(bed: &Bed, tag: &str, root: &Path, cmdline: &str) -> (Server, PathBuf) {
+    start_agent_in(bed, tag, root, cmdline, None)
+}
+
+/// [`start_agent`], in network namespace `ns` (`ip netns exec`) reconfiguring its `eth0`.
+fn start_agent_in(
+    bed: &Bed,
+    tag: &str,
+    root: &Path,
+    cmdline: &str,
+    ns: Option<&str>,
+) -> (Server, PathBuf) {
     let cmdline_file = bed.root.join(format!("{tag}-cmdline"));
     std::fs::write(&cmdline_file, format!("{cmdline}\n")).unwrap();
     let sock = bed.root.join(format!("{tag}.sock"));
@@ -26,8 +38,17 @@ fn start_agent(bed: &Bed, tag: &str, root: &Path, cmdline: &str) -> (Server, Pat
     let rx = UnixDatagram::bind(&nsock).unwrap();
     rx.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let log = bed.root.join(format!("{tag}.log"));
-    let child = bed
-        .cmd("banger-vsock-agent")
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = std::process::Command::new("ip");
+            c.args(["netns", "exec", ns])
+                .arg(bed.bin.join("banger-vsock-agent"))
+                .args(["--iface", "eth0"]);
+            c
+        }
+        None => bed.cmd("banger-vsock-agent"),
+    };
+    let child = cmd
         .args(["--unix".as_ref(), sock.as_os_str()])
         .args(["--root".as_ref(), root.as_os_str()])
         .args(["--cmdline".as_ref(), cmdline_file.as_os_str()])
@@ -138,11 +159,31 @@ fn agent_prepares_the_guest_and_answers_hello_and_ports() {
     assert_eq!(
         c.ask(r#"{"method":"hello","v":1}"#),
         json!({"ok": true, "result": {
-            "protocol": 1,
+            "protocol": 2,
             "boot_id": boot_id.trim(),
+            "instance_id": c.ask(r#"{"method":"hello"}"#)["result"]["instance_id"],
             "host_key": host_key,
             "hostname": "agent-it",
         }})
+    );
+    // No interface given (the agent runs on another root): reconfigure is refused, and said so.
+    let r = c.ask(
+        &json!({"method": "reconfigure", "params": {
+            "name": "x", "ip": "172.30.0.9/24", "gateway": "172.30.0.1", "mac": "02:00:00:00:00:09",
+            "key": base64::engine::general_purpose::STANDARD.encode(OWNER_KEY),
+        }})
+        .to_string(),
+    );
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("no interface to reconfigure"),
+        "{r}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/hostname")).unwrap(),
+        "agent-it\n"
     );
     let ports = c.ask(r#"{"method":"ports"}"#);
     assert_eq!(ports["ok"], true, "{ports}");
@@ -161,7 +202,7 @@ fn agent_prepares_the_guest_and_answers_hello_and_ports() {
     let r = c.ask(r#"{"method":"reboot"}"#);
     assert_eq!(
         r["error"],
-        "unknown method \"reboot\" (known: hello, ports, health, boot_id, uname)"
+        "unknown method \"reboot\" (known: hello, ports, health, boot_id, uname, reconfigure)"
     );
     let r = c.ask("}{ not json");
     assert!(
@@ -337,4 +378,194 @@ fn agent_tcp_transport_in_a_private_netns() {
         .starts_with("ssh-ed25519 "));
     let log = agent.log_text();
     assert!(log.contains("\"tcp_port\":52"), "{log}");
+}
+
+/// What `ip -j` says about the namespace's eth0: MAC, IPv4 addresses, default route.
+fn eth0_state(ns: &NetNs) -> (String, Vec<String>, Vec<String>) {
+    let link = ns.link("eth0").expect("eth0 exists");
+    let mac = link["address"].as_str().unwrap().to_string();
+    let o = ns.ip(&["-j", "-4", "addr", "show", "dev", "eth0"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let addrs = v[0]["addr_info"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| format!("{}/{}", a["local"].as_str().unwrap(), a["prefixlen"]))
+        .collect();
+    let o = ns.ip(&["-j", "-4", "route", "show", "default"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let routes = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "via {} dev {}",
+                r["gateway"].as_str().unwrap_or("?"),
+                r["dev"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    (mac, addrs, routes)
+}
+
+/// `reconfigure` for real: the agent in a network namespace of the test's own whose `eth0` (one
+/// end of a veth pair) has the "snapshot's" address, MAC and route. A refused request changes nothing; a
+/// good one changes the hostname, root's key, MAC, address (the old one gone, also when both share
+/// a subnet) and route, and gives a new instance id that later connections see.
+#[test]
+fn reconfigure_changes_the_guest_in_a_private_netns() {
+    const TEST: &str = "reconfigure_changes_the_guest_in_a_private_netns";
+    if which("ssh-keygen").is_none() {
+        eprintln!("SKIP: {TEST}: ssh-keygen not installed");
+        return;
+    }
+    let ns = match NetNs::new("reconf") {
+        Ok(ns) => ns,
+        Err(why) => {
+            eprintln!("SKIP: {TEST}: {why}");
+            return;
+        }
+    };
+    for args in [
+        &[
+            "link",
+            "add",
+            "eth0",
+            "address",
+            "02:aa:00:00:00:05",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "host0",
+        ][..],
+        &["link", "set", "host0", "up"],
+        &["link", "set", "eth0", "up"],
+        &["addr", "add", "172.30.0.5/24", "dev", "eth0"],
+        &[
+            "route",
+            "add",
+            "default",
+            "via",
+            "172.30.0.1",
+            "dev",
+            "eth0",
+        ],
+    ] {
+        let o = ns.ip(args);
+        assert!(o.status.success(), "ip {args:?}: {}", stderr(&o));
+    }
+    let bed = Bed::new("gagent-reconf");
+    let root = bed.root.join("guest");
+    std::fs::create_dir_all(root.join("etc/ssh")).unwrap();
+    let key = base64::engine::general_purpose::STANDARD.encode(format!("{OWNER_KEY}\n"));
+    let (agent, sock) = start_agent_in(
+        &bed,
+        "reconf",
+        &root,
+        &format!("banger.name=source-vm banger.key={key}"),
+        Some(&ns.name),
+    );
+    let before = eth0_state(&ns);
+    assert_eq!(
+        before,
+        (
+            "02:aa:00:00:00:05".to_string(),
+            vec!["172.30.0.5/24".to_string()],
+            vec!["via 172.30.0.1 dev eth0".to_string()]
+        )
+    );
+    let mut c = Conn::open(&sock);
+    let hello = c.ask(r#"{"method":"hello"}"#);
+    let first_id = hello["result"]["instance_id"].as_str().unwrap().to_string();
+    let other_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGposxU1u8AlmBpcq3yn+btS1uQymLutYq90E6gMTcpH new-owner";
+    let params = |name: &str, ip: &str, gw: &str, mac: &str| {
+        json!({"method": "reconfigure", "v": 2, "params": {
+            "name": name, "ip": ip, "gateway": gw, "mac": mac,
+            "key": base64::engine::general_purpose::STANDARD.encode(other_key),
+        }})
+        .to_string()
+    };
+    // Refused: nothing changes (network, files, instance id).
+    for bad in [
+        params(
+            "clone-1",
+            "172.30.0.9/24",
+            "172.30.0.1",
+            "03:00:00:00:00:09",
+        ),
+        params("clone-1", "172.30.0.9/24", "10.0.0.1", "02:00:00:00:00:09"),
+        params("Clone", "172.30.0.9/24", "172.30.0.1", "02:00:00:00:00:09"),
+    ] {
+        let r = c.ask(&bad);
+        assert!(
+            r["error"]
+                .as_str()
+                .unwrap()
+                .ends_with("nothing was changed"),
+            "{r}"
+        );
+    }
+    assert_eq!(eth0_state(&ns), before);
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/hostname")).unwrap(),
+        "source-vm\n"
+    );
+    let ak = root.join("root/.ssh/authorized_keys");
+    assert_eq!(
+        std::fs::read_to_string(&ak).unwrap(),
+        format!("{OWNER_KEY}\n")
+    );
+    assert_eq!(
+        c.ask(r#"{"method":"hello"}"#)["result"]["instance_id"],
+        first_id.as_str()
+    );
+
+    // Same subnet (the new address starts as a secondary; it must survive the old one's removal).
+    let r = c.ask(&params(
+        "clone-1",
+        "172.30.0.9/24",
+        "172.30.0.1",
+        "02:BB:00:00:00:09",
+    ));
+    assert_eq!(r["ok"], true, "{r}\n{}", agent.log_text());
+    let id1 = r["result"]["instance_id"].as_str().unwrap().to_string();
+    assert_ne!(id1, first_id);
+    assert_eq!(
+        eth0_state(&ns),
+        (
+            "02:bb:00:00:00:09".to_string(),
+            vec!["172.30.0.9/24".to_string()],
+            vec!["via 172.30.0.1 dev eth0".to_string()]
+        )
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/hostname")).unwrap(),
+        "clone-1\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&ak).unwrap(),
+        format!("{OWNER_KEY}\n{other_key}\n")
+    );
+    // Another subnet and gateway; a new connection sees the new id.
+    let r = Conn::open(&sock).ask(&params(
+        "clone-2",
+        "10.20.0.7/16",
+        "10.20.255.254",
+        "02:cc:00:00:00:07",
+    ));
+    assert_eq!(r["ok"], true, "{r}\n{}", agent.log_text());
+    assert_eq!(
+        eth0_state(&ns),
+        (
+            "02:cc:00:00:00:07".to_string(),
+            vec!["10.20.0.7/16".to_string()],
+            vec!["via 10.20.255.254 dev eth0".to_string()]
+        )
+    );
+    let h = Conn::open(&sock).ask(r#"{"method":"hello"}"#);
+    assert_eq!(h["result"]["instance_id"], r["result"]["instance_id"]);
+    assert_eq!(h["result"]["hostname"], "clone-2");
+    assert_ne!(h["result"]["instance_id"], id1.as_str());
 }

@@ -45,7 +45,7 @@ BEFORE_CONTAINER_HOOKS+=(guest_before_container)
 AFTER_CONTAINER_HOOKS+=(guest_after_container)
 CLEANUP_HOOKS+=(guest_cleanup)
 
-is_guest_scenario() { [[ $1 == guest_* || $1 == image_build_* ]]; }
+is_guest_scenario() { [[ $1 == guest_* || $1 == image_build_* || $1 == snapshot_clone_network ]]; }
 
 # --- host side: once per run, then per container ---------------------------------------------------
 
@@ -237,7 +237,8 @@ scenario_guest_boots() {
     agent_call "$id" hello
     note "agent hello over vsock (stand-in -> guest TCP 52): $(($(now_ms) - t0)) ms"
     local hello=$OUT
-    expect_eq "$(jq -r .protocol <<<"$hello")" 1 "hello protocol"
+    expect_eq "$(jq -r .protocol <<<"$hello")" 2 "hello protocol"
+    expect_match "$(jq -r .instance_id <<<"$hello")" '^[0-9a-f]{32}$' "hello instance_id"
     expect_eq "$(jq -r .boot_id <<<"$hello")" "$boot" "hello boot_id (the one vm show recorded)"
     expect_match "$(jq -r .host_key <<<"$hello")" '^ssh-ed25519 AAAA[0-9A-Za-z+/]+=*$' "hello host_key"
     expect_guest_hostname g1 "$hello"

@@ -432,24 +432,44 @@ bench_vm_body() {
     rootfs=$work/rootfs.ext4
     cx install -o "$TEST_USER" -g "$TEST_USER" -m 0600 "$GUEST_DIR/rootfs.img" "$rootfs"
     # Same config as `vm create --image tiny`: 1 vCPU, 512 MiB, the kernel, one drive, vsock; ready
-    # = the console line. Raw: spawned as the owner; scoped: as the helper does, via systemd-run.
+    # = the console line. Raw: spawned as the owner; scoped: as the helper does (held, registered
+    # with StartTransientUnit over D-Bus, released); and the old way, via systemd-run --scope.
+    local oldscope=() rawx=() scopedx=() oldscopex=()
     for i in 1 2 3 4 5 6 7; do
         must "raw VMM start #$i" cx python3 "$SMOKE_LIB/vmbench.py" raw "$VMM_BIN" "$GUEST_DIR/tiny-guest.elf" \
             "$rootfs" "$work" "$READY_PREFIX" --uid "$TEST_UID" --gid "$TEST_UID"
         raw+=("$(jq .ready_ms <<<"$OUT")")
+        rawx+=("$(jq .exec_ms <<<"$OUT")")
         must "raw VMM start in a scope #$i" cx python3 "$SMOKE_LIB/vmbench.py" raw "$VMM_BIN" \
             "$GUEST_DIR/tiny-guest.elf" "$rootfs" "$work" "$READY_PREFIX" --uid "$TEST_UID" --gid "$TEST_UID" --scope
         scoped+=("$(jq .ready_ms <<<"$OUT")")
+        scopedx+=("$(jq .exec_ms <<<"$OUT")")
+        # Only a comparison: a failed run is reported, not fatal.
+        if OUT=$(cx python3 "$SMOKE_LIB/vmbench.py" raw "$VMM_BIN" "$GUEST_DIR/tiny-guest.elf" "$rootfs" "$work" \
+            "$READY_PREFIX" --uid "$TEST_UID" --gid "$TEST_UID" --scope=systemd-run 2>&1); then
+            oldscope+=("$(jq .ready_ms <<<"$OUT")")
+            oldscopex+=("$(jq .exec_ms <<<"$OUT")")
+        else
+            bench "raw VMM start via systemd-run #$i failed: $(last_line "$OUT")"
+        fi
         must "vm create b$i" cu python3 "$SMOKE_LIB/vmbench.py" create "b$i" tiny
         created+=("$(jq .create_ms <<<"$OUT")")
     done
     bench "vm create -> running (image tiny, console ready line): $(printf '%s\n' "${created[@]}" | med)"
     bench "raw VMM start, same config, spawn -> ready line:       $(printf '%s\n' "${raw[@]}" | med)"
     bench "raw VMM start in its own systemd scope (as the helper): $(printf '%s\n' "${scoped[@]}" | med)"
+    ((${#oldscope[@]} == 0)) \
+        || bench "raw VMM start in a scope via systemd-run (the old way): $(printf '%s\n' "${oldscope[@]}" | med)"
+    bench "spawn -> VMM exec'd: raw $(printf '%s\n' "${rawx[@]}" | med); in a scope (as the helper) $(printf '%s\n' "${scopedx[@]}" | med)"
+    ((${#oldscopex[@]} == 0)) \
+        || bench "spawn -> VMM exec'd via systemd-run (the old way): $(printf '%s\n' "${oldscopex[@]}" | med)"
     local mc mr ms
     mc=$(printf '%s\n' "${created[@]}" | jq -s 'sort | .[length / 2 | floor]')
     mr=$(printf '%s\n' "${raw[@]}" | jq -s 'sort | .[length / 2 | floor]')
     ms=$(printf '%s\n' "${scoped[@]}" | jq -s 'sort | .[length / 2 | floor]')
+    # The helper's own time for priv.vm_launch (fork, scope, exec, API socket up), as it logs it.
+    bench "helper priv.vm_launch (duration_ms as the helper logs it): $(cx journalctl -u bangerd-root -o cat --no-pager \
+        | grep '^{' | jq -r 'select(.msg == "rpc" and .method == "priv.vm_launch") | .duration_ms' | med)"
     bench "vm create / raw start: $(jq -n "$mc / $mr * 100 | round / 100")x (target <= 1.2); / raw start in a scope: $(jq -n "$mc / $ms * 100 | round / 100")x"
     if [[ $IMAGE != tiny ]]; then
         local agent=()

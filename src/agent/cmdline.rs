@@ -126,13 +126,13 @@ pub fn parse(cmdline: &str) -> GuestConfig {
         }
     }
     if let Some(n) = name {
-        match check_name(&n) {
+        match check_name("banger.name", &n) {
             Ok(()) => cfg.name = Some(n),
             Err(e) => cfg.problems.push(e),
         }
     }
     if let Some(k) = key {
-        match decode_key(&k) {
+        match decode_key("banger.key", &k) {
             Ok(line) => cfg.authorized_key = Some(line),
             Err(e) => cfg.problems.push(e),
         }
@@ -159,45 +159,46 @@ pub fn read(path: &std::path::Path) -> crate::error::Result<GuestConfig> {
 }
 
 /// A hostname banger will set: the VM name rule (1-63 of a-z, 0-9, '-', no leading or trailing
-/// '-'), which is also a valid DNS label.
-fn check_name(n: &str) -> Result<(), String> {
+/// '-'), which is also a valid DNS label. `label` names the value in the error (`banger.name`).
+pub(crate) fn check_name(label: &str, n: &str) -> Result<(), String> {
     if n.len() > MAX_NAME {
         return Err(format!(
-            "banger.name is {} bytes, over the {MAX_NAME}-byte cap of a hostname label; hostname left unchanged",
+            "{label} is {} bytes, over the {MAX_NAME}-byte cap of a hostname label; hostname left unchanged",
             n.len()
         ));
     }
     crate::helper::validate::vm_id(n).map(drop).map_err(|_| {
         format!(
-            "banger.name={n:?} is not a valid hostname (1-63 of a-z, 0-9 and '-', not starting or ending with '-'); hostname left unchanged"
+            "{label}={n:?} is not a valid hostname (1-63 of a-z, 0-9 and '-', not starting or ending with '-'); hostname left unchanged"
         )
     })
 }
 
 /// Decodes `banger.key=`: base64 of exactly one OpenSSH public key line
-/// (`<type> <base64 blob> [comment]`) whose blob names the same key type.
-fn decode_key(b64: &str) -> Result<String, String> {
+/// (`<type> <base64 blob> [comment]`) whose blob names the same key type. `label` names the value
+/// in the error (`banger.key`).
+pub(crate) fn decode_key(label: &str, b64: &str) -> Result<String, String> {
     const NOT: &str = "root's authorized_keys left unchanged";
     if b64.len() > MAX_KEY_B64 {
         return Err(format!(
-            "banger.key is {} bytes, over the {MAX_KEY_B64}-byte cap; {NOT}",
+            "{label} is {} bytes, over the {MAX_KEY_B64}-byte cap; {NOT}",
             b64.len()
         ));
     }
     let raw = base64::engine::general_purpose::STANDARD
         .decode(b64.trim())
-        .map_err(|e| format!("banger.key is not base64 ({e}); {NOT}"))?;
+        .map_err(|e| format!("{label} is not base64 ({e}); {NOT}"))?;
     let text =
-        String::from_utf8(raw).map_err(|_| format!("banger.key does not decode to text; {NOT}"))?;
+        String::from_utf8(raw).map_err(|_| format!("{label} does not decode to text; {NOT}"))?;
     let line = text.strip_suffix('\n').unwrap_or(&text);
     if line.contains(['\n', '\r']) {
         return Err(format!(
-            "banger.key decodes to more than one line; it must be one public key line; {NOT}"
+            "{label} decodes to more than one line; it must be one public key line; {NOT}"
         ));
     }
     if line.chars().any(|c| c.is_control() && c != '\t') {
         return Err(format!(
-            "banger.key decodes to binary, not an OpenSSH public key line; {NOT}"
+            "{label} decodes to binary, not an OpenSSH public key line; {NOT}"
         ));
     }
     let mut fields = line.split_ascii_whitespace();
@@ -206,7 +207,7 @@ fn decode_key(b64: &str) -> Result<String, String> {
     let known = ty.starts_with("ssh-") || ty.starts_with("ecdsa-sha2-") || ty.starts_with("sk-");
     if !known {
         return Err(format!(
-            "banger.key does not decode to an OpenSSH public key line (`ssh-ed25519 AAAA…`), it starts with {:?}; {NOT}",
+            "{label} does not decode to an OpenSSH public key line (`ssh-ed25519 AAAA…`), it starts with {:?}; {NOT}",
             ty.chars().take(24).collect::<String>()
         ));
     }
@@ -220,7 +221,7 @@ fn decode_key(b64: &str) -> Result<String, String> {
         .unwrap_or(false);
     if !blob_ok {
         return Err(format!(
-            "banger.key's {ty} line has a key blob that is not a {ty} key; {NOT}"
+            "{label}'s {ty} line has a key blob that is not a {ty} key; {NOT}"
         ));
     }
     Ok(line.trim().to_string())

@@ -6,13 +6,17 @@
 //! readiness line of guests without the agent. Submodules: [`cmdline`] (the guest's configuration
 //! from the kernel command line), [`prepare`] (what the agent does to the guest at start),
 //! [`guest_files`] (its unit and the sshd drop-in, for images),
-//! [`ports`] (listening TCP sockets). It never listens on AF_VSOCK itself (that is the agent role's
+//! [`ports`] (listening TCP sockets), [`reconfigure`] (a restored guest's new identity). It never listens on AF_VSOCK itself (that is the agent role's
 //! wiring) and never executes anything a request names: the method table is fixed.
 //!
 //! Wire format (protocol [`PROTOCOL_VERSION`]; a request may carry `"v"`, the protocol it speaks,
 //! and one newer than the agent's is refused):
-//! `{"method":"hello"}` → `{"ok":true,"result":{"protocol":1,"boot_id":"…","host_key":"ssh-ed25519 AAAA…","hostname":"…"}}`
-//! (plus `"problems":[…]` when the agent's start-up preparation refused or failed something);
+//! `{"method":"hello"}` → `{"ok":true,"result":{"protocol":2,"boot_id":"…","instance_id":"<32 hex>","host_key":"ssh-ed25519 AAAA…","hostname":"…"}}`
+//! (plus `"problems":[…]` when the agent's start-up preparation refused or failed something;
+//! protocol 1 agents send no `instance_id`);
+//! `{"method":"reconfigure","v":2,"params":{"name":"…","ip":"10.x.y.z/NN","gateway":"…","mac":"02:…","key":"<base64>"}}`
+//! → `{"ok":true,"result":{"instance_id":"<new 32 hex>","boot_id":"…"}}` once applied (see
+//! [`reconfigure`]); a refused one changes nothing;
 //! `{"method":"ports"}` → `{"ok":true,"result":{"ports":[{"address":"0.0.0.0","port":22,"process":"sshd"},…]}}`;
 //! `{"method":"health"}` → `{"ok":true,"result":{"status":"ok"}}`;
 //! `{"method":"boot_id"}` → `{"ok":true,"result":{"boot_id":"…"}}`;
@@ -23,10 +27,12 @@ pub mod cmdline;
 pub mod guest_files;
 pub mod ports;
 pub mod prepare;
+pub mod reconfigure;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
@@ -39,10 +45,27 @@ use crate::error::{Context, Error, Result};
 pub const AGENT_VSOCK_PORT: u32 = 52;
 
 /// The protocol this agent speaks; `hello` reports it. Bumped when an answer changes shape.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: `hello` reports `instance_id`; `reconfigure`.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The requests the agent answers.
-pub const METHODS: [&str; 5] = ["hello", "ports", "health", "boot_id", "uname"];
+pub const METHODS: [&str; 6] = [
+    "hello",
+    "ports",
+    "health",
+    "boot_id",
+    "uname",
+    "reconfigure",
+];
+
+/// The oldest protocol that has `method`: what the host sends as `"v"`, so agents of older images
+/// keep answering what they can.
+pub fn method_version(method: &str) -> u32 {
+    match method {
+        "reconfigure" => 2,
+        _ => 1,
+    }
+}
 
 /// Where Linux keeps the current boot's id.
 pub const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
@@ -63,12 +86,14 @@ pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 pub const READY_PREFIX: &str = "banger-guest: ready boot_id=";
 
 /// Where the agent gets a value from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Source {
     /// Read it from this file on every request (trimmed).
     File(PathBuf),
     /// Serve this fixed value (the stand-in VMM's fake guest, tests).
     Fixed(String),
+    /// Serve this value, which a `reconfigure` may change (the stand-in's fake guest's hostname).
+    Shared(Arc<Mutex<String>>),
 }
 
 /// The boot id's source (Linux: [`BOOT_ID_PATH`]).
@@ -78,6 +103,10 @@ impl Source {
     fn read(&self) -> std::result::Result<String, String> {
         match self {
             Source::Fixed(v) => Ok(v.clone()),
+            Source::Shared(v) => v
+                .lock()
+                .map(|v| v.clone())
+                .map_err(|_| "the value's lock is poisoned".to_string()),
             Source::File(p) => std::fs::read_to_string(p)
                 .map(|s| s.trim().to_string())
                 .map_err(|e| format!("reading {}: {e}", p.display())),
@@ -86,8 +115,9 @@ impl Source {
 }
 
 /// What the handler reads from its surroundings; injectable so tests and the stand-in can serve
-/// their own answers.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// their own answers. Clones share the instance id (a `reconfigure` on one connection is seen by
+/// every later one).
+#[derive(Debug, Clone)]
 pub struct AgentEnv {
     /// The boot id.
     pub boot_id: Source,
@@ -100,6 +130,13 @@ pub struct AgentEnv {
     pub proc_dir: Option<PathBuf>,
     /// What the start-up preparation refused or failed, reported by `hello`.
     pub problems: Vec<String>,
+    /// This agent's instance id: made at start, replaced by every successful `reconfigure`.
+    pub instance_id: Arc<Mutex<String>>,
+    /// How `reconfigure` changes the guest.
+    pub configurer: Arc<dyn reconfigure::Configurer>,
+    /// Remove eth0's old addresses only after the `reconfigure` answer is written: set for the
+    /// TCP test transport, which rides eth0 itself.
+    pub defer_address_removal: bool,
 }
 
 impl Default for AgentEnv {
@@ -110,20 +147,36 @@ impl Default for AgentEnv {
             hostname: Source::File(PathBuf::from(HOSTNAME_PATH)),
             proc_dir: Some(PathBuf::from("/proc")),
             problems: Vec::new(),
+            instance_id: Arc::new(Mutex::new(reconfigure::new_instance_id())),
+            configurer: Arc::new(reconfigure::System::guest()),
+            defer_address_removal: false,
         }
     }
 }
 
 impl AgentEnv {
-    /// The stand-in's fake guest: fixed boot id, host key and hostname, no listening sockets.
+    /// The stand-in's fake guest: fixed boot id and host key, a hostname only `reconfigure`
+    /// changes, no listening sockets.
     pub fn fixed(boot_id: &str, host_key: &str, hostname: &str) -> Self {
+        let name = Arc::new(Mutex::new(hostname.to_string()));
         AgentEnv {
             boot_id: Source::Fixed(boot_id.into()),
             host_key: Source::Fixed(host_key.into()),
-            hostname: Source::Fixed(hostname.into()),
+            hostname: Source::Shared(name.clone()),
             proc_dir: None,
             problems: Vec::new(),
+            instance_id: Arc::new(Mutex::new(reconfigure::new_instance_id())),
+            configurer: Arc::new(reconfigure::InMemory { hostname: name }),
+            defer_address_removal: false,
         }
+    }
+
+    /// The current instance id.
+    pub fn instance_id(&self) -> std::result::Result<String, String> {
+        self.instance_id
+            .lock()
+            .map(|v| v.clone())
+            .map_err(|_| "the instance id lock is poisoned".to_string())
     }
 }
 
@@ -141,6 +194,19 @@ pub struct Hello {
     /// What the agent's start-up preparation refused or failed.
     #[serde(default)]
     pub problems: Vec<String>,
+    /// The agent's instance id (protocol 2; `None` from a protocol 1 agent). Clones of one
+    /// snapshot share the boot id; the same VM has the same boot id and instance id.
+    #[serde(default)]
+    pub instance_id: Option<String>,
+}
+
+/// The `reconfigure` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Reconfigured {
+    /// The agent's new instance id.
+    pub instance_id: String,
+    /// The guest's boot id (unchanged: the kernel did not boot again).
+    pub boot_id: String,
 }
 
 #[derive(Deserialize)]
@@ -149,6 +215,8 @@ struct Request {
     method: String,
     #[serde(default)]
     v: Option<u32>,
+    #[serde(default)]
+    params: Option<Value>,
 }
 
 fn ok(result: Value) -> String {
@@ -187,12 +255,13 @@ fn hello(env: &AgentEnv) -> std::result::Result<Value, String> {
             })?;
             ed25519_public_key(&line).map_err(|e| format!("{}: {e}", p.display()))?
         }
-        Source::Fixed(k) => ed25519_public_key(k)?,
+        Source::Fixed(_) | Source::Shared(_) => ed25519_public_key(&env.host_key.read()?)?,
     };
     let hostname = env.hostname.read()?;
     let mut v = json!({
         "protocol": PROTOCOL_VERSION,
         "boot_id": boot_id,
+        "instance_id": env.instance_id()?,
         "host_key": host_key,
         "hostname": hostname,
     });
@@ -202,20 +271,99 @@ fn hello(env: &AgentEnv) -> std::result::Result<Value, String> {
     Ok(v)
 }
 
-/// Answers one request line with one response line (no trailing newline).
+/// `reconfigure`: validate everything, then apply under the instance id's lock (one at a time),
+/// then a new instance id. Returns the answer and what is left to do once it is written.
+fn reconfigure_guest(
+    params: Option<Value>,
+    env: &AgentEnv,
+) -> (String, Option<reconfigure::Deferred>) {
+    let r: reconfigure::Reconfigure = match params.map(serde_json::from_value) {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => return (fail(format!("reconfigure refused: bad params: {e}; nothing was changed")), None),
+        None => {
+            return (
+                fail("reconfigure refused: no params (want name, ip, gateway, mac, key); nothing was changed"),
+                None,
+            )
+        }
+    };
+    let v = match r.validate() {
+        Ok(v) => v,
+        Err(e) => {
+            return (
+                fail(format!("reconfigure refused: {e}; nothing was changed")),
+                None,
+            )
+        }
+    };
+    let boot_id = match env.boot_id.read() {
+        Ok(b) => b,
+        Err(e) => {
+            return (
+                fail(format!("reconfigure refused: {e}; nothing was changed")),
+                None,
+            )
+        }
+    };
+    let Ok(mut id) = env.instance_id.lock() else {
+        return (
+            fail("reconfigure refused: the instance id lock is poisoned; nothing was changed"),
+            None,
+        );
+    };
+    match env.configurer.apply(&v, env.defer_address_removal) {
+        Ok(after) => {
+            *id = reconfigure::instance_id_for(&v);
+            (ok(json!({"instance_id": *id, "boot_id": boot_id})), after)
+        }
+        Err(e) => (
+            fail(format!(
+                "reconfigure failed: {e} (the guest may be partly reconfigured and keeps its instance id; retry)"
+            )),
+            None,
+        ),
+    }
+}
+
+/// Answers one request line with one response line (no trailing newline). Work a `reconfigure`
+/// leaves for after its answer is done before returning.
 pub fn handle_line(line: &str, env: &AgentEnv) -> String {
+    let (answer, after) = handle_request(line, env);
+    if let Some(f) = after {
+        if let Err(e) = f() {
+            crate::logging::error(
+                "agent",
+                "reconfigure, after the answer",
+                json!({"error": e}),
+            );
+        }
+    }
+    answer
+}
+
+/// One request line → one answer line, and the work to run once the answer is written.
+fn handle_request(line: &str, env: &AgentEnv) -> (String, Option<reconfigure::Deferred>) {
     let req: Request = match serde_json::from_str(line.trim()) {
         Ok(r) => r,
-        Err(e) => return fail(format!("bad request: {e}")),
+        Err(e) => return (fail(format!("bad request: {e}")), None),
     };
     if let Some(v) = req.v {
         if v > PROTOCOL_VERSION {
-            return fail(format!(
+            return (fail(format!(
                 "protocol version {v} not supported (this agent speaks {PROTOCOL_VERSION}; update the guest image)"
-            ));
+            )), None);
         }
     }
-    match req.method.as_str() {
+    if req.method == "reconfigure" {
+        return reconfigure_guest(req.params, env);
+    }
+    if req.params.is_some() {
+        return (
+            fail(format!("method {:?} takes no params", req.method)),
+            None,
+        );
+    }
+    let answer = match req.method.as_str() {
         "hello" => hello(env).map_or_else(fail, ok),
         "ports" => match &env.proc_dir {
             Some(p) => ok(json!(ports::listening(p))),
@@ -238,7 +386,8 @@ pub fn handle_line(line: &str, env: &AgentEnv) -> String {
             "unknown method {other:?} (known: {})",
             METHODS.join(", ")
         )),
-    }
+    };
+    (answer, None)
 }
 
 /// Serves request lines on one connection until the peer closes it: each line gets one answer
@@ -260,13 +409,24 @@ pub fn serve_connection<S: Read + Write>(stream: S, env: &AgentEnv) -> std::io::
                 .write_all(format!("{answer}\n").as_bytes())?;
             return Ok(());
         }
-        let answer = match std::str::from_utf8(&line) {
-            Ok(s) => handle_line(s, env),
-            Err(_) => fail("bad request: not UTF-8"),
+        let (answer, after) = match std::str::from_utf8(&line) {
+            Ok(s) => handle_request(s, env),
+            Err(_) => (fail("bad request: not UTF-8"), None),
         };
-        reader
+        let written = reader
             .get_mut()
-            .write_all(format!("{answer}\n").as_bytes())?;
+            .write_all(format!("{answer}\n").as_bytes())
+            .and_then(|()| reader.get_mut().flush());
+        if let Some(f) = after {
+            if let Err(e) = f() {
+                crate::logging::error(
+                    "agent",
+                    "reconfigure, after the answer",
+                    json!({"error": e}),
+                );
+            }
+        }
+        written?;
     }
 }
 
@@ -351,9 +511,25 @@ fn parse_ok_line(line: &str) -> Option<u32> {
 /// Calls `method` on the agent at guest vsock `port` behind `uds_path`, bounded by
 /// [`DEFAULT_CALL_TIMEOUT`]; returns the `result` value, or the agent's error as an [`Error`].
 pub fn agent_call(uds_path: &Path, port: u32, method: &str) -> Result<Value> {
+    agent_call_with(uds_path, port, method, None, DEFAULT_CALL_TIMEOUT)
+}
+
+/// [`agent_call`] with `params` and a bound of its own. The request says the oldest protocol
+/// that has `method` ([`method_version`]).
+pub fn agent_call_with(
+    uds_path: &Path,
+    port: u32,
+    method: &str,
+    params: Option<Value>,
+    timeout: Duration,
+) -> Result<Value> {
     let what = || format!("guest agent call {method:?} via {}", uds_path.display());
-    let mut s = vsock_connect(uds_path, port, DEFAULT_CALL_TIMEOUT)?;
-    let req = json!({"method": method, "v": PROTOCOL_VERSION}).to_string();
+    let mut s = vsock_connect(uds_path, port, timeout)?;
+    let mut req = json!({"method": method, "v": method_version(method)});
+    if let Some(p) = params {
+        req["params"] = p;
+    }
+    let req = req.to_string();
     s.write_all(format!("{req}\n").as_bytes()).ctx(what)?;
     let line = match read_line_exact(&mut s, MAX_LINE) {
         Ok(Some(l)) => l,
@@ -379,8 +555,8 @@ pub fn agent_call(uds_path: &Path, port: u32, method: &str) -> Result<Value> {
     }
 }
 
-/// Calls `hello` on the agent at guest vsock `port` behind `uds_path` (protocol
-/// [`PROTOCOL_VERSION`]) and decodes the answer.
+/// Calls `hello` on the agent at guest vsock `port` behind `uds_path` and decodes the answer
+/// (protocol 1 or 2; an instance id, when there is one, must be 32 hex digits).
 pub fn call_hello(uds_path: &Path, port: u32) -> Result<Hello> {
     let v = agent_call(uds_path, port, "hello")?;
     let h: Hello = serde_json::from_value(v.clone()).ctx(|| {
@@ -395,7 +571,48 @@ pub fn call_hello(uds_path: &Path, port: u32) -> Result<Hello> {
             format!("host key {:?}: {e}", h.host_key),
         )
     })?;
+    if let Some(id) = &h.instance_id {
+        if !reconfigure::is_instance_id(id) {
+            return Err(Error::new(
+                format!("guest agent call \"hello\" via {}", uds_path.display()),
+                format!("instance id {id:?} is not 32 hex digits"),
+            ));
+        }
+    }
     Ok(h)
+}
+
+/// Tells the agent behind `uds_path` (port [`AGENT_VSOCK_PORT`]) its guest's new identity and
+/// waits, up to `timeout`, for it to be applied. `r` is validated here first, by the agent's own
+/// rules: a refused request never leaves the host.
+pub fn reconfigure(
+    uds_path: &Path,
+    r: &reconfigure::Reconfigure,
+    timeout: Duration,
+) -> Result<Reconfigured> {
+    let what = || format!("reconfiguring the guest via {}", uds_path.display());
+    r.validate()
+        .map_err(|e| Error::new(what(), e).hint("nothing was sent to the guest"))?;
+    let params = serde_json::to_value(r).ctx(what)?;
+    let v = agent_call_with(
+        uds_path,
+        AGENT_VSOCK_PORT,
+        "reconfigure",
+        Some(params),
+        timeout,
+    )?;
+    let got: Reconfigured =
+        serde_json::from_value(v.clone()).ctx(|| format!("{}: decoding the answer {v}", what()))?;
+    if !reconfigure::is_instance_id(&got.instance_id) {
+        return Err(Error::new(
+            what(),
+            format!(
+                "the agent answered instance id {:?}, not 32 hex digits",
+                got.instance_id
+            ),
+        ));
+    }
+    Ok(got)
 }
 
 /// The console readiness line for `boot_id` (without the newline).
@@ -448,9 +665,56 @@ mod tests {
                 hostname: Source::File(d.join("hostname")),
                 proc_dir: Some(d.join("proc")),
                 problems: Vec::new(),
+                instance_id: Arc::new(Mutex::new("0".repeat(32))),
+                configurer: Arc::new(Recorder::default()),
+                defer_address_removal: false,
             },
             d,
         )
+    }
+
+    /// A configurer that records what it was asked (and refuses when told to); with deferral,
+    /// the deferred step records `after <name>`.
+    #[derive(Debug, Default)]
+    struct Recorder {
+        calls: Arc<Mutex<Vec<String>>>,
+        refuse: bool,
+    }
+
+    impl reconfigure::Configurer for Recorder {
+        fn apply(
+            &self,
+            v: &reconfigure::Validated,
+            defer: bool,
+        ) -> std::result::Result<Option<reconfigure::Deferred>, String> {
+            if self.refuse {
+                return Err("ip: RTNETLINK answers: Operation not permitted".into());
+            }
+            self.calls.lock().unwrap().push(format!(
+                "{} {}/{} {} {}",
+                v.name, v.ip, v.prefix, v.gateway, v.mac
+            ));
+            Ok(defer.then(|| {
+                let calls = self.calls.clone();
+                let name = v.name.clone();
+                Box::new(move || {
+                    calls.lock().unwrap().push(format!("after {name}"));
+                    Ok(())
+                }) as reconfigure::Deferred
+            }))
+        }
+    }
+
+    const OWNER_LINE: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILf5oszbHqEb+6X3j8hlzlMXxaLuKBJTgVM/l0kQlrAO owner@host";
+
+    fn reconf_params(name: &str, ip: &str) -> Value {
+        json!({
+            "name": name,
+            "ip": ip,
+            "gateway": "172.30.0.1",
+            "mac": "02:00:00:00:00:09",
+            "key": base64::engine::general_purpose::STANDARD.encode(OWNER_LINE),
+        })
     }
 
     #[test]
@@ -527,7 +791,11 @@ mod tests {
         let r = v(r#"{"method":"exec"}"#);
         assert_eq!(
             r["error"],
-            "unknown method \"exec\" (known: hello, ports, health, boot_id, uname)"
+            "unknown method \"exec\" (known: hello, ports, health, boot_id, uname, reconfigure)"
+        );
+        assert_eq!(
+            v(r#"{"method":"health","params":{}}"#)["error"],
+            "method \"health\" takes no params"
         );
         assert!(v(r#"{"method":"hello","extra":1}"#)["error"]
             .as_str()
@@ -549,18 +817,20 @@ mod tests {
             serde_json::from_str(&handle_line(line, env)).unwrap()
         };
         let want = json!({"ok": true, "result": {
-            "protocol": PROTOCOL_VERSION,
+            "protocol": 2,
             "boot_id": "0f3a9c1e-5b7d-4e2a-9c8b-1a2b3c4d5e6f",
+            "instance_id": "0".repeat(32),
             "host_key": HOST_KEY,
             "hostname": "dev",
         }});
         assert_eq!(v(r#"{"method":"hello"}"#, &env), want);
         assert_eq!(v(r#"{"method":"hello","v":1}"#, &env), want);
-        let r = v(r#"{"method":"hello","v":2}"#, &env);
+        assert_eq!(v(r#"{"method":"hello","v":2}"#, &env), want);
+        let r = v(r#"{"method":"hello","v":3}"#, &env);
         assert!(
             r["error"]
                 .as_str()
-                .is_some_and(|e| e.contains("protocol version 2 not supported")),
+                .is_some_and(|e| e.contains("protocol version 3 not supported")),
             "{r}"
         );
         // Start-up problems travel with hello.
@@ -675,7 +945,7 @@ mod tests {
         let _ = std::fs::remove_file(&sock);
         let l = UnixListener::bind(&sock).unwrap();
         let h = std::thread::spawn(move || {
-            for _ in 0..3 {
+            for _ in 0..5 {
                 let (mut s, _) = l.accept().unwrap();
                 let line = read_line_exact(&mut s, 64).unwrap().unwrap();
                 if line == format!("CONNECT {AGENT_VSOCK_PORT}") {
@@ -696,8 +966,24 @@ mod tests {
                 host_key: HOST_KEY.into(),
                 hostname: "dev".into(),
                 problems: vec![],
+                instance_id: Some("0".repeat(32)),
             }
         );
+        // reconfigure: a refused request never leaves the host (no connection is made for it).
+        let r: reconfigure::Reconfigure =
+            serde_json::from_value(reconf_params("clone-2", "172.30.0.9/24")).unwrap();
+        let bad = reconfigure::Reconfigure {
+            ip: "8.8.8.8/24".into(),
+            ..r.clone()
+        };
+        let e = super::reconfigure(&sock, &bad, DEFAULT_CALL_TIMEOUT).unwrap_err();
+        assert!(e.why.contains("not inside a private range"), "{e}");
+        let got = super::reconfigure(&sock, &r, DEFAULT_CALL_TIMEOUT).unwrap();
+        assert_eq!(got.boot_id, "abcdef0123456789");
+        assert!(reconfigure::is_instance_id(&got.instance_id));
+        assert_ne!(got.instance_id, "0".repeat(32));
+        let hello = call_hello(&sock, AGENT_VSOCK_PORT).unwrap();
+        assert_eq!(hello.instance_id, Some(got.instance_id));
         let e = agent_call(&sock, 53, "health").unwrap_err();
         assert!(
             e.why.contains("closed the connection during the handshake"),
@@ -706,5 +992,186 @@ mod tests {
         h.join().unwrap();
         let _ = std::fs::remove_file(&sock);
         let _ = std::fs::remove_dir_all(p);
+    }
+
+    #[test]
+    fn reconfigure_applies_and_refusals_change_nothing() {
+        let (mut env, d) = env_with("0f3a9c1e-5b7d-4e2a-9c8b-1a2b3c4d5e6f", "reconf");
+        let rec = Arc::new(Recorder::default());
+        let calls = rec.calls.clone();
+        env.configurer = rec;
+        let v = |line: &str, env: &AgentEnv| -> Value {
+            serde_json::from_str(&handle_line(line, env)).unwrap()
+        };
+        let req =
+            |params: Value| json!({"method": "reconfigure", "v": 2, "params": params}).to_string();
+        let before = env.instance_id().unwrap();
+        // Refusals: an error naming the problem, the configurer never called, the id kept.
+        let mut unknown = reconf_params("a", "172.30.0.9/24");
+        unknown["dns"] = json!("10.0.0.1");
+        let mut numeric = reconf_params("a", "172.30.0.9/24");
+        numeric["mac"] = json!(2);
+        let cases: Vec<(String, &str)> = vec![
+            (r#"{"method":"reconfigure"}"#.into(), "no params"),
+            (req(json!("x")), "bad params"),
+            (req(json!({})), "bad params: missing field"),
+            (req(unknown), "unknown field `dns`"),
+            (req(numeric), "bad params: invalid type"),
+            (
+                req(reconf_params("Bad_Name", "172.30.0.9/24")),
+                "not a valid hostname",
+            ),
+            (req(reconf_params("a", "172.30.0.9")), "no prefix length"),
+            (
+                req(reconf_params("a", "172.31.0.9/24")),
+                "gateway 172.30.0.1 is not inside",
+            ),
+            (
+                req(reconf_params("a", "1.2.3.4/24")),
+                "not inside a private range",
+            ),
+        ];
+        for (line, want) in &cases {
+            let r = v(line, &env);
+            let e = r["error"].as_str().unwrap_or_default();
+            assert!(e.contains(want), "{line}: {r}");
+            assert!(
+                e.starts_with("reconfigure refused: ") && e.ends_with("nothing was changed"),
+                "{r}"
+            );
+        }
+        let r = v(&json!({"method": "reconfigure", "v": 3, "params": reconf_params("a", "172.30.0.9/24")}).to_string(), &env);
+        assert!(
+            r["error"].as_str().unwrap().contains("protocol version 3"),
+            "{r}"
+        );
+        assert!(calls.lock().unwrap().is_empty());
+        assert_eq!(env.instance_id().unwrap(), before);
+
+        // A configurer failure: said, and the id is kept.
+        let failing = AgentEnv {
+            configurer: Arc::new(Recorder {
+                refuse: true,
+                ..Recorder::default()
+            }),
+            ..env.clone()
+        };
+        let r = v(&req(reconf_params("a", "172.30.0.9/24")), &failing);
+        assert!(
+            r["error"]
+                .as_str()
+                .unwrap()
+                .contains("Operation not permitted"),
+            "{r}"
+        );
+        assert_eq!(env.instance_id().unwrap(), before);
+
+        // Applied: a new id, seen by every clone of the env (later connections).
+        let r = v(&req(reconf_params("clone-1", "172.30.0.9/24")), &env);
+        assert_eq!(r["ok"], true, "{r}");
+        let id = r["result"]["instance_id"].as_str().unwrap().to_string();
+        assert!(reconfigure::is_instance_id(&id) && id != before, "{r}");
+        assert_eq!(
+            r["result"]["boot_id"],
+            "0f3a9c1e-5b7d-4e2a-9c8b-1a2b3c4d5e6f"
+        );
+        assert_eq!(
+            *calls.lock().unwrap(),
+            ["clone-1 172.30.0.9/24 172.30.0.1 02:00:00:00:00:09"]
+        );
+        let later = env.clone();
+        assert_eq!(
+            v(r#"{"method":"hello"}"#, &later)["result"]["instance_id"],
+            id
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// The stand-in's fake guest: reconfigure changes the hostname hello reports.
+    #[test]
+    fn fixed_guest_reconfigure() {
+        let env = AgentEnv::fixed("feedface", HOST_KEY, "vm");
+        let first = env.instance_id().unwrap();
+        assert!(reconfigure::is_instance_id(&first));
+        let line =
+            json!({"method": "reconfigure", "params": reconf_params("clone-3", "10.1.2.3/24")})
+                .to_string();
+        let r: Value = serde_json::from_str(&handle_line(&line, &env)).unwrap();
+        assert!(r["error"].as_str().unwrap().contains("gateway"), "{r}");
+        let mut p = reconf_params("clone-3", "10.1.2.3/24");
+        p["gateway"] = json!("10.1.2.1");
+        let line = json!({"method": "reconfigure", "params": p}).to_string();
+        let r: Value = serde_json::from_str(&handle_line(&line, &env)).unwrap();
+        assert_eq!(r["result"]["boot_id"], "feedface");
+        let h: Value =
+            serde_json::from_str(&handle_line(r#"{"method":"hello"}"#, &env.clone())).unwrap();
+        assert_eq!(h["result"]["hostname"], "clone-3");
+        assert_eq!(h["result"]["instance_id"], r["result"]["instance_id"]);
+        assert_ne!(h["result"]["instance_id"], first.as_str());
+    }
+
+    /// Over the TCP transport the old address goes only once the answer is out: the deferred step
+    /// waits for the test to have read the answer (a step run before the write would time out).
+    #[test]
+    fn deferred_step_runs_after_the_answer() {
+        let (mut env, d) = env_with("abc", "defer");
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let rx = Arc::new(Mutex::new(rx));
+        #[derive(Debug)]
+        struct Waits(
+            Arc<Mutex<std::sync::mpsc::Receiver<()>>>,
+            Arc<Mutex<Vec<String>>>,
+        );
+        impl reconfigure::Configurer for Waits {
+            fn apply(
+                &self,
+                _v: &reconfigure::Validated,
+                defer: bool,
+            ) -> std::result::Result<Option<reconfigure::Deferred>, String> {
+                assert!(defer);
+                let (rx, log) = (self.0.clone(), self.1.clone());
+                Ok(Some(Box::new(move || {
+                    let got = rx.lock().unwrap().recv_timeout(Duration::from_secs(20));
+                    log.lock()
+                        .unwrap()
+                        .push(format!("after: answer read first: {}", got.is_ok()));
+                    Ok(())
+                })))
+            }
+        }
+        let log = Arc::new(Mutex::new(Vec::new()));
+        env.configurer = Arc::new(Waits(rx, log.clone()));
+        env.defer_address_removal = true;
+        let (a, b) = UnixStream::pair().unwrap();
+        let h = std::thread::spawn(move || serve_connection(b, &env));
+        let mut w = a.try_clone().unwrap();
+        let mut r = BufReader::new(a);
+        let line = json!({"method": "reconfigure", "params": reconf_params("c", "172.30.0.9/24")});
+        w.write_all(format!("{line}\n").as_bytes()).unwrap();
+        let mut answer = String::new();
+        r.read_line(&mut answer).unwrap();
+        assert!(answer.contains("\"ok\":true"), "{answer}");
+        tx.send(()).unwrap();
+        drop(w);
+        drop(r);
+        h.join().unwrap().unwrap();
+        assert_eq!(*log.lock().unwrap(), ["after: answer read first: true"]);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A protocol 1 agent's hello (no instance id) still decodes; the host asks each method at
+    /// the oldest protocol that has it.
+    #[test]
+    fn protocol_1_answers_stay_readable() {
+        let h: Hello = serde_json::from_value(json!({
+            "protocol": 1, "boot_id": "b", "host_key": HOST_KEY, "hostname": "old",
+        }))
+        .unwrap();
+        assert_eq!(h.instance_id, None);
+        assert_eq!(h.protocol, 1);
+        for m in ["hello", "ports", "health", "boot_id", "uname"] {
+            assert_eq!(method_version(m), 1, "{m}");
+        }
+        assert_eq!(method_version("reconfigure"), 2);
     }
 }

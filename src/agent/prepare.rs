@@ -98,7 +98,7 @@ pub fn prepare(cfg: &GuestConfig, opts: &Options, host: &dyn HostnameSetter) -> 
 }
 
 /// Writes `<root>/etc/hostname` and sets the kernel's hostname.
-fn set_hostname(name: &str, opts: &Options, host: &dyn HostnameSetter) -> Result<()> {
+pub(crate) fn set_hostname(name: &str, opts: &Options, host: &dyn HostnameSetter) -> Result<()> {
     let etc = opts.root.join("etc");
     std::fs::create_dir_all(&etc).ctx(|| format!("creating {}", etc.display()))?;
     crate::vmm::identity::write_atomic(
@@ -114,7 +114,7 @@ fn set_hostname(name: &str, opts: &Options, host: &dyn HostnameSetter) -> Result
 /// Makes sure `<root>/root/.ssh/authorized_keys` (0600, in a 0700 `.ssh`) holds `line`: keys
 /// already there are kept (a user may have added some, and the agent runs again at every boot and
 /// restart), the owner's key is appended when its type and key are not among them.
-fn write_authorized_key(line: &str, opts: &Options) -> Result<()> {
+pub(crate) fn write_authorized_key(line: &str, opts: &Options) -> Result<()> {
     let home = opts.root.join("root");
     let ssh = home.join(".ssh");
     for dir in [&home, &ssh] {

@@ -1,11 +1,14 @@
-//! The `bangerd` role: the owner daemon. Validates `[network]` and `[vm]`, opens the store, binds its socket,
-//! tells systemd it is ready, serves [`crate::daemon::Daemon`] until SIGTERM or `daemon.shutdown`.
+//! The `bangerd` role: the owner daemon. Validates `[network]` and `[vm]`, opens the store, takes
+//! its socket from systemd (`bangerd.socket`) or binds it, tells systemd it is ready, serves
+//! [`crate::daemon::Daemon`] until SIGTERM or `daemon.shutdown`.
 
 use crate::daemon::Daemon;
 use crate::error::{Context, Result};
 use crate::layout::Layout;
-use crate::rpc::server::{self, ServerConfig};
+use crate::rpc::listen;
+use crate::rpc::server::ServerConfig;
 use crate::store;
+use crate::system::units::DAEMON_SOCKET_NAME;
 use argh::FromArgs;
 use std::sync::Arc;
 
@@ -59,8 +62,10 @@ pub fn main(args: Vec<String>) -> i32 {
 }
 
 fn run(layout: Layout) -> Result<()> {
+    // First, before any thread: no child process may see the socket-activation variables.
+    let activation = listen::Activation::take_from_env();
     let install = crate::system::install_toml::load(&layout)?;
-    // A bad [network] stops the daemon here, before it creates or binds anything.
+    // A bad [network] stops the daemon here, before it creates, binds or takes anything.
     let net = crate::net::NetConfig::load(&layout)?;
     // So does a bad [vm] (console log cap and serial rate).
     let console = crate::daemon::console_log::ConsoleConfig::load(&layout)?;
@@ -69,6 +74,17 @@ fn run(layout: Layout) -> Result<()> {
     if let Some(i) = &install {
         allowed.push(i.owner_uid);
     }
+    // Before the store: a socket systemd passed that is not ours stops the daemon with nothing
+    // created. From here a client of systemd's socket waits in its backlog until the daemon
+    // serves.
+    let socket = layout.daemon_socket();
+    let want = listen::Want {
+        path: &socket,
+        name: DAEMON_SOCKET_NAME,
+        mode: 0o600,
+        owner: None,
+    };
+    let passed = listen::from_systemd(&activation, &want)?;
     for d in [
         layout.state_dir(),
         layout.vms_dir(),
@@ -85,7 +101,8 @@ fn run(layout: Layout) -> Result<()> {
         "state store open",
         serde_json::json!({"db": layout.state_db(), "migrations_applied": store.migrations_applied(), "operations_interrupted": interrupted}),
     );
-    let listener = server::bind(&layout.daemon_socket(), 0o600, None)?;
+    // Without systemd, bind only now: a socket that answers means a store that is open.
+    let (listener, origin) = listen::or_bind(passed, &want)?;
     let (stop_tx, stop_rx) = smol::channel::bounded(4);
     crate::logging::info(
         "bangerd",
@@ -107,6 +124,6 @@ fn run(layout: Layout) -> Result<()> {
         daemon,
         stop_tx,
         stop_rx,
-        serde_json::json!({"socket": layout.daemon_socket(), "state_dir": layout.state_dir()}),
+        serde_json::json!({"socket": socket, "listener": origin.as_str(), "state_dir": layout.state_dir()}),
     )
 }

@@ -1,10 +1,13 @@
-//! The `bangerd-root` role: the privileged helper. Binds its socket in a root-owned 0711 dir,
-//! owned by the owner uid, and serves the fixed `priv.*` table of [`crate::helper::Helper`].
+//! The `bangerd-root` role: the privileged helper. Takes its socket from systemd
+//! (`bangerd-root.socket`) or binds it, in a root-owned 0711 dir, owned by the owner uid, mode
+//! 0600 either way, and serves the fixed `priv.*` table of [`crate::helper::Helper`].
 
 use crate::error::{Context, Result};
 use crate::helper::Helper;
 use crate::layout::Layout;
-use crate::rpc::server::{self, ServerConfig};
+use crate::rpc::listen;
+use crate::rpc::server::ServerConfig;
+use crate::system::units::HELPER_SOCKET_NAME;
 use argh::FromArgs;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
@@ -32,6 +35,8 @@ pub fn main(args: Vec<String>) -> i32 {
 }
 
 fn run(layout: Layout) -> Result<()> {
+    // First, before any thread: no child process (ip, nft, a VMM) may see these variables.
+    let activation = listen::Activation::take_from_env();
     let install = crate::system::install_toml::load(&layout)?;
     let me = rustix::process::getuid().as_raw();
     let (owner_uid, owner_gid) = match &install {
@@ -44,7 +49,16 @@ fn run(layout: Layout) -> Result<()> {
     std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))
         .ctx(|| format!("setting mode 0711 on {}", dir.display()))?;
-    let listener = server::bind(&layout.helper_socket(), 0o600, Some((owner_uid, owner_gid)))?;
+    let socket = layout.helper_socket();
+    let (listener, origin) = listen::listen(
+        &activation,
+        &listen::Want {
+            path: &socket,
+            name: HELPER_SOCKET_NAME,
+            mode: 0o600,
+            owner: Some((owner_uid, owner_gid)),
+        },
+    )?;
     let (stop_tx, stop_rx) = smol::channel::bounded(4);
     super::serve_role(
         listener,
@@ -52,6 +66,6 @@ fn run(layout: Layout) -> Result<()> {
         Arc::new(Helper::new(layout.clone())),
         stop_tx,
         stop_rx,
-        serde_json::json!({"socket": layout.helper_socket(), "owner_uid": owner_uid}),
+        serde_json::json!({"socket": socket, "listener": origin.as_str(), "owner_uid": owner_uid}),
     )
 }

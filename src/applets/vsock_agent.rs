@@ -1,17 +1,22 @@
 //! `banger-vsock-agent`: the in-guest agent. At start it prepares the guest from the kernel command
 //! line ([`crate::agent::cmdline`], [`crate::agent::prepare`]: hostname, root's authorized key, sshd
 //! host keys), then listens on AF_VSOCK port 52 (any CID) and answers banger's line protocol
-//! ([`crate::agent`]): hello, ports, health, boot_id, uname. One thread per connection. systemd
+//! ([`crate::agent`]): hello, ports, health, boot_id, uname, and reconfigure (a guest restored
+//! from a snapshot told its new name, address, MAC and key; [`crate::agent::reconfigure`]). One
+//! thread per connection. systemd
 //! hears READY=1 once the preparation is done and the socket listens (the unit is Type=notify and
 //! ordered before sshd, so sshd starts with host keys).
 //!
 //! With `banger.agent_tcp=PORT` on the kernel command line it also serves on TCP PORT: a test-only
 //! transport for the stand-in's QEMU engine, which has no vsock device and reaches the guest
-//! through its tap instead (a missing vsock device is then not fatal).
+//! through its tap instead (a missing vsock device is then not fatal). A `reconfigure` arriving
+//! over TCP removes eth0's old address only after its answer is written (the answer leaves
+//! through that address).
 //!
 //! It runs as root inside the guest and answers only fixed questions: it executes nothing a
-//! request names. `--root`, `--cmdline`, `--proc` and `--unix` exist for tests: with a root other
-//! than `/` the kernel hostname is left alone.
+//! request names. `--root`, `--cmdline`, `--proc`, `--iface` and `--unix` exist for tests: with a
+//! root other than `/` the kernel hostname is left alone, and no interface is reconfigured unless
+//! `--iface` names one.
 
 use crate::agent::prepare::{self, HostnameSetter, KernelHostname};
 use crate::agent::{self, cmdline, AgentEnv, Source, AGENT_VSOCK_PORT};
@@ -24,7 +29,8 @@ const ROLE: &str = "banger-vsock-agent";
 
 #[derive(FromArgs)]
 /// banger's guest agent: prepares the guest from the kernel command line (banger.name=,
-/// banger.key=), then answers the host over vsock (hello, ports, health, boot_id, uname). Runs
+/// banger.key=), then answers the host over vsock (hello, ports, health, boot_id, uname,
+/// reconfigure). Runs
 /// inside a VM, started by banger-vsock-agent.service; it is the same static binary as banger.
 struct Args {
     /// vsock port to listen on (default 52)
@@ -42,6 +48,10 @@ struct Args {
     /// the proc directory (default /proc)
     #[argh(option, default = "PathBuf::from(\"/proc\")")]
     proc: PathBuf,
+    /// the interface reconfigure changes (default eth0 with root /, none otherwise: tests run
+    /// the agent in a network namespace of their own and name its interface)
+    #[argh(option)]
+    iface: Option<String>,
     /// print the version and exit
     #[argh(switch)]
     version: bool,
@@ -107,11 +117,14 @@ pub fn main(args: Vec<String>) -> i32 {
             serde_json::json!({"error": e.to_string()}),
         );
     }
-    let env = std::sync::Arc::new(env);
     let threads: Vec<_> = listeners
         .into_iter()
         .map(|l| {
-            let env = env.clone();
+            // Clones share the instance id; only the TCP transport rides eth0.
+            let env = std::sync::Arc::new(AgentEnv {
+                defer_address_removal: matches!(l, Listener::Tcp(_)),
+                ..env.clone()
+            });
             std::thread::spawn(move || serve(l, env))
         })
         .collect();
@@ -227,6 +240,20 @@ fn prepare_guest(a: &Args, in_guest: bool) -> (AgentEnv, Option<u16>) {
         }),
         proc_dir: Some(a.proc.clone()),
         problems: report.problems,
+        instance_id: std::sync::Arc::new(std::sync::Mutex::new(
+            agent::reconfigure::new_instance_id(),
+        )),
+        configurer: std::sync::Arc::new(agent::reconfigure::System {
+            files: opts,
+            kernel_hostname: in_guest,
+            ip: std::path::PathBuf::from("ip"),
+            iface: a
+                .iface
+                .clone()
+                .or_else(|| in_guest.then(|| agent::reconfigure::GUEST_IFACE.to_string())),
+            ipv4_conf: a.proc.join("sys/net/ipv4/conf"),
+        }),
+        defer_address_removal: false,
     };
     (env, cfg.agent_tcp)
 }

@@ -66,7 +66,14 @@ pub fn run(c: DaemonCmd) -> Result<i32> {
         Sub::Stop(_) => {
             super::require_root("stopping the daemon", "banger daemon stop")?;
             let svc = crate::system::service::Systemctl;
-            crate::system::service::ServiceManager::stop(&svc, DAEMON_UNIT)?;
+            use crate::system::service::ServiceManager;
+            // The socket first: left listening, it would start the daemon again for the next
+            // client (socket activation). An install from before that has none to stop.
+            let socket = crate::system::units::DAEMON_SOCKET_UNIT;
+            if svc.is_active(socket)? {
+                svc.stop(socket)?;
+            }
+            svc.stop(DAEMON_UNIT)?;
             println!(
                 "bangerd stopped (VMs keep running; start it with `sudo banger system restart`)"
             );

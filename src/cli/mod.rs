@@ -9,6 +9,7 @@ mod doctor;
 mod enter;
 mod image_build;
 mod run;
+mod snapshot;
 mod ssh_config;
 mod system;
 mod update;
@@ -41,6 +42,7 @@ enum Cmd {
     System(system::SystemCmd),
     Vm(vm::VmCmd),
     Image(vm::ImageCmd),
+    Snapshot(snapshot::SnapshotCmd),
     Kernel(vm::KernelCmd),
     Update(update::UpdateCmd),
     SshConfig(ssh_config::SshConfigCmd),
@@ -84,6 +86,7 @@ pub fn run(args: Vec<String>) -> i32 {
         Cmd::System(c) => system::run(c),
         Cmd::Vm(c) => vm::run(c),
         Cmd::Image(c) => vm::run_image(c),
+        Cmd::Snapshot(c) => snapshot::run(c),
         Cmd::Kernel(c) => vm::run_kernel(c),
         Cmd::Update(c) => update::run(c),
         Cmd::SshConfig(c) => ssh_config::run(c),

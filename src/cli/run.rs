@@ -44,6 +44,10 @@ pub struct RunCmd {
     /// let the guest reach outside networks through this host (NAT)
     #[argh(switch)]
     nat: bool,
+    /// restore this snapshot instead of booting an image (its image, vCPUs and memory; see
+    /// `banger vm create --from`)
+    #[argh(option)]
+    from: Option<String>,
     /// delete the VM when the shell or command ends
     #[argh(switch)]
     rm: bool,
@@ -122,12 +126,21 @@ pub fn run(c: RunCmd) -> Result<i32> {
         None
     };
     let interrupted = || interrupts.as_ref().is_some_and(Interrupts::seen);
-    let created = super::vm::long_call(
-        "vm.create",
-        json!({"name": name, "image": c.image, "vcpu": c.vcpu, "memory_mib": c.memory, "start": true, "nat": c.nat}),
-        &format!("creating VM `{name}`"),
-        &name,
-    );
+    let params = match &c.from {
+        Some(snap) if c.image.is_none() => json!({"name": name, "from": snap, "nat": c.nat}),
+        Some(_) => {
+            return Err(Error::usage(
+                "running a VM from a snapshot",
+                "--from takes the snapshot's image",
+            )
+            .hint("drop --image"))
+        }
+        None => {
+            json!({"name": name, "image": c.image, "vcpu": c.vcpu, "memory_mib": c.memory, "start": true, "nat": c.nat})
+        }
+    };
+    let created =
+        super::vm::long_call("vm.create", params, &format!("creating VM `{name}`"), &name);
     let vm = match created {
         Ok(v) => v,
         Err(e) => {

@@ -147,5 +147,9 @@ pub fn run(c: UpdateCmd) -> Result<i32> {
     };
     let outcome = flow::run(&layout, &opts, &seams)?;
     println!("{}", crate::termsafe::plain(&outcome.to_string()));
+    // The VMM may have changed since snapshots were taken (they are bound to its version).
+    for w in crate::system::doctor::snapshot_version_warnings(&layout, None) {
+        say(&format!("warning: {w}"));
+    }
     Ok(0)
 }

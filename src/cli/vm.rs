@@ -24,6 +24,7 @@ const LONG_CALL: Duration = Duration::from_secs(300);
     example = "banger vm create --name dev --image debian",
     example = "banger vm ssh dev                   # or: banger vm exec dev -- uname -a",
     example = "banger vm create --name web --nat",
+    example = "banger vm snapshot dev --as warm     # then: banger vm create --from warm",
     example = "banger vm list",
     example = "banger vm stop dev && banger vm delete dev"
 )]
@@ -45,6 +46,7 @@ enum VmSub {
     Ps(PsCmd),
     Show(ShowCmd),
     Logs(LogsCmd),
+    Snapshot(SnapshotVmCmd),
     Run(super::run::RunCmd),
     Ssh(super::enter::SshCmd),
     Exec(super::enter::ExecCmd),
@@ -52,8 +54,14 @@ enum VmSub {
 }
 
 #[derive(FromArgs, ArgsInfo)]
-/// Create a VM from an image and start it (unless --no-start); returns once the guest is ready.
-#[argh(subcommand, name = "create")]
+/// Create a VM from an image and start it (unless --no-start), or restore one from a snapshot
+/// (--from); returns once the guest is ready.
+#[argh(
+    subcommand,
+    name = "create",
+    example = "banger vm create --name dev --image debian --vcpu 2 --memory 1024",
+    example = "banger vm create --from warm --name try-1   # a clone of snapshot `warm`"
+)]
 struct CreateCmd {
     /// VM name: 1-63 of a-z, 0-9, '-', no leading or trailing '-' (default: generated)
     #[argh(option)]
@@ -62,11 +70,16 @@ struct CreateCmd {
     #[argh(option)]
     image: Option<String>,
     /// number of vCPUs (default 1)
-    #[argh(option, default = "1")]
-    vcpu: u32,
+    #[argh(option)]
+    vcpu: Option<u32>,
     /// memory in MiB (default 512)
-    #[argh(option, default = "512")]
-    memory: u32,
+    #[argh(option)]
+    memory: Option<u32>,
+    /// restore this snapshot (see `banger snapshot list`) instead of booting an image: the new VM
+    /// gets its own disk clone, address and name, in milliseconds; image, vCPUs and memory are
+    /// the snapshot's
+    #[argh(option)]
+    from: Option<String>,
     /// create the VM but do not start it
     #[argh(switch)]
     no_start: bool,
@@ -74,6 +87,28 @@ struct CreateCmd {
     /// limited to the host bridge
     #[argh(switch)]
     nat: bool,
+}
+
+#[derive(FromArgs, ArgsInfo)]
+/// Snapshot a running VM: paused for the snapshot (memory, device state and a copy-on-write clone
+/// of its disk), then resumed (or stopped with --stop). Restore it with `vm create --from`.
+#[argh(
+    subcommand,
+    name = "snapshot",
+    example = "banger vm snapshot dev --as warm",
+    example = "banger vm create --from warm        # as many clones as you like",
+    note = "Snapshots are bound to the Firecracker version that wrote them; see `banger snapshot list`."
+)]
+struct SnapshotVmCmd {
+    /// VM name or id
+    #[argh(positional)]
+    vm: String,
+    /// snapshot name: 1-63 of a-z, 0-9, '-' (default: <vm>-<4 hex digits>)
+    #[argh(option, long = "as")]
+    name: Option<String>,
+    /// stop the VM after the snapshot instead of resuming it
+    #[argh(switch)]
+    stop: bool,
 }
 
 #[derive(FromArgs, ArgsInfo)]
@@ -251,16 +286,61 @@ pub fn run(c: VmCmd) -> Result<i32> {
             if let Some(n) = &c.name {
                 check_name(n)?;
             }
-            crate::daemon::vms::check_size(u64::from(c.vcpu), u64::from(c.memory))
-                .map_err(|why| Error::usage("creating a VM", why))?;
             let target = c.name.clone().unwrap_or_default();
-            let v = long_call(
-                "vm.create",
-                json!({"name": c.name, "image": c.image, "vcpu": c.vcpu, "memory_mib": c.memory, "start": !c.no_start, "nat": c.nat}),
-                "creating a VM",
-                &target,
-            )?;
+            let params = match &c.from {
+                Some(snap) => {
+                    if c.image.is_some() || c.vcpu.is_some() || c.memory.is_some() || c.no_start {
+                        return Err(Error::usage(
+                            "creating a VM from a snapshot",
+                            "--from takes the snapshot's image, vCPUs and memory and always starts the VM",
+                        )
+                        .hint("drop --image, --vcpu, --memory and --no-start"));
+                    }
+                    check_name(snap).map_err(|_| {
+                        Error::usage(
+                            format!("snapshot name `{snap}`"),
+                            "not a valid snapshot name",
+                        )
+                        .hint("see `banger snapshot list`")
+                    })?;
+                    json!({"name": c.name, "from": snap, "nat": c.nat})
+                }
+                None => {
+                    let (vcpu, memory) = (c.vcpu.unwrap_or(1), c.memory.unwrap_or(512));
+                    crate::daemon::vms::check_size(u64::from(vcpu), u64::from(memory))
+                        .map_err(|why| Error::usage("creating a VM", why))?;
+                    json!({"name": c.name, "image": c.image, "vcpu": vcpu, "memory_mib": memory, "start": !c.no_start, "nat": c.nat})
+                }
+            };
+            let v = long_call("vm.create", params, "creating a VM", &target)?;
             println!("{}", term::plain(&summary(&v)));
+            Ok(0)
+        }
+        VmSub::Snapshot(c) => {
+            if let Some(n) = &c.name {
+                check_name(n).map_err(|_| {
+                    Error::usage(
+                        format!("snapshot name `{n}`"),
+                        "names are 1-63 characters of a-z, 0-9 and '-', not starting or ending with '-'",
+                    )
+                })?;
+            }
+            let v = long_call(
+                "vm.snapshot",
+                json!({"vm": c.vm, "as": c.name, "stop": c.stop}),
+                &format!("snapshotting VM `{}`", c.vm),
+                &c.vm,
+            )?;
+            let line = format!(
+                "snapshot {} of {}: {} memory ({} on disk), disk {}; {}",
+                s(&v, "name"),
+                s(&v, "source_vm"),
+                super::snapshot::mib(v["memory_mib"].as_u64().unwrap_or(0) << 20),
+                super::snapshot::mib(v["size_bytes"].as_u64().unwrap_or(0)),
+                s(&v, "disk_copy"),
+                summary(&v["vm"])
+            );
+            println!("{}", term::plain(&line));
             Ok(0)
         }
         VmSub::Run(c) => super::run::run(c),
@@ -355,17 +435,20 @@ fn summary(v: &Value) -> String {
     if let Some(p) = v.get("pid").and_then(Value::as_i64) {
         out.push_str(&format!(" pid={p}"));
     }
+    if let Some(sn) = v.get("snapshot").and_then(Value::as_str) {
+        out.push_str(&format!(" from={sn}"));
+    }
     out
 }
 
 fn table(vms: &Value) -> String {
     let mut out = format!(
-        "{:<20} {:<14} {:<10} {:<15} {:<3} {:>4} {:>7} {:>8}  {}\n",
-        "NAME", "ID", "STATE", "IP", "NAT", "CPU", "MEM", "PID", "IMAGE"
+        "{:<20} {:<14} {:<10} {:<15} {:<3} {:>4} {:>7} {:>8}  {:<16} {}\n",
+        "NAME", "ID", "STATE", "IP", "NAT", "CPU", "MEM", "PID", "IMAGE", "SNAPSHOT"
     );
     for v in vms.as_array().into_iter().flatten() {
         out.push_str(&format!(
-            "{:<20} {:<14} {:<10} {:<15} {:<3} {:>4} {:>7} {:>8}  {}\n",
+            "{:<20} {:<14} {:<10} {:<15} {:<3} {:>4} {:>7} {:>8}  {:<16} {}\n",
             s(v, "name"),
             s(v, "id"),
             s(v, "state"),
@@ -378,6 +461,7 @@ fn table(vms: &Value) -> String {
                 .map(|p| p.to_string())
                 .unwrap_or_else(|| "-".into()),
             s(v, "image"),
+            s(v, "snapshot"),
         ));
     }
     out
@@ -391,6 +475,7 @@ fn details(v: &Value) -> String {
         "id",
         "state",
         "image",
+        "snapshot",
         "boot_id",
         "ip",
         "mac",
@@ -750,13 +835,14 @@ mod tests {
             {"name": "a", "id": "0123456789ab", "state": "running", "ip": "172.30.0.2",
              "nat": true, "vcpu": 1, "memory_mib": 128, "pid": 42, "image": "tiny"},
             {"name": "b", "id": "ba9876543210", "state": "stopped", "ip": null,
-             "nat": false, "vcpu": 2, "memory_mib": 512, "pid": null, "image": "tiny"}
+             "nat": false, "vcpu": 2, "memory_mib": 512, "pid": null, "image": "tiny",
+             "snapshot": "warm"}
         ]);
         let t = table(&vms);
         let lines: Vec<Vec<&str>> = t.lines().map(|l| l.split_whitespace().collect()).collect();
         assert_eq!(
             lines[0],
-            ["NAME", "ID", "STATE", "IP", "NAT", "CPU", "MEM", "PID", "IMAGE"]
+            ["NAME", "ID", "STATE", "IP", "NAT", "CPU", "MEM", "PID", "IMAGE", "SNAPSHOT"]
         );
         assert_eq!(
             lines[1],
@@ -769,7 +855,8 @@ mod tests {
                 "1",
                 "128M",
                 "42",
-                "tiny"
+                "tiny",
+                "-"
             ]
         );
         assert_eq!(
@@ -783,7 +870,8 @@ mod tests {
                 "2",
                 "512M",
                 "-",
-                "tiny"
+                "tiny",
+                "warm"
             ]
         );
     }

@@ -14,6 +14,7 @@ pub mod net;
 pub mod ops;
 pub mod requests;
 pub mod shared;
+pub mod snapshots;
 pub mod ssh;
 pub mod vms;
 
@@ -150,6 +151,10 @@ impl Handler for Daemon {
                     .map_err(|e| RpcError::new(ErrorCode::OperationFailed, e.to_string()))
             }
             "vm.show" => self.vms.show(parse(m, p)?),
+            "vm.snapshot" => snapshots::take(&self.vms, ops, parse(m, p)?),
+            "snapshot.list" => parse::<NoParams>(m, p).and_then(|_| snapshots::list(&self.vms)),
+            "snapshot.show" => snapshots::show(&self.vms, parse(m, p)?),
+            "snapshot.rm" => snapshots::remove(&self.vms, parse(m, p)?),
             "vm.logs" => self.vms.logs(parse(m, p)?),
             "vm.ports" => ssh::ports(ctx, &parse::<requests::VmRef>(m, p)?.vm),
             "image.import" => images::import(ctx, ops, parse(m, p)?),

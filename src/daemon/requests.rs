@@ -88,6 +88,30 @@ pub struct VmCreate {
     pub start: Option<bool>,
     /// Let the guest reach outside networks through the host (default false).
     pub nat: Option<bool>,
+    /// Restore this snapshot instead of booting an image (with `image`, `vcpu`, `memory_mib`
+    /// absent: the snapshot fixes them).
+    pub from: Option<String>,
+}
+
+/// `vm.snapshot`.
+#[derive(Debug, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct VmSnapshot {
+    /// VM name or id.
+    pub vm: String,
+    /// Snapshot name (generated when absent or empty).
+    #[serde(rename = "as")]
+    pub name: Option<String>,
+    /// Stop the VM afterwards instead of resuming it (default false).
+    pub stop: Option<bool>,
+}
+
+/// `snapshot.show`, `snapshot.rm`: one snapshot by name or id.
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRef {
+    /// Snapshot name or id.
+    pub snapshot: String,
 }
 
 /// `vm.start`, `vm.restart`, `vm.show`: one VM by name or id.
@@ -191,6 +215,23 @@ mod tests {
                 vcpu: Some(2),
                 ..VmCreate::default()
             }
+        );
+        assert_eq!(
+            parse::<VmSnapshot>("m", &json!({"vm": "a", "as": "warm", "stop": true})).unwrap(),
+            VmSnapshot {
+                vm: "a".into(),
+                name: Some("warm".into()),
+                stop: Some(true)
+            }
+        );
+        assert!(parse::<VmSnapshot>("m", &json!({"vm": "a", "name": "warm"})).is_err());
+        assert!(parse::<SnapshotRef>("m", &json!({"snapshot": 1})).is_err());
+        assert_eq!(
+            parse::<VmCreate>("m", &json!({"from": "warm"}))
+                .unwrap()
+                .from
+                .as_deref(),
+            Some("warm")
         );
         assert_eq!(
             parse::<VmDelete>("m", &json!({"vms": ["a", "b"]})).unwrap(),

@@ -34,9 +34,9 @@ pub const VCPU_MAX: u64 = 32;
 pub const MEMORY_MIB: std::ops::RangeInclusive<u64> = 16..=1 << 20;
 
 /// How long a VM that was killed has to disappear from /proc.
-const KILL_WAIT: Duration = Duration::from_secs(10);
+pub(super) const KILL_WAIT: Duration = Duration::from_secs(10);
 /// How long `vm.stop` waits for a graceful shutdown unless told otherwise.
-const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `vm.delete` waits for a graceful shutdown of a running VM.
 const DELETE_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest chunk `vm.logs` returns at once.
@@ -105,8 +105,10 @@ pub fn plan(state: VmState, action: Action, name: &str) -> Result<Plan, RpcError
 
 /// The VM service.
 pub struct Vms {
-    ctx: Ctx,
+    pub(super) ctx: Ctx,
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Per-snapshot locks: restores of one snapshot run one at a time up to `reconfigure`.
+    snapshot_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     proc_root: PathBuf,
 }
 
@@ -117,19 +119,29 @@ struct VmView<'a> {
     vm: &'a Vm,
     /// The tap's name, derived from the id (none for a VM that never had a network).
     tap: Option<String>,
+    /// The snapshot it was restored from (none for a booted VM, or once that snapshot is gone).
+    snapshot: Option<&'a str>,
+    /// The guest agent's instance id recorded at the restore (none for a booted VM).
+    instance_id: Option<&'a str>,
 }
 
+/// Where a VM came from: the snapshot's name (if it still exists) and the agent's instance id.
+pub(super) type Origin = (Option<String>, Option<String>);
+
 impl<'a> VmView<'a> {
-    fn of(vm: &'a Vm) -> Self {
+    fn of(vm: &'a Vm, origin: Option<&'a Origin>) -> Self {
         VmView {
             vm,
             tap: vm.ip.as_ref().map(|_| crate::net::tap_name(&vm.id)),
+            snapshot: origin.and_then(|o| o.0.as_deref()),
+            instance_id: origin.and_then(|o| o.1.as_deref()),
         }
     }
 }
 
-fn vm_json(vm: &Vm) -> Value {
-    serde_json::to_value(VmView::of(vm)).unwrap_or(Value::Null)
+/// A VM as the methods report it, with where it came from.
+pub(super) fn vm_json(vm: &Vm, origin: Option<&Origin>) -> Value {
+    serde_json::to_value(VmView::of(vm, origin)).unwrap_or(Value::Null)
 }
 
 impl Vms {
@@ -138,22 +150,32 @@ impl Vms {
         Vms {
             ctx,
             locks: Mutex::new(HashMap::new()),
+            snapshot_locks: Mutex::new(HashMap::new()),
             proc_root: PathBuf::from("/proc"),
         }
     }
 
-    fn lock_for(&self, id: &str) -> Arc<Mutex<()>> {
+    pub(super) fn lock_for(&self, id: &str) -> Arc<Mutex<()>> {
         let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         locks.entry(id.to_string()).or_default().clone()
     }
 
-    fn find(&self, r: &str) -> Result<Vm, RpcError> {
+    /// The lock that serialises restores of snapshot `id` (and its removal).
+    pub(super) fn snapshot_lock(&self, id: &str) -> Arc<Mutex<()>> {
+        let mut locks = self
+            .snapshot_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        locks.entry(id.to_string()).or_default().clone()
+    }
+
+    pub(super) fn find(&self, r: &str) -> Result<Vm, RpcError> {
         self.ctx
             .db(|s| s.vm_get(r))?
             .ok_or_else(|| not_found(format!("no VM named `{r}` (see `banger vm list`)")))
     }
 
-    fn files(&self, vm: &Vm) -> VmFiles {
+    pub(super) fn files(&self, vm: &Vm) -> VmFiles {
         VmFiles::in_dir(&self.ctx.layout.vm_dir(&vm.id))
     }
 
@@ -171,7 +193,7 @@ impl Vms {
     }
 
     /// Re-checks a VM that is recorded as running against /proc: gone → stopped and cleaned.
-    fn refresh(&self, mut vm: Vm) -> Result<Vm, RpcError> {
+    pub(super) fn refresh(&self, mut vm: Vm) -> Result<Vm, RpcError> {
         if !matches!(vm.state, VmState::Running | VmState::Unknown) {
             return Ok(vm);
         }
@@ -208,7 +230,7 @@ impl Vms {
 
     /// The VMM is gone: has the helper clean up after it and take its network down, and records
     /// the VM as stopped.
-    fn mark_stopped(&self, vm: &mut Vm) -> Result<(), RpcError> {
+    pub(super) fn mark_stopped(&self, vm: &mut Vm) -> Result<(), RpcError> {
         if let Err(e) = self.ctx.helper("priv.vm_cleanup", json!({"id": vm.id})) {
             crate::logging::error(
                 "bangerd",
@@ -268,6 +290,9 @@ impl Vms {
     /// `vm.create`: validates everything first (nothing is recorded for a bad request), records
     /// the VM, copies its disk and, unless `start` is false, boots it.
     pub fn create(&self, ops: &Operations, req: VmCreate) -> Result<Value, RpcError> {
+        if req.from.is_some() {
+            return super::snapshots::restore(self, ops, req);
+        }
         let name = match req.name {
             Some(n) if !n.is_empty() => n,
             _ => format!("vm-{}", random_hex(3)),
@@ -326,7 +351,7 @@ impl Vms {
             if start {
                 self.boot(&op, vm.clone())
             } else {
-                Ok(vm_json(&vm))
+                Ok(self.vm_view(&vm))
             }
         })();
         op.finish(r.as_ref().err().map(|e| e.message.clone()));
@@ -334,7 +359,7 @@ impl Vms {
     }
 
     /// A fresh VM id whose tap name (its first 10 hex digits) no other VM's shares.
-    fn new_id(&self) -> Result<String, RpcError> {
+    pub(super) fn new_id(&self) -> Result<String, RpcError> {
         for _ in 0..8 {
             let id = random_hex(6);
             // tap_name keeps the id's first 10 characters.
@@ -490,7 +515,7 @@ impl Vms {
                     }
                 }
                 super::ssh::refresh_config(&self.ctx);
-                Ok(vm_json(&vm))
+                Ok(self.vm_view(&vm))
             }
             Err(e) => {
                 let _ = self
@@ -529,7 +554,7 @@ impl Vms {
         })
     }
 
-    fn wait_gone(&self, ident: &Identity, timeout: Duration) -> bool {
+    pub(super) fn wait_gone(&self, ident: &Identity, timeout: Duration) -> bool {
         let start = Instant::now();
         loop {
             if matches!(
@@ -555,14 +580,14 @@ impl Vms {
     }
 
     /// Ctrl-Alt-Del, then SIGKILL after `timeout`; the VM's lock is held.
-    fn stop_locked(
+    pub(super) fn stop_locked(
         &self,
         ops: &Operations,
         mut vm: Vm,
         timeout: Duration,
     ) -> Result<Value, RpcError> {
         if plan(vm.state, Action::Stop, &vm.name)? == Plan::AlreadyDone {
-            return Ok(vm_json(&vm));
+            return Ok(self.vm_view(&vm));
         }
         let ident = identity_of(&vm);
         let op = ops.begin("vm.stop", Some(&vm.name));
@@ -582,7 +607,7 @@ impl Vms {
         }
         let r = if gone {
             op.stage("cleaning up");
-            self.mark_stopped(&mut vm).map(|_| vm_json(&vm))
+            self.mark_stopped(&mut vm).map(|_| self.vm_view(&vm))
         } else {
             Err(failed(Error::new(
                 format!("stopping VM `{}`", vm.name),
@@ -609,7 +634,7 @@ impl Vms {
             if self.wait_gone(&identity_of(&vm), wait) {
                 self.mark_stopped(&mut vm)?;
             }
-            Ok(vm_json(&vm))
+            Ok(self.vm_view(&vm))
         })
     }
 
@@ -661,6 +686,15 @@ impl Vms {
         Ok(json!({"deleted": deleted}))
     }
 
+    /// A VM as the methods report it, with the snapshot it came from.
+    fn vm_view(&self, vm: &Vm) -> Value {
+        let (snap_id, instance) = self.ctx.db(|s| s.vm_origin(&vm.id)).unwrap_or((None, None));
+        let name = snap_id
+            .and_then(|id| self.ctx.db(|s| s.snapshot_get(&id)).ok().flatten())
+            .map(|s| s.name);
+        vm_json(vm, Some(&(name, instance)))
+    }
+
     /// `vm.list`, serialized straight from the rows: with a thousand VMs, building a `Value`
     /// tree first costs more than the query.
     pub fn list_raw(&self) -> Result<Box<RawValue>, RpcError> {
@@ -681,8 +715,17 @@ impl Vms {
                 *vm = self.refresh(vm.clone())?;
             }
         }
+        let origins: HashMap<String, Origin> = self
+            .ctx
+            .db(|s| s.vm_origins())?
+            .into_iter()
+            .map(|(id, name, instance)| (id, (name, instance)))
+            .collect();
         serde_json::value::to_raw_value(&List {
-            vms: vms.iter().map(VmView::of).collect(),
+            vms: vms
+                .iter()
+                .map(|v| VmView::of(v, origins.get(&v.id)))
+                .collect(),
         })
         .map_err(|e| {
             RpcError::new(
@@ -696,7 +739,7 @@ impl Vms {
     pub fn show(&self, req: VmRef) -> Result<Value, RpcError> {
         self.with_vm(&req.vm, |vm| {
             let files = self.files(&vm);
-            Ok(json!({"vm": vm_json(&vm), "dir": files.dir, "console_log": files.console_log}))
+            Ok(json!({"vm": self.vm_view(&vm), "dir": files.dir, "console_log": files.console_log}))
         })
     }
 

@@ -39,6 +39,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "image_origin",
         sql: IMAGE_ORIGIN,
     },
+    Migration {
+        version: 4,
+        name: "snapshots",
+        sql: SNAPSHOTS,
+    },
 ];
 
 /// The highest schema version this binary applies.
@@ -106,6 +111,32 @@ CREATE UNIQUE INDEX vms_by_ip ON vms (ip);
 // by `banger image list`. Nullable: images imported before this migration have no record of it.
 const IMAGE_ORIGIN: &str = "
 ALTER TABLE images ADD COLUMN origin TEXT;
+";
+
+// Issue 12: snapshots of running VMs (memory, device state, a disk clone) and the VMs restored
+// from them. `firecracker_version` is the VMM that wrote the snapshot: Firecracker refuses (or
+// worse) to load another version's, so a restore checks it first. `vms.snapshot_id` has no foreign
+// key: deleting a snapshot is refused while running clones exist (the daemon checks), and a
+// stopped clone's own disk does not need the snapshot. `vms.instance_id` is the guest agent's
+// per-restore identity (clones of one snapshot share a boot_id).
+const SNAPSHOTS: &str = "
+CREATE TABLE snapshots (
+    id                   TEXT PRIMARY KEY,
+    name                 TEXT NOT NULL UNIQUE,
+    source_vm            TEXT NOT NULL,
+    kernel               TEXT NOT NULL,
+    image                TEXT,
+    vcpu                 INTEGER NOT NULL CHECK (vcpu > 0),
+    memory_mib           INTEGER NOT NULL CHECK (memory_mib > 0),
+    agent                INTEGER NOT NULL CHECK (agent IN (0, 1)),
+    firecracker_version  TEXT NOT NULL,
+    boot_id              TEXT,
+    dir                  TEXT NOT NULL,
+    size_bytes           INTEGER NOT NULL DEFAULT 0,
+    created_at           TEXT NOT NULL
+);
+ALTER TABLE vms ADD COLUMN snapshot_id TEXT;
+ALTER TABLE vms ADD COLUMN instance_id TEXT;
 ";
 
 const SCHEMA_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (

@@ -11,6 +11,7 @@ mod compat;
 mod migrations;
 mod ops;
 mod records;
+mod snapshots;
 
 #[cfg(test)]
 pub(crate) use compat::check_with;
@@ -18,6 +19,7 @@ pub use compat::{check, open_read_only, Compat};
 pub use migrations::{Migration, LATEST, MIGRATIONS};
 pub use ops::Operation;
 pub use records::{Image, Kernel, Vm, VmState};
+pub use snapshots::Snapshot;
 
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 use std::os::unix::fs::OpenOptionsExt;

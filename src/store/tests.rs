@@ -523,7 +523,7 @@ fn vm_network_migration_keeps_old_rows_and_addresses_them_later() {
         }
     );
     let s = Store::open(&d.db()).unwrap();
-    assert_eq!(s.migrations_applied(), &[2, 3]);
+    assert_eq!(s.migrations_applied(), &[2, 3, 4]);
     let old = s.vm_get("old").unwrap().unwrap();
     assert_eq!((old.ip, old.mac, old.nat), (None, None, false));
     let ip = s
@@ -569,7 +569,7 @@ fn image_origin_migration_keeps_old_images_with_no_origin() {
         }
     );
     let s = Store::open(&d.db()).unwrap();
-    assert_eq!(s.migrations_applied(), &[3]);
+    assert_eq!(s.migrations_applied(), &[3, 4]);
     // The old row reads, with no origin, in both the single read and the list.
     let old = s.image_get("old").unwrap().unwrap();
     assert_eq!(old.origin, None);
@@ -605,4 +605,99 @@ fn id_prefix_lookup() {
     assert!(s.vm_id_prefix_taken("0123456789ff", 10).unwrap());
     assert!(!s.vm_id_prefix_taken("0123456780ab", 10).unwrap());
     assert!(!s.vm_id_prefix_taken("ffffffffffff", 10).unwrap());
+}
+
+fn snapshot_row(id: &str, name: &str) -> crate::store::Snapshot {
+    crate::store::Snapshot {
+        id: id.into(),
+        name: name.into(),
+        source_vm: "src".into(),
+        kernel: "k6".into(),
+        image: Some("img".into()),
+        vcpu: 1,
+        memory_mib: 128,
+        agent: true,
+        firecracker_version: "1.16.1".into(),
+        boot_id: Some("b".into()),
+        dir: format!("/s/{id}"),
+        size_bytes: 4096,
+        created_at: crate::clock::now_rfc3339(),
+    }
+}
+
+#[test]
+fn snapshots_migration_keeps_old_vms_as_booted() {
+    let d = TempDir::new();
+    // A database at schema 3 with one VM, as the previous release left it.
+    let s = Store::open_with(&d.db(), &MIGRATIONS[..3]).unwrap();
+    s.vm_insert(&vm_row("0123456789ab", "old", VmState::Running))
+        .unwrap();
+    drop(s);
+    assert_eq!(
+        check(&d.db()).unwrap(),
+        Compat::Pending {
+            db_version: 3,
+            latest: LATEST
+        }
+    );
+    let s = Store::open(&d.db()).unwrap();
+    assert_eq!(s.migrations_applied(), &[4]);
+    let old = s.vm_get("old").unwrap().unwrap();
+    assert_eq!(old.state, VmState::Running);
+    assert_eq!(s.vm_origin(&old.id).unwrap(), (None, None));
+    assert!(s.snapshot_list().unwrap().is_empty());
+
+    // Snapshots round-trip; names are unique.
+    let snap = snapshot_row("aaaaaaaaaaaa", "warm");
+    s.snapshot_insert(&snap).unwrap();
+    assert_eq!(s.snapshot_get("warm").unwrap().as_ref(), Some(&snap));
+    assert_eq!(
+        s.snapshot_get("aaaaaaaaaaaa").unwrap().as_ref(),
+        Some(&snap)
+    );
+    let e = s
+        .snapshot_insert(&snapshot_row("bbbbbbbbbbbb", "warm"))
+        .unwrap_err();
+    assert!(e.why.contains("already exists"), "{e}");
+    assert_eq!(s.snapshot_list().unwrap(), vec![snap.clone()]);
+
+    // A clone records its origin; the snapshot lists its clones.
+    s.vm_insert(&vm_row("cccccccccccc", "clone", VmState::Running))
+        .unwrap();
+    s.vm_set_origin("cccccccccccc", Some(&snap.id), Some("i1"))
+        .unwrap();
+    assert_eq!(
+        s.vm_origin("cccccccccccc").unwrap(),
+        (Some(snap.id.clone()), Some("i1".into()))
+    );
+    assert_eq!(
+        s.snapshot_clones(&snap.id).unwrap(),
+        vec![("clone".to_string(), "running".to_string())]
+    );
+    assert_eq!(
+        s.vm_origins().unwrap(),
+        vec![(
+            "cccccccccccc".to_string(),
+            Some("warm".to_string()),
+            Some("i1".to_string())
+        )]
+    );
+    // vm_update leaves the origin alone.
+    let c = s.vm_get("clone").unwrap().unwrap();
+    s.vm_update(&c).unwrap();
+    assert_eq!(
+        s.vm_origin("cccccccccccc").unwrap().1.as_deref(),
+        Some("i1")
+    );
+    s.snapshot_delete(&snap.id).unwrap();
+    assert!(s.snapshot_get("warm").unwrap().is_none());
+    assert_eq!(
+        s.vm_origins().unwrap(),
+        vec![("cccccccccccc".to_string(), None, Some("i1".to_string()))]
+    );
+    drop(s);
+    assert_eq!(
+        check(&d.db()).unwrap(),
+        Compat::Compatible { version: LATEST }
+    );
 }

@@ -140,6 +140,9 @@ pub fn run(layout: &Layout, svc: &dyn ServiceManager, opts: &DoctorOptions) -> V
         owner.clone(),
     ));
     checks.push(check_firecracker(opts.firecracker.as_deref()));
+    if let Some(c) = check_snapshots(layout, opts.firecracker.as_deref()) {
+        checks.push(c);
+    }
     checks.push(check_network(
         &NetFacts::gather(layout, &opts.tun),
         owner.as_ref(),
@@ -338,14 +341,25 @@ fn check_units(layout: &Layout, svc: &dyn ServiceManager, installed: bool, syste
     }
     let mut level = Level::Pass;
     let mut details = vec![];
-    for unit in [HELPER_UNIT, DAEMON_UNIT] {
+    for unit in units::ALL_UNITS {
         let path = layout.unit_file(unit);
         if !path.is_file() {
-            level = level.max(Level::Fail);
-            details.push(format!(
-                "{unit}: {} is missing ({HINT_INSTALL})",
-                path.display()
-            ));
+            if units::is_socket(unit) {
+                // An install from before socket activation: it works, but each restart refuses
+                // clients for a moment. Not a FAIL: an update (which keeps the units) must not
+                // roll back over it.
+                level = level.max(Level::Warn);
+                details.push(format!(
+                    "{unit}: {} is missing, so clients are refused while the daemons restart (run sudo banger system install to add it)",
+                    path.display()
+                ));
+            } else {
+                level = level.max(Level::Fail);
+                details.push(format!(
+                    "{unit}: {} is missing ({HINT_INSTALL})",
+                    path.display()
+                ));
+            }
             continue;
         }
         if !systemd {
@@ -379,18 +393,12 @@ fn check_unit_directives(layout: &Layout, installed: bool) -> Check {
     }
     let mut level = Level::Pass;
     let mut details = vec![];
-    for unit in [HELPER_UNIT, DAEMON_UNIT] {
+    for unit in units::ALL_UNITS {
         let path = layout.unit_file(unit);
         let texts = match units::read_with_dropins(&path) {
             Ok(Some(t)) => t,
-            Ok(None) => {
-                level = Level::Fail;
-                details.push(format!(
-                    "{unit}: {} is missing ({HINT_INSTALL})",
-                    path.display()
-                ));
-                continue;
-            }
+            // The units check already reports a missing unit file, at the right level.
+            Ok(None) => continue,
             Err(e) => {
                 level = Level::Fail;
                 details.push(format!("{unit}: {e}"));
@@ -399,15 +407,26 @@ fn check_unit_directives(layout: &Layout, installed: bool) -> Check {
         };
         let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
         let mut good = vec![];
-        for (_, key, want) in units::REQUIRED_DIRECTIVES.iter().filter(|d| d.0 == unit) {
-            match units::directive(&texts, "Service", key) {
-                Some(v) if v == *want => good.push(format!("{key}={want}")),
+        for r in units::REQUIRED_DIRECTIVES.iter().filter(|d| d.unit == unit) {
+            let (key, want) = (r.key, r.value);
+            match units::directive(&texts, r.section, key) {
+                Some(v) if v == want => good.push(format!("{key}={want}")),
                 got => {
-                    level = Level::Fail;
-                    details.push(format!(
-                        "{unit}: {key}={}, expected {key}={want} (running VMs are at risk on restart; run sudo banger system install to put the unit back and check its drop-ins)",
-                        got.as_deref().unwrap_or("<unset>")
-                    ));
+                    let got = got.as_deref().unwrap_or("<unset>").to_string();
+                    match r.need {
+                        units::Need::Must => {
+                            level = Level::Fail;
+                            details.push(format!(
+                                "{unit}: {key}={got}, expected {key}={want} (running VMs are at risk on restart; run sudo banger system install to put the unit back and check its drop-ins)"
+                            ));
+                        }
+                        units::Need::Should => {
+                            level = level.max(Level::Warn);
+                            details.push(format!(
+                                "{unit}: {key}={got}, expected {key}={want} (weaker than banger's unit; run sudo banger system install to put the unit back and check its drop-ins)"
+                            ));
+                        }
+                    }
                 }
             }
         }
@@ -954,6 +973,52 @@ fn check_firecracker(explicit: Option<&Path>) -> Check {
     }
 }
 
+/// Snapshots written by another Firecracker than the installed one cannot be restored (issue 12):
+/// one line per such snapshot, empty when all match or nothing can be told (no VMM, no database).
+/// Also printed by `banger update`.
+pub fn snapshot_version_warnings(layout: &Layout, explicit: Option<&Path>) -> Vec<String> {
+    let path = match explicit {
+        Some(p) => p.to_path_buf(),
+        None => find_on_path("firecracker").unwrap_or_else(|| PathBuf::from(FIRECRACKER_FALLBACK)),
+    };
+    let Ok(meta) = fs::metadata(&path) else {
+        return vec![];
+    };
+    if !firecracker_file_problems(meta.uid(), meta.mode()).is_empty() {
+        return vec![];
+    }
+    let Some(installed) = version_output(&path)
+        .ok()
+        .and_then(|o| parse_firecracker_version(&o))
+        .map(vstr)
+    else {
+        return vec![];
+    };
+    let Ok(conn) = crate::store::open_read_only(&layout.state_db()) else {
+        return vec![];
+    };
+    let rows: Vec<(String, String)> = conn
+        .prepare("SELECT name, firecracker_version FROM snapshots ORDER BY name")
+        .and_then(|mut st| {
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .and_then(|it| it.collect())
+        })
+        .unwrap_or_default();
+    rows.into_iter()
+        .filter(|(_, v)| *v != installed)
+        .map(|(name, v)| {
+            format!(
+                "snapshot `{name}` was written by Firecracker {v}, the installed one is {installed}: it cannot be restored (reinstall {v}, or `banger snapshot rm {name}`)"
+            )
+        })
+        .collect()
+}
+
+fn check_snapshots(layout: &Layout, explicit: Option<&Path>) -> Option<Check> {
+    let w = snapshot_version_warnings(layout, explicit);
+    (!w.is_empty()).then(|| Check::new(Level::Warn, "snapshots", w))
+}
+
 /// Runs `path --version` with a bounded wait; returns stdout.
 fn version_output(path: &Path) -> Result<String, String> {
     let mut child = spawn_retrying(path)?;
@@ -1212,17 +1277,49 @@ mod tests {
         assert_eq!(check_units(&bare, &svc, false, true).level, Level::Warn);
 
         let l = installed_layout(&t, 1000);
-        svc.set_active(HELPER_UNIT, true);
-        svc.set_active(DAEMON_UNIT, true);
+        for unit in units::ALL_UNITS {
+            svc.set_active(unit, true);
+        }
         assert_eq!(check_units(&l, &svc, true, true).level, Level::Pass);
 
         svc.set_active(DAEMON_UNIT, false);
         let c = check_units(&l, &svc, true, true);
         assert_eq!(c.level, Level::Fail);
         assert!(
-            c.details[1].contains("journalctl -u bangerd.service"),
+            c.details[3].contains("journalctl -u bangerd.service"),
             "{c:?}"
         );
+        svc.set_active(DAEMON_UNIT, true);
+
+        // A stopped socket refuses every client: FAIL.
+        svc.set_active(units::DAEMON_SOCKET_UNIT, false);
+        let c = check_units(&l, &svc, true, true);
+        assert_eq!(c.level, Level::Fail, "{c:?}");
+        assert!(
+            c.details[2].starts_with("bangerd.socket: not active"),
+            "{c:?}"
+        );
+        svc.set_active(units::DAEMON_SOCKET_UNIT, true);
+
+        // An install from before socket activation: a WARN (an update keeps the units it finds
+        // and must not roll back over this), saying what to run.
+        fs::remove_file(l.unit_file(units::HELPER_SOCKET_UNIT)).unwrap();
+        let c = check_units(&l, &svc, true, true);
+        assert_eq!(c.level, Level::Warn, "{c:?}");
+        assert!(
+            c.details[0]
+                .contains("refused while the daemons restart (run sudo banger system install"),
+            "{c:?}"
+        );
+        let socket_text = units::render_helper_socket(
+            &l,
+            &units::UnitOwner {
+                user: "alice".into(),
+                gid: 1000,
+            },
+        )
+        .unwrap();
+        fs::write(l.unit_file(units::HELPER_SOCKET_UNIT), socket_text).unwrap();
 
         let c = check_units(&l, &svc, true, false);
         assert_eq!(c.level, Level::Warn);
@@ -1248,8 +1345,39 @@ mod tests {
         assert_eq!(c.level, Level::Pass, "{c:?}");
         assert_eq!(
             c.details[0],
-            "bangerd-root.service: Type=notify KillMode=process SendSIGKILL=no RuntimeDirectoryPreserve=yes"
+            "bangerd-root.socket: FileDescriptorName=bangerd-root SocketMode=0600 DirectoryMode=0711"
         );
+        assert!(
+            c.details[1].starts_with(
+                "bangerd-root.service: Type=notify KillMode=process SendSIGKILL=no RuntimeDirectoryPreserve=yes NoNewPrivileges=yes CapabilityBoundingSet=CAP_CHOWN "
+            ),
+            "{c:?}"
+        );
+
+        // A drop-in that weakens the sandbox is a WARN (not what keeps VMs alive), naming it.
+        let dropins = l.unit_dir().join("bangerd.service.d");
+        fs::create_dir_all(&dropins).unwrap();
+        fs::write(
+            dropins.join("loose.conf"),
+            "[Service]\nMemoryDenyWriteExecute=no\nSystemCallFilter=\n",
+        )
+        .unwrap();
+        let c = check_unit_directives(&l, true);
+        assert_eq!(c.level, Level::Warn, "{c:?}");
+        for want in [
+            "bangerd.service: MemoryDenyWriteExecute=no, expected MemoryDenyWriteExecute=yes (weaker",
+            "bangerd.service: SystemCallFilter=<unset>, expected SystemCallFilter=@system-service",
+        ] {
+            assert!(c.details.iter().any(|d| d.starts_with(want)), "{want}: {c:?}");
+        }
+        fs::remove_dir_all(&dropins).unwrap();
+        // A socket unit that hands the socket to the wrong name is a WARN too.
+        let path = l.unit_file(units::DAEMON_SOCKET_UNIT);
+        let text = fs::read_to_string(&path).unwrap();
+        fs::write(&path, text.replace("FileDescriptorName=bangerd\n", "")).unwrap();
+        let c = check_unit_directives(&l, true);
+        assert_eq!(c.level, Level::Warn, "{c:?}");
+        fs::write(&path, text).unwrap();
 
         // A drop-in that undoes KillMode=process is caught.
         let dropins = l.unit_dir().join("bangerd.service.d");
@@ -1274,7 +1402,12 @@ mod tests {
         fs::write(&path, text.replace("SendSIGKILL=no\n", "")).unwrap();
         let c = check_unit_directives(&l, true);
         assert_eq!(c.level, Level::Fail);
-        assert!(c.details[0].contains("SendSIGKILL=<unset>"), "{c:?}");
+        assert!(
+            c.details
+                .iter()
+                .any(|d| d.starts_with("bangerd-root.service: SendSIGKILL=<unset>")),
+            "{c:?}"
+        );
 
         assert_eq!(check_unit_directives(&l, false).level, Level::Warn);
     }

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use super::fsutil;
 use super::install_toml::{self, InstallInfo};
 use super::service::ServiceManager;
-use super::units::{self, UnitOwner};
+use super::units::{self, UnitOwner, DAEMON_SOCKET_UNIT, HELPER_SOCKET_UNIT};
 use super::users::{self, User};
 use crate::buildinfo::BuildInfo;
 use crate::error::{Context, Error, Result};
@@ -236,14 +236,31 @@ pub fn install(
         completions_changed: super::completions::install(layout)?,
     };
     svc.daemon_reload()?;
-    // Helper first: the daemon wants it, and a restarted daemon should find it answering.
-    for unit in [HELPER_UNIT, DAEMON_UNIT] {
-        let must_restart =
-            binary_changed || owner_changed || report.units_changed.iter().any(|u| u == unit);
+    // Helper first (the daemon wants it), each socket before its service. A socket started here
+    // (new, or an install from before socket activation) means a running service must restart to
+    // take it from systemd instead of the socket it bound itself; a changed socket unit is
+    // restarted, which restarts its service too (`Requires=`).
+    let mut socket_moved = false;
+    for unit in units::ALL_UNITS {
+        let changed = report.units_changed.iter().any(|u| u == unit);
         if !svc.is_enabled(unit)? {
             svc.enable(unit)?;
             report.enabled.push(unit.to_string());
         }
+        if units::is_socket(unit) {
+            socket_moved = false;
+            if !svc.is_active(unit)? {
+                svc.start(unit)?;
+                report.started.push(unit.to_string());
+                socket_moved = true;
+            } else if changed || owner_changed {
+                svc.restart(unit)?;
+                report.restarted.push(unit.to_string());
+                socket_moved = true;
+            }
+            continue;
+        }
+        let must_restart = binary_changed || owner_changed || changed || socket_moved;
         if !svc.is_active(unit)? {
             svc.start(unit)?;
             report.started.push(unit.to_string());
@@ -450,19 +467,34 @@ pub fn uninstall_with_network(
     net_purge: &dyn Fn(&Layout) -> Result<Vec<String>>,
 ) -> Result<UninstallReport> {
     let mut report = UninstallReport::default();
-    // Daemon first: it is the helper's only client.
-    for unit in [DAEMON_UNIT, HELPER_UNIT] {
-        if svc.is_active(unit)? {
-            svc.stop(unit)?;
-            report.stopped.push(unit.to_string());
+    // Daemon first: it is the helper's only client. Each socket before its service: stopped
+    // first, a socket can no longer start the service again (a stopped socket stops its service
+    // too, through the service's `Requires=`).
+    for (socket, service) in [
+        (DAEMON_SOCKET_UNIT, DAEMON_UNIT),
+        (HELPER_SOCKET_UNIT, HELPER_UNIT),
+    ] {
+        let active = [svc.is_active(socket)?, svc.is_active(service)?];
+        for (unit, was_active) in [(socket, active[0]), (service, active[1])] {
+            if was_active {
+                svc.stop(unit)?;
+                report.stopped.push(unit.to_string());
+            }
         }
-        if svc.is_enabled(unit)? {
-            svc.disable(unit)?;
-            report.disabled.push(unit.to_string());
+        for unit in [socket, service] {
+            if svc.is_enabled(unit)? {
+                svc.disable(unit)?;
+                report.disabled.push(unit.to_string());
+            }
         }
     }
     let mut units_removed = false;
-    for unit in [DAEMON_UNIT, HELPER_UNIT] {
+    for unit in [
+        DAEMON_SOCKET_UNIT,
+        DAEMON_UNIT,
+        HELPER_SOCKET_UNIT,
+        HELPER_UNIT,
+    ] {
         let path = layout.unit_file(unit);
         if fsutil::remove_file_if_exists(&path)? {
             report.removed.push(path);
@@ -546,7 +578,7 @@ pub struct SystemStatus {
     pub binary_present: bool,
     /// install.toml, if present.
     pub install: Option<InstallInfo>,
-    /// Helper then daemon.
+    /// Every unit, in [`units::ALL_UNITS`] order.
     pub units: Vec<UnitStatus>,
 }
 
@@ -555,9 +587,13 @@ impl SystemStatus {
     pub fn installed(&self) -> bool {
         self.binary_present && self.install.is_some()
     }
-    /// Installed and both units active.
+    /// Installed and every unit active (a socket unit an older install lacks is not required).
     pub fn healthy(&self) -> bool {
-        self.installed() && self.units.iter().all(|u| u.active)
+        self.installed()
+            && self
+                .units
+                .iter()
+                .all(|u| u.active || (units::is_socket(&u.unit) && !u.file_present))
     }
 }
 
@@ -607,9 +643,9 @@ impl fmt::Display for SystemStatus {
 /// Reads the install state without changing anything.
 pub fn status(layout: &Layout, svc: &dyn ServiceManager) -> Result<SystemStatus> {
     let binary = layout.binary();
-    let mut units = vec![];
-    for unit in [HELPER_UNIT, DAEMON_UNIT] {
-        units.push(UnitStatus {
+    let mut states = vec![];
+    for unit in units::ALL_UNITS {
+        states.push(UnitStatus {
             unit: unit.to_string(),
             file_present: layout.unit_file(unit).is_file(),
             enabled: svc.is_enabled(unit)?,
@@ -620,7 +656,7 @@ pub fn status(layout: &Layout, svc: &dyn ServiceManager) -> Result<SystemStatus>
         binary_present: binary.is_file(),
         binary,
         install: install_toml::load(layout)?,
-        units,
+        units: states,
     })
 }
 
@@ -774,20 +810,24 @@ mod tests {
         assert_eq!(fs::metadata(l.cache_dir()).unwrap().uid(), 0);
         assert!(r.binary_changed && r.install_toml_changed);
         assert_eq!(r.links_changed.len(), 3);
-        assert_eq!(r.units_changed, [HELPER_UNIT, DAEMON_UNIT]);
+        assert_eq!(r.units_changed, units::ALL_UNITS);
         assert_eq!(
             svc.actions(),
             [
                 "daemon-reload",
+                "enable bangerd-root.socket",
+                "start bangerd-root.socket",
                 "enable bangerd-root.service",
                 "start bangerd-root.service",
+                "enable bangerd.socket",
+                "start bangerd.socket",
                 "enable bangerd.service",
                 "start bangerd.service",
             ]
         );
-        assert!(r
-            .to_string()
-            .contains("started: bangerd-root.service, bangerd.service"));
+        assert!(r.to_string().contains(
+            "started: bangerd-root.socket, bangerd-root.service, bangerd.socket, bangerd.service"
+        ));
     }
 
     #[test]
@@ -813,6 +853,66 @@ mod tests {
             fs::metadata(b.layout.unit_file(DAEMON_UNIT)).unwrap().ino(),
             unit_before,
             "unchanged unit must not be rewritten"
+        );
+    }
+
+    /// An install from before socket activation (no socket units, each daemon bound its own
+    /// socket): a re-install adds both socket units, starts them, and restarts each service so it
+    /// takes its socket from systemd. Nothing else changes.
+    #[test]
+    fn install_over_an_install_without_sockets_adds_and_starts_them() {
+        let b = bed();
+        let svc = FakeServices::new();
+        run(&b, "alice", &svc).unwrap();
+        for socket in [HELPER_SOCKET_UNIT, DAEMON_SOCKET_UNIT] {
+            fs::remove_file(b.layout.unit_file(socket)).unwrap();
+            svc.set_active(socket, false);
+            svc.set_enabled(socket, false);
+        }
+        svc.clear_calls();
+        let r = run(&b, "alice", &svc).unwrap();
+        assert_eq!(r.units_changed, [HELPER_SOCKET_UNIT, DAEMON_SOCKET_UNIT]);
+        assert!(!r.binary_changed && !r.install_toml_changed);
+        assert_eq!(
+            svc.actions(),
+            [
+                "daemon-reload",
+                "enable bangerd-root.socket",
+                "start bangerd-root.socket",
+                "restart bangerd-root.service",
+                "enable bangerd.socket",
+                "start bangerd.socket",
+                "restart bangerd.service",
+            ]
+        );
+        for socket in [HELPER_SOCKET_UNIT, DAEMON_SOCKET_UNIT] {
+            assert!(b.layout.unit_file(socket).is_file());
+            assert!(svc.active(socket) && svc.enabled(socket), "{socket}");
+        }
+        // And the next install is a no-op again.
+        svc.clear_calls();
+        assert!(run(&b, "alice", &svc).unwrap().is_noop());
+    }
+
+    #[test]
+    fn hand_edited_socket_unit_is_put_back_and_restarted_with_its_service() {
+        let b = bed();
+        let svc = FakeServices::new();
+        run(&b, "alice", &svc).unwrap();
+        let path = b.layout.unit_file(HELPER_SOCKET_UNIT);
+        let good = fs::read_to_string(&path).unwrap();
+        fs::write(&path, good.replace("SocketMode=0600", "SocketMode=0666")).unwrap();
+        svc.clear_calls();
+        let r = run(&b, "alice", &svc).unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), good);
+        assert_eq!(r.units_changed, [HELPER_SOCKET_UNIT]);
+        assert_eq!(
+            svc.actions(),
+            [
+                "daemon-reload",
+                "restart bangerd-root.socket",
+                "restart bangerd-root.service"
+            ]
         );
     }
 
@@ -921,8 +1021,22 @@ mod tests {
         let r = run(&b, "bob", &svc).unwrap();
         assert_eq!(r.info.owner_user, "bob");
         assert!(r.install_toml_changed);
-        assert_eq!(r.units_changed, [DAEMON_UNIT]);
-        assert_eq!(r.restarted, [HELPER_UNIT, DAEMON_UNIT]);
+        // Both sockets belong to the owner (SocketUser=), and the daemon runs as the owner.
+        assert_eq!(
+            r.units_changed,
+            [HELPER_SOCKET_UNIT, DAEMON_SOCKET_UNIT, DAEMON_UNIT]
+        );
+        assert_eq!(
+            r.restarted,
+            [
+                HELPER_SOCKET_UNIT,
+                HELPER_UNIT,
+                DAEMON_SOCKET_UNIT,
+                DAEMON_UNIT
+            ]
+        );
+        let socket = fs::read_to_string(b.layout.unit_file(HELPER_SOCKET_UNIT)).unwrap();
+        assert!(socket.contains("\nSocketUser=bob\n"));
         let unit = fs::read_to_string(b.layout.unit_file(DAEMON_UNIT)).unwrap();
         assert!(unit.contains("\nUser=bob\n"));
     }
@@ -999,15 +1113,21 @@ mod tests {
         assert_eq!(
             svc.actions(),
             [
+                "stop bangerd.socket",
                 "stop bangerd.service",
+                "disable bangerd.socket",
                 "disable bangerd.service",
+                "stop bangerd-root.socket",
                 "stop bangerd-root.service",
+                "disable bangerd-root.socket",
                 "disable bangerd-root.service",
                 "daemon-reload",
             ]
         );
         for p in [
+            l.unit_file(DAEMON_SOCKET_UNIT),
             l.unit_file(DAEMON_UNIT),
+            l.unit_file(HELPER_SOCKET_UNIT),
             l.unit_file(HELPER_UNIT),
             l.link("bangerd"),
             l.link("bangerd-root"),

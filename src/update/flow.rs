@@ -788,6 +788,14 @@ fn restore_database(layout: &Layout, seams: &Seams, journal: &mut Journal) -> Re
     (seams.say)(&format!(
         "stopping {DAEMON_UNIT} to put back the database as it was before the update"
     ));
+    // Its socket too: left listening, the next client would start a daemon on the database being
+    // put back. Clients are refused until the rollback restarts the daemon (which starts the
+    // socket again, through `Requires=`): only on this path, never on an update's restarts.
+    // (An install from before socket activation has no socket unit: nothing to stop.)
+    let socket = crate::system::units::DAEMON_SOCKET_UNIT;
+    if seams.services.is_active(socket)? {
+        seams.services.stop(socket)?;
+    }
     seams.services.stop(DAEMON_UNIT)?;
     let owner = backup::FileOwner {
         uid: snap.uid,
@@ -2280,11 +2288,12 @@ mod tests {
             );
         }
         // VMs are never touched: the only service actions recovery may take are restarts, and
-        // stopping the daemon (never the helper) to put the database snapshot back first.
+        // stopping the daemon and its socket (never the helper) to put the database snapshot
+        // back first.
         let actions = f.services.actions();
         let restarts = actions
             .iter()
-            .skip_while(|a| *a == "stop bangerd.service")
+            .skip_while(|a| *a == "stop bangerd.socket" || *a == "stop bangerd.service")
             .collect::<Vec<_>>();
         assert!(
             restarts.iter().all(|a| a.starts_with("restart ")),
@@ -2494,6 +2503,12 @@ mod tests {
             self.inner.start(u)
         }
         fn stop(&self, u: &str) -> Result<()> {
+            // The socket goes first: a listening socket would start a daemon on the database
+            // being put back.
+            assert!(
+                u != DAEMON_UNIT || !self.inner.active(crate::system::units::DAEMON_SOCKET_UNIT),
+                "stopping {u} while its socket still listens"
+            );
             if u == DAEMON_UNIT && self.crash_on_stop.get() {
                 panic!("simulated crash while stopping {u}");
             }
@@ -2511,6 +2526,9 @@ mod tests {
             }
             self.inner.restart(u)?;
             if u == DAEMON_UNIT {
+                // The service requires its socket (`Requires=`): starting it starts the socket.
+                self.inner
+                    .set_active(crate::system::units::DAEMON_SOCKET_UNIT, true);
                 self.start_daemon()?;
             }
             if n == self.crash_after.get() {
@@ -2572,6 +2590,9 @@ mod tests {
         };
         services.inner.set_active(HELPER_UNIT, true);
         services.inner.set_active(DAEMON_UNIT, true);
+        services
+            .inner
+            .set_active(crate::system::units::DAEMON_SOCKET_UNIT, true);
         services.start_daemon().unwrap();
         add_vm(services.daemon.borrow().as_ref().unwrap(), "in-the-wal");
         let wal = crate::store::backup::tests_sibling(&db, "-wal");
@@ -2634,6 +2655,7 @@ mod tests {
             [
                 "restart bangerd-root.service",
                 "restart bangerd.service",
+                "stop bangerd.socket",
                 "stop bangerd.service",
                 "restart bangerd-root.service",
                 "restart bangerd.service"
@@ -2865,7 +2887,7 @@ mod tests {
                     .inner
                     .actions()
                     .iter()
-                    .filter(|a| a.starts_with("stop"))
+                    .filter(|a| *a == "stop bangerd.service")
                     .count();
                 assert_eq!(
                     stops,

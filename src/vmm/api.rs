@@ -20,7 +20,8 @@ use serde::Serialize;
 
 use super::models::{
     ActionType, BootSource, Drive, Fault, FirecrackerVersion, InstanceActionInfo, InstanceInfo,
-    Logger, MachineConfiguration, Metrics, NetworkInterface, SerialDevice, Vsock,
+    Logger, MachineConfiguration, Metrics, NetworkInterface, PartialDrive, SerialDevice,
+    SnapshotCreateParams, SnapshotLoadParams, Vm, VmState, Vsock,
 };
 use crate::error::{Context, Error, Result};
 
@@ -304,6 +305,36 @@ impl Client {
         self.get("/version")
     }
 
+    /// `PATCH /vm`: pauses or resumes the vCPUs (post-boot).
+    pub fn patch_vm(&self, state: VmState) -> Result<(), ApiError> {
+        self.send("PATCH", "/vm", &Vm { state })
+    }
+
+    /// `PATCH /vm` Paused.
+    pub fn pause(&self) -> Result<(), ApiError> {
+        self.patch_vm(VmState::Paused)
+    }
+
+    /// `PATCH /vm` Resumed.
+    pub fn resume(&self) -> Result<(), ApiError> {
+        self.patch_vm(VmState::Resumed)
+    }
+
+    /// `PATCH /drives/{drive_id}` (post-boot), the id taken from `body.drive_id`.
+    pub fn patch_drive(&self, body: &PartialDrive) -> Result<(), ApiError> {
+        self.send("PATCH", &format!("/drives/{}", body.drive_id), body)
+    }
+
+    /// `PUT /snapshot/create` (the VM must be Paused).
+    pub fn create_snapshot(&self, body: &SnapshotCreateParams) -> Result<(), ApiError> {
+        self.put("/snapshot/create", body)
+    }
+
+    /// `PUT /snapshot/load` (a fresh VMM only). On failure Firecracker exits.
+    pub fn load_snapshot(&self, body: &SnapshotLoadParams) -> Result<(), ApiError> {
+        self.put("/snapshot/load", body)
+    }
+
     /// `PUT path` with any JSON body; for callers (and tests) that need a body the typed
     /// methods cannot express.
     pub fn put_json(&self, path: &str, body: &serde_json::Value) -> Result<(), ApiError> {
@@ -311,9 +342,18 @@ impl Client {
     }
 
     fn put<T: Serialize + ?Sized>(&self, path: &str, body: &T) -> Result<(), ApiError> {
-        let request = format!("PUT {path}");
+        self.send("PUT", path, body)
+    }
+
+    fn send<T: Serialize + ?Sized>(
+        &self,
+        method: &str,
+        path: &str,
+        body: &T,
+    ) -> Result<(), ApiError> {
+        let request = format!("{method} {path}");
         let json = serde_json::to_vec(body).ctx(|| format!("encoding the body of {request}"))?;
-        let resp = self.request("PUT", path, Some(&json))?;
+        let resp = self.request(method, path, Some(&json))?;
         if (200..300).contains(&resp.status) {
             Ok(())
         } else {
@@ -575,6 +615,53 @@ mod tests {
             e.fault_message(),
             Some("Cannot start microvm without kernel configuration.")
         );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn snapshot_calls_use_the_spec_methods() {
+        use crate::vmm::models::{SnapshotCreateParams, SnapshotLoadParams, SnapshotType};
+        let d = tempdir("snap");
+        let ok = b"HTTP/1.1 204 \r\n\r\n".to_vec();
+        let sock = d.join("api.sock");
+        type Call = Box<dyn Fn(&Client) -> Result<(), ApiError>>;
+        let cases: Vec<(&str, Call)> = vec![
+            ("PATCH /vm HTTP/1.1", Box::new(|c| c.pause())),
+            ("PATCH /vm HTTP/1.1", Box::new(|c| c.resume())),
+            (
+                "PUT /snapshot/create HTTP/1.1",
+                Box::new(|c| {
+                    c.create_snapshot(&SnapshotCreateParams {
+                        mem_file_path: "/m".into(),
+                        snapshot_path: "/s".into(),
+                        snapshot_type: Some(SnapshotType::Full),
+                    })
+                }),
+            ),
+            (
+                "PUT /snapshot/load HTTP/1.1",
+                Box::new(|c| {
+                    c.load_snapshot(&SnapshotLoadParams::from_files("/s".into(), "/m".into()))
+                }),
+            ),
+            (
+                "PATCH /drives/rootfs HTTP/1.1",
+                Box::new(|c| {
+                    c.patch_drive(&crate::vmm::models::PartialDrive {
+                        drive_id: "rootfs".into(),
+                        path_on_host: Some("/d".into()),
+                        rate_limiter: None,
+                    })
+                }),
+            ),
+        ];
+        for (want, call) in cases {
+            let _ = std::fs::remove_file(&sock);
+            let (sock, h) = serve_once(&d, ok.clone());
+            call(&Client::new(&sock)).unwrap();
+            let req = String::from_utf8(h.join().unwrap()).unwrap();
+            assert!(req.starts_with(want), "{want}: {req}");
+        }
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -16,24 +16,36 @@
 //! - **Survival**: `setsid` puts the VMM in its own session and process group, so no terminal or
 //!   process-group signal aimed at the helper reaches it; with systemd it also lives in its own
 //!   scope (another cgroup), so `systemctl stop/restart bangerd-root` cannot reach it under any
-//!   `KillMode`. `systemd-run --scope` registers the scope with its own pid and then `execvpe`s the
-//!   command in place (systemd `src/run/run.c`, `start_transient_scope`), so the pid we spawned is
-//!   the VMM's; [`launch`] verifies that by waiting until `/proc/<pid>/comm` is the VMM's and
-//!   fails loudly (and kills the launcher) if it never becomes so.
+//!   `KillMode`.
+//! - **Scope without systemd-run**: the child is forked and *held* before exec (in `pre_exec` it
+//!   reports its pid on one pipe and blocks reading another); [`scope::start`] asks systemd over
+//!   D-Bus (`StartTransientUnit`, `PIDs=[pid]`) to create `banger-vm-<id>.scope` in
+//!   `banger.slice`, waits for the job and checks `/proc/<pid>/cgroup`; only then does the child
+//!   get the go byte and exec, so the VMM never runs a single instruction outside its scope. If
+//!   the registration fails the held child is killed and reaped, and the error says why (bus
+//!   unreachable, unit exists, job failed). `spawn` returns only after exec, so it runs on a short
+//!   scoped thread while the launching thread does the registration. The pid we hold is the
+//!   VMM's (exec keeps it); [`launch`] still waits until `/proc/<pid>/comm` is the VMM's and its
+//!   API socket exists, and kills it on timeout. (`systemd-run --scope` did the same dance in a
+//!   process of its own, with its own bus connection, on every launch; systemd's job itself —
+//!   creating the cgroup and moving the pid — still costs what it costs.)
 //! - **Privileges**: with [`RunAs`] the VMM runs as the owner user (uid, primary gid, and exactly the
 //!   supplementary groups given, e.g. the group of `/dev/kvm`), so the sockets Firecracker creates
 //!   (API socket now, vsock socket when configured) belong to the owner and the daemon can connect;
-//!   the VMM never runs as root. Without systemd the ids are dropped in `pre_exec`; in a scope,
-//!   `systemd-run --uid --gid` drops them after registering the scope (as root), and the
-//!   supplementary groups set in `pre_exec` survive, because systemd-run does not call setgroups.
-//!   A jailer ([`VmmKind`]) would later take over the id drop and the chroot.
+//!   the VMM never runs as root. The ids are dropped in `pre_exec` (setgroups, then setresgid,
+//!   then setresuid) before the hold, with or without a scope: moving a pid into a scope needs
+//!   systemd's privileges, not the child's. A jailer ([`VmmKind`]) would later take over the id
+//!   drop and the chroot.
 
 use crate::error::{Context, Error, Result};
 use crate::vmm::identity::{self, classify, open_dir_nofollow, open_parent, Identity, Liveness};
+use crate::vmm::scope;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+use rustix::pipe::PipeFlags;
 use rustix::process::{Pid, PidfdFlags, Signal};
 use std::ffi::OsString;
 use std::fs::File;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::os::unix::process::CommandExt;
@@ -134,8 +146,10 @@ pub struct LaunchSpec {
     pub pidfile: PathBuf,
     /// Further arguments after the ones [`VmmKind`] implies.
     pub extra_args: Vec<String>,
-    /// Start the VMM inside its own transient systemd scope (`systemd-run --scope`).
+    /// Start the VMM inside its own transient systemd scope ([`scope::start`]).
     pub use_scope: bool,
+    /// Where systemd's D-Bus API is (the host's unless a test says otherwise).
+    pub systemd: scope::Endpoints,
     /// Run the VMM as this user instead of the launcher's (requires root).
     pub run_as: Option<RunAs>,
     /// Bound on the wait for the VMM to exec.
@@ -160,6 +174,7 @@ impl LaunchSpec {
                 files.vmm_log.to_string_lossy().into_owned(),
             ],
             use_scope: systemd_running(),
+            systemd: scope::Endpoints::system(),
             run_as: None,
             start_timeout: START_TIMEOUT,
             proc_root: PathBuf::from("/proc"),
@@ -178,7 +193,8 @@ pub fn scope_unit(vm_id: &str) -> String {
     format!("banger-vm-{vm_id}.scope")
 }
 
-/// The program and arguments [`launch`] runs for `spec`.
+/// The program and arguments [`launch`] runs for `spec` (the VMM itself: the scope is registered
+/// over D-Bus, never by a wrapper program).
 pub fn command_line(spec: &LaunchSpec) -> (PathBuf, Vec<OsString>) {
     let mut vmm: Vec<OsString> = Vec::new();
     if spec.kind == VmmKind::Firecracker {
@@ -188,24 +204,7 @@ pub fn command_line(spec: &LaunchSpec) -> (PathBuf, Vec<OsString>) {
         vmm.push(spec.vm_id.clone().into());
     }
     vmm.extend(spec.extra_args.iter().map(OsString::from));
-    if !spec.use_scope {
-        return (spec.vmm_binary.clone(), vmm);
-    }
-    let mut args: Vec<OsString> = vec![
-        "--scope".into(),
-        format!("--unit={}", scope_unit(&spec.vm_id)).into(),
-        format!("--slice={SLICE}").into(),
-        "--collect".into(),
-        "--quiet".into(),
-    ];
-    if let Some(r) = &spec.run_as {
-        args.push(format!("--uid={}", r.uid).into());
-        args.push(format!("--gid={}", r.gid).into());
-    }
-    args.push("--".into());
-    args.push(spec.vmm_binary.clone().into());
-    args.extend(vmm);
-    (PathBuf::from("systemd-run"), args)
+    (spec.vmm_binary.clone(), vmm)
 }
 
 /// Opens the console log for appending, as root in an owner-writable directory: never through a
@@ -298,10 +297,38 @@ fn read_comm(proc_root: &Path, pid: i32) -> Option<String> {
         .map(|b| String::from_utf8_lossy(&b).trim_end().to_string())
 }
 
+/// What a held child is told through the go pipe: exec now. Anything else (EOF) aborts it.
+const GO: u8 = b'G';
+
+/// Registers a held child (by pid) before it may exec; an error aborts the launch.
+type Register<'a> = &'a dyn Fn(u32) -> Result<()>;
+
 /// Starts the VMM of `spec` detached and returns its identity once it has exec'd.
 ///
 /// Writes the pidfile; `handles.json` is the caller's (it knows the rest of the record).
 pub fn launch(spec: &LaunchSpec) -> Result<Identity> {
+    if !spec.use_scope {
+        return launch_held(spec, None);
+    }
+    let unit = scope_unit(&spec.vm_id);
+    let register = |pid: u32| {
+        scope::start(
+            &spec.systemd,
+            &scope::ScopeRequest {
+                unit: &unit,
+                slice: SLICE,
+                description: format!("banger VM {} ({})", spec.vm_id, spec.vmm_binary.display()),
+                pid,
+                timeout: spec.start_timeout,
+                proc_root: &spec.proc_root,
+            },
+        )
+    };
+    launch_held(spec, Some(&register))
+}
+
+/// [`launch`], with the child held before exec until `register` (when given) accepted its pid.
+fn launch_held(spec: &LaunchSpec, register: Option<Register<'_>>) -> Result<Identity> {
     let what = || format!("starting the VMM of VM {}", spec.vm_id);
     if spec.kind == VmmKind::Firecracker {
         clear_stale_socket(&spec.api_socket)?;
@@ -337,29 +364,95 @@ pub fn launch(spec: &LaunchSpec) -> Result<Identity> {
         }),
         None => None,
     };
-    let drop_ids_here = !spec.use_scope;
+    // The hold: the child reports its pid on one pipe and waits for GO on the other (both
+    // close-on-exec, so the VMM never sees them).
+    let pipes = match register {
+        Some(_) => {
+            let (pid_r, pid_w) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC).ctx(what)?;
+            let (go_r, go_w) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC).ctx(what)?;
+            Some((pid_r, pid_w, go_r, go_w))
+        }
+        None => None,
+    };
+    let hold_fds = pipes
+        .as_ref()
+        .map(|(_, pid_w, go_r, go_w)| (pid_w.as_raw_fd(), go_r.as_raw_fd(), go_w.as_raw_fd()));
     // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe work
     // is allowed. It makes raw syscalls only (rustix's linux_raw backend: setsid, umask, setgroups,
-    // setresgid, setresuid), allocates nothing and takes no locks; its captures were built before
-    // the fork. The thread-scoped id calls are right here because the child has exactly one thread.
+    // setresgid, setresuid, getpid, write, close, read), allocates nothing and takes no locks; its
+    // captures (plain ids and fd numbers) were built before the fork. The thread-scoped id calls
+    // are right here because the child has exactly one thread.
     unsafe {
         cmd.pre_exec(move || {
             rustix::process::setsid()?;
             rustix::process::umask(Mode::from_raw_mode(0o077));
             if let Some((uid, gid, groups)) = &ids {
                 rustix::thread::set_thread_groups(groups)?;
-                if drop_ids_here {
-                    rustix::thread::set_thread_res_gid(*gid, *gid, *gid)?;
-                    rustix::thread::set_thread_res_uid(*uid, *uid, *uid)?;
-                }
+                rustix::thread::set_thread_res_gid(*gid, *gid, *gid)?;
+                rustix::thread::set_thread_res_uid(*uid, *uid, *uid)?;
+            }
+            if let Some((pid_w, go_r, go_w)) = hold_fds {
+                hold_in_child(pid_w, go_r, go_w)?;
             }
             Ok(())
         });
     }
-    let child = cmd.spawn().map_err(|e| {
+    let spawn_failed = |e: std::io::Error| {
         Error::new(what(), format!("running {}: {e}", program.display()))
             .hint("check BANGER_FIRECRACKER / the VMM path and that it is executable")
-    })?;
+    };
+    let child = match (register, pipes) {
+        (Some(register), Some((pid_r, pid_w, go_r, go_w))) => {
+            // `spawn` returns only once the child exec'd, so it runs on a thread of its own while
+            // this one reads the pid, registers it, and releases (or kills) the child.
+            std::thread::scope(|s| {
+                let cmd = &mut cmd;
+                let spawner = std::thread::Builder::new()
+                    .name("vmm-spawn".into())
+                    .stack_size(64 * 1024)
+                    .spawn_scoped(s, move || {
+                        let r = cmd.spawn();
+                        // Our ends: EOF for the reader below if the child never reported.
+                        drop((pid_w, go_r));
+                        r
+                    })
+                    .ctx(what)?;
+                let released = read_pid(&pid_r).and_then(|pid| {
+                    let go = register(pid).and_then(|()| {
+                        rustix::io::write(&go_w, &[GO])
+                            .ctx(|| format!("releasing the held VMM (pid {pid})"))
+                    });
+                    if go.is_err() {
+                        // Our own unreaped child: its pid cannot have been reused. EOF alone
+                        // could wait on another child that inherited the pipe while forking.
+                        if let Some(p) = Pid::from_raw(pid as i32) {
+                            let _ = rustix::process::kill_process(p, Signal::Kill);
+                        }
+                    }
+                    go.map(|_| pid)
+                });
+                drop(go_w);
+                let spawned = spawner
+                    .join()
+                    .map_err(|_| Error::new(what(), "the spawning thread panicked"))?;
+                match (released, spawned) {
+                    (Ok(_), Ok(child)) => Ok(child),
+                    (Ok(_), Err(e)) => Err(spawn_failed(e)),
+                    (Err(e), Ok(mut child)) => {
+                        // Killed while held (above), never exec'd: reap it.
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        Err(e)
+                    }
+                    // The child stopped on our EOF, or was killed: the registration's error.
+                    (Err(e), Err(spawn_e)) if spawn_e.raw_os_error() == Some(CANCELED) => Err(e),
+                    // The child failed on its own before reporting (setsid, ids): its error.
+                    (Err(_), Err(spawn_e)) => Err(spawn_failed(spawn_e)),
+                }
+            })?
+        }
+        _ => cmd.spawn().map_err(spawn_failed)?,
+    };
     let raw_pid = child.id() as i32;
     let pid = Pid::from_raw(raw_pid).ok_or_else(|| Error::new(what(), "spawn returned pid 0"))?;
     // Pins the child for the kill on a failed start: the reaper may reap it at any moment.
@@ -410,7 +503,10 @@ pub fn launch(spec: &LaunchSpec) -> Result<Identity> {
                 },
             );
             if spec.use_scope {
-                e = e.hint("systemd-run did not exec the VMM in place; check `systemctl status banger.slice`");
+                e = e.hint(format!(
+                    "check `systemctl status {}` and the console log",
+                    scope_unit(&spec.vm_id)
+                ));
             }
             return Err(e);
         }
@@ -424,6 +520,62 @@ pub fn launch(spec: &LaunchSpec) -> Result<Identity> {
         owner,
     )?;
     Ok(ident)
+}
+
+/// `ECANCELED`: what a held child's `pre_exec` fails with when told not to exec.
+const CANCELED: i32 = rustix::io::Errno::CANCELED.raw_os_error();
+
+/// The held child's side, between fork and exec: reports its pid on `pid_w`, closes its copy of
+/// `go_w` (so the parent closing its own is an EOF here), and waits for [`GO`] on `go_r`.
+/// Raw syscalls only (see the `pre_exec` safety note in [`launch_held`]).
+fn hold_in_child(pid_w: RawFd, go_r: RawFd, go_w: RawFd) -> std::io::Result<()> {
+    // SAFETY: the three descriptors were open in the parent at fork time (owned by `launch_held`
+    // until after `spawn` returns), so they are open here; closing our copy of `go_w` touches
+    // nothing of the parent's.
+    let (pid_w, go_r) = unsafe {
+        rustix::io::close(go_w);
+        (BorrowedFd::borrow_raw(pid_w), BorrowedFd::borrow_raw(go_r))
+    };
+    let pid = rustix::process::getpid()
+        .as_raw_nonzero()
+        .get()
+        .to_ne_bytes();
+    let mut sent = 0;
+    while sent < pid.len() {
+        match rustix::io::write(pid_w, &pid[sent..]) {
+            Ok(0) => return Err(std::io::Error::from_raw_os_error(CANCELED)),
+            Ok(n) => sent += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut byte = [0u8];
+    loop {
+        match rustix::io::read(go_r, &mut byte) {
+            Ok(1) if byte[0] == GO => return Ok(()),
+            Err(rustix::io::Errno::INTR) => {}
+            _ => return Err(std::io::Error::from_raw_os_error(CANCELED)),
+        }
+    }
+}
+
+/// The parent's side: the held child's pid, or an error when it ended before reporting.
+fn read_pid(pid_r: &OwnedFd) -> Result<u32> {
+    let what = || "waiting for the forked VMM's pid".to_string();
+    let mut buf = [0u8; 4];
+    let mut got = 0;
+    while got < buf.len() {
+        match rustix::io::read(pid_r, &mut buf[got..]) {
+            Ok(0) => return Err(Error::new(what(), "it ended before reporting")),
+            Ok(n) => got += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(Error::new(what(), e)),
+        }
+    }
+    match i32::from_ne_bytes(buf) {
+        p if p > 0 => Ok(p as u32),
+        p => Err(Error::new(what(), format!("it reported pid {p}"))),
+    }
 }
 
 /// Waits for `child` on a small thread of its own, logs its exit, and reports it on the channel.
@@ -603,32 +755,171 @@ mod tests {
             ]
             .map(OsString::from)
         );
+        // A scope changes nothing on the command line: no wrapper program any more.
         s.use_scope = true;
         s.run_as = Some(RunAs {
             uid: 1000,
             gid: 1000,
             groups: vec![1000],
         });
-        let (p, a) = command_line(&s);
-        assert_eq!(p, Path::new("systemd-run"));
-        let want = [
-            "--scope",
-            "--unit=banger-vm-a.scope",
-            "--slice=banger.slice",
-            "--collect",
-            "--quiet",
-            "--uid=1000",
-            "--gid=1000",
-            "--",
-            "/usr/local/bin/firecracker",
-            "--api-sock",
-            "/r/vms/a/fc.sock",
-            "--id",
-            "a",
-            "--log-path",
-            "/r/vms/a/firecracker.log",
-        ];
-        assert_eq!(a, want.map(OsString::from));
+        assert_eq!(command_line(&s), (p, a));
+    }
+
+    /// The processes whose command line is exactly `argv` (NUL-separated in /proc).
+    fn pids_running(argv: &[&str]) -> Vec<i32> {
+        let want: Vec<u8> = argv
+            .iter()
+            .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+            .collect();
+        std::fs::read_dir("/proc")
+            .expect("/proc")
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok() == Some(want.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn held_child_execs_only_after_registration() {
+        let t = TempDir::new();
+        let mut spec = sleep_spec(t.path());
+        let token = format!("{}.{}", 60, std::process::id());
+        spec.extra_args = vec![token.clone()];
+        let seen = std::sync::Mutex::new(None);
+        let register = |pid: u32| {
+            // Held: forked, detached, but not yet the VMM (still our own image, not `sleep`).
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("exe");
+            let stat =
+                parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat"))
+                    .expect("parse");
+            *seen.lock().unwrap() = Some((pid, exe, stat.session));
+            Ok(())
+        };
+        let id = launch_held(&spec, Some(&register)).expect("launch held");
+        let (pid, exe, session) = seen.lock().unwrap().clone().expect("register was called");
+        assert_eq!(pid as i32, id.pid, "the registered pid is the VMM's");
+        assert_eq!(
+            exe,
+            std::env::current_exe().expect("current exe"),
+            "not exec'd while held"
+        );
+        assert_eq!(session, id.pid, "setsid happened before the hold");
+        assert_eq!(id.comm, "sleep");
+        assert_eq!(pids_running(&["/bin/sleep", &token]), vec![id.pid]);
+        // The hold's pipes are close-on-exec: beyond stdin/stdout/stderr the VMM has only what
+        // the test process itself inherited without close-on-exec (the same open files).
+        for e in std::fs::read_dir(format!("/proc/{}/fd", id.pid)).expect("fds") {
+            let name = e.expect("fd").file_name().into_string().expect("fd name");
+            if ["0", "1", "2"].contains(&name.as_str()) {
+                continue;
+            }
+            let theirs = std::fs::read_link(format!("/proc/{}/fd/{name}", id.pid)).ok();
+            let ours = std::fs::read_link(format!("/proc/self/fd/{name}")).ok();
+            assert_eq!(theirs, ours, "VMM fd {name} is not an inherited one");
+        }
+        signal(&id, Signal::Kill, Path::new("/proc")).expect("kill");
+    }
+
+    #[test]
+    fn refused_registration_kills_the_held_child() {
+        let t = TempDir::new();
+        let mut spec = sleep_spec(t.path());
+        let token = format!("{}.{}", 61, std::process::id());
+        spec.extra_args = vec![token.clone()];
+        let held = std::sync::Mutex::new(0u32);
+        let register = |pid: u32| {
+            *held.lock().unwrap() = pid;
+            Err(Error::new("registering", "refused by the test"))
+        };
+        let e = launch_held(&spec, Some(&register)).unwrap_err();
+        assert_eq!(e.to_string(), "registering: refused by the test");
+        let pid = *held.lock().unwrap();
+        assert!(pid > 0);
+        // Killed and reaped before launch returned: no process, not even a zombie, and it never
+        // became the VMM.
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "pid {pid} still exists"
+        );
+        assert_eq!(pids_running(&["/bin/sleep", &token]), Vec::<i32>::new());
+        assert!(!spec.pidfile.exists(), "no pidfile for a refused start");
+    }
+
+    #[test]
+    fn held_child_that_cannot_exec_is_an_error() {
+        let t = TempDir::new();
+        let mut spec = sleep_spec(t.path());
+        spec.vmm_binary = t.path().join("no-such-vmm");
+        let called = std::sync::atomic::AtomicBool::new(false);
+        let register = |_pid: u32| {
+            called.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        };
+        let e = launch_held(&spec, Some(&register)).unwrap_err().to_string();
+        assert!(called.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(e.contains("running") && e.contains("no-such-vmm"), "{e}");
+        assert!(!spec.pidfile.exists());
+    }
+
+    #[test]
+    fn scope_without_a_bus_is_a_clear_error_and_starts_nothing() {
+        let t = TempDir::new();
+        let mut spec = sleep_spec(t.path());
+        let token = format!("{}.{}", 62, std::process::id());
+        spec.extra_args = vec![token.clone()];
+        spec.use_scope = true;
+        spec.systemd = scope::Endpoints {
+            system_bus: t.path().join("no-bus"),
+        };
+        let e = launch(&spec).unwrap_err().to_string();
+        assert!(
+            e.contains("registering the scope banger-vm-vm-test.scope"),
+            "{e}"
+        );
+        assert!(e.contains("system bus is unreachable"), "{e}");
+        assert!(e.contains("no VMM was started"), "{e}");
+        assert_eq!(pids_running(&["/bin/sleep", &token]), Vec::<i32>::new());
+        assert!(!spec.pidfile.exists());
+    }
+
+    #[test]
+    fn launch_in_a_real_scope_as_another_user() {
+        if !systemd_running() || !rustix::process::geteuid().is_root() {
+            eprintln!(
+                "SKIP launch_in_a_real_scope_as_another_user: needs root and systemd as init"
+            );
+            return;
+        }
+        let t = TempDir::new();
+        let mut spec = sleep_spec(t.path());
+        spec.vm_id = format!("scopetest{}", std::process::id());
+        spec.use_scope = true;
+        spec.run_as = Some(RunAs {
+            uid: 65534,
+            gid: 65534,
+            groups: vec![65534, 4242],
+        });
+        let id = launch(&spec).expect("launch in a scope");
+        let status = std::fs::read_to_string(format!("/proc/{}/status", id.pid)).expect("status");
+        let line = |k: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(k))
+                .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
+                .unwrap_or_default()
+        };
+        assert_eq!(line("Uid:"), "65534 65534 65534 65534");
+        assert_eq!(line("Gid:"), "65534 65534 65534 65534");
+        assert_eq!(line("Groups:"), "4242 65534");
+        let unit = scope_unit(&spec.vm_id);
+        assert!(
+            scope::pid_in_scope(Path::new("/proc"), id.pid as u32, SLICE, &unit).expect("cgroup"),
+            "pid {} not in {unit}",
+            id.pid
+        );
+        // A second VMM for the same VM is refused by systemd (the unit exists), and killed.
+        let e = launch(&spec).unwrap_err().to_string();
+        assert!(e.contains("UnitExists"), "{e}");
+        signal(&id, Signal::Kill, Path::new("/proc")).expect("kill");
     }
 
     #[test]

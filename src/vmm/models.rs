@@ -322,6 +322,171 @@ pub struct FirecrackerVersion {
     pub firecracker_version: String,
 }
 
+/// `PATCH /drives/{drive_id}` (post-boot): re-points a virtio-block drive at another host file
+/// (`PartialDrive` in the spec). The path id is taken from `drive_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialDrive {
+    /// Drive id; must equal the id in the request path.
+    pub drive_id: String,
+    /// New backing file on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_on_host: Option<PathBuf>,
+    /// New IO rate limiter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiter>,
+}
+
+/// The states `PATCH /vm` sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmState {
+    /// Stop the vCPUs (a snapshot needs this).
+    Paused,
+    /// Run the vCPUs again.
+    Resumed,
+}
+
+/// `PATCH /vm` body (`Vm` in the spec).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vm {
+    /// The state to enter.
+    pub state: VmState,
+}
+
+/// Full or diff snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotType {
+    /// All of guest memory (the default).
+    Full,
+    /// Only pages dirtied since the last snapshot (developer preview).
+    Diff,
+}
+
+/// `PUT /snapshot/create` body (`SnapshotCreateParams`): the VM must be Paused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateParams {
+    /// Where guest memory is written.
+    pub mem_file_path: PathBuf,
+    /// Where the microVM state (devices, vCPUs, configuration) is written.
+    pub snapshot_path: PathBuf,
+    /// Full (default) or Diff.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_type: Option<SnapshotType>,
+}
+
+/// How guest memory is supplied at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemoryBackendType {
+    /// `backend_path` is the memory file (mapped private).
+    File,
+    /// `backend_path` is a Unix socket of a userfaultfd page server.
+    Uffd,
+}
+
+/// `MemoryBackend` of [`SnapshotLoadParams`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryBackend {
+    /// File or Uffd.
+    pub backend_type: MemoryBackendType,
+    /// The memory file, or the page server's socket.
+    pub backend_path: PathBuf,
+}
+
+/// `NetworkOverride`: the tap an interface gets on restore instead of the recorded one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    /// The interface, as recorded in the snapshot.
+    pub iface_id: String,
+    /// The new host tap.
+    pub host_dev_name: String,
+}
+
+/// `VsockOverride`: the host socket the vsock device binds on restore instead of the recorded one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    /// The new host-side Unix socket.
+    pub uds_path: PathBuf,
+}
+
+/// `PUT /snapshot/load` body (`SnapshotLoadParams`): only on a fresh process, before any
+/// configuration but the logger and metrics. Exactly one of `mem_file_path` and `mem_backend`
+/// must be set (Firecracker checks that after parsing; see [`SnapshotLoadParams::memory`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoadParams {
+    /// Deprecated alias of `track_dirty_pages`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enable_diff_snapshots: Option<bool>,
+    /// Dirty page tracking after the load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track_dirty_pages: Option<bool>,
+    /// Deprecated: the memory file (only without `mem_backend`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_file_path: Option<PathBuf>,
+    /// The memory backend (only without `mem_file_path`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_backend: Option<MemoryBackend>,
+    /// The microVM state file.
+    pub snapshot_path: PathBuf,
+    /// Resume the VM once loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_vm: Option<bool>,
+    /// Taps to use instead of the recorded ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_overrides: Option<Vec<NetworkOverride>>,
+    /// Vsock socket to bind instead of the recorded one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_override: Option<VsockOverride>,
+    /// x86_64: advance kvmclock by the wall time since the snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_realtime: Option<bool>,
+}
+
+/// Firecracker's words when a load body names both or neither memory source.
+pub const MEM_BOTH: &str =
+    "too many fields: either `mem_backend` or `mem_file_path` exclusively is required.";
+/// See [`MEM_BOTH`].
+pub const MEM_NEITHER: &str = "missing field: either `mem_backend` or `mem_file_path` is required.";
+
+impl SnapshotLoadParams {
+    /// A load of `snapshot_path` with memory from the file `mem_path`, nothing else set.
+    pub fn from_files(snapshot_path: PathBuf, mem_path: PathBuf) -> Self {
+        SnapshotLoadParams {
+            enable_diff_snapshots: None,
+            track_dirty_pages: None,
+            mem_file_path: None,
+            mem_backend: Some(MemoryBackend {
+                backend_type: MemoryBackendType::File,
+                backend_path: mem_path,
+            }),
+            snapshot_path,
+            resume_vm: None,
+            network_overrides: None,
+            vsock_override: None,
+            clock_realtime: None,
+        }
+    }
+
+    /// The memory source, checked as Firecracker checks it (exactly one of the two fields); the
+    /// error is Firecracker's message.
+    pub fn memory(&self) -> Result<MemoryBackend, &'static str> {
+        match (&self.mem_file_path, &self.mem_backend) {
+            (Some(_), Some(_)) => Err(MEM_BOTH),
+            (None, None) => Err(MEM_NEITHER),
+            (Some(p), None) => Ok(MemoryBackend {
+                backend_type: MemoryBackendType::File,
+                backend_path: p.clone(),
+            }),
+            (None, Some(b)) => Ok(b.clone()),
+        }
+    }
+}
+
 /// Firecracker's error body (`Error` in the spec).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fault {
@@ -420,6 +585,74 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn snapshot_bodies_match_the_spec() {
+        let mut load = SnapshotLoadParams::from_files("/s/vmstate".into(), "/s/mem".into());
+        load.resume_vm = Some(true);
+        load.network_overrides = Some(vec![NetworkOverride {
+            iface_id: "eth0".into(),
+            host_dev_name: "bgr-x".into(),
+        }]);
+        assert_eq!(
+            serde_json::to_value(&load).unwrap(),
+            json!({"snapshot_path": "/s/vmstate",
+                   "mem_backend": {"backend_type": "File", "backend_path": "/s/mem"},
+                   "resume_vm": true,
+                   "network_overrides": [{"iface_id": "eth0", "host_dev_name": "bgr-x"}]})
+        );
+        assert_eq!(load.memory().unwrap().backend_path, PathBuf::from("/s/mem"));
+        let create = SnapshotCreateParams {
+            mem_file_path: "/s/mem".into(),
+            snapshot_path: "/s/vmstate".into(),
+            snapshot_type: Some(SnapshotType::Full),
+        };
+        assert_eq!(
+            serde_json::to_value(&create).unwrap(),
+            json!({"mem_file_path": "/s/mem", "snapshot_path": "/s/vmstate", "snapshot_type": "Full"})
+        );
+        assert_eq!(
+            serde_json::to_value(Vm {
+                state: VmState::Paused
+            })
+            .unwrap(),
+            json!({"state": "Paused"})
+        );
+        // Rejections: what Firecracker's types reject.
+        for bad in [
+            json!({"state": "Bogus"}),
+            json!({"state": "Paused", "x": 1}),
+            json!({}),
+        ] {
+            assert!(serde_json::from_value::<Vm>(bad.clone()).is_err(), "{bad}");
+        }
+        for bad in [
+            json!({"mem_file_path": "/m"}),
+            json!({"snapshot_path": "/s", "mem_backend": {"backend_type": "Disk", "backend_path": "/m"}}),
+            json!({"snapshot_path": "/s", "mem_backend": {"backend_type": "File"}}),
+            json!({"snapshot_path": "/s", "network_overrides": [{"iface_id": "eth0"}]}),
+            json!({"snapshot_path": "/s", "resume_vm": "yes"}),
+            json!({"snapshot_path": "/s", "bogus": 1}),
+        ] {
+            assert!(
+                serde_json::from_value::<SnapshotLoadParams>(bad.clone()).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(serde_json::from_value::<SnapshotCreateParams>(
+            json!({"snapshot_path": "/s", "mem_file_path": "/m", "snapshot_type": "Partial"})
+        )
+        .is_err());
+        let both: SnapshotLoadParams = serde_json::from_value(json!({
+            "snapshot_path": "/s", "mem_file_path": "/m",
+            "mem_backend": {"backend_type": "File", "backend_path": "/m"}
+        }))
+        .unwrap();
+        assert_eq!(both.memory(), Err(MEM_BOTH));
+        let neither: SnapshotLoadParams =
+            serde_json::from_value(json!({"snapshot_path": "/s"})).unwrap();
+        assert_eq!(neither.memory(), Err(MEM_NEITHER));
     }
 
     #[test]

@@ -25,8 +25,10 @@ pub const VERSION: &str = "1.16.1";
 /// Firecracker's default request payload limit (`--http-api-max-payload-size`).
 pub const MAX_PAYLOAD: usize = 51200;
 
-const POST_BOOT: &str = "The requested operation is not supported after starting the microVM.";
-const PRE_BOOT: &str = "The requested operation is not supported before starting the microVM.";
+pub(crate) const POST_BOOT: &str =
+    "The requested operation is not supported after starting the microVM.";
+pub(crate) const PRE_BOOT: &str =
+    "The requested operation is not supported before starting the microVM.";
 
 /// What the server must do after answering.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +39,10 @@ pub enum After {
     Booted,
     /// The guest rebooted (Ctrl+Alt+Del): exit 0.
     Exit,
+    /// A snapshot was loaded: serve vsock with the recorded boot id (no console line).
+    Restored,
+    /// A snapshot load failed: exit 1 after answering, as Firecracker does.
+    ExitFailed,
 }
 
 /// An HTTP answer: status and optional JSON body.
@@ -49,7 +55,7 @@ pub struct Answer {
 }
 
 impl Answer {
-    fn no_content() -> Self {
+    pub(crate) fn no_content() -> Self {
         Answer {
             status: 204,
             body: None,
@@ -94,13 +100,23 @@ pub struct Machine {
     pub metrics: Option<PathBuf>,
     /// The serial console's configuration (`PUT /serial`), once configured.
     pub serial: Option<SerialDevice>,
-    /// Whether InstanceStart succeeded.
+    /// Whether InstanceStart (or a snapshot load) succeeded.
     pub started: bool,
+    /// Whether `PATCH /vm` Paused (or a load without `resume_vm`) stopped the vCPUs.
+    pub paused: bool,
+    /// Whether a boot-specific resource was configured (a snapshot load is refused then).
+    pub boot_path: bool,
+    /// The guest's boot id once booted (or restored).
+    pub boot_id: Option<String>,
+    /// The guest agent's instance id recorded by a snapshot this VM was restored from.
+    pub instance_id: Option<String>,
+    /// The fake guest agent's live instance id (changed by `reconfigure`), once it serves.
+    pub agent_instance: Option<std::sync::Arc<std::sync::Mutex<String>>>,
 }
 
 type Reply = (Answer, After);
 
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Answer> {
+pub(crate) fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Answer> {
     if body.is_empty() {
         return Err(Answer::fault(400, "Empty PUT request."));
     }
@@ -162,11 +178,18 @@ impl Machine {
             metrics: None,
             serial: None,
             started: false,
+            paused: false,
+            boot_path: false,
+            boot_id: None,
+            instance_id: None,
+            agent_instance: None,
         }
     }
 
     fn state(&self) -> InstanceState {
-        if self.started {
+        if self.started && self.paused {
+            InstanceState::Paused
+        } else if self.started {
             InstanceState::Running
         } else {
             InstanceState::NotStarted
@@ -220,12 +243,16 @@ impl Machine {
             ("PUT", ["logger"]) => parse(body).and_then(|b| self.put_logger(b)),
             ("PUT", ["metrics"]) => parse(body).and_then(|b| self.put_metrics(b)),
             ("PUT", ["serial"]) => parse(body).and_then(|b| self.put_serial(b)),
-            ("PATCH", ["drives" | "network-interfaces", _] | ["machine-config"])
+            ("PATCH", ["vm"]) => self.patch_vm(body),
+            ("PATCH", ["drives", id]) => checked_id(id).and_then(|_| self.patch_drive(id, body)),
+            ("PUT", ["snapshot", "create"]) => self.create_snapshot(body),
+            ("PUT", ["snapshot", "load"]) => self.load_snapshot(body),
+            ("PATCH", ["network-interfaces", _] | ["machine-config"])
             | (
                 "PUT" | "PATCH" | "GET",
-                ["balloon" | "cpu-config" | "pmem" | "mmds" | "entropy" | "serial" | "hotplug"
-                | "snapshot" | "vm", ..],
-            ) => Err(Answer::fault(
+                ["balloon" | "cpu-config" | "pmem" | "mmds" | "entropy" | "serial" | "hotplug", ..],
+            )
+            | ("GET", ["vm", "config"]) => Err(Answer::fault(
                 400,
                 format!(
                     "{method} {path} is valid Firecracker API but not served by the banger stand-in VMM"
@@ -233,6 +260,13 @@ impl Machine {
             )),
             _ => return invalid(),
         };
+        let boot_specific = matches!(
+            segs.first().copied(),
+            Some("boot-source" | "machine-config" | "drives" | "network-interfaces" | "vsock")
+        );
+        if method == "PUT" && boot_specific && matches!(&r, Ok((a, _)) if a.status == 204) {
+            self.boot_path = true;
+        }
         r.unwrap_or_else(|a| (a, After::Nothing))
     }
 

@@ -15,6 +15,7 @@ mod cli;
 mod machine;
 mod serial;
 mod server;
+mod snapshot;
 mod tap;
 mod tcg;
 

@@ -61,7 +61,7 @@ fn install_signal_handlers() {
     }
 }
 
-fn exit_clean(code: i32) -> ! {
+pub(crate) fn exit_clean(code: i32) -> ! {
     unlink_remembered();
     let _ = std::io::stdout().flush();
     std::process::exit(code)
@@ -236,10 +236,22 @@ fn serve_api_connection(mut s: UnixStream, machine: &Mutex<Machine>) {
         match after {
             After::Nothing => {}
             After::Booted => {
-                if let Err(fault) = boot(&m) {
-                    m.started = false;
-                    answer = fault;
+                m.boot_id = Some(fresh_boot_id());
+                match boot(&m) {
+                    Ok(instance) => m.agent_instance = instance,
+                    Err(fault) => {
+                        m.started = false;
+                        answer = fault;
+                    }
                 }
+            }
+            After::Restored => m.agent_instance = serve_restored(&m),
+            After::ExitFailed => {
+                // Firecracker answers a failed load, then exits with status 1.
+                thread::spawn(|| {
+                    thread::sleep(Duration::from_millis(50));
+                    exit_clean(1);
+                });
             }
             After::Exit if crate::tcg::engine().is_some() => {
                 // A real guest: it reboots (and QEMU, then the stand-in, exits) by itself.
@@ -275,7 +287,7 @@ pub const STANDIN_HOSTNAME: &str = "banger-standin";
 /// flooding test guest) and serves its agent on vsock. That agent answers
 /// `hello` with [`STANDIN_HOST_KEY`] and the boot args' `banger.name=` (as the real agent would set
 /// it), and `ports` with no sockets.
-fn boot(m: &Machine) -> Result<(), Answer> {
+fn boot(m: &Machine) -> Result<Option<Arc<Mutex<String>>>, Answer> {
     if let Some(qemu) = crate::tcg::engages(m) {
         if m.serial.as_ref().is_some_and(|s| *s != Default::default()) {
             eprintln!("firecracker (banger stand-in): TCG engine: QEMU's console goes to stdout; PUT /serial's path and rate limiter are not applied to it");
@@ -297,12 +309,13 @@ fn boot(m: &Machine) -> Result<(), Answer> {
                 Err(e) => eprintln!("firecracker (banger stand-in): vsock listener: {e}"),
             }
         }
-        return Ok(());
+        return Ok(None);
     }
     // Opened at boot, as Firecracker opens `serial_out_path`: a bad path fails InstanceStart.
     let mut console = crate::serial::Console::open(m.serial.as_ref())
         .map_err(|e| Answer::fault(400, format!("Cannot start microvm: {e}")))?;
-    let boot_id = fresh_boot_id();
+    let boot_id = m.boot_id.clone().unwrap_or_else(fresh_boot_id);
+    let mut instance = None;
     if let Some((v, l)) = &m.vsock {
         remember(&VSOCK_SOCK, &v.uds_path);
         match l.try_clone() {
@@ -316,6 +329,7 @@ fn boot(m: &Machine) -> Result<(), Answer> {
                     .name
                     .unwrap_or_else(|| STANDIN_HOSTNAME.to_string());
                 let env = AgentEnv::fixed(&boot_id, STANDIN_HOST_KEY, &name);
+                instance = Some(Arc::clone(&env.instance_id));
                 thread::spawn(move || serve_vsock(l, env));
             }
             Err(e) => eprintln!("firecracker (banger stand-in): vsock listener: {e}"),
@@ -329,7 +343,50 @@ fn boot(m: &Machine) -> Result<(), Answer> {
     if kernel.is_some_and(crate::serial::is_flood_kernel) {
         thread::spawn(move || console.flood());
     }
-    Ok(())
+    Ok(instance)
+}
+
+/// After a snapshot load (tiny engine): the "guest" resumes where it was, so no console line; its
+/// agent answers on the (possibly overridden) vsock socket with the boot id and instance id the
+/// snapshot recorded (until a `reconfigure` replaces the latter). Returns the live instance id.
+fn serve_restored(m: &Machine) -> Option<Arc<Mutex<String>>> {
+    let boot_id = m.boot_id.clone().unwrap_or_else(fresh_boot_id);
+    let (v, l) = m.vsock.as_ref()?;
+    remember(&VSOCK_SOCK, &v.uds_path);
+    if crate::tcg::active() {
+        // A real guest restored by the TCG engine: connections go to its own agent (see
+        // `vsock_connection`); this env is never served.
+        match l.try_clone() {
+            Ok(l) => {
+                thread::spawn(move || serve_vsock(l, AgentEnv::default()));
+            }
+            Err(e) => eprintln!("firecracker (banger stand-in): vsock listener: {e}"),
+        }
+        return None;
+    }
+    match l.try_clone() {
+        Ok(l) => {
+            let args = m
+                .boot_source
+                .as_ref()
+                .and_then(|b| b.boot_args.as_deref())
+                .unwrap_or("");
+            let name = cmdline::parse(args)
+                .name
+                .unwrap_or_else(|| STANDIN_HOSTNAME.to_string());
+            let env = AgentEnv::fixed(&boot_id, STANDIN_HOST_KEY, &name);
+            if let (Some(id), Ok(mut live)) = (&m.instance_id, env.instance_id.lock()) {
+                live.clone_from(id);
+            }
+            let instance = Arc::clone(&env.instance_id);
+            thread::spawn(move || serve_vsock(l, env));
+            Some(instance)
+        }
+        Err(e) => {
+            eprintln!("firecracker (banger stand-in): vsock listener: {e}");
+            None
+        }
+    }
 }
 
 /// Host-side port numbers Firecracker hands out for host-initiated connections start at 2^30.
@@ -360,15 +417,19 @@ fn vsock_connection(mut s: UnixStream, env: &AgentEnv) {
         .ok()
         .and_then(|l| l.strip_prefix("CONNECT "))
         .and_then(|p| p.trim().parse::<u32>().ok());
-    if let Some(engine) = crate::tcg::engine() {
-        // A real guest: its agent's port through the tap, or refused (closed) like a guest's RST.
+    if crate::tcg::active() {
+        // A real guest: its agent's port through the tap, or refused (closed) like a guest's RST;
+        // a loaded snapshot not resumed yet has no running guest to answer.
+        let Some(engine) = crate::tcg::engine() else {
+            return;
+        };
         let Some(guest) = port.and_then(|p| engine.connect_guest(p)) else {
             return;
         };
         let host_port = NEXT_HOST_PORT.fetch_add(1, Ordering::SeqCst);
         if s.write_all(format!("OK {host_port}\n").as_bytes()).is_ok() {
             let _ = s.set_read_timeout(None);
-            crate::tcg::splice(s, guest);
+            engine.splice(s, guest);
         }
         return;
     }

@@ -5,11 +5,14 @@
 //! It owns: deciding whether to engage ([`engages`]), the QEMU command line built from the
 //! Firecracker configuration the API accepted ([`plan`]: vcpus, memory, drives, the tap, the boot
 //! arguments Firecracker would pass, the serial console on the stand-in's stdout), the QEMU child
-//! (it dies with the stand-in: `PR_SET_PDEATHSIG`), QMP on a private socket for Ctrl+Alt+Del, and the
-//! map of Firecracker's vsock device (which QEMU cannot offer here: no `/dev/vhost-vsock`) onto the
-//! guest's TCP port 52 through the tap. It never decides an API answer (that is [`crate::machine`]),
-//! never creates or changes a network object (the tap is the one the host made), and is never
-//! shipped: tests only.
+//! (it dies with the stand-in: `PR_SET_PDEATHSIG`), QMP on a private socket (Ctrl+Alt+Del; pause and
+//! resume; snapshots as QEMU migration streams: [`Engine::save`] into the memory file, [`restore`]
+//! from it into a new QEMU with the same devices), and the map of Firecracker's vsock device (which
+//! QEMU cannot offer here: no `/dev/vhost-vsock`) onto the guest's TCP port 52 through the tap. A
+//! restored guest keeps the snapshot's address until the agent's `reconfigure` answer, which the
+//! vsock splice reads, moves it ([`Engine::splice`]). It never decides an API answer (that is
+//! [`crate::machine`]), never creates or changes a network object (the tap is the one the host
+//! made), and is never shipped: tests only.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -22,6 +25,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -51,6 +55,20 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a host-side `CONNECT 52` waits for the guest's TCP port before it is refused.
 const GUEST_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a host-side `CONNECT 52` keeps trying a restored guest not reconfigured yet (under
+/// the 30 s the daemon gives `reconfigure`).
+const RESTORED_CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long a migration stream may take to be written or read back (a TCG guest's memory on a
+/// busy machine; QEMU skips zero pages, so a mostly idle guest takes a second or two).
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The QMP name the memory file's descriptor gets for `migrate fd:`.
+const MIGRATION_FD_NAME: &str = "banger-snapshot";
+
+/// Migration bandwidth: QEMU's default (128 MiB/s) would throttle a local file for nothing.
+const MIGRATION_MAX_BANDWIDTH: u64 = 8 << 30;
 
 /// `XEN_ELFNOTE_PHYS32_ENTRY`: the ELF note (owner "Xen") holding the 32-bit PVH entry point.
 const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
@@ -424,7 +442,20 @@ enum Phase {
 /// The running engine: the QMP connection and where vsock connections go.
 pub struct Engine {
     qmp: Mutex<Qmp>,
-    guest: Option<SocketAddr>,
+    /// The guest agent's TCP address: from `ip=`, then from each accepted `reconfigure`.
+    guest: Mutex<Option<SocketAddr>>,
+    /// Restored and not reconfigured yet: the guest still answers the snapshot's address, which
+    /// another clone may have used, so each connection is preceded by `announce-self`.
+    announce: AtomicBool,
+    /// The file QEMU has open for each drive.
+    drives: Vec<(String, Option<PathBuf>)>,
+}
+
+fn drive_paths(m: &Machine) -> Vec<(String, Option<PathBuf>)> {
+    m.drives
+        .iter()
+        .map(|d| (d.drive_id.clone(), d.path_on_host.clone()))
+        .collect()
 }
 
 static ENGINE: OnceLock<Engine> = OnceLock::new();
@@ -495,22 +526,179 @@ pub fn start(
     if ENGINE.get().is_some() {
         return Err("the TCG engine already runs a guest".into());
     }
+    let engine = start_engine(m, qemu, on_exit)?;
+    Ok(ENGINE.get_or_init(|| engine))
+}
+
+/// [`start`] without the process-wide engine slot (tests run several).
+fn start_engine(
+    m: &Machine,
+    qemu: &Path,
+    on_exit: impl FnOnce(i32) + Send + 'static,
+) -> Result<Engine, String> {
     let dir = private_dir()?;
     let qmp_path = dir.join("qmp.sock");
-    let result = spawn_and_connect(m, qemu, &qmp_path, on_exit);
+    let result = plan(m, &qmp_path).and_then(|p| spawn_and_connect(m, p, qemu, &qmp_path, on_exit));
     let _ = std::fs::remove_file(&qmp_path);
     let _ = std::fs::remove_dir(&dir);
+    result
+}
+
+/// `plan` for a restore: the same machine, plus `-S -incoming fd:<mem_fd>` (QEMU reads the
+/// migration stream from that descriptor and stays paused).
+fn restore_plan(mut plan: Plan, mem_fd: RawFd) -> Plan {
+    plan.args.extend(
+        ["-S".to_string(), "-incoming".into(), format!("fd:{mem_fd}")]
+            .into_iter()
+            .map(OsString::from),
+    );
+    plan.pass_fds.push(mem_fd);
+    plan
+}
+
+/// A snapshot loaded with `resume_vm: false`, waiting for the resume that starts its QEMU (so
+/// that a drive re-pointed meanwhile, `PATCH /drives`, is the file QEMU opens).
+struct Pending {
+    qemu: PathBuf,
+    mem_file: PathBuf,
+    on_exit: Box<dyn FnOnce(i32) + Send>,
+}
+
+static PENDING: Mutex<Option<Pending>> = Mutex::new(None);
+
+/// The first bytes of every QEMU migration stream (`QEMU_VM_FILE_MAGIC`).
+const MIGRATION_MAGIC: &[u8; 4] = b"QEVM";
+
+fn pending() -> std::sync::MutexGuard<'static, Option<Pending>> {
+    PENDING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether the TCG engine is in charge of this VM: it runs a guest, or holds a loaded snapshot
+/// that starts at the next resume.
+pub fn active() -> bool {
+    ENGINE.get().is_some() || pending().is_some()
+}
+
+/// Firecracker's snapshot load for a TCG snapshot. `m` is the machine rebuilt from the vmstate
+/// (overrides applied, taps open); `mem_file` must hold a QEMU migration stream. With `resume`
+/// QEMU starts now (see [`resume`]); without, the snapshot waits, paused, for [`resume`]. `on_exit`
+/// as for [`start`].
+pub fn restore(
+    m: &Machine,
+    mem_file: &Path,
+    resume_now: bool,
+    on_exit: impl FnOnce(i32) + Send + 'static,
+) -> Result<(), String> {
+    if active() {
+        return Err("the TCG engine already runs a guest".into());
+    }
+    let qemu = qemu_binary().ok_or_else(|| {
+        format!("the snapshot was taken by the TCG engine, and {QEMU} is not installed or {QEMU_ENV}=off")
+    })?;
+    let mut magic = [0u8; 4];
+    File::open(mem_file)
+        .and_then(|f| f.read_exact_at(&mut magic, 0))
+        .map_err(|e| format!("reading the memory file {}: {e}", mem_file.display()))?;
+    if &magic != MIGRATION_MAGIC {
+        return Err(format!(
+            "the memory file {} is not a QEMU migration stream (the TCG engine's snapshots are)",
+            mem_file.display()
+        ));
+    }
+    *pending() = Some(Pending {
+        qemu,
+        mem_file: mem_file.to_path_buf(),
+        on_exit: Box::new(on_exit),
+    });
+    if resume_now {
+        return resume(m);
+    }
+    Ok(())
+}
+
+/// `PATCH /vm {"state":"Paused"}`: QMP `stop`; a loaded snapshot not started yet is paused
+/// already.
+pub fn pause() -> Result<(), String> {
+    match ENGINE.get() {
+        Some(e) => e.pause(),
+        None => Ok(()),
+    }
+}
+
+/// `PATCH /vm {"state":"Resumed"}`: a loaded snapshot starts (QEMU with `m`'s devices reads the
+/// stream, then continues); a running engine continues (QMP `cont`), refused when a drive of `m`
+/// names another file than the one QEMU has open (QEMU cannot switch it).
+pub fn resume(m: &Machine) -> Result<(), String> {
+    if let Some(e) = ENGINE.get() {
+        e.same_drives(m)?;
+        return e.resume();
+    }
+    let Some(p) = pending().take() else {
+        return Err("the TCG engine has no guest".into());
+    };
+    let engine = restore_engine(m, &p.qemu, &p.mem_file, true, p.on_exit)?;
+    let _ = ENGINE.set(engine);
+    Ok(())
+}
+
+/// `PUT /snapshot/create` for the TCG engine: the running guest's migration stream into
+/// `mem_file` ([`Engine::save`]); a loaded snapshot not started yet is copied as it is.
+pub fn save(mem_file: &Path) -> Result<(), String> {
+    if let Some(e) = ENGINE.get() {
+        return e.save(mem_file);
+    }
+    let from = pending()
+        .as_ref()
+        .map(|p| p.mem_file.clone())
+        .ok_or("the TCG engine has no guest")?;
+    std::fs::copy(&from, mem_file)
+        .map(drop)
+        .map_err(|e| format!("copying {} to {}: {e}", from.display(), mem_file.display()))
+}
+
+/// Starts QEMU for `m` reading the migration stream in `mem_file`, waits for the stream to be
+/// read completely, and continues the guest when `resume`. An error (with QEMU's last words)
+/// leaves no QEMU running.
+fn restore_engine(
+    m: &Machine,
+    qemu: &Path,
+    mem_file: &Path,
+    resume: bool,
+    on_exit: impl FnOnce(i32) + Send + 'static,
+) -> Result<Engine, String> {
+    // Kept open until QEMU has been spawned with its own copy.
+    let mem = File::open(mem_file)
+        .map_err(|e| format!("opening the memory file {}: {e}", mem_file.display()))?;
+    let dir = private_dir()?;
+    let qmp_path = dir.join("qmp.sock");
+    let result = plan(m, &qmp_path).and_then(|p| {
+        spawn_and_connect(
+            m,
+            restore_plan(p, mem.as_raw_fd()),
+            qemu,
+            &qmp_path,
+            on_exit,
+        )
+    });
+    let _ = std::fs::remove_file(&qmp_path);
+    let _ = std::fs::remove_dir(&dir);
+    drop(mem);
     let engine = result?;
-    Ok(ENGINE.get_or_init(|| engine))
+    if let Err(e) = engine.finish_incoming(resume) {
+        let _ = engine.quit();
+        return Err(e);
+    }
+    engine.announce.store(true, Ordering::SeqCst);
+    Ok(engine)
 }
 
 fn spawn_and_connect(
     m: &Machine,
+    plan: Plan,
     qemu: &Path,
     qmp_path: &Path,
     on_exit: impl FnOnce(i32) + Send + 'static,
 ) -> Result<Engine, String> {
-    let plan = plan(m, qmp_path)?;
     eprintln!("stand-in: TCG engine: {}", shell_words(qemu, &plan.args));
     let guest = plan.guest_ip.map(|ip| SocketAddr::from((ip, AGENT_PORT)));
     match (&m.vsock, guest) {
@@ -655,8 +843,49 @@ fn spawn_and_connect(
     eprintln!("stand-in: TCG engine: QEMU pid {pid} running");
     Ok(Engine {
         qmp: Mutex::new(qmp),
-        guest,
+        guest: Mutex::new(guest),
+        announce: AtomicBool::new(false),
+        drives: drive_paths(m),
     })
+}
+
+/// Sends `data` on `s` with descriptor `fd` attached (SCM_RIGHTS), as QMP's `getfd` wants it.
+fn send_with_fd(s: &UnixStream, data: &[u8], fd: RawFd) -> std::io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: CMSG_SPACE/CMSG_LEN are pure arithmetic.
+    let (space, len) = unsafe {
+        (
+            libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize,
+            libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32),
+        )
+    };
+    // u64 words: the control buffer must be aligned for cmsghdr.
+    let mut control = vec![0u64; space.div_ceil(8)];
+    // SAFETY: msghdr is plain old data; all-zero is a valid starting value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: msg_control points at `space` writable, aligned bytes, enough for one cmsghdr with
+    // one descriptor (CMSG_SPACE), so CMSG_FIRSTHDR is non-null and CMSG_DATA has room for it;
+    // sendmsg reads only the buffers msg points at, which outlive the call.
+    let n = unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = len as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd);
+        libc::sendmsg(s.as_raw_fd(), &msg, libc::MSG_NOSIGNAL)
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // The descriptor went with the first byte; the rest (if any) is plain data.
+    (&*s).write_all(&data[n as usize..])
 }
 
 /// A QMP client on the private socket.
@@ -701,11 +930,22 @@ impl Qmp {
 
     /// Runs one command; its `return` value or QMP's error.
     fn execute(&mut self, cmd: serde_json::Value) -> Result<serde_json::Value, String> {
+        self.execute_with_fd(cmd, None)
+    }
+
+    /// [`Self::execute`], with a descriptor attached to the command (for `getfd`).
+    fn execute_with_fd(
+        &mut self,
+        cmd: serde_json::Value,
+        fd: Option<RawFd>,
+    ) -> Result<serde_json::Value, String> {
         let mut text = cmd.to_string();
         text.push('\n');
-        self.w
-            .write_all(text.as_bytes())
-            .map_err(|e| format!("writing QMP: {e}"))?;
+        match fd {
+            Some(fd) => send_with_fd(&self.w, text.as_bytes(), fd),
+            None => self.w.write_all(text.as_bytes()),
+        }
+        .map_err(|e| format!("writing QMP: {e}"))?;
         let v = self.read_message()?;
         if let Some(r) = v.get("return") {
             return Ok(r.clone());
@@ -732,36 +972,249 @@ impl Engine {
             .map(|_| ())
     }
 
+    fn qmp(&self) -> Result<std::sync::MutexGuard<'_, Qmp>, String> {
+        self.qmp
+            .lock()
+            .map_err(|_| "the QMP lock is poisoned".to_string())
+    }
+
+    /// Refuses when a drive of `m` is another file than the one QEMU has open.
+    fn same_drives(&self, m: &Machine) -> Result<(), String> {
+        for (id, path) in drive_paths(m) {
+            let open = self.drives.iter().find(|(d, _)| *d == id).map(|(_, p)| p);
+            if open != Some(&path) {
+                return Err(format!(
+                    "drive {id} now names {}, but QEMU has {} open and cannot switch a running guest's drive (re-point drives only between a snapshot load and the resume, or back before resuming)",
+                    path.as_deref().map_or("nothing".into(), |p| p.display().to_string()),
+                    open.and_then(|p| p.as_deref()).map_or("nothing".into(), |p| p.display().to_string()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Firecracker's `PUT /vm {"state":"Paused"}`: QMP `stop`.
+    pub fn pause(&self) -> Result<(), String> {
+        self.qmp()?
+            .execute(serde_json::json!({"execute": "stop"}))
+            .map(drop)
+    }
+
+    /// Firecracker's `PUT /vm {"state":"Resumed"}`: QMP `cont` (also after a [`Self::save`]).
+    pub fn resume(&self) -> Result<(), String> {
+        self.qmp()?
+            .execute(serde_json::json!({"execute": "cont"}))
+            .map(drop)
+    }
+
+    /// Firecracker's full snapshot's memory file: QEMU's migration stream of the paused guest
+    /// (devices and memory) written into `mem_file` (created or truncated, mode 0600). Returns
+    /// once QEMU says the migration completed; the guest stays paused.
+    pub fn save(&self, mem_file: &Path) -> Result<(), String> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut q = self.qmp()?;
+        let status = q.execute(serde_json::json!({"execute": "query-status"}))?;
+        if status.get("running").and_then(serde_json::Value::as_bool) != Some(false) {
+            return Err(format!(
+                "the guest is not paused (QEMU status {}): pause it before taking a snapshot",
+                status.get("status").unwrap_or(&status)
+            ));
+        }
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(mem_file)
+            .map_err(|e| format!("creating the memory file {}: {e}", mem_file.display()))?;
+        q.execute_with_fd(
+            serde_json::json!({"execute": "getfd", "arguments": {"fdname": MIGRATION_FD_NAME}}),
+            Some(f.as_raw_fd()),
+        )?;
+        q.execute(serde_json::json!({"execute": "migrate-set-parameters",
+            "arguments": {"max-bandwidth": MIGRATION_MAX_BANDWIDTH}}))?;
+        q.execute(serde_json::json!({"execute": "migrate",
+            "arguments": {"uri": format!("fd:{MIGRATION_FD_NAME}")}}))?;
+        wait_migration(&mut q, "writing the migration stream")?;
+        f.sync_all()
+            .map_err(|e| format!("syncing the memory file {}: {e}", mem_file.display()))
+    }
+
+    /// After `-incoming`: waits until the stream is read, then `cont` when `resume`.
+    fn finish_incoming(&self, resume: bool) -> Result<(), String> {
+        let mut q = self.qmp()?;
+        wait_migration(&mut q, "reading the migration stream")?;
+        if resume {
+            q.execute(serde_json::json!({"execute": "cont"}))?;
+        }
+        Ok(())
+    }
+
+    /// Ends QEMU (a failed restore).
+    fn quit(&self) -> Result<(), String> {
+        self.qmp()?
+            .execute(serde_json::json!({"execute": "quit"}))
+            .map(drop)
+    }
+
+    /// Where the agent's port is reached now.
+    pub fn guest_addr(&self) -> Option<SocketAddr> {
+        *self.guest.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The guest end of a host-side vsock `CONNECT port`: TCP to the guest's address, only for
     /// the agent's port. `None` is Firecracker's answer to a port nobody listens on (the host side
-    /// is closed).
+    /// is closed). A restored guest not reconfigured yet announces itself first (QMP
+    /// `announce-self`: the bridge learns that the snapshot's MAC is behind this clone's tap).
     pub fn connect_guest(&self, port: u32) -> Option<TcpStream> {
         if port != u32::from(AGENT_PORT) {
             return None;
         }
-        let s = TcpStream::connect_timeout(&self.guest?, GUEST_CONNECT_TIMEOUT).ok()?;
-        let _ = s.set_nodelay(true);
-        Some(s)
+        let addr = self.guest_addr()?;
+        // A restored guest's agent listens (its memory says so), but the way to it settles only
+        // after the restore (the bridge learning the MAC's new port, the host's neighbour entry
+        // for an address another clone just gave up): keep trying for a while.
+        let deadline = Instant::now() + RESTORED_CONNECT_TIMEOUT;
+        loop {
+            let restored = self.announce.load(Ordering::SeqCst);
+            if restored {
+                let r = self.qmp().and_then(|mut q| {
+                    q.execute(serde_json::json!({"execute": "announce-self",
+                        "arguments": {"initial": 0, "max": 50, "rounds": 3, "step": 50}}))
+                });
+                if let Err(e) = r {
+                    eprintln!("stand-in: TCG engine: announce-self: {e}");
+                }
+            }
+            match TcpStream::connect_timeout(&addr, GUEST_CONNECT_TIMEOUT) {
+                Ok(s) => {
+                    let _ = s.set_nodelay(true);
+                    return Some(s);
+                }
+                Err(e) if restored && Instant::now() < deadline => {
+                    eprintln!("stand-in: TCG engine: restored guest at {addr}: {e}; trying again");
+                    thread::sleep(Duration::from_millis(200));
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Copies both ways between the host's vsock connection and the guest's TCP connection until
+    /// both directions are done, half-closing each side as its peer finishes. It reads the agent's
+    /// line protocol on the way: a `reconfigure` request answered `"ok":true` moves the guest's
+    /// address to the request's `ip` for every later connection (the old one is gone from the
+    /// guest); that connection is then closed both ways once the host is done with it (the guest
+    /// can no longer hear the host on it).
+    pub fn splice(&self, host: UnixStream, guest: TcpStream) {
+        let (Ok(host_w), Ok(guest_w)) = (host.try_clone(), guest.try_clone()) else {
+            return;
+        };
+        let pending: Arc<Mutex<VecDeque<Option<Ipv4Addr>>>> = Arc::default();
+        let moved = Arc::new(AtomicBool::new(false));
+        let (pending2, moved2) = (pending.clone(), moved.clone());
+        let up = thread::spawn(move || {
+            let mut host = BufReader::new(host);
+            let mut guest_w = guest_w;
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match host.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                if line.ends_with(b"\n") {
+                    if let Ok(mut p) = pending2.lock() {
+                        p.push_back(reconfigure_target(&line));
+                    }
+                }
+                if guest_w.write_all(&line).is_err() {
+                    break;
+                }
+            }
+            let how = if moved2.load(Ordering::SeqCst) {
+                Shutdown::Both
+            } else {
+                Shutdown::Write
+            };
+            let _ = guest_w.shutdown(how);
+        });
+        let mut guest = BufReader::new(guest);
+        let mut host_w = host_w;
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match guest.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            if line.ends_with(b"\n") {
+                let target = pending
+                    .lock()
+                    .ok()
+                    .and_then(|mut p| p.pop_front())
+                    .flatten();
+                if let Some(ip) = target.filter(|_| answer_ok(&line)) {
+                    let addr = SocketAddr::from((ip, AGENT_PORT));
+                    *self.guest.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
+                    self.announce.store(false, Ordering::SeqCst);
+                    moved.store(true, Ordering::SeqCst);
+                    eprintln!("stand-in: TCG engine: the guest was reconfigured: vsock port {AGENT_PORT} -> tcp {addr}");
+                }
+            }
+            if host_w.write_all(&line).is_err() {
+                break;
+            }
+        }
+        let _ = host_w.shutdown(Shutdown::Write);
+        let _ = up.join();
     }
 }
 
-/// Copies both ways between the host's vsock connection and the guest's TCP connection until both
-/// directions are done, half-closing each side as its peer finishes.
-pub fn splice(host: UnixStream, guest: TcpStream) {
-    let (Ok(host_w), Ok(guest_w)) = (host.try_clone(), guest.try_clone()) else {
-        return;
-    };
-    let up = thread::spawn(move || {
-        let mut host = host;
-        let mut guest_w = guest_w;
-        let _ = std::io::copy(&mut host, &mut guest_w);
-        let _ = guest_w.shutdown(Shutdown::Write);
-    });
-    let mut guest = guest;
-    let mut host_w = host_w;
-    let _ = std::io::copy(&mut guest, &mut host_w);
-    let _ = host_w.shutdown(Shutdown::Write);
-    let _ = up.join();
+/// Polls `query-migrate` until the migration completed (`Ok`) or failed, was cancelled or took
+/// longer than [`MIGRATION_TIMEOUT`].
+fn wait_migration(q: &mut Qmp, what: &str) -> Result<(), String> {
+    let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    loop {
+        let v = q.execute(serde_json::json!({"execute": "query-migrate"}))?;
+        match v.get("status").and_then(serde_json::Value::as_str) {
+            Some("completed") => return Ok(()),
+            Some(s @ ("failed" | "cancelled")) => {
+                return Err(format!(
+                    "{what}: QEMU's migration {s}{}",
+                    v.get("error-desc")
+                        .and_then(serde_json::Value::as_str)
+                        .map(|d| format!(": {d}"))
+                        .unwrap_or_default()
+                ))
+            }
+            _ if Instant::now() > deadline => {
+                return Err(format!(
+                    "{what}: not done within {}s (QEMU says {v})",
+                    MIGRATION_TIMEOUT.as_secs()
+                ))
+            }
+            _ => thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// The address a request line asks the guest to move to: `params.ip` of a `reconfigure`.
+fn reconfigure_target(line: &[u8]) -> Option<Ipv4Addr> {
+    let v: serde_json::Value = serde_json::from_slice(line).ok()?;
+    if v.get("method")?.as_str()? != "reconfigure" {
+        return None;
+    }
+    let ip = v.get("params")?.get("ip")?.as_str()?;
+    ip.split('/').next()?.parse().ok()
+}
+
+/// Whether an answer line is `{"ok":true,…}`.
+fn answer_ok(line: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(line)
+        .ok()
+        .and_then(|v| v.get("ok").and_then(serde_json::Value::as_bool))
+        == Some(true)
 }
 
 #[cfg(test)]
@@ -1157,7 +1610,9 @@ mod tests {
                 r: BufReader::new(qmp.try_clone().unwrap()),
                 w: qmp,
             }),
-            guest: Some(addr),
+            guest: Mutex::new(Some(addr)),
+            announce: AtomicBool::new(false),
+            drives: Vec::new(),
         };
         assert!(engine.connect_guest(53).is_none());
         assert!(engine.connect_guest(22).is_none());
@@ -1165,7 +1620,9 @@ mod tests {
             .connect_guest(52)
             .expect("the agent's port is mapped");
         let (mut host, vmm_end) = UnixStream::pair().unwrap();
-        let bridge = thread::spawn(move || splice(vmm_end, tcp));
+        let engine = Arc::new(engine);
+        let e2 = engine.clone();
+        let bridge = thread::spawn(move || e2.splice(vmm_end, tcp));
         host.write_all(b"ping").unwrap();
         host.shutdown(Shutdown::Write).unwrap();
         let mut answer = String::new();
@@ -1174,11 +1631,8 @@ mod tests {
         agent.join().unwrap();
         bridge.join().unwrap();
 
-        let nowhere = Engine {
-            guest: None,
-            ..engine
-        };
-        assert!(nowhere.connect_guest(52).is_none());
+        *engine.guest.lock().unwrap() = None;
+        assert!(engine.connect_guest(52).is_none());
     }
 
     /// The QMP client against a scripted QEMU end: greeting, capabilities, events skipped, the
@@ -1207,7 +1661,9 @@ mod tests {
         });
         let engine = Engine {
             qmp: Mutex::new(Qmp::handshake(ours).unwrap()),
-            guest: None,
+            guest: Mutex::new(None),
+            announce: AtomicBool::new(false),
+            drives: Vec::new(),
         };
         engine.ctrl_alt_del().unwrap();
         let err = engine.ctrl_alt_del().unwrap_err();
@@ -1224,6 +1680,672 @@ mod tests {
         );
         // QEMU gone: a clear error, not a hang.
         assert!(engine.ctrl_alt_del().unwrap_err().contains("QMP"));
+    }
+
+    /// Reads one line from a scripted QEMU's end with recvmsg, keeping a descriptor that came
+    /// with it (QMP's `getfd`).
+    fn recv_line(s: &UnixStream) -> (serde_json::Value, Option<std::os::fd::OwnedFd>) {
+        use std::os::fd::FromRawFd;
+        let mut line = Vec::new();
+        let mut fd = None;
+        while !line.ends_with(b"\n") {
+            let mut buf = [0u8; 4096];
+            let mut iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            };
+            let mut control = [0u64; 8];
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = std::mem::size_of_val(&control) as _;
+            let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, 0) };
+            assert!(n > 0, "recvmsg: {}", std::io::Error::last_os_error());
+            unsafe {
+                let c = libc::CMSG_FIRSTHDR(&msg);
+                if !c.is_null() && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let raw = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<RawFd>());
+                    fd = Some(std::os::fd::OwnedFd::from_raw_fd(raw));
+                }
+            }
+            line.extend_from_slice(&buf[..n as usize]);
+        }
+        (serde_json::from_slice(&line).unwrap(), fd)
+    }
+
+    /// A scripted QEMU: greeting, then for each command the answer `reply` gives (events may
+    /// precede it); returns the commands it got and what was written into a passed descriptor.
+    fn scripted_qemu(
+        theirs: UnixStream,
+        reply: impl Fn(&serde_json::Value, Option<&std::os::fd::OwnedFd>) -> Option<String>
+            + Send
+            + 'static,
+    ) -> thread::JoinHandle<Vec<serde_json::Value>> {
+        thread::spawn(move || {
+            let mut w = theirs.try_clone().unwrap();
+            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n")
+                .unwrap();
+            let mut got = Vec::new();
+            loop {
+                let mut probe = [0u8; 1];
+                let n = unsafe {
+                    libc::recv(
+                        theirs.as_raw_fd(),
+                        probe.as_mut_ptr().cast(),
+                        1,
+                        libc::MSG_PEEK,
+                    )
+                };
+                if n <= 0 {
+                    return got;
+                }
+                let (cmd, fd) = recv_line(&theirs);
+                let answer = reply(&cmd, fd.as_ref());
+                got.push(cmd);
+                match answer {
+                    Some(a) => w.write_all(format!("{a}\r\n").as_bytes()).unwrap(),
+                    None => return got,
+                }
+            }
+        })
+    }
+
+    fn engine_on(ours: UnixStream) -> Engine {
+        Engine {
+            qmp: Mutex::new(Qmp::handshake(ours).unwrap()),
+            guest: Mutex::new(None),
+            announce: AtomicBool::new(false),
+            drives: Vec::new(),
+        }
+    }
+
+    /// pause/resume are QMP stop/cont; save checks the guest is paused, hands QEMU the memory
+    /// file by descriptor (`getfd`, SCM_RIGHTS), lifts the bandwidth cap, migrates to `fd:` and
+    /// waits for `completed` (events and `active` polls in between); what QEMU writes through
+    /// the descriptor is the file's content, mode 0600.
+    #[test]
+    fn qmp_pause_resume_save() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tmp("save");
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let polls = Arc::new(Mutex::new(0));
+        let polls2 = polls.clone();
+        let qemu = scripted_qemu(theirs, move |cmd, fd| {
+            let ok = "{\"return\": {}}".to_string();
+            Some(match cmd["execute"].as_str().unwrap() {
+                "query-status" => {
+                    "{\"return\": {\"status\": \"paused\", \"running\": false}}".into()
+                }
+                "getfd" => {
+                    let mut f = File::from(
+                        fd.expect("getfd came with a descriptor")
+                            .try_clone()
+                            .unwrap(),
+                    );
+                    f.write_all(b"QEVM stream").unwrap();
+                    ok
+                }
+                "query-migrate" => {
+                    let mut n = polls2.lock().unwrap();
+                    *n += 1;
+                    if *n < 3 {
+                        "{\"event\": \"MIGRATION\", \"data\": {}}\r\n{\"return\": {\"status\": \"active\"}}".into()
+                    } else {
+                        "{\"return\": {\"status\": \"completed\"}}".into()
+                    }
+                }
+                _ => ok,
+            })
+        });
+        let engine = engine_on(ours);
+        engine.pause().unwrap();
+        let mem = t.0.join("mem");
+        engine.save(&mem).unwrap();
+        engine.resume().unwrap();
+        assert_eq!(std::fs::read(&mem).unwrap(), b"QEVM stream");
+        assert_eq!(
+            std::fs::metadata(&mem).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        drop(engine);
+        let got = qemu.join().unwrap();
+        let names: Vec<&str> = got.iter().map(|c| c["execute"].as_str().unwrap()).collect();
+        assert_eq!(
+            names,
+            [
+                "qmp_capabilities",
+                "stop",
+                "query-status",
+                "getfd",
+                "migrate-set-parameters",
+                "migrate",
+                "query-migrate",
+                "query-migrate",
+                "query-migrate",
+                "cont"
+            ]
+        );
+        assert_eq!(
+            got[3]["arguments"],
+            serde_json::json!({"fdname": MIGRATION_FD_NAME})
+        );
+        assert_eq!(
+            got[4]["arguments"],
+            serde_json::json!({"max-bandwidth": MIGRATION_MAX_BANDWIDTH})
+        );
+        assert_eq!(
+            got[5]["arguments"],
+            serde_json::json!({"uri": format!("fd:{MIGRATION_FD_NAME}")})
+        );
+    }
+
+    /// A running guest is refused before any file is made; a failed migration says QEMU's why.
+    #[test]
+    fn qmp_save_refusals() {
+        let t = tmp("saveno");
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let running = Arc::new(Mutex::new(true));
+        let r2 = running.clone();
+        let qemu = scripted_qemu(theirs, move |cmd, _| {
+            Some(match cmd["execute"].as_str().unwrap() {
+                "query-status" if *r2.lock().unwrap() => {
+                    "{\"return\": {\"status\": \"running\", \"running\": true}}".into()
+                }
+                "query-status" => "{\"return\": {\"status\": \"paused\", \"running\": false}}".into(),
+                "query-migrate" => "{\"return\": {\"status\": \"failed\", \"error-desc\": \"No space left on device\"}}".into(),
+                _ => "{\"return\": {}}".into(),
+            })
+        });
+        let engine = engine_on(ours);
+        let mem = t.0.join("mem");
+        let e = engine.save(&mem).unwrap_err();
+        assert!(e.contains("not paused") && e.contains("running"), "{e}");
+        assert!(!mem.exists());
+        *running.lock().unwrap() = false;
+        let e = engine.save(&mem).unwrap_err();
+        assert!(
+            e.contains("migration failed: No space left on device"),
+            "{e}"
+        );
+        let e = engine.save(&t.0.join("no/such/dir/mem")).unwrap_err();
+        assert!(e.contains("creating the memory file"), "{e}");
+        drop(engine);
+        qemu.join().unwrap();
+    }
+
+    /// A restore is the boot's command line plus `-S -incoming fd:N`, N inherited by QEMU.
+    #[test]
+    fn restore_plan_adds_incoming() {
+        let t = tmp("rplan");
+        let (m, net) = configured(&t);
+        let qmp = t.0.join("q.sock");
+        let boot = plan_with_nets(&m, &[(&net, Some(7))], &qmp).unwrap();
+        let r = restore_plan(boot.clone(), 9);
+        let (a, b) = (strings(&r), strings(&boot));
+        assert_eq!(a[..b.len()], b[..]);
+        assert_eq!(a[b.len()..], ["-S", "-incoming", "fd:9"]);
+        assert_eq!(r.pass_fds, [7, 9]);
+        assert_eq!(r.guest_ip, boot.guest_ip);
+    }
+
+    /// The splice reads the agent's lines: only a reconfigure answered ok moves the address
+    /// (and stops the announcements); failed ones, other methods and garbage do not.
+    #[test]
+    fn splice_follows_reconfigure() {
+        use std::io::Read;
+        let guest = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = guest.local_addr().unwrap();
+        // A fake agent: answers each line; a reconfigure to 10.9.8.66 fails, others succeed.
+        let agent = thread::spawn(move || {
+            let (c, _) = guest.accept().unwrap();
+            let mut w = c.try_clone().unwrap();
+            for line in BufReader::new(c).lines() {
+                let line = line.unwrap();
+                let answer = if line.contains("10.9.8.66") || !line.starts_with('{') {
+                    r#"{"ok":false,"error":"reconfigure refused: no"}"#
+                } else {
+                    r#"{"ok":true,"result":{"instance_id":"00","boot_id":"b"}}"#
+                };
+                w.write_all(format!("{answer}\n").as_bytes()).unwrap();
+            }
+        });
+        let (qmp, _q) = UnixStream::pair().unwrap();
+        let engine = Arc::new(Engine {
+            qmp: Mutex::new(Qmp {
+                r: BufReader::new(qmp.try_clone().unwrap()),
+                w: qmp,
+            }),
+            guest: Mutex::new(Some(addr)),
+            announce: AtomicBool::new(true),
+            drives: Vec::new(),
+        });
+        let tcp = TcpStream::connect(addr).unwrap();
+        let (host, vmm_end) = UnixStream::pair().unwrap();
+        let e2 = engine.clone();
+        let bridge = thread::spawn(move || e2.splice(vmm_end, tcp));
+        let mut r = BufReader::new(host.try_clone().unwrap());
+        let mut w = host;
+        let mut ask = |line: &str| {
+            w.write_all(format!("{line}\n").as_bytes()).unwrap();
+            let mut a = String::new();
+            r.read_line(&mut a).unwrap();
+            a
+        };
+        let reconf = |ip: &str| {
+            serde_json::json!({"method": "reconfigure", "params": {"ip": ip}}).to_string()
+        };
+        assert!(ask(r#"{"method":"hello"}"#).contains("\"ok\":true"));
+        assert!(ask("not json").contains("\"ok\":false"));
+        assert!(ask(&reconf("10.9.8.66/24")).contains("\"ok\":false"));
+        assert_eq!(engine.guest_addr(), Some(addr));
+        assert!(engine.announce.load(Ordering::SeqCst));
+        assert!(ask(&reconf("10.9.8.7/24")).contains("\"ok\":true"));
+        assert_eq!(engine.guest_addr(), Some("10.9.8.7:52".parse().unwrap()));
+        assert!(!engine.announce.load(Ordering::SeqCst));
+        // After a move the host's end of input closes the guest connection both ways.
+        w.shutdown(Shutdown::Write).unwrap();
+        let mut rest = String::new();
+        r.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest, "");
+        bridge.join().unwrap();
+        agent.join().unwrap();
+        assert_eq!(
+            reconfigure_target(reconf("10.1.2.3").as_bytes()),
+            Some(Ipv4Addr::new(10, 1, 2, 3))
+        );
+        assert_eq!(
+            reconfigure_target(b"{\"method\":\"hello\",\"params\":{\"ip\":\"10.0.0.1/8\"}}"),
+            None
+        );
+        assert!(!answer_ok(b"{\"ok\":\"true\"}"));
+    }
+
+    /// Loading a TCG snapshot: the memory file must be a migration stream (else refused, nothing
+    /// held); without resume_vm it waits (paused: pause is a no-op, a new snapshot copies the
+    /// stream); a resume that would need QEMU to switch a drive's file is refused.
+    #[test]
+    fn restore_pending_and_drive_checks() {
+        let t = tmp("pending");
+        let (m, _) = configured(&t);
+        let bad = t.0.join("bad.mem");
+        std::fs::write(&bad, b"not a stream").unwrap();
+        if qemu_binary().is_none() {
+            eprintln!("SKIP: restore_pending_and_drive_checks (load half): {QEMU} not installed");
+        } else {
+            let e = restore(&m, &bad, false, |_| {}).unwrap_err();
+            assert!(e.contains("not a QEMU migration stream"), "{e}");
+            let e = restore(&m, &t.0.join("missing"), false, |_| {}).unwrap_err();
+            assert!(e.contains("reading the memory file"), "{e}");
+            assert!(!active());
+            let good = t.0.join("good.mem");
+            std::fs::write(&good, b"QEVM\0\0\0\x03rest of the stream").unwrap();
+            restore(&m, &good, false, |_| {}).unwrap();
+            assert!(active());
+            assert!(restore(&m, &good, false, |_| {})
+                .unwrap_err()
+                .contains("already"));
+            pause().unwrap();
+            let copy = t.0.join("again.mem");
+            save(&copy).unwrap();
+            assert_eq!(std::fs::read(&copy).unwrap(), std::fs::read(&good).unwrap());
+            *pending() = None;
+            assert!(!active());
+        }
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let engine = Engine {
+            qmp: Mutex::new(Qmp {
+                r: BufReader::new(ours.try_clone().unwrap()),
+                w: ours,
+            }),
+            guest: Mutex::new(None),
+            announce: AtomicBool::new(false),
+            drives: drive_paths(&m),
+        };
+        engine.same_drives(&m).unwrap();
+        let mut moved = Machine::new("x");
+        moved.drives = m.drives.clone();
+        moved.drives[1].path_on_host = Some(t.0.join("clone.ext4"));
+        let e = engine.same_drives(&moved).unwrap_err();
+        assert!(
+            e.contains("drive rootfs now names") && e.contains("cannot switch"),
+            "{e}"
+        );
+    }
+
+    /// Runs a command; its stdout, or why it failed.
+    fn sh(args: &[&str]) -> Result<String, String> {
+        let o = Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .map_err(|e| format!("{args:?}: {e}"))?;
+        if !o.status.success() {
+            return Err(format!(
+                "{args:?}: {}: {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    }
+
+    /// One agent request over the engine's vsock map (connect, one line, one answer).
+    fn ask_agent(e: &Engine, line: &str) -> Result<serde_json::Value, String> {
+        let s = e
+            .connect_guest(52)
+            .ok_or("no TCP connection to the agent")?;
+        s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+        (&s).write_all(format!("{line}\n").as_bytes())
+            .map_err(|e| e.to_string())?;
+        let mut a = String::new();
+        BufReader::new(&s)
+            .read_line(&mut a)
+            .map_err(|e| e.to_string())?;
+        serde_json::from_str(&a).map_err(|e| format!("{a:?}: {e}"))
+    }
+
+    /// The agent to put into the test image: `BANGER_TEST_AGENT`, else the `banger` binary this
+    /// workspace built next to this test (`target/<triple>/debug/banger`), if any.
+    fn test_agent() -> Option<PathBuf> {
+        if let Some(a) = std::env::var_os("BANGER_TEST_AGENT") {
+            return Some(PathBuf::from(a));
+        }
+        let me = std::env::current_exe().ok()?;
+        Some(me.parent()?.parent()?.join("banger")).filter(|p| p.is_file())
+    }
+
+    fn machine_for(
+        kernel: &Path,
+        disk: &Path,
+        tap: &str,
+        vsock: &Path,
+        key_b64: &str,
+    ) -> Result<Machine, String> {
+        let mut m = Machine::new("snap");
+        m.boot_source = Some(BootSource {
+            kernel_image_path: kernel.to_path_buf(),
+            boot_args: Some(format!(
+                "console=ttyS0 reboot=k panic=1 pci=off ip=172.30.0.5::172.30.0.1:255.255.255.0:snap-src:eth0:off banger.name=snap-src banger.key={key_b64}"
+            )),
+            initrd_path: None,
+        });
+        m.machine.vcpu_count = 1;
+        m.machine.mem_size_mib = 256;
+        m.drives.push(Drive {
+            drive_id: "rootfs".into(),
+            partuuid: None,
+            is_root_device: true,
+            cache_type: None,
+            is_read_only: Some(false),
+            path_on_host: Some(disk.to_path_buf()),
+            rate_limiter: None,
+            io_engine: None,
+            socket: None,
+        });
+        let t = crate::tap::Tap::open_named(tap).map_err(|e| e.net_error())?;
+        m.nets.push((
+            NetworkInterface {
+                iface_id: "eth0".into(),
+                host_dev_name: tap.into(),
+                guest_mac: Some("02:aa:00:00:00:05".into()),
+                mtu: None,
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
+            },
+            t,
+        ));
+        let _ = std::fs::remove_file(vsock);
+        let l = std::os::unix::net::UnixListener::bind(vsock).map_err(|e| e.to_string())?;
+        m.vsock = Some((
+            Vsock {
+                guest_cid: 3,
+                uds_path: vsock.to_path_buf(),
+                vsock_id: None,
+            },
+            l,
+        ));
+        Ok(m)
+    }
+
+    /// The whole snapshot story on a real guest (kernel + `BANGER_TEST_ROOTFS` with this
+    /// workspace's agent put in): boot under QEMU on tap0, pause, save the migration stream,
+    /// copy the disk, stop the source; restore into a second QEMU on tap1 with the copy; the
+    /// agent answers at the snapshot's address with the source's boot id and instance id;
+    /// `reconfigure` through the splice moves it (name, MAC, address); the agent and sshd
+    /// answer at the new address, same boot id, new instance id. All in a network namespace of
+    /// this test thread's own. Prints TCG-BENCH numbers.
+    #[test]
+    fn snapshot_restore_reconfigure_real_guest() {
+        const TEST: &str = "snapshot_restore_reconfigure_real_guest";
+        let skip = |why: &str| eprintln!("SKIP: {TEST}: {why}");
+        if !rustix::process::geteuid().is_root() {
+            return skip("needs root (network namespace, bridge, taps)");
+        }
+        let Some(qemu) = qemu_binary() else {
+            return skip("qemu-system-x86_64 is not installed");
+        };
+        let Some(kernel) = find_test_kernel() else {
+            return skip("no kernel (BANGER_TEST_KERNEL, or packaging/kernel/build.sh)");
+        };
+        let Some(rootfs) = std::env::var_os("BANGER_TEST_ROOTFS").map(PathBuf::from) else {
+            return skip("BANGER_TEST_ROOTFS is not set (an image from `banger image build`)");
+        };
+        for tool in ["ip", "ssh", "ssh-keygen", "debugfs"] {
+            if sh(&["sh", "-c", &format!("command -v {tool}")]).is_err() {
+                return skip(&format!("{tool} is not installed"));
+            }
+        }
+        let t = tmp("snapreal");
+        let d = &t.0;
+        // This thread's own network namespace: children (ip, QEMU, ssh) and the engine's
+        // threads start in it; it goes away with them.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return skip(&format!(
+                "unshare(CLONE_NEWNET): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        for c in [
+            "ip link set lo up",
+            "ip link add br0 type bridge",
+            "ip addr add 172.30.0.1/24 dev br0",
+            "ip link set br0 up",
+            "ip tuntap add dev tap0 mode tap",
+            "ip tuntap add dev tap1 mode tap",
+            "ip link set tap0 master br0 up",
+            "ip link set tap1 master br0 up",
+        ] {
+            sh(&c.split(' ').collect::<Vec<_>>()).unwrap();
+        }
+        // The source's disk: the image with this workspace's agent (protocol 2) put in.
+        let disk = d.join("source.ext4");
+        sh(&[
+            "cp",
+            "--sparse=always",
+            rootfs.to_str().unwrap(),
+            disk.to_str().unwrap(),
+        ])
+        .unwrap();
+        match test_agent() {
+            Some(agent) => {
+                let cmds = d.join("debugfs.cmds");
+                std::fs::write(
+                    &cmds,
+                    format!(
+                        "cd /usr/local/bin\nrm banger-vsock-agent\nwrite {} banger-vsock-agent\nsif banger-vsock-agent mode 0100755\n",
+                        agent.display()
+                    ),
+                )
+                .unwrap();
+                sh(&[
+                    "debugfs",
+                    "-w",
+                    "-f",
+                    cmds.to_str().unwrap(),
+                    disk.to_str().unwrap(),
+                ])
+                .unwrap();
+                eprintln!("{TEST}: agent {} put into the image copy", agent.display());
+            }
+            None => eprintln!("{TEST}: no agent binary to put in; the image's own agent is used"),
+        }
+        let key = d.join("id");
+        sh(&[
+            "ssh-keygen",
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-f",
+            key.to_str().unwrap(),
+        ])
+        .unwrap();
+        let key_b64 = sh(&["base64", "-w0", d.join("id.pub").to_str().unwrap()])
+            .unwrap()
+            .trim()
+            .to_string();
+
+        let m1 = machine_for(&kernel, &disk, "tap0", &d.join("v1.sock"), &key_b64).unwrap();
+        let source = start_engine(&m1, &qemu, |_| {}).unwrap();
+        let t0 = Instant::now();
+        let hello = loop {
+            match ask_agent(&source, r#"{"method":"hello"}"#) {
+                Ok(v) if v["ok"] == true => break v["result"].clone(),
+                _ if t0.elapsed() > Duration::from_secs(600) => {
+                    panic!("the source guest's agent never answered")
+                }
+                _ => thread::sleep(Duration::from_millis(500)),
+            }
+        };
+        let boot_ms = t0.elapsed().as_millis();
+        if hello["protocol"] != 2 {
+            let _ = source.quit();
+            return skip(&format!(
+                "the image's agent speaks protocol {} (needs 2: BANGER_TEST_AGENT or build the banger binary)",
+                hello["protocol"]
+            ));
+        }
+        let (boot_id, source_id) = (hello["boot_id"].clone(), hello["instance_id"].clone());
+        // A warmed-up VM: snapshot once sshd listens (it starts after the agent).
+        loop {
+            let p = ask_agent(&source, r#"{"method":"ports"}"#).unwrap_or_default();
+            if p["result"]["ports"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|p| p["port"] == 22))
+            {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(900),
+                "sshd never listened in the source guest: {p}"
+            );
+            thread::sleep(Duration::from_millis(500));
+        }
+        let sshd_ms = t0.elapsed().as_millis();
+
+        let mem = d.join("snapshot.mem");
+        let t1 = Instant::now();
+        source.pause().unwrap();
+        source.save(&mem).unwrap();
+        let save_ms = t1.elapsed().as_millis();
+        let clone_disk = d.join("clone.ext4");
+        sh(&[
+            "cp",
+            "--sparse=always",
+            disk.to_str().unwrap(),
+            clone_disk.to_str().unwrap(),
+        ])
+        .unwrap();
+        source.quit().unwrap();
+        drop(m1);
+        let mem_meta = std::fs::metadata(&mem).unwrap();
+        use std::os::unix::fs::MetadataExt;
+
+        let m2 = machine_for(&kernel, &clone_disk, "tap1", &d.join("v2.sock"), &key_b64).unwrap();
+        let t2 = Instant::now();
+        let clone = restore_engine(&m2, &qemu, &mem, true, |_| {}).unwrap();
+        let restore_ms = t2.elapsed().as_millis();
+        let t3 = Instant::now();
+        let again = loop {
+            match ask_agent(&clone, r#"{"method":"hello"}"#) {
+                Ok(v) if v["ok"] == true => break v["result"].clone(),
+                r if t3.elapsed() > Duration::from_secs(120) => {
+                    panic!("the restored guest's agent never answered at its old address: {r:?}")
+                }
+                _ => thread::sleep(Duration::from_millis(200)),
+            }
+        };
+        let first_hello_ms = t3.elapsed().as_millis();
+        assert_eq!(again["boot_id"], boot_id, "{again}");
+        assert_eq!(again["instance_id"], source_id, "{again}");
+        assert_eq!(again["hostname"], "snap-src", "{again}");
+
+        // reconfigure through the splice, as the stand-in serves vsock.
+        let req = serde_json::json!({"method": "reconfigure", "v": 2, "params": {
+            "name": "clone-1", "ip": "172.30.0.9/24", "gateway": "172.30.0.1",
+            "mac": "02:bb:00:00:00:09", "key": key_b64,
+        }});
+        let t4 = Instant::now();
+        let tcp = clone
+            .connect_guest(52)
+            .expect("the agent at the old address");
+        let (host, vmm_end) = UnixStream::pair().unwrap();
+        let answer = thread::scope(|sc| {
+            sc.spawn(|| clone.splice(vmm_end, tcp));
+            (&host).write_all(format!("{req}\n").as_bytes()).unwrap();
+            host.set_read_timeout(Some(Duration::from_secs(60)))
+                .unwrap();
+            let mut a = String::new();
+            BufReader::new(&host).read_line(&mut a).unwrap();
+            host.shutdown(Shutdown::Both).unwrap();
+            a
+        });
+        let reconf_ms = t4.elapsed().as_millis();
+        let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+        assert_eq!(answer["ok"], true, "{answer}");
+        assert_eq!(answer["result"]["boot_id"], boot_id);
+        assert_ne!(answer["result"]["instance_id"], source_id);
+        assert_eq!(clone.guest_addr(), Some("172.30.0.9:52".parse().unwrap()));
+
+        let after = ask_agent(&clone, r#"{"method":"hello"}"#).unwrap();
+        assert_eq!(after["result"]["boot_id"], boot_id, "{after}");
+        assert_eq!(
+            after["result"]["instance_id"],
+            answer["result"]["instance_id"]
+        );
+        assert_eq!(after["result"]["hostname"], "clone-1");
+        let ssh = |cmd: &str| {
+            sh(&[
+                "ssh",
+                "-i",
+                key.to_str().unwrap(),
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=30",
+                "root@172.30.0.9",
+                cmd,
+            ])
+        };
+        let out = ssh("cat /proc/sys/kernel/random/boot_id; hostname; cat /sys/class/net/eth0/address; ip -4 -o addr show dev eth0 | wc -l; ip -4 -o addr show dev eth0")
+            .unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], boot_id.as_str().unwrap(), "{out}");
+        assert_eq!(lines[1], "clone-1", "{out}");
+        assert_eq!(lines[2], "02:bb:00:00:00:09", "{out}");
+        assert_eq!(lines[3], "1", "{out}");
+        assert!(lines[4].contains("172.30.0.9/24"), "{out}");
+        clone.quit().unwrap();
+        eprintln!(
+            "TCG-BENCH: boot -> agent {boot_ms} ms, -> sshd {sshd_ms} ms; pause+save {save_ms} ms, memory file {} MB ({} MB allocated) for 256 MiB; restore (QEMU start + stream read + cont) {restore_ms} ms; first hello after restore {first_hello_ms} ms; reconfigure {reconf_ms} ms",
+            mem_meta.len() >> 20,
+            (mem_meta.blocks() * 512) >> 20
+        );
     }
 
     fn find_test_kernel() -> Option<PathBuf> {

@@ -690,3 +690,86 @@ fn systemd_guest_agent_over_vsock() {
         t1.elapsed()
     );
 }
+
+/// The TCG engine's snapshot API on the tiny PVH guest, through the Firecracker API: create is
+/// refused while running; paused, the memory file is QEMU's migration stream and the vmstate says
+/// engine "tcg"; the source resumes and still takes Ctrl+Alt+Del. A fresh stand-in loads it
+/// without resume_vm (no QEMU yet, vsock closed), resumes it: the guest continues where it was (no
+/// second "hello" on the console: restored, not booted) and its i8042 loop takes the Ctrl+Alt+Del
+/// that ends it, and the stand-in, with 0.
+#[test]
+fn tiny_pvh_guest_snapshot_and_restore() {
+    let test = "tiny_pvh_guest_snapshot_and_restore";
+    let Some((mut src, _kernel)) = tiny(test, "snapsrc", &[]) else {
+        return;
+    };
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let snap = std::env::temp_dir().join(format!("bgtcg-snapfiles-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&snap);
+    std::fs::create_dir_all(&snap).unwrap();
+    let (mem, state) = (snap.join("memory"), snap.join("vmstate"));
+    src.put("/actions", json!({"action_type": "InstanceStart"}));
+    src.wait_console("pvh-guest: hello", Duration::from_secs(30))
+        .unwrap();
+    let create = json!({"mem_file_path": mem, "snapshot_path": state, "snapshot_type": "Full"});
+    let e = src.api.put_json("/snapshot/create", &create).unwrap_err();
+    assert_eq!(e.status(), Some(400), "create while running");
+    assert!(!mem.exists() && !state.exists());
+    src.api.pause().unwrap();
+    let t0 = Instant::now();
+    src.put("/snapshot/create", create);
+    let save = t0.elapsed();
+    let stream = std::fs::read(&mem).unwrap();
+    assert_eq!(&stream[..4], b"QEVM", "not a QEMU migration stream");
+    let vmstate: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    assert_eq!(vmstate["engine"], "tcg", "{vmstate}");
+    src.api.resume().unwrap();
+    src.put("/actions", json!({"action_type": "SendCtrlAltDel"}));
+    let status = src
+        .wait_exit(Duration::from_secs(30))
+        .expect("the source still runs after SendCtrlAltDel");
+    assert_eq!(status.code(), Some(0), "{}", src.stderr.lock().unwrap());
+
+    let mut clone = Vmm::spawn_with("snapclone", None, &[]);
+    let vsock = clone.dir.join("vsock.sock");
+    let t1 = Instant::now();
+    clone.put(
+        "/snapshot/load",
+        json!({"snapshot_path": state, "mem_backend": {"backend_type": "File", "backend_path": mem},
+            "resume_vm": false, "vsock_override": {"uds_path": vsock}}),
+    );
+    let load = t1.elapsed();
+    assert!(
+        !clone
+            .stderr
+            .lock()
+            .unwrap()
+            .contains("stand-in: TCG engine: QEMU pid"),
+        "QEMU started before the resume"
+    );
+    assert!(
+        banger::agent::vsock_connect(&vsock, 52, Duration::from_secs(5)).is_err(),
+        "vsock answered for a guest not resumed"
+    );
+    let t2 = Instant::now();
+    clone.api.resume().unwrap();
+    let resume = t2.elapsed();
+    let qemu = clone.qemu_pid();
+    assert!(alive(qemu));
+    clone.put("/actions", json!({"action_type": "SendCtrlAltDel"}));
+    let status = clone
+        .wait_exit(Duration::from_secs(30))
+        .expect("the restored guest did not take Ctrl+Alt+Del");
+    assert_eq!(status.code(), Some(0), "{}", clone.stderr.lock().unwrap());
+    assert!(
+        !clone.console.lock().unwrap().contains("pvh-guest: hello"),
+        "the restored guest started over: {}",
+        clone.console.lock().unwrap()
+    );
+    let _ = std::fs::remove_dir_all(&snap);
+    eprintln!(
+        "TCG-BENCH: tiny PVH guest: pause+snapshot/create {save:?} ({} KiB stream for 64 MiB); snapshot/load {load:?}; resume (QEMU start + stream) {resume:?}",
+        stream.len() >> 10
+    );
+}

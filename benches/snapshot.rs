@@ -1,0 +1,197 @@
+//! Snapshot benchmark (not a test; needs root): with the tiny guest, `vm create --from SNAP` →
+//! running through daemon + helper (its own tap, address, disk clone; median of 20) beside the raw
+//! `PUT /snapshot/load` (resume_vm) of the same snapshot files in a bare VMM, and a cold
+//! `vm create`; the snapshot's size on disk (sparse) beside its memory size. The helper runs in a
+//! network namespace of its own. The VMM is `BANGER_TEST_FIRECRACKER` or the stand-in. Run with
+//! `cargo bench --bench snapshot` (scripts/bench.sh), or, without a release build,
+//! `BANGER_BENCH_BIN=target/x86_64-unknown-linux-gnu/debug/banger cargo bench --profile dev --bench snapshot`.
+
+mod common;
+#[path = "../tests/guest/mod.rs"]
+mod guest;
+
+use common::Host;
+
+use banger::rpc::client;
+use banger::vmm::api::{wait_for_socket, Client};
+use banger::vmm::models::{SnapshotLoadParams, VsockOverride};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn call(sock: &Path, method: &str, params: Value) -> Value {
+    client::call_with_timeout(sock, method, params, Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{method}: {e:?}"))
+}
+
+/// Spawn of a bare VMM → API socket → `PUT /snapshot/load` with resume_vm (no network: the
+/// snapshot's VM had its tap, which the raw load cannot open, so the bench snapshot is taken of
+/// a VM booted by hand without one). Returns milliseconds.
+fn raw_load(vmm: &Path, dir: &Path, snap: &Path, ns: &str) -> f64 {
+    let api = dir.join("raw.sock");
+    let vsock = dir.join("raw-vsock.sock");
+    let _ = std::fs::remove_file(&api);
+    let _ = std::fs::remove_file(&vsock);
+    let t = Instant::now();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(vmm)
+        .args([
+            "--api-sock",
+            api.to_str().unwrap_or_default(),
+            "--id",
+            "raw",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn VMM");
+    wait_for_socket(&api, Duration::from_secs(10)).expect("api socket");
+    let mut load = SnapshotLoadParams::from_files(snap.join("vmstate"), snap.join("memory"));
+    load.resume_vm = Some(true);
+    load.vsock_override = Some(VsockOverride { uds_path: vsock });
+    Client::new(&api)
+        .load_snapshot(&load)
+        .expect("snapshot load");
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    let _ = child.kill();
+    let _ = child.wait();
+    ms
+}
+
+fn main() {
+    if !rustix::process::geteuid().is_root() {
+        println!("SKIP: snapshot bench needs root (the helper launches VMMs)");
+        return;
+    }
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/x86_64-unknown-linux-gnu");
+    let vmm = std::env::var("BANGER_TEST_FIRECRACKER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| target.join("release/firecracker"));
+    if !vmm.is_file() {
+        println!("SKIP: no VMM at {}", vmm.display());
+        return;
+    }
+    let mut host = Host::new("snapbench", &[("BANGER_FIRECRACKER", &vmm)]);
+    if let Err(why) = host.isolate_network() {
+        println!("SKIP: snapshot bench runs the helper in a network namespace: {why}");
+        return;
+    }
+    let ns = format!("bgr-bench-{}", std::process::id());
+    host.start("bangerd-root");
+    host.start("bangerd");
+    let (root, layout) = (host.root.clone(), host.layout.clone());
+    let sock = layout.daemon_socket();
+    let kernel = guest::build_tiny_guest(&root).expect("building the tiny guest");
+    let rootfs = root.join("rootfs.img");
+    std::fs::write(&rootfs, vec![0u8; 1 << 20]).expect("rootfs");
+    call(&sock, "kernel.import", json!({"name": "k", "path": kernel}));
+    call(
+        &sock,
+        "image.import",
+        json!({"name": "i", "rootfs": rootfs, "kernel": "k", "ready_console": "banger-guest: ready boot_id="}),
+    );
+
+    // Cold creates, each deleted (untimed) before the next.
+    let cold: Vec<f64> = (0..10)
+        .map(|i| {
+            let t = Instant::now();
+            call(
+                &sock,
+                "vm.create",
+                json!({"name": format!("cold{i}"), "image": "i", "memory_mib": 128}),
+            );
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            call(&sock, "vm.delete", json!({"vms": [format!("cold{i}")]}));
+            ms
+        })
+        .collect();
+
+    call(
+        &sock,
+        "vm.create",
+        json!({"name": "src", "image": "i", "memory_mib": 128}),
+    );
+    let t = Instant::now();
+    let snap = call(&sock, "vm.snapshot", json!({"vm": "src", "as": "warm"}));
+    let snap_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let dir = PathBuf::from(snap["dir"].as_str().unwrap_or_default());
+    let du = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
+    };
+
+    let restores: Vec<f64> = (0..20)
+        .map(|i| {
+            let t = Instant::now();
+            call(
+                &sock,
+                "vm.create",
+                json!({"name": format!("r{i}"), "from": "warm"}),
+            );
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            call(&sock, "vm.delete", json!({"vms": [format!("r{i}")]}));
+            ms
+        })
+        .collect();
+
+    // The raw load needs the snapshot's tap name free of any VM and present: the raw VMM opens
+    // the recorded tap (the source VM's), so the source is stopped and its tap made again here.
+    call(&sock, "vm.stop", json!({"vm": "src"}));
+    let tap = banger::net::tap_name(snap_src_id(&sock).as_str());
+    let made = Command::new("ip")
+        .args([
+            "netns", "exec", &ns, "ip", "tuntap", "add", "dev", &tap, "mode", "tap",
+        ])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    let raw: Vec<f64> = if made {
+        (0..20).map(|_| raw_load(&vmm, &root, &dir, &ns)).collect()
+    } else {
+        vec![]
+    };
+
+    let (c, r) = (median(cold), median(restores.clone()));
+    println!("VMM: {}", vmm.display());
+    println!(
+        "vm snapshot (pause, disk clone, full snapshot of 128 MiB, sparse, resume): {snap_ms:.1} ms"
+    );
+    println!(
+        "snapshot on disk: memory {} MiB apparent, {:.1} KiB allocated; whole snapshot dir {:.1} KiB (du)",
+        std::fs::metadata(dir.join("memory")).map(|m| m.len() >> 20).unwrap_or(0),
+        du(&dir.join("memory")) as f64 / 1024.0,
+        (du(&dir.join("memory")) + du(&dir.join("vmstate")) + du(&dir.join("rootfs.ext4"))) as f64 / 1024.0
+    );
+    println!("cold vm create → running: median {c:.1} ms (10)");
+    println!(
+        "vm create --from warm → running: median {r:.1} ms (20; min {:.1}, max {:.1})",
+        restores.iter().cloned().fold(f64::MAX, f64::min),
+        restores.iter().cloned().fold(0.0, f64::max)
+    );
+    if raw.is_empty() {
+        println!("raw PUT /snapshot/load: not measured (could not make tap {tap} in {ns})");
+    } else {
+        let rw = median(raw);
+        println!(
+            "raw spawn + PUT /snapshot/load (resume_vm) of the same files: median {rw:.1} ms (20)"
+        );
+        println!(
+            "ratio restore/raw load: {:.2}x; restore/cold create: {:.2}x",
+            r / rw,
+            r / c
+        );
+    }
+}
+
+fn snap_src_id(sock: &Path) -> String {
+    let v = call(sock, "vm.show", json!({"vm": "src"}));
+    v["vm"]["id"].as_str().unwrap_or_default().to_string()
+}

@@ -1,0 +1,654 @@
+//! Snapshots of running VMs and the VMs restored from them: `vm.snapshot`, `vm.create` with
+//! `from`, `snapshot.list|show|rm`.
+//!
+//! A snapshot is taken with the VM paused: a copy-on-write clone of its disk, then Firecracker's
+//! full snapshot (vmstate + memory, made sparse afterwards), then the VM resumes (or stops).
+//! Firecracker records each drive's host path in the vmstate and reopens exactly that path on
+//! load, so the drive is re-pointed (`PATCH /drives/rootfs`) at the snapshot's own disk clone
+//! for the `create` and back to the VM's disk afterwards: every restore then opens a file the
+//! snapshot owns, and re-points the restored (still paused) VM at its own disk clone before
+//! resuming it. The vsock socket and the tap are overridden at load (`vsock_override`,
+//! `network_overrides`).
+//!
+//! A restore runs in a new VMM launched through the helper exactly as a boot's, so reconcile,
+//! stop and delete treat it as any VM. Firecracker snapshots are bound to the version that wrote
+//! them: the new VMM's `GET /version` is compared with the recorded one before the load, and a
+//! mismatch is refused with nothing left behind. Restores of one snapshot are serialised up to
+//! the end of the agent's `reconfigure` (the restored guest still has the snapshot's address until
+//! then). This module never signals a process itself (the helper does) and never deletes a
+//! snapshot a running VM came from.
+
+use super::images;
+use super::kernels;
+use super::net;
+use super::ops::Operations;
+use super::requests::{SnapshotRef, VmCreate, VmSnapshot};
+use super::shared::{bad, busy, check_name, create_dir, failed, not_found, random_hex};
+use super::vms::{vm_json, Vms, KILL_WAIT, STOP_TIMEOUT};
+use crate::agent;
+use crate::error::Error;
+use crate::rpc::{ErrorCode, RpcError};
+use crate::store::{Snapshot, Vm, VmState};
+use crate::vmm::api::{ApiError, Client};
+use crate::vmm::disk::{cow_copy, CopyKind};
+use crate::vmm::identity;
+use crate::vmm::models::{
+    NetworkOverride, PartialDrive, SnapshotCreateParams, SnapshotLoadParams, SnapshotType,
+    VsockOverride,
+};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The vmstate file in a snapshot's directory.
+pub const VMSTATE: &str = "vmstate";
+/// The guest memory file in a snapshot's directory.
+pub const MEMORY: &str = "memory";
+/// The disk clone in a snapshot's (and every VM's) directory.
+pub const DISK: &str = "rootfs.ext4";
+/// How long the restored guest's agent has to apply `reconfigure`.
+const RECONFIGURE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long the VMM has to open its API socket.
+const API_TIMEOUT: Duration = Duration::from_secs(10);
+/// Firecracker snapshot/load calls can take a while on a busy host (memory file, disk).
+const SNAPSHOT_API_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The refusal of a restore under another Firecracker version, with what to do.
+pub fn version_mismatch(snap: &Snapshot, running: &str) -> Option<String> {
+    (snap.firecracker_version != running).then(|| {
+        format!(
+            "snapshot `{}` was written by Firecracker {} but this host runs Firecracker {running}; \
+             Firecracker snapshots only load under the version that wrote them \
+             (install Firecracker {} again to restore it, or take a new snapshot under {running} and remove this one with `banger snapshot rm {}`)",
+            snap.name, snap.firecracker_version, snap.firecracker_version, snap.name
+        )
+    })
+}
+
+/// Punches holes where `path` holds whole zero pages, so a mostly-empty guest memory file costs
+/// what it holds. Returns the bytes allocated afterwards.
+pub fn make_sparse(path: &Path) -> Result<u64, Error> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    const PAGE: usize = 4096;
+    static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
+    let what = || format!("making {} sparse", path.display());
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::new(what(), e))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off: u64 = 0;
+    let mut zero_from: Option<u64> = None;
+    let punch = |f: &std::fs::File, from: u64, to: u64| -> Result<(), Error> {
+        rustix::fs::fallocate(
+            f,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            from,
+            to - from,
+        )
+        .map_err(|e| Error::new(what(), e))
+    };
+    loop {
+        let n = read_full(&mut f, &mut buf).map_err(|e| Error::new(what(), e))?;
+        if n == 0 {
+            break;
+        }
+        for (i, page) in buf[..n].chunks(PAGE).enumerate() {
+            let at = off + (i * PAGE) as u64;
+            // Slice equality is a memcmp: fast even in an unoptimized build.
+            if page == &ZERO_PAGE[..page.len()] {
+                zero_from.get_or_insert(at);
+            } else if let Some(z) = zero_from.take() {
+                punch(&f, z, at)?;
+            }
+        }
+        off += n as u64;
+    }
+    if let Some(z) = zero_from {
+        punch(&f, z, off)?;
+    }
+    let _ = f.read(&mut []);
+    Ok(f.metadata().map(|m| m.blocks() * 512).unwrap_or(0))
+}
+
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::io::Read;
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Bytes allocated on disk by the files directly in `dir` (what `du` counts).
+pub fn allocated(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.blocks() * 512)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn copy_kind(k: CopyKind) -> &'static str {
+    match k {
+        CopyKind::Reflink => "reflink",
+        CopyKind::Sparse => "sparse copy",
+    }
+}
+
+fn snapshot_json(s: &Snapshot, clones: &[(String, String)]) -> Value {
+    let mut v = serde_json::to_value(s).unwrap_or(Value::Null);
+    v["vms"] = json!(clones
+        .iter()
+        .map(|(n, st)| json!({"name": n, "state": st}))
+        .collect::<Vec<_>>());
+    v
+}
+
+fn find_snapshot(vms: &Vms, r: &str) -> Result<Snapshot, RpcError> {
+    vms.ctx.db(|s| s.snapshot_get(r))?.ok_or_else(|| {
+        not_found(format!(
+            "no snapshot named `{r}` (see `banger snapshot list`)"
+        ))
+    })
+}
+
+fn api_failed(what: String) -> impl Fn(ApiError) -> RpcError {
+    move |e| failed(Error::new(what.clone(), e))
+}
+
+/// `vm.snapshot`.
+pub fn take(vms: &Vms, ops: &Operations, req: VmSnapshot) -> Result<Value, RpcError> {
+    let vm = vms.find(&req.vm)?;
+    let name = match req.name {
+        Some(n) if !n.is_empty() => n,
+        _ => format!("{}-{}", vm.name, random_hex(2)),
+    };
+    check_name("snapshot", &name)?;
+    if vms.ctx.db(|s| s.snapshot_get(&name))?.is_some() {
+        return Err(RpcError::new(
+            ErrorCode::AlreadyExists,
+            format!("a snapshot named `{name}` already exists (pick another --as, or `banger snapshot rm {name}`)"),
+        ));
+    }
+    let lock = vms.lock_for(&vm.id);
+    let _g = lock.lock().unwrap_or_else(|p| p.into_inner());
+    let vm = vms.refresh(vms.find(&vm.id)?)?;
+    if vm.state != VmState::Running {
+        return Err(busy(format!(
+            "VM `{}` is {}; only a running VM can be snapshotted (start it with `banger vm start {}`)",
+            vm.name, vm.state, vm.name
+        )));
+    }
+    let image = images::resolve(&vms.ctx, vm.image.as_deref())?;
+    let kernel = kernels::for_image(&vms.ctx, &image)?;
+    let op = ops.begin("vm.snapshot", Some(&vm.name));
+    let id = random_hex(6);
+    let dir = vms.ctx.layout.snapshot_dir(&id);
+    let r = (|| -> Result<Value, RpcError> {
+        create_dir(&vms.ctx.layout.snapshots_dir())?;
+        create_dir(&dir)?;
+        let _ = std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700));
+        let files = vms.files(&vm);
+        let api = Client::new(&files.api_socket).with_timeout(SNAPSHOT_API_TIMEOUT);
+        let what = |s: &str| format!("snapshotting VM `{}`: {s}", vm.name);
+        let version = api
+            .version()
+            .map_err(api_failed(what("asking Firecracker its version")))?
+            .firecracker_version;
+        op.stage("pausing");
+        api.pause().map_err(api_failed(what("pausing")))?;
+        let taken = capture(&api, &files.dir, &dir, &what);
+        // A VM left on the snapshot's disk must not run again: it is stopped instead.
+        let stranded = matches!(&taken, Err((_, true)));
+        let vm_json_after = if req.stop.unwrap_or(false) || stranded {
+            op.stage("stopping");
+            vms.stop_locked(ops, vm.clone(), STOP_TIMEOUT)
+        } else {
+            op.stage("resuming");
+            api.resume()
+                .map_err(api_failed(what("resuming")))
+                .map(|_| vm_json(&vm, None))
+        };
+        let copy = taken.map_err(|(e, _)| e)?;
+        let vm_after = vm_json_after?;
+        let size_mem = make_sparse(&dir.join(MEMORY)).map_err(failed)?;
+        let snap = Snapshot {
+            id: id.clone(),
+            name: name.clone(),
+            source_vm: vm.name.clone(),
+            kernel: kernel.name.clone(),
+            image: vm.image.clone(),
+            vcpu: vm.vcpu,
+            memory_mib: vm.memory_mib,
+            agent: image.ready_pattern.is_none(),
+            firecracker_version: version,
+            boot_id: vm.boot_id.clone(),
+            dir: dir.to_string_lossy().into_owned(),
+            size_bytes: allocated(&dir),
+            created_at: crate::clock::now_rfc3339(),
+        };
+        vms.ctx.db(|s| s.snapshot_insert(&snap))?;
+        let mut out = snapshot_json(&snap, &[]);
+        out["disk_copy"] = json!(copy_kind(copy));
+        out["memory_allocated_bytes"] = json!(size_mem);
+        out["vm"] = vm_after;
+        Ok(out)
+    })();
+    if r.is_err() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    op.finish(r.as_ref().err().map(|e| e.message.clone()));
+    r
+}
+
+/// With the VM paused: the disk clone, the drive re-pointed at it, the snapshot, the drive back.
+fn capture(
+    api: &Client,
+    vm_dir: &Path,
+    dir: &Path,
+    what: &dyn Fn(&str) -> String,
+) -> Result<CopyKind, (RpcError, bool)> {
+    let own_disk = vm_dir.join(DISK);
+    let snap_disk = dir.join(DISK);
+    let copy = cow_copy(&own_disk, &snap_disk).map_err(|e| (failed(e), false))?;
+    let point = |p: &Path| {
+        api.patch_drive(&PartialDrive {
+            drive_id: "rootfs".into(),
+            path_on_host: Some(p.to_path_buf()),
+            rate_limiter: None,
+        })
+    };
+    // A failed re-point may have happened half-way: treat the VM as stranded.
+    point(&snap_disk).map_err(|e| {
+        let e = api_failed(what("pointing the drive at the snapshot's disk"))(e);
+        let back = point(&own_disk).is_err();
+        (e, back)
+    })?;
+    let created = api.create_snapshot(&SnapshotCreateParams {
+        mem_file_path: dir.join(MEMORY),
+        snapshot_path: dir.join(VMSTATE),
+        snapshot_type: Some(SnapshotType::Full),
+    });
+    // Whatever the snapshot did, the VM goes back to its own disk before it runs again.
+    point(&own_disk).map_err(|e| {
+        (
+            api_failed(what(
+                "pointing the drive back at the VM's own disk (the VM was stopped instead of resumed)",
+            ))(e),
+            true,
+        )
+    })?;
+    created.map_err(|e| (api_failed(what("writing the snapshot"))(e), false))?;
+    Ok(copy)
+}
+
+/// `vm.create` with `from`: a new VM restored from a snapshot.
+pub fn restore(vms: &Vms, ops: &Operations, req: VmCreate) -> Result<Value, RpcError> {
+    let from = req.from.clone().unwrap_or_default();
+    if req.image.is_some() || req.vcpu.is_some() || req.memory_mib.is_some() {
+        return Err(bad(
+            "`from` restores a snapshot with its own image, vCPUs and memory; drop `image`, `vcpu` and `memory_mib`",
+        ));
+    }
+    if req.start == Some(false) {
+        return Err(bad(
+            "a VM restored from a snapshot is always started; drop `start`",
+        ));
+    }
+    let snap = find_snapshot(vms, &from)?;
+    let name = match req.name {
+        Some(n) if !n.is_empty() => n,
+        _ => format!("{}-{}", snap.name, random_hex(2)),
+    };
+    check_name("VM", &name)?;
+    let snap_dir = PathBuf::from(&snap.dir);
+    for f in [VMSTATE, MEMORY, DISK] {
+        if !snap_dir.join(f).is_file() {
+            return Err(failed(
+                Error::new(
+                    format!("restoring snapshot `{}`", snap.name),
+                    format!("{} is missing", snap_dir.join(f).display()),
+                )
+                .hint(format!(
+                    "the snapshot is damaged; remove it with `banger snapshot rm {}`",
+                    snap.name
+                )),
+            ));
+        }
+    }
+    let image = images::resolve(&vms.ctx, snap.image.as_deref()).ok();
+    let op = ops.begin("vm.create", Some(&name));
+    let now = crate::clock::now_rfc3339();
+    let id = vms.new_id()?;
+    let mut vm = Vm {
+        mac: Some(crate::net::mac_for(&id)),
+        id,
+        name: name.clone(),
+        image: snap.image.clone(),
+        vcpu: snap.vcpu,
+        memory_mib: snap.memory_mib,
+        state: VmState::Created,
+        pid: None,
+        start_time: None,
+        comm: None,
+        boot_id: None,
+        ip: None,
+        nat: req.nat.unwrap_or(false),
+        created_at: now.clone(),
+        updated_at: now,
+    };
+    let r = (|| -> Result<Value, RpcError> {
+        op.stage("recording");
+        let (subnet, config) = (vms.ctx.net.subnet, vms.ctx.layout.config_toml());
+        vms.ctx
+            .db(|s| {
+                s.vm_insert_allocating(&mut vm, |taken| {
+                    net::lowest_free(&subnet, taken, &config).map(|ip| ip.to_string())
+                })
+            })
+            .map_err(|e| {
+                if e.message.contains("already exists") {
+                    RpcError::new(ErrorCode::AlreadyExists, e.message)
+                } else {
+                    e
+                }
+            })?;
+        let lock = vms.lock_for(&vm.id);
+        let _g = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let r = (|| -> Result<Value, RpcError> {
+            vms.ctx
+                .db(|s| s.vm_set_origin(&vm.id, Some(&snap.id), None))?;
+            op.stage("cloning the snapshot's disk");
+            let dir = vms.ctx.layout.vm_dir(&vm.id);
+            create_dir(&dir)?;
+            let _ =
+                std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700));
+            let copy = cow_copy(&snap_dir.join(DISK), &dir.join(DISK)).map_err(failed)?;
+            let snap_lock = vms.snapshot_lock(&snap.id);
+            let _sg = snap_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let mut out = load(vms, &op, &snap, image.as_ref(), vm.clone())?;
+            out["disk_copy"] = json!(copy_kind(copy));
+            Ok(out)
+        })();
+        if r.is_err() {
+            // A restore that did not run leaves nothing: no record, no directory.
+            let _ = std::fs::remove_dir_all(vms.ctx.layout.vm_dir(&vm.id));
+            let _ = vms.ctx.db(|s| s.vm_delete(&vm.id));
+        }
+        r
+    })();
+    op.finish(r.as_ref().err().map(|e| e.message.clone()));
+    r
+}
+
+/// Launches the VMM, checks its version, loads the snapshot with this VM's tap and vsock socket,
+/// re-points the drive at the VM's own disk, resumes, and tells the agent its new identity. On
+/// failure the VMM is killed and its network taken down.
+fn load(
+    vms: &Vms,
+    op: &super::ops::OpHandle<'_>,
+    snap: &Snapshot,
+    image: Option<&crate::store::Image>,
+    mut vm: Vm,
+) -> Result<Value, RpcError> {
+    let files = vms.files(&vm);
+    vm.state = VmState::Starting;
+    vms.ctx.db(|s| s.vm_update(&vm))?;
+    let ip = net::address_of(&vm, &vms.ctx.net, &vms.ctx.layout.config_toml()).map_err(failed)?;
+    let tap = crate::net::tap_name(&vm.id);
+    op.stage("launching VMM");
+    let (net_r, ident_r) = std::thread::scope(|sc| {
+        let v = &vm;
+        let net_thread = sc.spawn(move || net::up(&vms.ctx, v, ip));
+        let ident_r = vms
+            .ctx
+            .helper("priv.vm_launch", json!({"id": vm.id}))
+            .and_then(|_| super::boot::read_identity(&files));
+        let net_r = net_thread.join().unwrap_or_else(|_| {
+            Err(failed(Error::new(
+                format!("bringing up the network of VM `{}`", vm.name),
+                "the thread asking the helper panicked",
+            )))
+        });
+        (net_r, ident_r)
+    });
+    let ident = match ident_r {
+        Ok(i) => i,
+        Err(e) => {
+            let mut v = vm.clone();
+            let _ = vms.mark_stopped(&mut v);
+            return Err(e);
+        }
+    };
+    vm.pid = Some(ident.pid);
+    vm.start_time = Some(ident.start_time);
+    vm.comm = Some(ident.comm.clone());
+    vms.ctx.db(|s| s.vm_update(&vm))?;
+    let result = (|| -> Result<(String, Option<String>), RpcError> {
+        let what = |s: &str| {
+            format!(
+                "restoring VM `{}` from snapshot `{}`: {s}",
+                vm.name, snap.name
+            )
+        };
+        crate::vmm::api::wait_for_socket(&files.api_socket, API_TIMEOUT).map_err(failed)?;
+        let api = Client::new(&files.api_socket).with_timeout(SNAPSHOT_API_TIMEOUT);
+        let running = api
+            .version()
+            .map_err(api_failed(what("asking Firecracker its version")))?
+            .firecracker_version;
+        if let Some(msg) = version_mismatch(snap, &running) {
+            return Err(RpcError::new(ErrorCode::BadRequest, msg));
+        }
+        let made = net_r.clone()?;
+        if made != tap {
+            return Err(failed(Error::new(
+                what("bringing up the network"),
+                format!("the helper made tap {made}, not {tap}"),
+            )));
+        }
+        op.stage("loading snapshot");
+        let dir = PathBuf::from(&snap.dir);
+        let mut load = SnapshotLoadParams::from_files(dir.join(VMSTATE), dir.join(MEMORY));
+        load.network_overrides = Some(vec![NetworkOverride {
+            iface_id: "eth0".into(),
+            host_dev_name: tap.clone(),
+        }]);
+        load.vsock_override = Some(VsockOverride {
+            uds_path: files.vsock_uds.clone(),
+        });
+        // Resumed only once the drive is this VM's own disk.
+        load.resume_vm = Some(false);
+        // Allowed before a load (not boot-specific): a restored guest's console is rate-limited
+        // like a booted one's (see daemon::console_log).
+        api.put_serial(&vms.ctx.console.serial())
+            .map_err(api_failed(what("configuring the serial console")))?;
+        api.load_snapshot(&load)
+            .map_err(api_failed(what("loading the snapshot")))?;
+        api.patch_drive(&PartialDrive {
+            drive_id: "rootfs".into(),
+            path_on_host: Some(files.dir.join(DISK)),
+            rate_limiter: None,
+        })
+        .map_err(api_failed(what("pointing the drive at the VM's own disk")))?;
+        api.resume().map_err(api_failed(what("resuming")))?;
+        if !snap.agent {
+            // No agent to tell: the guest runs on with the snapshot's identity.
+            return Ok((snap.boot_id.clone().unwrap_or_default(), None));
+        }
+        op.stage("reconfiguring the guest");
+        let key = crate::ssh::OwnerKey::ensure(&vms.ctx.layout)
+            .map_err(|e| failed(Error::new(what("preparing the SSH key"), e)))?;
+        let subnet = &vms.ctx.net.subnet;
+        let rc = agent::reconfigure::Reconfigure {
+            name: vm.name.clone(),
+            ip: format!("{ip}/{}", subnet.prefix()),
+            gateway: subnet.gateway().to_string(),
+            mac: vm
+                .mac
+                .clone()
+                .unwrap_or_else(|| crate::net::mac_for(&vm.id)),
+            key: key.kernel_arg_value(),
+        };
+        let done = agent::reconfigure(&files.vsock_uds, &rc, RECONFIGURE_TIMEOUT)
+            .map_err(|e| failed(Error::new(what("telling the guest its new identity"), e)))?;
+        Ok((done.boot_id, Some(done.instance_id)))
+    })();
+    match result {
+        Ok((boot_id, instance_id)) => {
+            vm.state = VmState::Running;
+            vm.boot_id = (!boot_id.is_empty()).then_some(boot_id.clone());
+            vms.ctx.db(|s| s.vm_update(&vm))?;
+            vms.ctx
+                .db(|s| s.vm_set_origin(&vm.id, Some(&snap.id), instance_id.as_deref()))?;
+            if let Ok(Some(mut h)) = identity::read_handles(&files.handles) {
+                h.boot_id = vm.boot_id.clone();
+                let _ = identity::write_handles(&files.handles, &h, None);
+            }
+            if let Some(image) = image {
+                if let Err(e) = super::ssh::pin_host_key(&vms.ctx, &vm, image, &files) {
+                    crate::logging::error(
+                        "bangerd",
+                        "restored VM: pinning the host key failed",
+                        json!({"vm": vm.name, "error": e.message}),
+                    );
+                }
+            }
+            super::ssh::refresh_config(&vms.ctx);
+            Ok(vm_json(&vm, Some(&(Some(snap.name.clone()), instance_id))))
+        }
+        Err(e) => {
+            let _ = vms
+                .ctx
+                .helper("priv.vm_signal", json!({"id": vm.id, "signal": "KILL"}));
+            vms.wait_gone(&ident, KILL_WAIT);
+            let _ = vms.mark_stopped(&mut vm);
+            Err(e)
+        }
+    }
+}
+
+/// `snapshot.list`.
+pub fn list(vms: &Vms) -> Result<Value, RpcError> {
+    let snaps = vms.ctx.db(|s| s.snapshot_list())?;
+    let mut out = Vec::new();
+    for s in &snaps {
+        let clones = vms.ctx.db(|st| st.snapshot_clones(&s.id))?;
+        out.push(snapshot_json(s, &clones));
+    }
+    Ok(json!({"snapshots": out}))
+}
+
+/// `snapshot.show`.
+pub fn show(vms: &Vms, req: SnapshotRef) -> Result<Value, RpcError> {
+    let s = find_snapshot(vms, &req.snapshot)?;
+    let clones = vms.ctx.db(|st| st.snapshot_clones(&s.id))?;
+    Ok(json!({"snapshot": snapshot_json(&s, &clones)}))
+}
+
+/// `snapshot.rm`: refused while VMs restored from it run (named); otherwise frees its files.
+pub fn remove(vms: &Vms, req: SnapshotRef) -> Result<Value, RpcError> {
+    let s = find_snapshot(vms, &req.snapshot)?;
+    let snap_lock = vms.snapshot_lock(&s.id);
+    let _g = snap_lock.lock().unwrap_or_else(|p| p.into_inner());
+    let live: Vec<String> = vms
+        .ctx
+        .db(|st| st.snapshot_clones(&s.id))?
+        .into_iter()
+        .filter(|(_, state)| {
+            state != VmState::Stopped.as_str() && state != VmState::Created.as_str()
+        })
+        .map(|(n, _)| n)
+        .collect();
+    if !live.is_empty() {
+        return Err(busy(format!(
+            "snapshot `{}` is in use by running VM{} {}; stop or delete {} first (`banger vm delete {}`)",
+            s.name,
+            if live.len() == 1 { "" } else { "s" },
+            live.join(", "),
+            if live.len() == 1 { "it" } else { "them" },
+            live.join(" ")
+        )));
+    }
+    let dir = PathBuf::from(&s.dir);
+    let freed = allocated(&dir);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)
+            .map_err(|e| failed(Error::new(format!("removing {}", dir.display()), e)))?;
+    }
+    vms.ctx.db(|st| st.snapshot_delete(&s.id))?;
+    Ok(json!({"removed": s.name, "freed_bytes": freed}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(version: &str) -> Snapshot {
+        Snapshot {
+            id: "aaaaaaaaaaaa".into(),
+            name: "warm".into(),
+            source_vm: "dev".into(),
+            kernel: "k".into(),
+            image: Some("img".into()),
+            vcpu: 1,
+            memory_mib: 128,
+            agent: true,
+            firecracker_version: version.into(),
+            boot_id: None,
+            dir: "/s".into(),
+            size_bytes: 0,
+            created_at: "t".into(),
+        }
+    }
+
+    #[test]
+    fn version_check_says_what_was_recorded_what_runs_and_what_to_do() {
+        assert_eq!(version_mismatch(&snap("1.16.1"), "1.16.1"), None);
+        let msg = version_mismatch(&snap("1.15.0"), "1.16.1").unwrap();
+        for want in [
+            "written by Firecracker 1.15.0",
+            "runs Firecracker 1.16.1",
+            "install Firecracker 1.15.0",
+            "banger snapshot rm warm",
+        ] {
+            assert!(msg.contains(want), "{msg} lacks {want}");
+        }
+    }
+
+    #[test]
+    fn memory_files_become_sparse_without_changing_content() {
+        use std::io::{Seek, SeekFrom, Write};
+        let dir = std::env::temp_dir().join(format!("banger-sparse-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("memory");
+        let mut f = std::fs::File::create(&p).unwrap();
+        // 8 MiB written in full (as Firecracker writes memory), data in two places.
+        f.write_all(&vec![0u8; 8 << 20]).unwrap();
+        f.seek(SeekFrom::Start(4096 * 3 + 17)).unwrap();
+        f.write_all(b"guest data").unwrap();
+        f.seek(SeekFrom::Start((8 << 20) - 5)).unwrap();
+        f.write_all(b"tail!").unwrap();
+        f.sync_all().unwrap();
+        let before = std::fs::read(&p).unwrap();
+        let alloc = make_sparse(&p).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), before, "content unchanged");
+        assert!(alloc <= 64 * 1024, "{alloc} bytes still allocated");
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 8 << 20);
+        assert!(allocated(&dir) >= alloc);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
