@@ -210,6 +210,10 @@ impl Layout {
         self.at("dev/log")
     }
 
+    /// `/run/systemd/system`: exists (a directory) exactly when systemd is PID 1 (`sd_booted(3)`).
+    pub fn systemd_booted_marker(&self) -> PathBuf {
+        self.at("run/systemd/system")
+    }
     /// `/etc/systemd/system`.
     pub fn unit_dir(&self) -> PathBuf {
         self.at("etc/systemd/system")

@@ -20,6 +20,7 @@ pub mod sdnotify;
 pub mod ssh;
 pub mod store;
 pub mod system;
+pub mod termsafe;
 pub mod update;
 pub mod vmm;
 

@@ -57,14 +57,17 @@ urllib.request.urlopen(sys.argv[1], timeout=5).read()' "$REL_URL/main/manifest.j
 }
 
 # What an update must not change when it fails or only looks: the real binary, install.toml, the
-# units, the links, the lib dir listing (no .previous, no banger.new), no staging left behind.
+# units, the links, the lib dir listing (no .previous, no banger.new), no staging left behind, and
+# nothing else under /var/cache/banger (no lock file: a refused update creates nothing). The
+# staging line comes before the cache line: --dry-run compares what precedes it.
 host_fingerprint() {
     # shellcheck disable=SC2016 # expanded inside the container
     cx sh -c 'cd / && sha256sum usr/local/lib/banger/banger etc/banger/install.toml \
         etc/systemd/system/bangerd.service etc/systemd/system/bangerd-root.service
         echo "lib: $(ls -A usr/local/lib/banger | tr "\n" " ")"
         for l in banger bangerd bangerd-root; do printf "%s -> %s\n" $l "$(readlink usr/local/bin/$l)"; done
-        echo "staging: $(ls -A var/cache/banger/updates 2>/dev/null | tr "\n" " ")"'
+        echo "staging: $(ls -A var/cache/banger/updates 2>/dev/null | tr "\n" " ")"
+        echo "cache: $(find var/cache/banger -path var/cache/banger/updates -prune -o -printf "%p %y %m %u " 2>/dev/null)"'
 }
 
 expect_untouched() {
@@ -254,11 +257,22 @@ scenario_update_rollback_keeps_vm_alive() {
     remember_vms one two
     local helper_before
     helper_before=$(cx systemctl show -P MainPID bangerd-root)
+    local since
+    since=$(cx date '+%Y-%m-%d %H:%M:%S')
     must_fail "update to v0.smoke.broken" cx banger update --to v0.smoke.broken "${UPD[@]}"
     expect_eq "$RC" 1 "failed update exit code"
     expect_update_error "update to v0.smoke.broken"
     expect_match "$OUT" '\(rolled back to previous install\)' "the failed update says it rolled back"
     expect_match "$OUT" 'rolling back to v0\.1\.0' "the failed update's progress"
+    # What triggered the rollback is the daemon's restart into the broken release: the update
+    # says the restart (or the wait for the daemon after it) failed, and the journal shows the
+    # broken release's bangerd refusing to start during this update.
+    expect_match "$OUT" 'banger update: (systemctl restart bangerd\.service|waiting for the daemon) failed; rolling back to v0\.1\.0' \
+        "the rollback was triggered by the daemon's restart"
+    local journal
+    journal=$(cx journalctl -u bangerd --since "$since" -o cat --no-pager 2>&1)
+    expect_match "$journal" 'bangerd v0\.smoke\.broken: refusing to start' \
+        "bangerd's journal: the broken release ran and refused to start"
     expect_active bangerd bangerd-root
     must "daemon status after the rollback" cu banger daemon status
     expect_version 0.1.0 "after the rollback"
@@ -424,10 +438,10 @@ scenario_update_bad_artifacts() {
     # case -> what the refusal must say
     declare -A WANT=(
         [tampered_tarball]='does not match SHA256SUMS'
-        [tampered_sums]='signature'
-        [wrong_key]='signature'
-        [truncated_sig]='signature'
-        [garbage_sig]='signature'
+        [tampered_sums]='verifying the SHA256SUMS signature: it does not verify against any trusted key'
+        [wrong_key]='verifying the SHA256SUMS signature: it does not verify against any trusted key'
+        [truncated_sig]='the signature is truncated: its DER header says [0-9]+ bytes, it has 30'
+        [garbage_sig]='the signature is not valid base64'
         [empty_sig]='signature file is empty'
         [oversized_sig]='larger than'
         [oversized_sums]='larger than|over .*limit|16384'
@@ -467,7 +481,7 @@ scenario_update_bad_artifacts() {
     # A mislabelled release: signed and intact, but its binary does not say it is that version.
     must_fail "update --to v0.smoke.broken with --pubkey-file of another key" cx banger update --to v0.smoke.broken \
         --manifest-url "$REL_URL/main/manifest.json" --pubkey-file "$REL_DIR/keys/other.pub.pem"
-    expect_match "$OUT" 'signature' "the main release under another key"
+    expect_match "$OUT" 'it does not verify against any trusted key' "the main release under another key"
     expect_untouched "after the wrong --pubkey-file"
     # A private key where the public one belongs.
     must_fail "update with a private key as --pubkey-file" cx banger update "${UPD[@]:0:2}" --pubkey-file "$REL_DIR/keys/key.pem"

@@ -1,5 +1,5 @@
-//! The `bangerd` role: the owner daemon. Validates `[network]`, opens the store, takes its socket
-//! from systemd (`bangerd.socket`) or binds it, tells systemd it is ready, serves
+//! The `bangerd` role: the owner daemon. Validates `[network]` and `[vm]`, opens the store, takes
+//! its socket from systemd (`bangerd.socket`) or binds it, tells systemd it is ready, serves
 //! [`crate::daemon::Daemon`] until SIGTERM or `daemon.shutdown`.
 
 use crate::daemon::Daemon;
@@ -67,6 +67,8 @@ fn run(layout: Layout) -> Result<()> {
     let install = crate::system::install_toml::load(&layout)?;
     // A bad [network] stops the daemon here, before it creates, binds or takes anything.
     let net = crate::net::NetConfig::load(&layout)?;
+    // So does a bad [vm] (console log cap and serial rate).
+    let console = crate::daemon::console_log::ConsoleConfig::load(&layout)?;
     let me = rustix::process::getuid().as_raw();
     let mut allowed = vec![0, me];
     if let Some(i) = &install {
@@ -107,8 +109,15 @@ fn run(layout: Layout) -> Result<()> {
         "network config",
         serde_json::json!({"bridge": net.bridge, "subnet": net.subnet.to_string()}),
     );
-    let daemon = Arc::new(Daemon::new(layout.clone(), store, net, stop_tx.clone()));
+    let daemon = Arc::new(Daemon::new(
+        layout.clone(),
+        store,
+        net,
+        console,
+        stop_tx.clone(),
+    ));
     daemon.reconcile();
+    daemon.spawn_log_rotation()?;
     super::serve_role(
         listener,
         ServerConfig::new("bangerd", allowed),

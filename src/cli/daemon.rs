@@ -57,9 +57,9 @@ pub fn run(c: DaemonCmd) -> Result<i32> {
             let v = client::call(&layout.daemon_socket(), "daemon.status", json!({}))
                 .map_err(|e| e.into_error("asking the daemon for its status"))?;
             if s.json {
-                println!("{v}");
+                println!("{}", crate::termsafe::json(&v.to_string()));
             } else {
-                print!("{}", render_status(&v));
+                print!("{}", crate::termsafe::plain(&render_status(&v)));
             }
             Ok(0)
         }

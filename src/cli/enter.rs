@@ -305,9 +305,13 @@ pub fn ports(c: PortsCmd) -> Result<i32> {
         }
     }
     if c.json {
-        println!("{}", json!({"ports": all}));
+        println!(
+            "{}",
+            crate::termsafe::json(&json!({"ports": all}).to_string())
+        );
     } else {
-        print!("{}", ports_table(&all));
+        // Process names come from the guest.
+        print!("{}", crate::termsafe::plain(&ports_table(&all)));
     }
     Ok(0)
 }

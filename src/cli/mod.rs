@@ -95,7 +95,8 @@ pub fn run(args: Vec<String>) -> i32 {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("banger: {e}");
+            // An error can carry the daemon's and a guest's words (a console tail, a fault).
+            eprintln!("banger: {}", crate::termsafe::plain(&e.to_string()));
             e.exit_code()
         }
     }

@@ -141,9 +141,9 @@ pub fn run(c: SnapshotCmd) -> Result<i32> {
         SnapshotSub::List(l) => {
             let v = call("snapshot.list", json!({}), "listing snapshots")?;
             if l.json {
-                println!("{}", v["snapshots"]);
+                println!("{}", crate::termsafe::json(&v["snapshots"].to_string()));
             } else {
-                print!("{}", table(&v["snapshots"]));
+                print!("{}", crate::termsafe::plain(&table(&v["snapshots"])));
             }
         }
         SnapshotSub::Show(sh) => {
@@ -153,9 +153,9 @@ pub fn run(c: SnapshotCmd) -> Result<i32> {
                 &format!("showing snapshot `{}`", sh.snapshot),
             )?;
             if sh.json {
-                println!("{}", v["snapshot"]);
+                println!("{}", crate::termsafe::json(&v["snapshot"].to_string()));
             } else {
-                print!("{}", details(&v["snapshot"]));
+                print!("{}", crate::termsafe::plain(&details(&v["snapshot"])));
             }
         }
         SnapshotSub::Rm(r) => {
@@ -167,11 +167,12 @@ pub fn run(c: SnapshotCmd) -> Result<i32> {
                 json!({"snapshot": r.snapshot}),
                 &format!("removing snapshot `{}`", r.snapshot),
             )?;
-            println!(
+            let line = format!(
                 "removed {} (freed {})",
                 s(&v, "removed"),
                 mib(v["freed_bytes"].as_u64().unwrap_or(0))
             );
+            println!("{}", crate::termsafe::plain(&line));
         }
     }
     Ok(0)

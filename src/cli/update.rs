@@ -134,7 +134,8 @@ pub fn run(c: UpdateCmd) -> Result<i32> {
         running: crate::buildinfo::VERSION.to_string(),
         is_root: rustix::process::geteuid().is_root(),
     };
-    let say = |line: &str| eprintln!("banger update: {line}");
+    // Lines quote the manifest and the release (network text): escaped for the terminal.
+    let say = |line: &str| eprintln!("banger update: {}", crate::termsafe::plain(line));
     let seams = Seams {
         services: &crate::system::service::Systemctl,
         fetcher: &HttpFetcher::new(),
@@ -145,7 +146,7 @@ pub fn run(c: UpdateCmd) -> Result<i32> {
         say: &say,
     };
     let outcome = flow::run(&layout, &opts, &seams)?;
-    println!("{outcome}");
+    println!("{}", crate::termsafe::plain(&outcome.to_string()));
     // The VMM may have changed since snapshots were taken (they are bound to its version).
     for w in crate::system::doctor::snapshot_version_warnings(&layout, None) {
         say(&format!("warning: {w}"));

@@ -6,6 +6,7 @@
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::rpc::client;
+use crate::termsafe as term;
 use argh::{ArgsInfo, FromArgs};
 use serde_json::{json, Value};
 use std::io::Write;
@@ -192,7 +193,9 @@ struct ShowCmd {
 }
 
 #[derive(FromArgs, ArgsInfo)]
-/// Print a VM's console log; -f keeps following it.
+/// Print a VM's console log; -f keeps following it. Control characters and escape sequences
+/// from the guest are shown escaped (newlines, tabs and colours are kept); --raw prints the
+/// console as it is.
 #[argh(subcommand, name = "logs")]
 struct LogsCmd {
     /// VM name or id
@@ -201,6 +204,9 @@ struct LogsCmd {
     /// keep printing new output until interrupted
     #[argh(switch, short = 'f')]
     follow: bool,
+    /// print the console's bytes unescaped (the guest's escape sequences reach your terminal)
+    #[argh(switch)]
+    raw: bool,
 }
 
 /// Validates a VM name as the daemon will: 1–63 of a-z, 0-9, '-', no leading/trailing '-'.
@@ -307,7 +313,7 @@ pub fn run(c: VmCmd) -> Result<i32> {
                 }
             };
             let v = long_call("vm.create", params, "creating a VM", &target)?;
-            println!("{}", summary(&v));
+            println!("{}", term::plain(&summary(&v)));
             Ok(0)
         }
         VmSub::Snapshot(c) => {
@@ -325,7 +331,7 @@ pub fn run(c: VmCmd) -> Result<i32> {
                 &format!("snapshotting VM `{}`", c.vm),
                 &c.vm,
             )?;
-            println!(
+            let line = format!(
                 "snapshot {} of {}: {} memory ({} on disk), disk {}; {}",
                 s(&v, "name"),
                 s(&v, "source_vm"),
@@ -334,6 +340,7 @@ pub fn run(c: VmCmd) -> Result<i32> {
                 s(&v, "disk_copy"),
                 summary(&v["vm"])
             );
+            println!("{}", term::plain(&line));
             Ok(0)
         }
         VmSub::Run(c) => super::run::run(c),
@@ -349,7 +356,7 @@ pub fn run(c: VmCmd) -> Result<i32> {
                 &format!("stopping VM `{}`", s.vm),
                 &s.vm,
             )?;
-            println!("{}", summary(&v));
+            println!("{}", term::plain(&summary(&v)));
             Ok(0)
         }
         VmSub::Kill(k) => {
@@ -360,7 +367,7 @@ pub fn run(c: VmCmd) -> Result<i32> {
                 json!({"vm": k.vm, "signal": k.signal}),
                 &format!("signalling VM `{}`", k.vm),
             )?;
-            println!("{}", summary(&v));
+            println!("{}", term::plain(&summary(&v)));
             Ok(0)
         }
         VmSub::Delete(d) => {
@@ -369,7 +376,7 @@ pub fn run(c: VmCmd) -> Result<i32> {
             }
             let v = long_call("vm.delete", json!({"vms": d.vms}), "deleting VMs", "")?;
             for name in v["deleted"].as_array().into_iter().flatten() {
-                println!("deleted {}", name.as_str().unwrap_or("?"));
+                println!("deleted {}", term::plain(name.as_str().unwrap_or("?")));
             }
             Ok(0)
         }
@@ -385,11 +392,11 @@ pub fn run(c: VmCmd) -> Result<i32> {
                 }
                 let l: List<'_> = serde_json::from_str(raw.get())
                     .map_err(|e| Error::new("reading the daemon's VM list", e))?;
-                println!("{}", l.vms.get());
+                println!("{}", term::json(l.vms.get()));
             } else {
                 let v: Value = serde_json::from_str(raw.get())
                     .map_err(|e| Error::new("reading the daemon's VM list", e))?;
-                print!("{}", table(&v["vms"]));
+                print!("{}", term::plain(&table(&v["vms"])));
             }
             Ok(0)
         }
@@ -400,19 +407,19 @@ pub fn run(c: VmCmd) -> Result<i32> {
                 &format!("showing VM `{}`", s.vm),
             )?;
             if s.json {
-                println!("{v}");
+                println!("{}", term::json(&v.to_string()));
             } else {
-                print!("{}", details(&v));
+                print!("{}", term::plain(&details(&v)));
             }
             Ok(0)
         }
-        VmSub::Logs(l) => logs(&l.vm, l.follow),
+        VmSub::Logs(l) => logs(&l.vm, l.follow, l.raw),
     }
 }
 
 fn one_long(method: &str, vm: &str, verb: &str) -> Result<i32> {
     let v = long_call(method, json!({"vm": vm}), &format!("{verb} VM `{vm}`"), vm)?;
-    println!("{}", summary(&v));
+    println!("{}", term::plain(&summary(&v)));
     Ok(0)
 }
 
@@ -502,7 +509,16 @@ fn details(v: &Value) -> String {
     out
 }
 
-fn logs(vm: &str, follow: bool) -> Result<i32> {
+/// What `vm logs` prints of a chunk of console text: escaped for the terminal unless `raw`.
+fn console_text(data: &str, raw: bool) -> std::borrow::Cow<'_, str> {
+    if raw {
+        std::borrow::Cow::Borrowed(data)
+    } else {
+        term::console(data)
+    }
+}
+
+fn logs(vm: &str, follow: bool, raw: bool) -> Result<i32> {
     let mut offset: u64 = 0;
     let mut out = std::io::stdout();
     loop {
@@ -513,16 +529,18 @@ fn logs(vm: &str, follow: bool) -> Result<i32> {
         )?;
         let data = v["data"].as_str().unwrap_or("");
         if !data.is_empty() {
-            let _ = out.write_all(data.as_bytes());
+            let _ = out.write_all(console_text(data, raw).as_bytes());
             let _ = out.flush();
         }
         offset = v["offset"].as_u64().unwrap_or(offset);
+        // The daemon answers in chunks: print all of it, then stop or wait for more.
+        if v["more"] == true && !data.is_empty() {
+            continue;
+        }
         if !follow {
             return Ok(0);
         }
-        if v["more"] != true {
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        std::thread::sleep(Duration::from_millis(250));
     }
 }
 
@@ -644,15 +662,15 @@ pub fn run_image(c: ImageCmd) -> Result<i32> {
                 &format!("importing image `{}`", i.name),
                 &i.name,
             )?;
-            println!("imported image {}", s(&v, "name"));
+            println!("imported image {}", term::plain(s(&v, "name")));
             Ok(0)
         }
         ImageSub::List(l) => {
             let v = call("image.list", json!({}), "listing images")?;
             if l.json {
-                println!("{}", v["images"]);
+                println!("{}", term::json(&v["images"].to_string()));
             } else {
-                print!("{}", image_table(&v["images"]));
+                print!("{}", term::plain(&image_table(&v["images"])));
             }
             Ok(0)
         }
@@ -728,17 +746,18 @@ pub fn run_kernel(c: KernelCmd) -> Result<i32> {
                 json!({"name": k.name, "path": path}),
                 &format!("importing kernel `{}`", k.name),
             )?;
-            println!("imported kernel {}", s(&v, "name"));
+            println!("imported kernel {}", term::plain(s(&v, "name")));
             Ok(0)
         }
         KernelSub::List(l) => {
             let v = call("kernel.list", json!({}), "listing kernels")?;
             if l.json {
-                println!("{}", v["kernels"]);
+                println!("{}", term::json(&v["kernels"].to_string()));
             } else {
                 println!("{:<20} PATH", "NAME");
                 for k in v["kernels"].as_array().into_iter().flatten() {
-                    println!("{:<20} {}", s(k, "name"), s(k, "path"));
+                    let row = format!("{:<20} {}", s(k, "name"), s(k, "path"));
+                    println!("{}", term::plain(&row));
                 }
             }
             Ok(0)
@@ -776,6 +795,16 @@ fn absolute(p: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logs_escape_unless_raw() {
+        let evil = "\x1b]0;t\x07\x1b[1mbold\x1b[0m\r\n";
+        assert_eq!(
+            console_text(evil, false),
+            "\\x1b]0;t\\x07\x1b[1mbold\x1b[0m\r\n"
+        );
+        assert_eq!(console_text(evil, true), evil);
+    }
 
     #[test]
     fn image_table_has_size_and_origin_columns() {

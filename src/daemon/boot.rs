@@ -12,7 +12,9 @@ use crate::store::{Image, Kernel, Vm};
 use crate::vmm::api::Client;
 use crate::vmm::identity::{self, Identity, Liveness};
 use crate::vmm::launch::VmFiles;
-use crate::vmm::models::{BootSource, Drive, MachineConfiguration, NetworkInterface, Vsock};
+use crate::vmm::models::{
+    BootSource, Drive, MachineConfiguration, NetworkInterface, SerialDevice, Vsock,
+};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -79,15 +81,17 @@ fn api_error(vm: &Vm) -> impl Fn(crate::vmm::api::ApiError) -> RpcError + '_ {
     }
 }
 
-/// Configures the launched VMM's machine, kernel (with the `ip=` argument), root disk and vsock
-/// through its API. Needs nothing from the network but its address, so it runs while the helper
-/// is still making the tap.
+/// Configures the launched VMM's machine, kernel (with the `ip=` argument), serial console
+/// (`serial`: its rate limiter, see [`super::console_log`]), root disk and vsock through its API.
+/// Needs nothing from the network but its address, so it runs while the helper is still making
+/// the tap.
 pub fn configure_devices(
     vm: &Vm,
     kernel: &Kernel,
     files: &VmFiles,
     net: &GuestNet,
     guest_args: &str,
+    serial: &SerialDevice,
 ) -> Result<(), RpcError> {
     let api = api_error(vm);
     crate::vmm::api::wait_for_socket(&files.api_socket, API_TIMEOUT).map_err(failed)?;
@@ -113,6 +117,9 @@ pub fn configure_devices(
         initrd_path: None,
     })
     .map_err(&api)?;
+    // The guest's console stays on the VMM's stdout (console.log, opened O_APPEND by the helper);
+    // Firecracker drops what the guest writes beyond the rate limiter.
+    c.put_serial(serial).map_err(&api)?;
     c.put_drive(&Drive {
         drive_id: "rootfs".into(),
         partuuid: None,

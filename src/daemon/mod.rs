@@ -7,6 +7,7 @@
 //! arguments, pinned host keys, the generated ssh config, `vm.ports`).
 
 pub mod boot;
+pub mod console_log;
 pub mod images;
 pub mod kernels;
 pub mod net;
@@ -40,12 +41,13 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// A daemon over `store` with the validated `[network]` config `net`; `stop` is signalled by
-    /// `daemon.shutdown`.
+    /// A daemon over `store` with the validated `[network]` config `net` and `[vm]` console
+    /// bounds `console`; `stop` is signalled by `daemon.shutdown`.
     pub fn new(
         layout: Layout,
         store: Store,
         net: crate::net::NetConfig,
+        console: console_log::ConsoleConfig,
         stop: smol::channel::Sender<()>,
     ) -> Self {
         let store = Arc::new(Mutex::new(store));
@@ -53,6 +55,7 @@ impl Daemon {
             layout: layout.clone(),
             store: store.clone(),
             net,
+            console,
         };
         Daemon {
             ops: Operations::new(store),
@@ -74,6 +77,16 @@ impl Daemon {
         let r = self.vms.reconcile();
         ssh::reconcile(&self.ctx);
         r
+    }
+
+    /// Starts rotating every VM's logs at the configured cap ([`console_log`]).
+    pub fn spawn_log_rotation(&self) -> crate::error::Result<()> {
+        console_log::spawn_rotator(
+            self.layout.clone(),
+            self.ctx.store.clone(),
+            self.ctx.console,
+        )
+        .map(drop)
     }
 
     /// The state store.
@@ -186,7 +199,13 @@ mod tests {
             let store = Store::open(&layout.state_db()).unwrap();
             let (tx, _rx) = smol::channel::bounded(1);
             Fixture {
-                daemon: Daemon::new(layout, store, crate::net::NetConfig::default(), tx),
+                daemon: Daemon::new(
+                    layout,
+                    store,
+                    crate::net::NetConfig::default(),
+                    Default::default(),
+                    tx,
+                ),
                 root,
             }
         }

@@ -24,6 +24,8 @@ pub struct Ctx {
     pub store: Arc<Mutex<Store>>,
     /// `[network]`, validated once at daemon start.
     pub net: NetConfig,
+    /// `[vm]`'s console bounds (serial rate, log cap), validated once at daemon start.
+    pub console: super::console_log::ConsoleConfig,
 }
 
 impl Ctx {

@@ -471,6 +471,10 @@ fn load(
         });
         // Resumed only once the drive is this VM's own disk.
         load.resume_vm = Some(false);
+        // Allowed before a load (not boot-specific): a restored guest's console is rate-limited
+        // like a booted one's (see daemon::console_log).
+        api.put_serial(&vms.ctx.console.serial())
+            .map_err(api_failed(what("configuring the serial console")))?;
         api.load_snapshot(&load)
             .map_err(api_failed(what("loading the snapshot")))?;
         api.patch_drive(&PartialDrive {

@@ -184,6 +184,7 @@ mod tests {
             layout,
             store: Arc::new(Mutex::new(store)),
             net: crate::net::NetConfig::default(),
+            console: Default::default(),
         }
     }
 

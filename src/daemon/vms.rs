@@ -451,7 +451,14 @@ impl Vms {
                 .helper("priv.vm_launch", json!({"id": vm.id}))
                 .and_then(|_| boot::read_identity(&files));
             let devices_r = match &ident_r {
-                Ok(_) => boot::configure_devices(vm, &kernel, &files, &guest_net, &guest_args),
+                Ok(_) => boot::configure_devices(
+                    vm,
+                    &kernel,
+                    &files,
+                    &guest_net,
+                    &guest_args,
+                    &self.ctx.console.serial(),
+                ),
                 Err(_) => Ok(()),
             };
             let net_r = net_thread.join().unwrap_or_else(|_| {

@@ -3,11 +3,9 @@
 //! Each returns the validated value or a `bad_request` saying exactly what was refused. The helper
 //! is never a general root primitive: if a value is not on an allow-list here, it is refused.
 
-use crate::layout::Layout;
 use crate::rpc::RpcError;
 use serde_json::{Map, Value};
 use std::net::Ipv4Addr;
-use std::path::{Component, Path, PathBuf};
 
 /// Refuses any parameter not in `allowed`; returns the parameter object.
 pub fn only_params<'a>(
@@ -114,31 +112,6 @@ pub fn signal(s: &str) -> Result<rustix::process::Signal, RpcError> {
     }
 }
 
-/// An absolute path, without `..`, below one of banger's own directories.
-pub fn banger_path(layout: &Layout, s: &str) -> Result<PathBuf, RpcError> {
-    let p = Path::new(s);
-    let refuse = |why: &str| RpcError::bad_request(format!("path `{s}` refused: {why}"));
-    if !p.is_absolute() {
-        return Err(refuse("not absolute"));
-    }
-    // Checked on the raw string: `Path::components` silently drops interior `.` segments.
-    if s.split('/').any(|seg| seg == "." || seg == "..")
-        || p.components().any(|c| matches!(c, Component::ParentDir))
-    {
-        return Err(refuse("contains `.` or `..`"));
-    }
-    let roots = [
-        layout.state_dir(),
-        layout.helper_run_dir(),
-        layout.run_dir(),
-    ];
-    if roots.iter().any(|r| p.starts_with(r) && p != r) {
-        Ok(p.to_path_buf())
-    } else {
-        Err(refuse("not under banger's state or runtime directories"))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,25 +145,6 @@ mod tests {
         }
         for bad in ["", "STOP", "SIGSTOP", "9", "term", "USR1", "SIGSEGV"] {
             assert!(signal(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn path_table() {
-        let l = Layout::under("/r");
-        for ok in ["/r/var/lib/banger/vms/a/fc.sock", "/r/run/banger-root/x"] {
-            assert!(banger_path(&l, ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "relative/path",
-            "/etc/shadow",
-            "/r/var/lib/banger",
-            "/r/var/lib/banger/../../../etc/shadow",
-            "/r/var/lib/banger/./x",
-            "/r/var/lib/bangerx/y",
-            "",
-        ] {
-            assert!(banger_path(&l, bad).is_err(), "{bad}");
         }
     }
 

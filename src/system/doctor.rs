@@ -225,6 +225,7 @@ pub fn any_fail(checks: &[Check]) -> bool {
 /// Rows `PASS name` with details indented two spaces below; the level word is coloured only when
 /// `color` is set.
 pub fn render_text(checks: &[Check], color: bool) -> String {
+    use crate::termsafe::plain;
     let mut out = String::new();
     for c in checks {
         let word = c.level.word();
@@ -234,12 +235,13 @@ pub fn render_text(checks: &[Check], color: bool) -> String {
                 Level::Warn => "33",
                 Level::Fail => "31",
             };
-            let _ = writeln!(out, "\x1b[{code}m{word}\x1b[0m {}", c.name);
+            let _ = writeln!(out, "\x1b[{code}m{word}\x1b[0m {}", plain(&c.name));
         } else {
-            let _ = writeln!(out, "{word} {}", c.name);
+            let _ = writeln!(out, "{word} {}", plain(&c.name));
         }
+        // Details quote the daemon, systemd and the journal: escaped for the terminal.
         for d in &c.details {
-            let _ = writeln!(out, "  {d}");
+            let _ = writeln!(out, "  {}", plain(d));
         }
     }
     out
@@ -1722,6 +1724,19 @@ mod tests {
             Check::new(Level::Warn, "units", vec!["a".into(), "b".into()]),
             Check::new(Level::Fail, "kvm", vec![]),
         ]
+    }
+
+    #[test]
+    fn render_text_escapes_quoted_text_but_keeps_its_own_colour() {
+        let checks = [Check::new(
+            Level::Fail,
+            "daemon",
+            vec!["journal: \x1b]0;pwned\x07 \x1b[2J".into()],
+        )];
+        assert_eq!(
+            render_text(&checks, true),
+            "\x1b[31mFAIL\x1b[0m daemon\n  journal: \\x1b]0;pwned\\x07 \\x1b[2J\n"
+        );
     }
 
     #[test]

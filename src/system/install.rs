@@ -32,6 +32,24 @@ pub const OWNER_DIR_MODE: u32 = 0o750;
 
 const HINT_INSTALL: &str = "run sudo banger system install --owner USER";
 
+/// Refuses, before anything is written, unless systemd is PID 1: banger's services are systemd
+/// units. Asks as `sd_booted(3)` does, through the layout (`/run/systemd/system` is a directory),
+/// so a test can point it at a temp root with or without that directory.
+pub fn require_systemd(layout: &Layout) -> Result<()> {
+    let marker = layout.systemd_booted_marker();
+    match fs::symlink_metadata(&marker) {
+        Ok(m) if m.is_dir() => Ok(()),
+        _ => Err(Error::new(
+            "installing banger",
+            format!(
+                "PID 1 is not systemd ({} is missing); banger runs as systemd services",
+                marker.display()
+            ),
+        )
+        .hint("install on a host booted with systemd; nothing was written")),
+    }
+}
+
 /// What an install changed. A re-install of the same binary for the same owner on a healthy host
 /// changes nothing ([`InstallReport::is_noop`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,6 +181,7 @@ pub fn install(
     svc: &dyn ServiceManager,
     wait_ready: &dyn Fn() -> Result<()>,
 ) -> Result<InstallReport> {
+    require_systemd(layout)?;
     let user = resolve_owner(passwd, owner)?;
     let previous = install_toml::load(layout)?;
 
@@ -675,6 +694,7 @@ mod tests {
         .unwrap();
         let src = tmp.path().join("banger-src");
         fs::write(&src, b"#!binary v1\n").unwrap();
+        fs::create_dir_all(layout.systemd_booted_marker()).unwrap();
         Bed {
             layout,
             passwd,
@@ -691,6 +711,59 @@ mod tests {
 
     fn mode(p: &Path) -> u32 {
         fs::symlink_metadata(p).unwrap().mode() & 0o7777
+    }
+
+    /// Every path under `root`, for "nothing was written" checks.
+    fn tree(root: &Path) -> Vec<PathBuf> {
+        let mut out = vec![];
+        let mut todo = vec![root.to_path_buf()];
+        while let Some(d) = todo.pop() {
+            for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() && !p.is_symlink() {
+                    todo.push(p.clone());
+                }
+                out.push(p);
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn refuses_without_systemd_as_pid1_and_writes_nothing() {
+        let b = bed();
+        let marker = b.layout.systemd_booted_marker();
+        for (what, make) in [("missing", None), ("a file, not a directory", Some(false))] {
+            let _ = fs::remove_dir_all(b.layout.root());
+            if let Some(false) = make {
+                fs::create_dir_all(marker.parent().unwrap()).unwrap();
+                fs::write(&marker, b"").unwrap();
+            }
+            let before = tree(b.layout.root());
+            let svc = FakeServices::new();
+            let e = run(&b, "alice", &svc).unwrap_err().to_string();
+            assert!(e.contains("PID 1 is not systemd"), "{what}: {e}");
+            assert!(e.contains(&marker.display().to_string()), "{what}: {e}");
+            assert_eq!(e.lines().count(), 1, "{what}: not one line: {e}");
+            assert_eq!(
+                tree(b.layout.root()),
+                before,
+                "{what}: something was written"
+            );
+            assert!(
+                svc.calls().is_empty(),
+                "{what}: systemctl was called: {:?}",
+                svc.calls()
+            );
+        }
+        // With the marker directory, the same install goes ahead.
+        fs::create_dir_all(&marker).unwrap_or_else(|_| {
+            fs::remove_file(&marker).unwrap();
+            fs::create_dir_all(&marker).unwrap();
+        });
+        run(&b, "alice", &FakeServices::new()).unwrap();
+        assert!(b.layout.binary().is_file());
     }
 
     #[test]

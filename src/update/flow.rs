@@ -228,18 +228,20 @@ impl fmt::Display for Outcome {
 /// Runs `banger update` against `layout`.
 pub fn run(layout: &Layout, opts: &Options, seams: &Seams) -> Result<Outcome> {
     let running = Version::parse(&opts.running)?;
-    let _lock = if opts.is_root && !opts.check {
-        let lock = UpdateLock::acquire(layout)?;
+    // An interrupted update is finished or rolled back first (under the lock), even offline.
+    // Otherwise nothing on the host changes — not even the lock file — until the target is known
+    // and every refusal of steps 1-4 has had its say: the lock is taken just before staging.
+    // (An unreadable journal counts as pending: recovery reports it.)
+    let pending = !journal::Journal::read(layout).is_ok_and(|r| journal::is_finished(&r));
+    let mut lock = None;
+    if opts.is_root && !opts.check && pending {
+        lock = Some(UpdateLock::acquire(layout)?);
         if let Some(done) = recover_interrupted_update(layout, opts, seams)? {
             return Ok(done);
         }
-        Some(lock)
-    } else {
-        if opts.check && journal::Journal::read(layout).is_ok_and(|r| !journal::is_finished(&r)) {
-            (seams.say)("note: an interrupted update is pending; run sudo banger update to finish or roll it back");
-        }
-        None
-    };
+    } else if opts.check && pending {
+        (seams.say)("note: an interrupted update is pending; run sudo banger update to finish or roll it back");
+    }
     let target = fetch_manifest_and_choose_target(opts, seams, &running)?; // 1
     if opts.check {
         return Ok(report_check(&target)); // 2
@@ -249,6 +251,17 @@ pub fn run(layout: &Layout, opts: &Options, seams: &Seams) -> Result<Outcome> {
     }
     require_root_and_an_install(layout, opts, &target)?; // 3
     refuse_while_operations_in_flight(opts, seams)?; // 4
+    let _lock = match lock {
+        Some(l) => l,
+        None => {
+            let l = UpdateLock::acquire(layout)?;
+            // An update that crashed since we looked is handled before this one starts.
+            if let Some(done) = recover_interrupted_update(layout, opts, seams)? {
+                return Ok(done);
+            }
+            l
+        }
+    };
     let (staged, migrates) =
         match stage_verified_release(layout, opts, seams, &target) // 5
         .and_then(|s| sanity_run_staged_binary(seams, &s, &target).map(|m| (s, m))) // 6
@@ -1094,10 +1107,14 @@ pub fn lock_path(layout: &Layout) -> PathBuf {
 }
 
 /// An exclusive `flock` held for a whole update run: a second `banger update` refuses, and
-/// `banger doctor` tells an update in progress from one a crash left behind.
+/// `banger doctor` tells an update in progress from one a crash left behind. The lock file exists
+/// only while an update runs: it is removed (still locked) when the run ends, so a refused update
+/// leaves nothing behind, and a taker checks that the file it locked is still the one at the path
+/// (else a finishing update removed it under it, and it tries again).
 #[derive(Debug)]
 pub struct UpdateLock {
-    _file: File,
+    file: File,
+    path: PathBuf,
 }
 
 impl UpdateLock {
@@ -1106,23 +1123,43 @@ impl UpdateLock {
         let p = lock_path(layout);
         let what = || format!("locking {}", p.display());
         std::fs::create_dir_all(layout.cache_dir()).map_err(|e| Error::new(what(), e))?;
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&p)
-            .map_err(|e| Error::new(what(), e))?;
-        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => Ok(UpdateLock { _file: file }),
-            Err(rustix::io::Errno::WOULDBLOCK) => Err(Error::new(
-                "starting banger update",
-                "another banger update is running",
-            )
-            .hint("wait for it to finish")),
-            Err(e) => Err(Error::new(what(), e)),
+        for _ in 0..10 {
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o644)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&p)
+                .map_err(|e| Error::new(what(), e))?;
+            match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => {}
+                Err(rustix::io::Errno::WOULDBLOCK) => {
+                    return Err(Error::new(
+                        "starting banger update",
+                        "another banger update is running",
+                    )
+                    .hint("wait for it to finish"))
+                }
+                Err(e) => return Err(Error::new(what(), e)),
+            }
+            let held = rustix::fs::fstat(&file).map_err(|e| Error::new(what(), e))?;
+            match rustix::fs::lstat(&p) {
+                Ok(st) if (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino) => {
+                    return Ok(UpdateLock { file, path: p });
+                }
+                _ => continue,
+            }
         }
+        Err(Error::new(what(), "the lock file kept being replaced").hint("try again"))
+    }
+}
+
+impl Drop for UpdateLock {
+    fn drop(&mut self) {
+        // Removed while still held: a waiter that opened it re-checks the path and starts over.
+        let _ = std::fs::remove_file(&self.path);
+        let _ = rustix::fs::flock(&self.file, rustix::fs::FlockOperation::Unlock);
     }
 }
 
@@ -1826,6 +1863,14 @@ mod tests {
                 "bangerd --check-migrations failed (exit 139)",
             ),
         ];
+        // Refused before staging (steps 1-4): not even the cache dir or the lock file appears.
+        let before_staging = [
+            "unknown --to",
+            "not root",
+            "busy",
+            "downgrade without --allow-downgrade",
+            "manifest schema_version 2",
+        ];
         for (name, setup, want) in cases {
             let h = Host::new("flow-refuse");
             let f = Fakes::new();
@@ -1835,6 +1880,17 @@ mod tests {
             let e = go(&h, &o, &f).unwrap_err().to_string();
             assert!(e.contains(want), "{name}: {e}");
             assert_eq!(h.snapshot(), before, "{name}: host changed");
+            assert!(
+                !lock_path(&h.layout).exists(),
+                "{name}: the lock file was left behind"
+            );
+            if before_staging.contains(&name) {
+                assert!(
+                    !h.layout.cache_dir().exists(),
+                    "{name}: {} was created",
+                    lock_path(&h.layout).display()
+                );
+            }
             assert!(
                 f.services.calls().is_empty(),
                 "{name}: {:?}",
@@ -2179,6 +2235,18 @@ mod tests {
         assert!(e.contains("another banger update is running"), "{e}");
         drop(_held);
         assert!(!update_in_progress(&h.layout));
+        assert!(
+            !lock_path(&h.layout).exists(),
+            "a released lock leaves its file"
+        );
+        // A lock file a killed update left behind (no process holds it) is taken over.
+        std::fs::write(lock_path(&h.layout), b"").unwrap();
+        go(&h, &h.opts(), &Fakes::new()).unwrap();
+        h.assert_exactly(NEW_BIN, "after taking over a stale lock file");
+        assert!(
+            !lock_path(&h.layout).exists(),
+            "a finished update leaves its lock file"
+        );
     }
 
     #[test]

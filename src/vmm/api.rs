@@ -20,8 +20,8 @@ use serde::Serialize;
 
 use super::models::{
     ActionType, BootSource, Drive, Fault, FirecrackerVersion, InstanceActionInfo, InstanceInfo,
-    Logger, MachineConfiguration, Metrics, NetworkInterface, PartialDrive, SnapshotCreateParams,
-    SnapshotLoadParams, Vm, VmState, Vsock,
+    Logger, MachineConfiguration, Metrics, NetworkInterface, PartialDrive, SerialDevice,
+    SnapshotCreateParams, SnapshotLoadParams, Vm, VmState, Vsock,
 };
 use crate::error::{Context, Error, Result};
 
@@ -258,6 +258,11 @@ impl Client {
     /// `PUT /vsock`.
     pub fn put_vsock(&self, body: &Vsock) -> Result<(), ApiError> {
         self.put("/vsock", body)
+    }
+
+    /// `PUT /serial` (pre-boot only): the serial console's output path and rate limiter.
+    pub fn put_serial(&self, body: &SerialDevice) -> Result<(), ApiError> {
+        self.put("/serial", body)
     }
 
     /// `PUT /logger`.

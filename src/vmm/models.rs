@@ -184,6 +184,22 @@ pub struct Vsock {
     pub vsock_id: Option<String>,
 }
 
+/// `PUT /serial` (pre-boot only): where the guest's serial console goes and how fast it may
+/// write there. Firecracker opens `serial_out_path` (created if missing, without `O_APPEND`) at
+/// InstanceStart; without it the console stays on the VMM's stdout. Bytes the guest writes beyond
+/// `rate_limiter` are silently dropped (and counted in the `uart.rate_limiter_dropped_bytes`
+/// metric); a bucket with `size` or `refill_time` 0 limits nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialDevice {
+    /// File or named pipe the serial output is written to (instead of stdout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_out_path: Option<PathBuf>,
+    /// Token bucket (bytes as tokens) bounding the serial output bandwidth.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<TokenBucket>,
+}
+
 /// Firecracker log level (case-insensitive on the wire).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[allow(missing_docs)]
@@ -532,6 +548,43 @@ mod tests {
         assert!(
             serde_json::from_value::<InstanceActionInfo>(json!({"action_type": "Reboot"})).is_err()
         );
+    }
+
+    #[test]
+    fn serial_device_is_the_spec_shape() {
+        let s = SerialDevice {
+            serial_out_path: None,
+            rate_limiter: Some(TokenBucket {
+                one_time_burst: Some(4096),
+                refill_time: 1000,
+                size: 1024,
+            }),
+        };
+        assert_eq!(
+            serde_json::to_value(&s).unwrap(),
+            json!({"rate_limiter": {"one_time_burst": 4096, "refill_time": 1000, "size": 1024}})
+        );
+        assert_eq!(
+            serde_json::to_value(SerialDevice::default()).unwrap(),
+            json!({})
+        );
+        let ok: SerialDevice = serde_json::from_value(json!({"serial_out_path": "/s"})).unwrap();
+        assert_eq!(
+            ok.serial_out_path.as_deref(),
+            Some(std::path::Path::new("/s"))
+        );
+        for bad in [
+            json!({"rate_limiter": {"size": 1}}),
+            json!({"rate_limiter": {"size": -1, "refill_time": 1}}),
+            json!({"rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1}}}),
+            json!({"serial_out_path": 5}),
+            json!({"log_path": "/x"}),
+        ] {
+            assert!(
+                serde_json::from_value::<SerialDevice>(bad.clone()).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use banger::vmm::models::{
     ActionType, BootSource, Drive, FirecrackerVersion, HugePages, InstanceActionInfo, InstanceInfo,
-    InstanceState, Logger, MachineConfiguration, Metrics, NetworkInterface, Vsock,
+    InstanceState, Logger, MachineConfiguration, Metrics, NetworkInterface, SerialDevice, Vsock,
 };
 use serde::de::DeserializeOwned;
 
@@ -98,6 +98,8 @@ pub struct Machine {
     pub vsock: Option<(Vsock, UnixListener)>,
     /// Metrics file, once configured.
     pub metrics: Option<PathBuf>,
+    /// The serial console's configuration (`PUT /serial`), once configured.
+    pub serial: Option<SerialDevice>,
     /// Whether InstanceStart (or a snapshot load) succeeded.
     pub started: bool,
     /// Whether `PATCH /vm` Paused (or a load without `resume_vm`) stopped the vCPUs.
@@ -174,6 +176,7 @@ impl Machine {
             nets: Vec::new(),
             vsock: None,
             metrics: None,
+            serial: None,
             started: false,
             paused: false,
             boot_path: false,
@@ -239,6 +242,7 @@ impl Machine {
             ("PUT", ["vsock"]) => parse(body).and_then(|b| self.put_vsock(b)),
             ("PUT", ["logger"]) => parse(body).and_then(|b| self.put_logger(b)),
             ("PUT", ["metrics"]) => parse(body).and_then(|b| self.put_metrics(b)),
+            ("PUT", ["serial"]) => parse(body).and_then(|b| self.put_serial(b)),
             ("PATCH", ["vm"]) => self.patch_vm(body),
             ("PATCH", ["drives", id]) => checked_id(id).and_then(|_| self.patch_drive(id, body)),
             ("PUT", ["snapshot", "create"]) => self.create_snapshot(body),
@@ -527,6 +531,16 @@ impl Machine {
         self.metrics = Some(m.metrics_path);
         Ok((Answer::no_content(), After::Nothing))
     }
+
+    /// `PUT /serial`: pre-boot only, like Firecracker (`ConfigureSerial` is refused after boot).
+    /// Firecracker checks nothing else here: it opens `serial_out_path` at InstanceStart (see
+    /// [`crate::serial::Console::open`]), and a zero `size` or `refill_time` means "no limit".
+    /// A later PUT replaces the earlier one.
+    fn put_serial(&mut self, s: SerialDevice) -> Result<Reply, Answer> {
+        self.pre_boot()?;
+        self.serial = Some(s);
+        Ok((Answer::no_content(), After::Nothing))
+    }
 }
 
 #[cfg(test)]
@@ -708,6 +722,51 @@ mod tests {
         let (a, _) = m.handle("PUT", "/boot-source", b"");
         assert_eq!(a.status, 400);
         assert!(!m.started);
+    }
+
+    #[test]
+    fn serial_is_pre_boot_only_and_held_to_the_spec() {
+        let t = tmp("serial");
+        let k = elf(&t.0);
+        let mut m = Machine::new("vm1");
+        for (body, want) in [
+            (
+                json!({"rate_limiter": {"size": 1}}),
+                "missing field `refill_time`",
+            ),
+            (
+                json!({"rate_limiter": {"size": -1, "refill_time": 1}}),
+                "invalid value",
+            ),
+            (json!({"serial_out_path": 5}), "invalid type"),
+            (json!({"log_path": "/x"}), "unknown field `log_path`"),
+        ] {
+            let (s, msg, _) = put(&mut m, "/serial", body.clone());
+            assert_eq!(s, 400, "{body}");
+            assert!(msg.contains(want), "{body}: {msg:?} lacks {want:?}");
+        }
+        assert!(m.serial.is_none(), "a refused PUT configured the serial");
+        let limited =
+            json!({"rate_limiter": {"size": 4096, "refill_time": 1000, "one_time_burst": 0}});
+        assert_eq!(put(&mut m, "/serial", limited).0, 204);
+        assert_eq!(
+            m.serial
+                .as_ref()
+                .and_then(|s| s.rate_limiter.as_ref())
+                .map(|r| r.size),
+            Some(4096)
+        );
+        // A later PUT replaces the earlier one; an empty body object is valid (stdout, no limit).
+        assert_eq!(put(&mut m, "/serial", json!({})).0, 204);
+        assert_eq!(m.serial, Some(SerialDevice::default()));
+        assert_eq!(
+            put(&mut m, "/boot-source", json!({"kernel_image_path": k})).0,
+            204
+        );
+        let (s, _, after) = put(&mut m, "/actions", json!({"action_type": "InstanceStart"}));
+        assert_eq!((s, after), (204, After::Booted));
+        let (s, msg, _) = put(&mut m, "/serial", json!({}));
+        assert_eq!((s, msg.as_str()), (400, POST_BOOT));
     }
 
     #[test]

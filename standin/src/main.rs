@@ -13,6 +13,7 @@
 
 mod cli;
 mod machine;
+mod serial;
 mod server;
 mod snapshot;
 mod tap;

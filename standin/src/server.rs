@@ -283,11 +283,15 @@ pub const STANDIN_HOST_KEY: &str =
 pub const STANDIN_HOSTNAME: &str = "banger-standin";
 
 /// What the "guest" does once started: a real kernel boots under QEMU ([`crate::tcg`]); otherwise
-/// the stand-in says it is ready on the console and serves its agent on vsock. That agent answers
+/// the stand-in says it is ready on the serial console ([`crate::serial`], which also plays the
+/// flooding test guest) and serves its agent on vsock. That agent answers
 /// `hello` with [`STANDIN_HOST_KEY`] and the boot args' `banger.name=` (as the real agent would set
 /// it), and `ports` with no sockets.
 fn boot(m: &Machine) -> Result<Option<Arc<Mutex<String>>>, Answer> {
     if let Some(qemu) = crate::tcg::engages(m) {
+        if m.serial.as_ref().is_some_and(|s| *s != Default::default()) {
+            eprintln!("firecracker (banger stand-in): TCG engine: QEMU's console goes to stdout; PUT /serial's path and rate limiter are not applied to it");
+        }
         crate::tcg::start(m, &qemu, |code| exit_clean(code)).map_err(|e| {
             Answer::fault(
                 400,
@@ -307,6 +311,9 @@ fn boot(m: &Machine) -> Result<Option<Arc<Mutex<String>>>, Answer> {
         }
         return Ok(None);
     }
+    // Opened at boot, as Firecracker opens `serial_out_path`: a bad path fails InstanceStart.
+    let mut console = crate::serial::Console::open(m.serial.as_ref())
+        .map_err(|e| Answer::fault(400, format!("Cannot start microvm: {e}")))?;
     let boot_id = m.boot_id.clone().unwrap_or_else(fresh_boot_id);
     let mut instance = None;
     if let Some((v, l)) = &m.vsock {
@@ -328,9 +335,14 @@ fn boot(m: &Machine) -> Result<Option<Arc<Mutex<String>>>, Answer> {
             Err(e) => eprintln!("firecracker (banger stand-in): vsock listener: {e}"),
         }
     }
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{}", agent::ready_line(&boot_id));
-    let _ = out.flush();
+    console.write(format!("{}\n", agent::ready_line(&boot_id)).as_bytes());
+    let kernel = m
+        .boot_source
+        .as_ref()
+        .map(|b| b.kernel_image_path.as_path());
+    if kernel.is_some_and(crate::serial::is_flood_kernel) {
+        thread::spawn(move || console.flood());
+    }
     Ok(instance)
 }
 

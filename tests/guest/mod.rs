@@ -1,7 +1,9 @@
 //! The tiny test guest: `tiny_guest.S` assembled and linked at test time (binutils `as` + `ld`)
 //! into an ELF64 that real Firecracker boots as `kernel_image_path`. It prints
 //! `banger-guest: ready boot_id=<16 hex digits>` on the serial console and resets through the
-//! i8042 on SendCtrlAltDel. Include from an integration test with
+//! i8042 on SendCtrlAltDel. `tiny_guest_flood.S` ([`build_flood_guest`]) prints the same line and
+//! then floods its serial port forever (still resetting on SendCtrlAltDel). Include from an
+//! integration test with
 //! `#[path = "guest/mod.rs"] mod guest;`.
 
 #![allow(dead_code)]
@@ -13,6 +15,10 @@ use banger::error::{Context, Error, Result};
 
 /// The assembly source.
 pub const SOURCE: &str = include_str!("tiny_guest.S");
+/// The flooding variant's assembly source.
+pub const FLOOD_SOURCE: &str = include_str!("tiny_guest_flood.S");
+/// The line the flooding guest repeats (the stand-in recognises its image by it).
+pub const FLOOD_LINE: &str = "banger-guest: flood 0123456789abcdefghijklmnopqrstuvwxyz\n";
 /// The linker script (load address 1 MiB, one PT_LOAD).
 pub const LINKER_SCRIPT: &str = include_str!("tiny_guest.ld");
 
@@ -40,11 +46,24 @@ fn run(cmd: &mut Command, what: &str) -> Result<()> {
 /// Assembles and links the tiny guest into `dir/tiny-guest.elf`, checks it is an ELF Firecracker
 /// can load, and returns its path.
 pub fn build_tiny_guest(dir: &Path) -> Result<PathBuf> {
-    let src = dir.join("tiny_guest.S");
+    build(dir, "tiny_guest", SOURCE)
+}
+
+/// Assembles and links the flooding guest into `dir/tiny_guest_flood.elf` (same checks).
+pub fn build_flood_guest(dir: &Path) -> Result<PathBuf> {
+    build(dir, "tiny_guest_flood", FLOOD_SOURCE)
+}
+
+fn build(dir: &Path, name: &str, source: &str) -> Result<PathBuf> {
+    let src = dir.join(format!("{name}.S"));
     let ld_script = dir.join("tiny_guest.ld");
-    let obj = dir.join("tiny_guest.o");
-    let elf = dir.join("tiny-guest.elf");
-    std::fs::write(&src, SOURCE).ctx(|| format!("writing {}", src.display()))?;
+    let obj = dir.join(format!("{name}.o"));
+    let elf = if name == "tiny_guest" {
+        dir.join("tiny-guest.elf")
+    } else {
+        dir.join(format!("{name}.elf"))
+    };
+    std::fs::write(&src, source).ctx(|| format!("writing {}", src.display()))?;
     std::fs::write(&ld_script, LINKER_SCRIPT).ctx(|| format!("writing {}", ld_script.display()))?;
     run(
         Command::new("as").arg("--64").arg("-o").arg(&obj).arg(&src),
