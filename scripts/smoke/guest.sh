@@ -769,6 +769,7 @@ scenario_guest_ssh_bench() {
     CMD_TIMEOUT=320 must "vm start split" cu banger vm start split
     boot=$(($(now_ms) - t0))
     t0=$(now_ms)
+    # shellcheck disable=SC2016 # the inner shell expands $(seq 60), in the container
     CMD_TIMEOUT=200 must "first SSH to split" cu sh -c 'for i in $(seq 60); do banger vm exec split -- true && exit 0; sleep 0.2; done; exit 1'
     first=$(($(now_ms) - t0))
     t0=$(now_ms)
