@@ -128,6 +128,7 @@ fn main() {
         std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
     };
 
+    let mut stages = StageTimes::default();
     let restores: Vec<f64> = (0..20)
         .map(|i| {
             let t = Instant::now();
@@ -137,6 +138,7 @@ fn main() {
                 json!({"name": format!("r{i}"), "from": "warm"}),
             );
             let ms = t.elapsed().as_secs_f64() * 1000.0;
+            stages.add(&sock, &format!("r{i}"));
             call(&sock, "vm.delete", json!({"vms": [format!("r{i}")]}));
             ms
         })
@@ -176,6 +178,7 @@ fn main() {
         restores.iter().cloned().fold(f64::MAX, f64::min),
         restores.iter().cloned().fold(0.0, f64::max)
     );
+    stages.print();
     if raw.is_empty() {
         println!("raw PUT /snapshot/load: not measured (could not make tap {tap} in {ns})");
     } else {
@@ -188,6 +191,55 @@ fn main() {
             r / rw,
             r / c
         );
+    }
+}
+
+/// The daemon's per-stage timings of each restore (`daemon.operations.list`), by stage name in the
+/// order first seen.
+#[derive(Default)]
+struct StageTimes {
+    order: Vec<(String, bool)>,
+    ms: std::collections::HashMap<String, Vec<f64>>,
+}
+
+impl StageTimes {
+    fn add(&mut self, sock: &Path, target: &str) {
+        let ops = call(sock, "daemon.operations.list", json!({}));
+        let Some(op) = ops["operations"].as_array().and_then(|o| {
+            o.iter()
+                .rev()
+                .find(|o| o["kind"] == "vm.create" && o["target"] == target)
+        }) else {
+            return;
+        };
+        for t in op["timings"].as_array().into_iter().flatten() {
+            let (Some(stage), Some(ms)) = (t["stage"].as_str(), t["ms"].as_f64()) else {
+                continue;
+            };
+            if !self.ms.contains_key(stage) {
+                let concurrent = t["concurrent"].as_bool().unwrap_or(false);
+                self.order.push((stage.to_string(), concurrent));
+            }
+            self.ms.entry(stage.to_string()).or_default().push(ms);
+        }
+    }
+
+    fn print(&self) {
+        println!("restore stages (daemon's operation timings; median ms of 20):");
+        let mut sum = 0.0;
+        for (stage, concurrent) in &self.order {
+            let m = median(self.ms[stage].clone());
+            if !concurrent {
+                sum += m;
+            }
+            let mark = if *concurrent {
+                " (beside the stages)"
+            } else {
+                ""
+            };
+            println!("  {m:7.2}  {stage}{mark}");
+        }
+        println!("  {sum:7.2}  sum of the sequential stages' medians");
     }
 }
 

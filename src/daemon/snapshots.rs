@@ -368,6 +368,7 @@ pub fn restore(vms: &Vms, ops: &Operations, req: VmCreate) -> Result<Value, RpcE
         let lock = vms.lock_for(&vm.id);
         let _g = lock.lock().unwrap_or_else(|p| p.into_inner());
         let r = (|| -> Result<Value, RpcError> {
+            op.stage("recording the origin");
             vms.ctx
                 .db(|s| s.vm_set_origin(&vm.id, Some(&snap.id), None))?;
             op.stage("cloning the snapshot's disk");
@@ -404,6 +405,7 @@ fn load(
     mut vm: Vm,
 ) -> Result<Value, RpcError> {
     let files = vms.files(&vm);
+    op.stage("recording the VM starting");
     vm.state = VmState::Starting;
     vms.ctx.db(|s| s.vm_update(&vm))?;
     let ip = net::address_of(&vm, &vms.ctx.net, &vms.ctx.layout.config_toml()).map_err(failed)?;
@@ -411,11 +413,19 @@ fn load(
     op.stage("launching VMM");
     let (net_r, ident_r) = std::thread::scope(|sc| {
         let v = &vm;
-        let net_thread = sc.spawn(move || net::up(&vms.ctx, v, ip));
+        let net_thread = sc.spawn(move || {
+            let t = std::time::Instant::now();
+            let r = net::up(&vms.ctx, v, ip);
+            op.concurrent("tap through the helper", t.elapsed());
+            r
+        });
         let ident_r = vms
             .ctx
             .helper("priv.vm_launch", json!({"id": vm.id}))
-            .and_then(|_| super::boot::read_identity(&files));
+            .and_then(|reply| {
+                op.helper_steps("helper", &reply);
+                super::boot::read_identity(&files)
+            });
         let net_r = net_thread.join().unwrap_or_else(|_| {
             Err(failed(Error::new(
                 format!("bringing up the network of VM `{}`", vm.name),
@@ -435,6 +445,7 @@ fn load(
     vm.pid = Some(ident.pid);
     vm.start_time = Some(ident.start_time);
     vm.comm = Some(ident.comm.clone());
+    op.stage("recording the VMM");
     vms.ctx.db(|s| s.vm_update(&vm))?;
     let result = (|| -> Result<(String, Option<String>), RpcError> {
         let what = |s: &str| {
@@ -443,8 +454,10 @@ fn load(
                 vm.name, snap.name
             )
         };
+        op.stage("waiting for the API socket");
         crate::vmm::api::wait_for_socket(&files.api_socket, API_TIMEOUT).map_err(failed)?;
         let api = Client::new(&files.api_socket).with_timeout(SNAPSHOT_API_TIMEOUT);
+        op.stage("checking the Firecracker version");
         let running = api
             .version()
             .map_err(api_failed(what("asking Firecracker its version")))?
@@ -459,7 +472,6 @@ fn load(
                 format!("the helper made tap {made}, not {tap}"),
             )));
         }
-        op.stage("loading snapshot");
         let dir = PathBuf::from(&snap.dir);
         let mut load = SnapshotLoadParams::from_files(dir.join(VMSTATE), dir.join(MEMORY));
         load.network_overrides = Some(vec![NetworkOverride {
@@ -473,16 +485,20 @@ fn load(
         load.resume_vm = Some(false);
         // Allowed before a load (not boot-specific): a restored guest's console is rate-limited
         // like a booted one's (see daemon::console_log).
+        op.stage("configuring the serial console");
         api.put_serial(&vms.ctx.console.serial())
             .map_err(api_failed(what("configuring the serial console")))?;
+        op.stage("loading snapshot");
         api.load_snapshot(&load)
             .map_err(api_failed(what("loading the snapshot")))?;
+        op.stage("pointing the drive at the VM's disk");
         api.patch_drive(&PartialDrive {
             drive_id: "rootfs".into(),
             path_on_host: Some(files.dir.join(DISK)),
             rate_limiter: None,
         })
         .map_err(api_failed(what("pointing the drive at the VM's own disk")))?;
+        op.stage("resuming");
         api.resume().map_err(api_failed(what("resuming")))?;
         if !snap.agent {
             // No agent to tell: the guest runs on with the snapshot's identity.
@@ -514,15 +530,18 @@ fn load(
     })();
     match result {
         Ok((boot_id, instance_id)) => {
+            op.stage("recording the VM running");
             vm.state = VmState::Running;
             vm.boot_id = (!boot_id.is_empty()).then_some(boot_id.clone());
             vms.ctx.db(|s| s.vm_update(&vm))?;
             vms.ctx
                 .db(|s| s.vm_set_origin(&vm.id, Some(&snap.id), instance_id.as_deref()))?;
+            op.stage("recording the boot id in handles.json");
             if let Ok(Some(mut h)) = identity::read_handles(&files.handles) {
                 h.boot_id = vm.boot_id.clone();
                 let _ = identity::write_handles(&files.handles, &h, None);
             }
+            op.stage("pinning the host key");
             if let Some(image) = image {
                 if let Err(e) = super::ssh::pin_host_key(&vms.ctx, &vm, image, &files) {
                     crate::logging::error(
@@ -532,6 +551,7 @@ fn load(
                     );
                 }
             }
+            op.stage("refreshing the SSH config");
             super::ssh::refresh_config(&vms.ctx);
             Ok(vm_json(&vm, Some(&(Some(snap.name.clone()), instance_id))))
         }

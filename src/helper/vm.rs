@@ -184,7 +184,8 @@ pub fn vm_launch(layout: &Layout, cfg: &VmConfig, params: &Value) -> Result<Valu
         proc_root: cfg.proc_root.clone(),
         ..LaunchSpec::firecracker(&id, &cfg.vmm_binary, &files)
     };
-    let ident = launch::launch(&spec).map_err(failed)?;
+    let mut steps = launch::Steps::new();
+    let ident = launch::launch_timed(&spec, &mut steps).map_err(failed)?;
     let handles = Handles {
         version: HANDLES_VERSION,
         vm_id: id.clone(),
@@ -201,7 +202,10 @@ pub fn vm_launch(layout: &Layout, cfg: &VmConfig, params: &Value) -> Result<Valu
             .unwrap_or(0),
     };
     let owner = cfg.run_as.as_ref().map(|r| (r.uid, r.gid));
-    if let Err(e) = identity::write_handles(&files.handles, &handles, owner) {
+    let t = std::time::Instant::now();
+    let written = identity::write_handles(&files.handles, &handles, owner);
+    steps.push(("writing handles.json", t.elapsed()));
+    if let Err(e) = written {
         // Without a record nobody could find this VMM again: take it back down while we still
         // know exactly who it is.
         let _ = launch::signal(&ident, rustix::process::Signal::Kill, &cfg.proc_root);
@@ -212,8 +216,14 @@ pub fn vm_launch(layout: &Layout, cfg: &VmConfig, params: &Value) -> Result<Valu
         "vmm launched",
         json!({"vm": id, "pid": ident.pid, "start_time": ident.start_time, "scope": handles.scope}),
     );
-    serde_json::to_value(&handles)
-        .map_err(|e| RpcError::new(ErrorCode::OperationFailed, e.to_string()))
+    let mut out = serde_json::to_value(&handles)
+        .map_err(|e| RpcError::new(ErrorCode::OperationFailed, e.to_string()))?;
+    // How long each step took, for the daemon's operation timings (not part of the record).
+    out["steps"] = steps
+        .iter()
+        .map(|(name, d)| json!({"step": name, "ms": d.as_secs_f64() * 1000.0}))
+        .collect();
+    Ok(out)
 }
 
 /// `priv.vm_signal { id, signal }`: delivers one of the allowed signals to VM `id`'s VMM, named by

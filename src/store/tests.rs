@@ -370,6 +370,7 @@ fn operations_round_trip_newest_first() {
         finished_at: None,
         done: false,
         error: None,
+        timings: Vec::new(),
     };
     let a = op("op-a", "2026-01-01T00:00:00Z");
     let b = op("op-b", "2026-01-01T00:00:05Z");
