@@ -1,8 +1,11 @@
 //! The operations registry: long work (vm create/start, image import) as visible, staged records.
 //!
-//! Live state is in memory (cheap to list); every change is mirrored to the store so a restarted
-//! daemon still lists what happened. A daemon that starts finds unfinished rows from a previous
-//! life and marks them done with an "interrupted" error.
+//! Live state is in memory (cheap to list); an operation's start and its end are mirrored to the
+//! store so a restarted daemon still lists what happened. A stage change is memory only: it is not
+//! worth a write on a path such as a snapshot restore, whose every stage takes about a millisecond,
+//! and an operation a daemon restart interrupted is reported as such either way. A daemon that
+//! starts finds unfinished rows from a previous life and marks them done with an "interrupted"
+//! error.
 //!
 //! Each stage's duration is kept on the live operation (`timings`, shown by
 //! `daemon.operations.list`) and logged with the operation's end, so a slow `vm create` says where
@@ -80,7 +83,8 @@ impl Operations {
         self.list().into_iter().filter(|o| !o.done).collect()
     }
 
-    fn update(&self, id: &str, f: impl FnOnce(&mut Operation)) {
+    /// Changes the live operation `id` and, when `mirror`, writes it to the store.
+    fn update(&self, id: &str, mirror: bool, f: impl FnOnce(&mut Operation)) {
         let snapshot = {
             let Ok(mut live) = self.live.lock() else {
                 return;
@@ -98,7 +102,9 @@ impl Operations {
             }
             snap
         };
-        self.mirror(&snapshot);
+        if mirror {
+            self.mirror(&snapshot);
+        }
     }
 
     fn mirror(&self, op: &Operation) {
@@ -132,7 +138,7 @@ impl OpHandle<'_> {
     /// Moves to a new stage (the one before it is timed).
     pub fn stage(&self, stage: &str) {
         let d = self.lap();
-        self.reg.update(&self.id, |o| {
+        self.reg.update(&self.id, false, |o| {
             o.timings.push(StageTime {
                 stage: std::mem::replace(&mut o.stage, stage.to_string()),
                 ms: ms(d),
@@ -143,7 +149,7 @@ impl OpHandle<'_> {
 
     /// Records work that ran beside the stages (on another thread) and took `took`.
     pub fn concurrent(&self, what: &str, took: Duration) {
-        self.reg.update(&self.id, |o| {
+        self.reg.update(&self.id, false, |o| {
             o.timings.push(StageTime {
                 stage: what.to_string(),
                 ms: ms(took),
@@ -177,7 +183,7 @@ impl OpHandle<'_> {
             c.1 - c.0
         };
         let mut logged = None;
-        self.reg.update(&self.id, |o| {
+        self.reg.update(&self.id, true, |o| {
             o.timings.push(StageTime {
                 stage: o.stage.clone(),
                 ms: ms(d),
@@ -201,11 +207,91 @@ impl OpHandle<'_> {
 impl Drop for OpHandle<'_> {
     fn drop(&mut self) {
         if !self.finished {
-            self.reg.update(&self.id, |o| {
+            self.reg.update(&self.id, true, |o| {
                 o.done = true;
                 o.finished_at = Some(crate::clock::now_rfc3339());
                 o.error = Some("abandoned without a result".into());
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stages_are_timed_in_memory_and_only_start_and_end_are_stored() {
+        let d = crate::system::testutil::TempDir::new();
+        let store = Arc::new(Mutex::new(
+            Store::open(&d.path().join("state.db")).expect("store"),
+        ));
+        let ops = Operations::new(store.clone());
+        let stored = |id: &str| {
+            let s = store.lock().expect("lock");
+            s.op_list(10)
+                .expect("list")
+                .into_iter()
+                .find(|o| o.id == id)
+                .expect("stored")
+        };
+        let op = ops.begin("vm.create", Some("dev"));
+        let id = op.id().to_string();
+        assert_eq!(stored(&id).stage, "starting");
+        op.stage("loading");
+        std::thread::sleep(Duration::from_millis(5));
+        op.stage("resuming");
+        op.concurrent("tap", Duration::from_millis(3));
+        let live = ops.running();
+        assert_eq!(live.len(), 1);
+        assert_eq!(live[0].stage, "resuming");
+        let names: Vec<_> = live[0].timings.iter().map(|t| t.stage.as_str()).collect();
+        assert_eq!(names, ["starting", "loading", "tap"]);
+        assert!(live[0].timings[1].ms >= 5.0, "{:?}", live[0].timings);
+        assert!(live[0].timings[2].concurrent && !live[0].timings[1].concurrent);
+        // A stage change is memory only: the stored row still shows where it began.
+        assert_eq!(stored(&id).stage, "starting");
+        op.finish(None);
+        let done = &ops.list()[0];
+        assert!(done.done);
+        assert_eq!(done.stage, "done");
+        let names: Vec<_> = done.timings.iter().map(|t| t.stage.as_str()).collect();
+        assert_eq!(names, ["starting", "loading", "tap", "resuming"]);
+        let row = stored(&id);
+        assert!(row.done && row.finished_at.is_some());
+        assert_eq!(row.stage, "done");
+        assert!(row.timings.is_empty(), "timings are not stored");
+        // The wire form lists them; a row read back has none and omits the key.
+        let v = serde_json::to_value(done).expect("json");
+        assert_eq!(v["timings"][3]["stage"], "resuming");
+        assert!(v["timings"][0].get("concurrent").is_none());
+        assert_eq!(v["timings"][2]["concurrent"], true);
+        assert!(serde_json::to_value(&row)
+            .expect("json")
+            .get("timings")
+            .is_none());
+    }
+
+    #[test]
+    fn helper_steps_become_concurrent_timings() {
+        let d = crate::system::testutil::TempDir::new();
+        let store = Arc::new(Mutex::new(
+            Store::open(&d.path().join("state.db")).expect("store"),
+        ));
+        let ops = Operations::new(store);
+        let op = ops.begin("vm.create", None);
+        op.helper_steps(
+            "helper",
+            &serde_json::json!({"steps": [{"step": "fork", "ms": 1.5}, {"step": 7}]}),
+        );
+        op.helper_steps("helper", &serde_json::json!({"no": "steps"}));
+        let t = &ops.running()[0].timings;
+        assert_eq!(t.len(), 1, "{t:?}");
+        assert_eq!(
+            (t[0].stage.as_str(), t[0].ms, t[0].concurrent),
+            ("helper: fork", 1.5, true)
+        );
+        op.finish(Some("boom".into()));
+        assert_eq!(ops.list()[0].error.as_deref(), Some("boom"));
     }
 }

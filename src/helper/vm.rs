@@ -118,11 +118,23 @@ fn failed(e: crate::error::Error) -> RpcError {
     RpcError::from(e)
 }
 
-/// `priv.vm_launch { id, vmm? }`: starts VM `id`'s VMM detached, writes `vms/<id>/handles.json`
-/// and returns it. The VM directory must exist (the daemon creates it).
+/// `priv.vm_launch { id, vmm?, boot_id? }`: starts VM `id`'s VMM detached, writes
+/// `vms/<id>/handles.json` and returns it (with `steps`: how long each step took). The VM
+/// directory must exist (the daemon creates it). `boot_id` is recorded as the guest's when the
+/// daemon already knows it (a restore: the snapshot's), so the record needs no second write.
 pub fn vm_launch(layout: &Layout, cfg: &VmConfig, params: &Value) -> Result<Value, RpcError> {
-    let m = params_of(params, &["id", "vmm"])?;
+    let m = params_of(params, &["id", "vmm", "boot_id"])?;
     let id = vm_id_arg(m)?;
+    let boot_id = str_arg(m, "boot_id")?
+        .map(|b| {
+            let ok = !b.is_empty()
+                && b.len() <= 64
+                && b.bytes().all(|c| c.is_ascii_hexdigit() || c == b'-');
+            ok.then(|| b.to_string()).ok_or_else(|| {
+                RpcError::bad_request("`boot_id` must be 1-64 hex digits and dashes")
+            })
+        })
+        .transpose()?;
     if let Some(v) = str_arg(m, "vmm")? {
         if !VMM_KINDS.contains(&v) {
             return Err(RpcError::bad_request(format!(
@@ -195,7 +207,7 @@ pub fn vm_launch(layout: &Layout, cfg: &VmConfig, params: &Value) -> Result<Valu
         console_log: files.console_log.clone(),
         pidfile: files.pidfile.clone(),
         scope: cfg.use_scope.then(|| launch::scope_unit(&id)),
-        boot_id: None,
+        boot_id,
         launched_at: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -304,6 +316,9 @@ mod tests {
             ("launch", json!({"id": "a", "cmd": "rm -rf /"})),
             ("launch", json!({"id": "a", "api_socket": "/tmp/x"})),
             ("launch", json!({"id": 7})),
+            ("launch", json!({"id": "a", "boot_id": "../x"})),
+            ("launch", json!({"id": "a", "boot_id": ""})),
+            ("launch", json!({"id": "a", "boot_id": 5})),
             ("signal", json!({"id": "a", "signal": "STOP"})),
             ("signal", json!({"id": "a", "signal": "TERM", "pid": 1})),
             ("signal", json!({"id": "a"})),
@@ -422,11 +437,27 @@ mod tests {
         );
         // The stale socket (python was killed by the script's trap) is gone either way.
         assert!(!dir.join("fc.sock").exists() || removed.iter().any(|p| p.ends_with("fc.sock")));
-        // And the VM can be launched again.
-        let h2: Handles =
-            serde_json::from_value(vm_launch(&l, &c, &json!({"id": "vm-1"})).expect("relaunch"))
-                .expect("json");
+        // And the VM can be launched again, this time with the guest's boot id known up front
+        // (a restore): recorded with the VMM, and the reply says how long each step took.
+        let reply =
+            vm_launch(&l, &c, &json!({"id": "vm-1", "boot_id": "0123-abcd"})).expect("relaunch");
+        let steps: Vec<&str> = reply["steps"]
+            .as_array()
+            .expect("steps")
+            .iter()
+            .filter_map(|s| s["step"].as_str())
+            .collect();
+        assert!(steps.contains(&"writing handles.json"), "{steps:?}");
+        let h2: Handles = serde_json::from_value(reply).expect("json");
         assert_ne!(h2.identity, h.identity);
+        assert_eq!(h2.boot_id.as_deref(), Some("0123-abcd"));
+        assert_eq!(
+            identity::read_handles(&dir.join("handles.json"))
+                .expect("read")
+                .and_then(|h| h.boot_id)
+                .as_deref(),
+            Some("0123-abcd")
+        );
         vm_signal(&l, &c, &json!({"id": "vm-1", "signal": "TERM"})).expect("stop");
     }
 }

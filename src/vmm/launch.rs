@@ -545,11 +545,15 @@ fn launch_steps(
             }
             return Err(e);
         }
-        std::thread::sleep(Duration::from_millis(2));
+        // Firecracker binds its API socket a few ms after exec: a fine poll costs a stat and a
+        // small read per ms, and every ms of slack is on the restore's critical path.
+        std::thread::sleep(Duration::from_micros(500));
     };
     lap(steps, "waiting for the VMM's API socket");
     let owner = spec.run_as.as_ref().map(|r| (r.uid, r.gid));
-    identity::write_atomic(
+    // Not fsynced: the pidfile only names a live process, which a power loss ends anyway (the
+    // durable record is handles.json).
+    identity::write_atomic_volatile(
         &spec.pidfile,
         format!("{raw_pid}\n").as_bytes(),
         0o600,
