@@ -72,6 +72,52 @@ pub fn run(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<Ran> {
     })
 }
 
+/// A `prog args…` started ahead of need with its stdin open: it loads while the caller does other
+/// work, and [`Started::finish`] feeds it its input and waits.
+pub struct Started {
+    child: std::process::Child,
+    shown: String,
+}
+
+/// Starts `prog args…` with stdin, stdout and stderr piped, to be [`Started::finish`]ed later.
+pub fn start(prog: &str, args: &[&str]) -> Result<Started> {
+    let shown = format!("running `{prog} {}`", args.join(" "));
+    let child = Command::new(resolve(prog))
+        .args(args)
+        .env("LC_ALL", "C")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            Error::new(&shown, e).hint(format!(
+                "install {prog} (sudo apt-get install iproute2 nftables)"
+            ))
+        })?;
+    Ok(Started { child, shown })
+}
+
+impl Started {
+    /// Feeds `stdin`, closes it and waits. `Err(None)` when the input could not be written (the
+    /// program had already ended, so it ran nothing of it; it is reaped), else what [`run`] returns.
+    pub fn finish(mut self, stdin: &str) -> std::result::Result<Ran, Option<Error>> {
+        let written = match self.child.stdin.take() {
+            Some(mut w) => w.write_all(stdin.as_bytes()).is_ok(),
+            None => false,
+        };
+        let out = self.child.wait_with_output();
+        if !written {
+            return Err(None);
+        }
+        let out = out.map_err(|e| Some(Error::new(&self.shown, e)))?;
+        Ok(Ran {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
 /// Runs `prog args…` and requires success; the error carries its stderr.
 pub fn check(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
     let r = run(prog, args, stdin)?;
