@@ -476,7 +476,15 @@ fn load(
     op.stage("launching VMM");
     let (result, launched, copy) = std::thread::scope(|sc| {
         let v = &vm;
-        let mut net_t = Beside::spawn(sc, op, "tap through the helper", move || {
+        // The tap first (the load opens it), then the whole net_up with the NAT bit (its nft
+        // commit takes most of it), which only has to be done before the guest resumes.
+        let (tap_tx, tap_rx) = std::sync::mpsc::channel();
+        let mut net_t = Beside::spawn(sc, op, "network through the helper", move || {
+            let t = std::time::Instant::now();
+            let made = net::tap_up(&vms.ctx, v, ip);
+            op.concurrent("helper: tap", t.elapsed());
+            let _ = tap_tx.send(made.clone());
+            made?;
             net::up(&vms.ctx, v, ip)
         });
         let (src, dst) = (snap_dir.join(DISK), files.dir.join(DISK));
@@ -520,7 +528,12 @@ fn load(
             api.put_serial(&vms.ctx.console.serial())
                 .map_err(api_failed(what("configuring the serial console")))?;
             op.stage("waiting for the tap");
-            let made = net_t.wait().clone()?;
+            let made = tap_rx.recv().unwrap_or_else(|_| {
+                Err(failed(Error::new(
+                    what("bringing up the network"),
+                    "the thread asking the helper ended without an answer",
+                )))
+            })?;
             if made != tap {
                 return Err(failed(Error::new(
                     what("bringing up the network"),
@@ -561,6 +574,14 @@ fn load(
                 rate_limiter: None,
             })
             .map_err(api_failed(what("pointing the drive at the VM's own disk")))?;
+            op.stage("waiting for the NAT rules");
+            let made = net_t.wait().clone()?;
+            if made != tap {
+                return Err(failed(Error::new(
+                    what("bringing up the network"),
+                    format!("the helper made tap {made}, not {tap}"),
+                )));
+            }
             op.stage("resuming");
             api.resume().map_err(api_failed(what("resuming")))?;
             if !snap.agent {
