@@ -128,7 +128,20 @@ fn main() {
         std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
     };
 
+    // The raw load needs the snapshot's tap name free of any VM and present: the raw VMM opens
+    // the recorded tap (the source VM's), so the source is stopped and its tap made again here.
+    // Restores and raw loads then alternate, so both see the same machine load.
+    call(&sock, "vm.stop", json!({"vm": "src"}));
+    let tap = banger::net::tap_name(snap_src_id(&sock).as_str());
+    let made = Command::new("ip")
+        .args([
+            "netns", "exec", &ns, "ip", "tuntap", "add", "dev", &tap, "mode", "tap",
+        ])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
     let mut stages = StageTimes::default();
+    let mut raw = Vec::new();
     let restores: Vec<f64> = (0..20)
         .map(|i| {
             let t = Instant::now();
@@ -140,29 +153,24 @@ fn main() {
             let ms = t.elapsed().as_secs_f64() * 1000.0;
             stages.add(&sock, &format!("r{i}"));
             call(&sock, "vm.delete", json!({"vms": [format!("r{i}")]}));
+            if made {
+                raw.push(raw_load(&vmm, &root, &dir, &ns));
+            }
             ms
         })
         .collect();
 
-    // The raw load needs the snapshot's tap name free of any VM and present: the raw VMM opens
-    // the recorded tap (the source VM's), so the source is stopped and its tap made again here.
-    call(&sock, "vm.stop", json!({"vm": "src"}));
-    let tap = banger::net::tap_name(snap_src_id(&sock).as_str());
-    let made = Command::new("ip")
-        .args([
-            "netns", "exec", &ns, "ip", "tuntap", "add", "dev", &tap, "mode", "tap",
-        ])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    let raw: Vec<f64> = if made {
-        (0..20).map(|_| raw_load(&vmm, &root, &dir, &ns)).collect()
-    } else {
-        vec![]
-    };
-
     let (c, r) = (median(cold), median(restores.clone()));
     println!("VMM: {}", vmm.display());
+    println!(
+        "load average (1, 5, 15 min) at the end: {}",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     println!(
         "vm snapshot (pause, disk clone, full snapshot of 128 MiB, sparse, resume): {snap_ms:.1} ms"
     );
@@ -182,12 +190,13 @@ fn main() {
     if raw.is_empty() {
         println!("raw PUT /snapshot/load: not measured (could not make tap {tap} in {ns})");
     } else {
+        let pairs = median(restores.iter().zip(&raw).map(|(r, w)| r / w).collect());
         let rw = median(raw);
         println!(
-            "raw spawn + PUT /snapshot/load (resume_vm) of the same files: median {rw:.1} ms (20)"
+            "raw spawn + PUT /snapshot/load (resume_vm) of the same files, alternating with the restores: median {rw:.1} ms (20)"
         );
         println!(
-            "ratio restore/raw load: {:.2}x; restore/cold create: {:.2}x",
+            "ratio restore/raw load: {:.2}x (median of each restore over the raw load after it: {pairs:.2}x); restore/cold create: {:.2}x",
             r / rw,
             r / c
         );

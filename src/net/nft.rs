@@ -192,8 +192,9 @@ pub fn read() -> Result<TableState> {
     parse(&r.stdout)
 }
 
-/// An `nft -f -` started after the last [`apply`] and waiting for its script, with the network
-/// namespace it runs in: loading nft costs ~10 ms, on every VM start's path (the tap's `net_up`).
+/// An `nft -f -` started (niced) after the last [`apply`] and waiting for its script, with the
+/// network namespace it runs in: loading nft costs ~10 ms, on every VM start's path (the tap's
+/// `net_up`).
 /// It runs nothing until fed; when the helper exits its stdin closes and it exits with nothing done.
 static WARM: std::sync::Mutex<Option<(cmd::Started, Option<u64>)>> = std::sync::Mutex::new(None);
 
@@ -228,7 +229,9 @@ pub fn apply(script: &str) -> Result<()> {
             cmd::run(NFT, &["-f", "-"], Some(script))
         }
     };
-    if let Ok(next) = cmd::start(NFT, &["-f", "-"]) {
+    // Niced: it loads while a VM start that just got its rules goes on (resume, agent), not
+    // against it.
+    if let Ok(next) = cmd::start(NFT, &["-f", "-"], 19) {
         let old = WARM
             .lock()
             .unwrap_or_else(|p| p.into_inner())
