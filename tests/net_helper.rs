@@ -913,3 +913,94 @@ fn only_nat_guests_are_forwarded_and_masqueraded() {
         sources[1]
     );
 }
+
+/// Each VM's MAC is pinned to its own bridge port (static, sticky): a frame another port sends
+/// with that source address does not move it — a clone restored from a snapshot wakes with the
+/// source VM's MAC, and must not pull the host's packets for a still-running source to itself.
+/// Control: an address nobody pinned is learned on the port that sent it.
+#[test]
+fn a_vm_s_mac_stays_on_its_port() {
+    need_netns!("a_vm_s_mac_stays_on_its_port");
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let ns = Ns::new("fdb");
+    for (id, ip) in [(A, "172.30.0.2"), (B, "172.30.0.3")] {
+        ns.call("priv.net_up", json!({"id": id, "ip": ip, "nat": false}))
+            .unwrap();
+    }
+    let (ta, tb) = (tap_name(A), tap_name(B));
+    let mac_a = banger::net::mac_for(A);
+    let fdb = |ns: &Ns, mac: &str| -> Vec<Value> {
+        let v: Value =
+            serde_json::from_str(&ns.out(&["bridge", "-j", "fdb", "show", "br", "banger0"]))
+                .unwrap();
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["mac"] == mac)
+            .cloned()
+            .collect()
+    };
+    let pinned = fdb(&ns, &mac_a);
+    assert_eq!(pinned.len(), 1, "{pinned:?}");
+    assert_eq!(pinned[0]["ifname"], ta.as_str(), "{pinned:?}");
+    assert_eq!(pinned[0]["state"], "static", "{pinned:?}");
+    assert!(
+        pinned[0]["flags"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|x| x == "sticky")),
+        "{pinned:?}"
+    );
+    // Idempotent: a second net_up leaves one entry.
+    ns.call(
+        "priv.net_up",
+        json!({"id": A, "ip": "172.30.0.2", "nat": false}),
+    )
+    .unwrap();
+    assert_eq!(fdb(&ns, &mac_a).len(), 1);
+    let mac_bytes = |m: &str| -> [u8; 6] {
+        let v: Vec<u8> = m
+            .split(':')
+            .map(|h| u8::from_str_radix(h, 16).unwrap())
+            .collect();
+        v.try_into().unwrap()
+    };
+    let stranger = "02:0b:0b:0b:0b:0b";
+    let ns_file = format!("/run/netns/{}", ns.name);
+    let (a_bytes, s_bytes) = (mac_bytes(&mac_a), mac_bytes(stranger));
+    // In a thread of its own: setns moves only the calling thread into the namespace.
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&ns_file).unwrap();
+        // SAFETY: setns reads the open fd; it changes only this thread's network namespace.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        let mut t = banger::net::tap::open_like_firecracker(&tb).unwrap();
+        for src in [a_bytes, s_bytes] {
+            // A broadcast from B's port with `src` as its source address (after the 10-byte
+            // virtio-net header: destination, then source).
+            let mut frame = echo_frame([0xff; 6], [172, 30, 0, 3], [172, 30, 0, 1], 1);
+            frame[16..22].copy_from_slice(&src);
+            t.write_all(&frame).unwrap();
+        }
+        // Held open until the bridge has seen both.
+        std::thread::sleep(Duration::from_millis(300));
+    })
+    .join()
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fdb(&ns, stranger).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "control: the bridge never learned the stranger's MAC from {}",
+            tap_name(B)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(fdb(&ns, stranger)[0]["ifname"], tap_name(B).as_str());
+    let after = fdb(&ns, &mac_a);
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_eq!(
+        after[0]["ifname"],
+        tap_name(A).as_str(),
+        "A's MAC moved to the port that sent it: {after:?}"
+    );
+}

@@ -168,6 +168,12 @@ fn ensure_tap(
         if l.master != Some(bridge) || l.isolated != Some(true) || !l.up {
             nl.isolate_and_up(l.index)?;
         }
+        // The VM's MAC lives on its port, whatever another port sends: a clone restored from a
+        // snapshot wakes with the source VM's MAC (and its TCP connections) and would otherwise
+        // pull the host's packets for a still-running source — an open SSH session — to itself
+        // until the agent gave it its own. Every time (idempotent): a bridge re-created behind
+        // our back forgot it.
+        nl.pin_fdb(l.index, mac_bytes(id))?;
         Ok(())
     };
     if let Err(e) = attach() {
@@ -177,6 +183,15 @@ fn ensure_tap(
         return Err(e);
     }
     Ok((t, created))
+}
+
+/// VM `id`'s MAC ([`crate::net::mac_for`], which Firecracker gives its NIC) as bytes.
+fn mac_bytes(id: &str) -> [u8; 6] {
+    let mut b = [0u8; 6];
+    for (out, h) in b.iter_mut().zip(crate::net::mac_for(id).split(':')) {
+        *out = u8::from_str_radix(h, 16).unwrap_or(0);
+    }
+    b
 }
 
 /// The transaction that makes `ip`'s NAT element exactly `nat` (for VM `id`), whatever was there:

@@ -23,6 +23,13 @@ const RTM_DELLINK: u16 = 17;
 const RTM_GETLINK: u16 = 18;
 const RTM_NEWADDR: u16 = 20;
 const RTM_GETADDR: u16 = 22;
+const RTM_NEWNEIGH: u16 = 28;
+const NLM_F_REPLACE: u16 = 0x100;
+const AF_BRIDGE: u8 = 7;
+const NDA_LLADDR: u16 = 2;
+const NUD_NOARP: u16 = 0x40;
+const NTF_MASTER: u8 = 0x04;
+const NTF_STICKY: u8 = 0x40;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_MASTER: u16 = 10;
 const IFLA_LINKINFO: u16 = 18;
@@ -397,6 +404,31 @@ impl Rtnl {
             .done();
         self.talk(
             &format!("isolating bridge port {index} and bringing it up"),
+            m,
+            0,
+        )
+        .map(|_| ())
+    }
+
+    /// Pins `mac` to bridge port `index`: a static, sticky forwarding entry (`bridge fdb replace
+    /// MAC dev PORT master static sticky`), which frames with that source address arriving on
+    /// another port never move. Replaces an entry for `mac` that is there.
+    pub fn pin_fdb(&mut self, index: u32, mac: [u8; 6]) -> Result<()> {
+        let mut m = Msg::new(
+            RTM_NEWNEIGH,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+        );
+        // struct ndmsg: family, pad, pad, ifindex, state, flags, type.
+        let mut nd = [0u8; 12];
+        nd[0] = AF_BRIDGE;
+        nd[4..8].copy_from_slice(&(index as i32).to_ne_bytes());
+        nd[8..10].copy_from_slice(&NUD_NOARP.to_ne_bytes());
+        nd[10] = NTF_MASTER | NTF_STICKY;
+        m.0.extend_from_slice(&nd);
+        let m = m.attr(NDA_LLADDR, &mac).done();
+        let shown: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+        self.talk(
+            &format!("pinning MAC {} to bridge port {index}", shown.join(":")),
             m,
             0,
         )
