@@ -146,23 +146,11 @@ impl Vmm {
 
     /// The configuration every test boots: the tiny guest, console on ttyS0, 1 vCPU, 128 MiB.
     fn configure(&self, kernel: &Path) {
-        self.api
-            .put_boot_source(&BootSource {
-                kernel_image_path: kernel.to_path_buf(),
-                boot_args: Some("console=ttyS0 reboot=k panic=1 banger.name=vmc".into()),
-                initrd_path: None,
-            })
-            .unwrap();
-        self.api
-            .put_machine_config(&MachineConfiguration {
-                vcpu_count: 1,
-                mem_size_mib: 128,
-                smt: None,
-                track_dirty_pages: None,
-                cpu_template: None,
-                huge_pages: None,
-            })
-            .unwrap();
+        guest::configure(
+            &self.api,
+            kernel,
+            "console=ttyS0 reboot=k panic=1 banger.name=vmc",
+        );
     }
 }
 
