@@ -15,7 +15,7 @@ use banger::vmm::api::{wait_for_socket, Client};
 use banger::vmm::models::{BootSource, Drive, MachineConfiguration, Vsock};
 use serde_json::json;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 

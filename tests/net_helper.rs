@@ -10,7 +10,7 @@ use banger::rpc::client::{self, CallError};
 use banger::rpc::ErrorCode;
 use common::*;
 use serde_json::{json, Value};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 

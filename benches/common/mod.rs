@@ -119,8 +119,9 @@ impl Host {
     /// A host named `tag` running `bin` (BANGER_BENCH_BIN, else the release build), with `envs`
     /// set for every service.
     pub fn new(tag: &str, envs: &[(&str, &Path)]) -> Host {
+        // Absolute: the role links point at it from the temp root.
         let bin = std::env::var("BANGER_BENCH_BIN")
-            .map(std::path::PathBuf::from)
+            .map(|p| std::path::absolute(p).expect("BANGER_BENCH_BIN"))
             .unwrap_or_else(|_| {
                 Path::new(env!("CARGO_MANIFEST_DIR"))
                     .join("target/x86_64-unknown-linux-gnu/release/banger")
