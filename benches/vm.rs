@@ -12,7 +12,7 @@ use common::{rss_kib, VmBench};
 
 use banger::rpc::client;
 use banger::vmm::api::{wait_for_socket, Client};
-use banger::vmm::models::{BootSource, Drive, MachineConfiguration, Vsock};
+use banger::vmm::models::{Drive, Vsock};
 use serde_json::json;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -45,21 +45,7 @@ fn raw_start(vmm: &Path, dir: &Path, kernel: &Path, rootfs: &Path) -> f64 {
         .expect("spawn VMM");
     wait_for_socket(&api, Duration::from_secs(10)).expect("api socket");
     let c = Client::new(&api);
-    c.put_machine_config(&MachineConfiguration {
-        vcpu_count: 1,
-        mem_size_mib: 128,
-        smt: None,
-        track_dirty_pages: None,
-        cpu_template: None,
-        huge_pages: None,
-    })
-    .expect("machine-config");
-    c.put_boot_source(&BootSource {
-        kernel_image_path: kernel.to_path_buf(),
-        boot_args: Some("console=ttyS0 reboot=k panic=1 pci=off".into()),
-        initrd_path: None,
-    })
-    .expect("boot-source");
+    guest::configure(&c, kernel, "console=ttyS0 reboot=k panic=1 pci=off");
     c.put_drive(&Drive {
         drive_id: "rootfs".into(),
         partuuid: None,

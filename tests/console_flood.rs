@@ -210,19 +210,6 @@ impl Drop for Vmm {
     }
 }
 
-impl Vmm {
-    fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-}
-
 /// Boots the flooding guest with its serial console going to `serial.out` under `limit`; returns
 /// the VMM and that file once the readiness line is in it.
 fn boot_flood(bin: &Path, limit: Option<TokenBucket>) -> (Vmm, PathBuf) {
@@ -306,7 +293,7 @@ fn serial_rate_limiter_bounds_a_flooding_guest() {
     );
     vmm.api.send_ctrl_alt_del().unwrap();
     assert!(
-        vmm.wait_exit(Duration::from_secs(20)).is_some(),
+        wait_exit(&mut vmm.child, Duration::from_secs(20)).is_some(),
         "flooding guest did not stop"
     );
     drop(vmm);
@@ -352,8 +339,7 @@ fn serial_rate_limiter_bounds_a_flooding_guest() {
         "{e}"
     );
     vmm.api.send_ctrl_alt_del().unwrap();
-    let st = vmm
-        .wait_exit(Duration::from_secs(20))
+    let st = wait_exit(&mut vmm.child, Duration::from_secs(20))
         .expect("flooding guest still running 20s after SendCtrlAltDel");
     assert!(st.success(), "VMM exited with {st}");
 }

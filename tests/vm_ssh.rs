@@ -206,23 +206,7 @@ fn vm_exec_through_a_real_sshd_at_the_vms_address() {
 
     // Plain ssh through the generated config, included from a user's ~/.ssh/config by
     // `ssh-config --install` (ssh reads the file given with -F as it would ~/.ssh/config).
-    let home = "/home/sshuser";
-    let o = h
-        .bed
-        .cmd("banger")
-        .args(["ssh-config", "--install"])
-        .env("HOME", home)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    let user_cfg = l.user_ssh_config(std::path::Path::new(home));
-    let o = Command::new("ip")
-        .args(["netns", "exec", &h.ns.name, "ssh", "-F"])
-        .arg(&user_cfg)
-        .args(["ex.vm", "sh", "-c", "'exit 5'"])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
+    let o = h.ssh_through_user_config("/home/sshuser", &["ex.vm", "sh", "-c", "'exit 5'"]);
     assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
 
     if std::env::var_os("BANGER_SSH_BENCH").is_none() {

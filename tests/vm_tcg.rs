@@ -20,7 +20,7 @@ mod vmhost;
 use common::*;
 use serde_json::Value;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Instant;
 use vmhost::Host;
 
@@ -148,23 +148,7 @@ fn ssh_into_a_real_guest() {
     assert!(endpoints.contains(&"dev.vm:22"), "{v}");
 
     // ssh_config_install: plain ssh through the Include.
-    let home = "/home/tcguser";
-    let o = h
-        .bed
-        .cmd("banger")
-        .args(["ssh-config", "--install"])
-        .env("HOME", home)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    let cfg = h.bed.layout().user_ssh_config(std::path::Path::new(home));
-    let o = Command::new("ip")
-        .args(["netns", "exec", &h.ns.name, "ssh", "-F"])
-        .arg(&cfg)
-        .args(["dev.vm", "true"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let o = h.ssh_through_user_config("/home/tcguser", &["dev.vm", "true"]);
     assert!(o.status.success(), "{}", stderr(&o));
 
     // The same guest answers SSH after both services restart.

@@ -8,6 +8,7 @@ mod common;
 mod guest;
 
 use common::vmm::find_vmm;
+use common::wait_exit;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -129,14 +130,7 @@ impl Vmm {
     }
 
     fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        wait_exit(&mut self.child, timeout)
     }
 
     fn signal(&self, sig: rustix::process::Signal) {

@@ -205,6 +205,18 @@ pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
+/// Waits up to `timeout` for `child` to exit; its status, or `None` if it still runs.
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(st) = child.try_wait().unwrap() {
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
 /// A named network namespace of the test's own (`ip netns add`), deleted on drop. Bridges, taps
 /// and nftables rules the helper makes for a test live here and never on the machine's own
 /// network; being named, it outlives a helper restart, like the host's namespace does.

@@ -211,6 +211,28 @@ impl Host {
         std::fs::read_to_string(self.bed.layout().ssh_config()).unwrap_or_default()
     }
 
+    /// `banger ssh-config --install` for a user whose home is `home`, then plain `ssh -F` with
+    /// that user's ssh config (ssh reads it as it would ~/.ssh/config) and `args`, inside the
+    /// namespace.
+    pub fn ssh_through_user_config(&self, home: &str, args: &[&str]) -> Output {
+        let o = self
+            .bed
+            .cmd("banger")
+            .args(["ssh-config", "--install"])
+            .env("HOME", home)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let cfg = self.bed.layout().user_ssh_config(Path::new(home));
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns.name, "ssh", "-F"])
+            .arg(&cfg)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    }
+
     /// The VM's tap in the helper's namespace, if it exists.
     pub fn tap(&self, vm: &Value) -> Option<Value> {
         self.ns
