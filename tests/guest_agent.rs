@@ -479,6 +479,16 @@ fn reconfigure_changes_the_guest_in_a_private_netns() {
     let mut c = Conn::open(&sock);
     let hello = c.ask(r#"{"method":"hello"}"#);
     let first_id = hello["result"]["instance_id"].as_str().unwrap().to_string();
+    let key0 = hello["result"]["host_key"].as_str().unwrap().to_string();
+    let host_pub = root.join("etc/ssh/ssh_host_ed25519_key.pub");
+    let host_key_on_disk = || {
+        let line = std::fs::read_to_string(&host_pub).unwrap();
+        line.split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(host_key_on_disk(), key0);
     let other_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGposxU1u8AlmBpcq3yn+btS1uQymLutYq90E6gMTcpH new-owner";
     let params = |name: &str, ip: &str, gw: &str, mac: &str| {
         json!({"method": "reconfigure", "v": 2, "params": {
@@ -521,6 +531,11 @@ fn reconfigure_changes_the_guest_in_a_private_netns() {
         c.ask(r#"{"method":"hello"}"#)["result"]["instance_id"],
         first_id.as_str()
     );
+    assert_eq!(
+        host_key_on_disk(),
+        key0,
+        "a refused reconfigure kept the host key"
+    );
 
     // Same subnet (the new address starts as a secondary; it must survive the old one's removal).
     let r = c.ask(&params(
@@ -532,6 +547,32 @@ fn reconfigure_changes_the_guest_in_a_private_netns() {
     assert_eq!(r["ok"], true, "{r}\n{}", agent.log_text());
     let id1 = r["result"]["instance_id"].as_str().unwrap().to_string();
     assert_ne!(id1, first_id);
+    // A clone gets its own sshd host key (a pair: private half owner-only, hello reports the new
+    // public half), and no temporary file is left beside it.
+    let key1 = c.ask(r#"{"method":"hello"}"#)["result"]["host_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(key1, key0, "the clone kept the snapshot's host key");
+    assert_eq!(host_key_on_disk(), key1);
+    assert_eq!(mode(&root.join("etc/ssh/ssh_host_ed25519_key")) & 0o077, 0);
+    let leftovers: Vec<_> = std::fs::read_dir(root.join("etc/ssh"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".banger"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let keygen = std::process::Command::new("ssh-keygen")
+        .args(["-y", "-f"])
+        .arg(root.join("etc/ssh/ssh_host_ed25519_key"))
+        .output()
+        .unwrap();
+    assert!(keygen.status.success(), "{}", stderr(&keygen));
+    assert!(
+        String::from_utf8_lossy(&keygen.stdout).starts_with(&key1),
+        "the private half does not match the public one"
+    );
     assert_eq!(
         eth0_state(&ns),
         (
@@ -568,4 +609,9 @@ fn reconfigure_changes_the_guest_in_a_private_netns() {
     assert_eq!(h["result"]["instance_id"], r["result"]["instance_id"]);
     assert_eq!(h["result"]["hostname"], "clone-2");
     assert_ne!(h["result"]["instance_id"], id1.as_str());
+    let key2 = h["result"]["host_key"].as_str().unwrap();
+    assert!(
+        key2 != key1 && key2 != key0,
+        "each reconfigure makes a new host key"
+    );
 }

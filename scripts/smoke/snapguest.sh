@@ -10,7 +10,7 @@
 declare -F guest_setup >/dev/null || source "$(dirname "${BASH_SOURCE[0]}")/guest.sh"
 
 SCENARIOS+=(
-    "snapshot_clone_network|TCG guest snapshotted (--stop), two clones: each answers SSH (vm exec) on its own address with its own name, same boot_id, distinct instance ids"
+    "snapshot_clone_network|TCG guest snapshotted (--stop), two clones: each answers SSH (vm exec) on its own address with its own name and sshd host key, same boot_id, distinct instance ids"
 )
 
 # `banger vm exec NAME -- CMD…` until it works (sshd comes up after the agent under TCG), at most
@@ -58,12 +58,14 @@ scenario_snapshot_clone_network() {
         || skip "banger vm snapshot is not in this build (the daemon's snapshot flow)"
     guest_setup
     guest_create snapsrc
-    local src_ip=$VM_IP
+    local src_ip=$VM_IP src_id=$VM_ID
     # A warmed-up guest: snapshot once it answers SSH.
     snap_exec_ready snapsrc cat /proc/sys/kernel/random/boot_id
     local boot
     boot=$(last_line "$OUT")
     expect_match "$boot" '^[0-9a-f-]{36}$' "snapsrc's boot_id over SSH"
+    agent_call "$src_id" hello
+    local keys=("$(jq -r .host_key <<<"$OUT")")
     local t0
     t0=$(now_ms)
     must "vm snapshot snapsrc --as snap1 --stop" cu banger vm snapshot snapsrc --as snap1 --stop
@@ -96,8 +98,14 @@ scenario_snapshot_clone_network() {
         expect_eq "$(jq -r .boot_id <<<"$OUT")" "$boot" "$name's agent boot_id"
         expect_match "$(jq -r .instance_id <<<"$OUT")" '^[0-9a-f]{32}$' "$name's agent instance_id"
         ids+=("$(jq -r .instance_id <<<"$OUT")")
+        # Its own sshd host key (made after the reseed); `vm exec` above pinned it and sshd served
+        # it (StrictHostKeyChecking=yes), so sshd reloaded the new key.
+        keys+=("$(jq -r .host_key <<<"$OUT")")
+        expect_match "${keys[-1]}" '^ssh-ed25519 ' "$name's agent host_key"
     done
     [[ ${ids[0]} != "${ids[1]}" ]] || fail "c1 and c2 report the same instance id ${ids[0]}"
+    [[ ${keys[0]} != "${keys[1]}" && ${keys[0]} != "${keys[2]}" && ${keys[1]} != "${keys[2]}" ]] \
+        || fail "snapsrc, c1 and c2 do not each have their own sshd host key: ${keys[*]}"
     printf 'snapsrc %s, c1 %s (%s), c2 %s (%s), boot_id %s\n' "$src_ip" "$c1_ip" "${ids[0]}" "$c2_ip" "${ids[1]}" "$boot"
 
     guest_teardown c1 c2 snapsrc

@@ -177,23 +177,57 @@ fn ensure_host_keys(opts: &Options) -> Result<Vec<String>> {
     if missing.is_empty() {
         return Ok(missing);
     }
-    let dir = opts.root.join("etc/ssh");
-    std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
     let ed = opts.host_key_path("ed25519");
     // A leftover private half without its public one would make ssh-keygen ask to overwrite.
     let _ = std::fs::remove_file(&ed);
-    let mut cmd = Command::new(&opts.keygen);
-    cmd.args(["-q", "-t", "ed25519", "-N", "", "-C", "", "-f"])
-        .arg(&ed);
+    keygen(
+        opts,
+        &ed,
+        &format!("generating sshd host keys ({})", missing.join(", ")),
+    )?;
+    Ok(missing)
+}
+
+/// Replaces the ed25519 host key with a fresh one: made beside it under a temporary name, then
+/// renamed over it, public half last (a reader sees the old pair or the new, and `hello` never
+/// reports a public key whose private half is not in place). For a clone of a snapshot, which
+/// wakes with the source VM's key: run only after the kernel's generator was reseeded, or every
+/// clone would draw the same key. Returns the new public key line.
+pub fn replace_host_key(opts: &Options) -> Result<String> {
+    let ed = opts.host_key_path("ed25519");
+    let tmp = ed.with_file_name(format!(".banger-new-host-key-{}", std::process::id()));
+    let tmp_pub = tmp.with_extension("pub");
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_file(&tmp_pub);
+    let r = (|| {
+        keygen(opts, &tmp, "making a new sshd host key (ed25519)")?;
+        let what = || format!("putting the new host key in place at {}", ed.display());
+        std::fs::rename(&tmp, &ed).ctx(what)?;
+        std::fs::rename(&tmp_pub, ed.with_extension("pub")).ctx(what)?;
+        std::fs::read_to_string(ed.with_extension("pub")).ctx(what)
+    })();
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(&tmp_pub);
+    }
+    Ok(r?.trim_end().to_string())
+}
+
+/// `ssh-keygen -q -t ed25519 -N '' -C '' -f PATH` (the directory is made if missing); checks
+/// that the public half exists after.
+fn keygen(opts: &Options, path: &Path, doing: &str) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
     let what = || {
         format!(
-            "generating sshd host keys ({}) with {} -t ed25519 in {}",
-            missing.join(", "),
+            "{doing} with {} -t ed25519 in {}",
             opts.keygen.display(),
             dir.display()
         )
     };
-    let out = cmd
+    let out = Command::new(&opts.keygen)
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "", "-f"])
+        .arg(path)
         .output()
         .map_err(|e| Error::new(what(), e).hint("is openssh-server installed in the image?"))?;
     if !out.status.success() {
@@ -206,13 +240,13 @@ fn ensure_host_keys(opts: &Options) -> Result<Vec<String>> {
             ),
         ));
     }
-    if !ed.with_extension("pub").exists() {
+    if !path.with_extension("pub").exists() {
         return Err(Error::new(
             what(),
-            format!("it succeeded but left no {}.pub", ed.display()),
+            format!("it succeeded but left no {}.pub", path.display()),
         ));
     }
-    Ok(missing)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -351,6 +351,51 @@ impl System {
     }
 }
 
+/// Asks a running sshd to reload (`SIGHUP`: it re-executes itself and loads the host key again;
+/// open sessions stay). The pid comes from `<root>/run/sshd.pid` and must name a process called
+/// `sshd`. No sshd yet is fine (it loads the new key when it starts); a failure is logged, never
+/// fatal: the key on disk is the new one either way, and it is the one `hello` reports.
+fn reload_sshd(root: &std::path::Path) {
+    if let Err(e) = hup_sshd(&root.join("run/sshd.pid"), &root.join("proc")) {
+        crate::logging::error(
+            "banger-vsock-agent",
+            "telling sshd to load the new host key",
+            serde_json::json!({"error": e}),
+        );
+    }
+}
+
+/// Sends `SIGHUP` to the pid in `pid_file` if `<proc_root>/<pid>/comm` is `sshd`; `Ok(None)` when
+/// there is no pid file.
+fn hup_sshd(
+    pid_file: &std::path::Path,
+    proc_root: &std::path::Path,
+) -> Result<Option<i32>, String> {
+    let text = match std::fs::read_to_string(pid_file) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("reading {}: {e}", pid_file.display())),
+    };
+    let pid = text
+        .trim()
+        .parse::<i32>()
+        .ok()
+        .filter(|p| *p > 1)
+        .ok_or_else(|| format!("{} holds no pid ({:?})", pid_file.display(), text.trim()))?;
+    let comm = std::fs::read_to_string(proc_root.join(format!("{pid}/comm"))).unwrap_or_default();
+    if comm.trim_end() != "sshd" {
+        return Err(format!(
+            "pid {pid} from {} is not sshd ({:?}); not signalled",
+            pid_file.display(),
+            comm.trim_end()
+        ));
+    }
+    let p = rustix::process::Pid::from_raw(pid).ok_or_else(|| format!("bad pid {pid}"))?;
+    rustix::process::kill_process(p, rustix::process::Signal::Hup)
+        .map_err(|e| format!("SIGHUP to sshd (pid {pid}): {e}"))?;
+    Ok(Some(pid))
+}
+
 /// Runs `ip ARGS`; its stderr in the error.
 fn run_ip(ip: &std::path::Path, args: &[&str]) -> Result<String, String> {
     let shown = format!("{} {}", ip.display(), args.join(" "));
@@ -451,6 +496,14 @@ impl Configurer for System {
             // The guest's own kernel only (never a test machine's).
             reseed_kernel_rng(v);
             lap("rng_reseed");
+        }
+        // Clones of one snapshot woke with the source's sshd host key: each gets its own (after
+        // the reseed, or all would draw the same one), and sshd is told to load it.
+        prepare::replace_host_key(&self.files).map_err(|e| e.to_string())?;
+        lap("host_key");
+        if self.kernel_hostname {
+            reload_sshd(&self.files.root);
+            lap("sshd_reload");
         }
         crate::logging::info(
             "banger-vsock-agent",
@@ -743,11 +796,22 @@ mod tests {
         )
         .unwrap();
         std::fs::set_permissions(&ip, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // A recording ssh-keygen: writes a pair at its last argument.
+        let keygen = d.join("ssh-keygen");
+        std::fs::write(
+            &keygen,
+            format!(
+                "#!/bin/sh\nfor a; do f=$a; done\necho \"keygen $(basename \"$f\" | cut -c1-20)\" >> {}\necho private > \"$f\"\necho \"ssh-ed25519 AAAAnew$$\" > \"$f.pub\"\n",
+                log.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&keygen, std::fs::Permissions::from_mode(0o755)).unwrap();
         let sys = System {
             files: prepare::Options {
                 root: d.join("root"),
                 owner: None,
-                keygen: PathBuf::from("/nonexistent"),
+                keygen: keygen.clone(),
             },
             kernel_hostname: false,
             ip: ip.clone(),
@@ -759,6 +823,7 @@ mod tests {
             "link set dev eth0 address 02:ab:cd:00:00:07",
             "addr replace 172.30.0.7/24 dev eth0",
             "route replace default via 172.30.0.1 dev eth0",
+            "keygen .banger-new-host-key",
         ];
         let tail = [
             "-j -4 addr show dev eth0",
@@ -786,11 +851,32 @@ mod tests {
             std::fs::read_to_string(d.join("conf/eth0/promote_secondaries")).unwrap(),
             "1\n"
         );
+        let host_pub = d.join("root/etc/ssh/ssh_host_ed25519_key.pub");
+        let first_key = std::fs::read_to_string(&host_pub).unwrap();
+        assert!(first_key.starts_with("ssh-ed25519 AAAAnew"), "{first_key}");
         deferred().unwrap();
         assert_eq!(lines(), [&head[..], &tail[..]].concat());
         std::fs::remove_file(&log).unwrap();
         assert!(sys.apply(&v, false).unwrap().is_none());
         assert_eq!(lines(), [&head[..], &tail[..]].concat());
+        assert_ne!(std::fs::read_to_string(&host_pub).unwrap(), first_key);
+        // A failing ssh-keygen is an error naming it; the key in place stays, no temp file left.
+        let before = std::fs::read_to_string(&host_pub).unwrap();
+        let no_keygen = System {
+            files: prepare::Options {
+                keygen: PathBuf::from("false"),
+                ..sys.files.clone()
+            },
+            ..sys.clone()
+        };
+        let e = err(no_keygen.apply(&v, false));
+        assert!(e.contains("making a new sshd host key"), "{e}");
+        assert_eq!(std::fs::read_to_string(&host_pub).unwrap(), before);
+        let names: Vec<String> = std::fs::read_dir(d.join("root/etc/ssh"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
         // A failing `ip` stops the steps and says which command.
         let failing = System {
             ip: PathBuf::from("false"),
@@ -806,6 +892,47 @@ mod tests {
         };
         assert!(err(none.apply(&v, false)).contains("no interface"));
         assert!(!d.join("root/etc").exists());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Only a process named `sshd` is signalled; a pid file naming anything else is refused and
+    /// that process keeps running; no pid file is no sshd.
+    #[test]
+    fn sshd_reload_signals_only_sshd() {
+        use std::os::unix::process::ExitStatusExt;
+        let d = std::env::temp_dir().join(format!("banger-hup-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let pid_file = d.join("sshd.pid");
+        let proc_root = std::path::Path::new("/proc");
+        assert_eq!(hup_sshd(&pid_file, proc_root), Ok(None));
+        let Some(sleep) = ["/bin/sleep", "/usr/bin/sleep"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+        else {
+            eprintln!("SKIP: sshd_reload_signals_only_sshd: no sleep binary");
+            return;
+        };
+        let fake_sshd = d.join("sshd");
+        std::fs::copy(sleep, &fake_sshd).unwrap();
+        let mut other = Command::new(sleep).arg("30").spawn().unwrap();
+        let mut sshd = Command::new(&fake_sshd).arg("30").spawn().unwrap();
+        std::fs::write(&pid_file, format!("{}\n", other.id())).unwrap();
+        let e = hup_sshd(&pid_file, proc_root).unwrap_err();
+        assert!(e.contains("is not sshd"), "{e}");
+        assert!(
+            other.try_wait().unwrap().is_none(),
+            "a non-sshd process was signalled"
+        );
+        std::fs::write(&pid_file, "garbage\n").unwrap();
+        assert!(hup_sshd(&pid_file, proc_root)
+            .unwrap_err()
+            .contains("holds no pid"));
+        std::fs::write(&pid_file, format!("{}\n", sshd.id())).unwrap();
+        assert_eq!(hup_sshd(&pid_file, proc_root), Ok(Some(sshd.id() as i32)));
+        assert_eq!(sshd.wait().unwrap().signal(), Some(libc::SIGHUP));
+        let _ = other.kill();
+        let _ = other.wait();
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -649,8 +649,21 @@ mod tests {
         let mut s = UnixStream::connect(&r.socket).unwrap();
         s.write_all(b"{\"v\":1,\"method\":\"big\",\"params\":{}}\n")
             .unwrap();
-        // Well past the deadline (the server is idle otherwise); then read what is left.
-        std::thread::sleep(Duration::from_secs(2));
+        // Not a byte read until the server has hung up (a fixed sleep raced a loaded machine, on
+        // which the answer could still be in the making when the client started reading).
+        use std::os::fd::AsRawFd;
+        let mut pfd = libc::pollfd {
+            fd: s.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, 60_000) };
+        assert!(
+            n == 1 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0,
+            "the server did not hang up on a client that does not read (poll {n}, revents {:#x})",
+            pfd.revents
+        );
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut got = Vec::new();
         let _ = s.read_to_end(&mut got);
