@@ -890,3 +890,94 @@ fn only_nat_guests_are_forwarded_and_masqueraded() {
         sources[1]
     );
 }
+
+/// `priv.net_hold`: while a restored clone still has the source VM's MAC, its bridge port learns
+/// nothing, so a frame it sends with that MAC does not move the MAC to its port (the host's
+/// packets for the source keep going to the source); released, the port learns again. Refusals
+/// (no tap, bad arguments) change nothing.
+#[test]
+fn a_held_port_learns_no_mac() {
+    need_netns!("a_held_port_learns_no_mac");
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let ns = Ns::new("hold");
+    let before = ns.snapshot();
+    for (params, want) in [
+        (json!({"id": A, "hold": true}), "does not exist"),
+        (json!({"id": A}), "hold"),
+        (json!({"id": A, "hold": "yes"}), "hold"),
+        (json!({"id": "../x", "hold": true}), "VM id"),
+        (json!({"id": A, "hold": true, "bridge": "eth0"}), "bridge"),
+    ] {
+        let (_, msg) = rpc_code(ns.call("priv.net_hold", params.clone()));
+        assert!(msg.contains(want), "{params}: {msg}");
+    }
+    assert_eq!(ns.snapshot(), before, "a refused hold changed something");
+    ns.call(
+        "priv.net_up",
+        json!({"id": A, "ip": "172.30.0.2", "nat": false}),
+    )
+    .unwrap();
+    let tap = tap_name(A);
+    let learning = |ns: &Ns| -> Value {
+        let v: Value =
+            serde_json::from_str(&ns.out(&["ip", "-d", "-j", "link", "show", "dev", &tap]))
+                .unwrap();
+        v[0]["linkinfo"]["info_slave_data"]["learning"].clone()
+    };
+    assert_eq!(learning(&ns), true, "a new port learns");
+    let guest_mac = "02:0a:0a:0a:0a:0a"; // echo_frame's source MAC
+    let learned = |ns: &Ns| -> bool {
+        let v: Value =
+            serde_json::from_str(&ns.out(&["bridge", "-j", "fdb", "show", "dev", &tap])).unwrap();
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["mac"] == guest_mac)
+    };
+    let r = ns
+        .call("priv.net_hold", json!({"id": A, "hold": true}))
+        .unwrap();
+    assert_eq!(r["learning"], false, "{r}");
+    assert_eq!(learning(&ns), false);
+    let ns_file = format!("/run/netns/{}", ns.name);
+    let tap2 = tap.clone();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel::<()>();
+    // In a thread of its own: setns moves only the calling thread into the namespace.
+    let sender = std::thread::spawn(move || {
+        let f = std::fs::File::open(&ns_file).unwrap();
+        // SAFETY: setns reads the open fd; it changes only this thread's network namespace.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        let mut t = banger::net::tap::open_like_firecracker(&tap2).unwrap();
+        let bmac = [0xff; 6];
+        for seq in 1..=2 {
+            // Broadcast from the guest's MAC: the bridge learns its source unless held.
+            t.write_all(&echo_frame(bmac, [172, 30, 0, 2], [172, 30, 0, 1], seq))
+                .unwrap();
+            sent_tx.send(()).unwrap();
+            if rx.recv().is_err() {
+                break;
+            }
+        }
+    });
+    sent_rx.recv().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!learned(&ns), "a held port learned the guest's MAC");
+    let r = ns
+        .call("priv.net_hold", json!({"id": A, "hold": false}))
+        .unwrap();
+    assert_eq!(r["learning"], true, "{r}");
+    tx.send(()).unwrap();
+    sent_rx.recv().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !learned(&ns) {
+        assert!(
+            Instant::now() < deadline,
+            "a released port never learned the guest's MAC"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(tx);
+    sender.join().unwrap();
+}

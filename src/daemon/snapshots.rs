@@ -477,6 +477,12 @@ fn load(
             .map_err(api_failed(what("configuring the serial console")))?;
         api.load_snapshot(&load)
             .map_err(api_failed(what("loading the snapshot")))?;
+        if snap.agent {
+            // Still paused: the guest has the source VM's MAC, address and TCP connections until
+            // the agent gives it its own, so the bridge must not learn the source's MAC on this
+            // VM's port until then (see net::plumb::net_hold).
+            net::hold(&vms.ctx, &vm, true)?;
+        }
         api.patch_drive(&PartialDrive {
             drive_id: "rootfs".into(),
             path_on_host: Some(files.dir.join(DISK)),
@@ -510,6 +516,7 @@ fn load(
         };
         let done = agent::reconfigure(&files.vsock_uds, &rc, RECONFIGURE_TIMEOUT)
             .map_err(|e| failed(Error::new(what("telling the guest its new identity"), e)))?;
+        net::hold(&vms.ctx, &vm, false)?;
         Ok((done.boot_id, Some(done.instance_id)))
     })();
     match result {

@@ -35,6 +35,7 @@ const IFLA_TUN_OWNER: u16 = 1;
 const IFLA_TUN_TYPE: u16 = 3;
 const IFLA_TUN_PERSIST: u16 = 6;
 const IFLA_BRPORT_ISOLATED: u16 = 33;
+const IFLA_BRPORT_LEARNING: u16 = 8;
 const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
 const IFF_UP: u32 = 1;
@@ -62,6 +63,8 @@ pub struct NlLink {
     pub master: Option<u32>,
     /// Bridge port isolation.
     pub isolated: Option<bool>,
+    /// Bridge port MAC learning.
+    pub learning: Option<bool>,
     /// Interface alias.
     pub alias: Option<String>,
 }
@@ -175,6 +178,8 @@ fn parse_link(payload: &[u8]) -> Option<NlLink> {
                             for (sk, sv) in attrs(iv) {
                                 if sk == IFLA_BRPORT_ISOLATED {
                                     l.isolated = Some(sv.first() == Some(&1));
+                                } else if sk == IFLA_BRPORT_LEARNING {
+                                    l.learning = Some(sv.first() == Some(&1));
                                 }
                             }
                         }
@@ -403,6 +408,29 @@ impl Rtnl {
         .map(|_| ())
     }
 
+    /// Turns MAC learning on bridge port `index` on or off (off: the bridge never learns a
+    /// source address from what the port sends).
+    pub fn set_learning(&mut self, index: u32, on: bool) -> Result<()> {
+        let m = Msg::new(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK)
+            .ifinfo(index, 0, 0)
+            .nest(IFLA_LINKINFO, |m| {
+                m.str_attr(IFLA_INFO_SLAVE_KIND, "bridge")
+                    .nest(IFLA_INFO_SLAVE_DATA, |m| {
+                        m.attr(IFLA_BRPORT_LEARNING, &[u8::from(on)])
+                    })
+            })
+            .done();
+        self.talk(
+            &format!(
+                "turning MAC learning {} on bridge port {index}",
+                if on { "on" } else { "off" }
+            ),
+            m,
+            0,
+        )
+        .map(|_| ())
+    }
+
     /// Deletes interface `name`; one already gone is fine.
     pub fn delete(&mut self, name: &str) -> Result<()> {
         let m = Msg::new(RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK)
@@ -454,7 +482,10 @@ mod tests {
                             .attr(IFLA_TUN_TYPE, &[TUN_TYPE_TAP])
                             .attr(IFLA_TUN_PERSIST, &[1])
                     })
-                    .nest(IFLA_INFO_SLAVE_DATA, |m| m.attr(IFLA_BRPORT_ISOLATED, &[1]))
+                    .nest(IFLA_INFO_SLAVE_DATA, |m| {
+                        m.attr(IFLA_BRPORT_ISOLATED, &[1])
+                            .attr(IFLA_BRPORT_LEARNING, &[0])
+                    })
             })
             .done();
         let l = parse_link(&m[16..]).unwrap();
@@ -470,6 +501,7 @@ mod tests {
                 persist: true,
                 master: Some(9),
                 isolated: Some(true),
+                learning: Some(false),
                 alias: Some("banger:x".into()),
             }
         );
