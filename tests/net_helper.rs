@@ -10,7 +10,7 @@ use banger::rpc::client::{self, CallError};
 use banger::rpc::ErrorCode;
 use common::*;
 use serde_json::{json, Value};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -93,33 +93,10 @@ impl Ns {
     fn start_helper(&mut self) {
         let sock = self.bed.layout().helper_socket();
         let _ = std::fs::remove_file(&sock);
-        let log = self.bed.root.join("bangerd-root.log");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .arg(self.bed.bin.join("bangerd-root"))
-            .env("BANGER_ROOT", &self.bed.root)
-            .env_remove("NOTIFY_SOCKET")
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log)
-                    .unwrap(),
-            )
-            .spawn()
-            .unwrap();
-        let s = Server { child, log };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "helper did not answer: {}",
-                s.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        self.helper = Some(s);
+        self.helper = Some(
+            self.bed
+                .spawn_in(Some(&self.name), "bangerd-root", &sock, &[]),
+        );
     }
 
     fn restart_helper(&mut self) {
