@@ -10,7 +10,7 @@ mod common;
 #[path = "../tests/guest/mod.rs"]
 mod guest;
 
-use common::Host;
+use common::VmBench;
 
 use banger::rpc::client;
 use banger::vmm::api::{wait_for_socket, Client};
@@ -67,37 +67,14 @@ fn raw_load(vmm: &Path, dir: &Path, snap: &Path, ns: &str) -> f64 {
 }
 
 fn main() {
-    if !rustix::process::geteuid().is_root() {
-        println!("SKIP: snapshot bench needs root (the helper launches VMMs)");
+    let Some(VmBench { host, vmm, .. }) =
+        VmBench::start("snapshot", "snapbench", guest::build_tiny_guest)
+    else {
         return;
-    }
-    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/x86_64-unknown-linux-gnu");
-    let vmm = std::env::var("BANGER_TEST_FIRECRACKER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| target.join("release/firecracker"));
-    if !vmm.is_file() {
-        println!("SKIP: no VMM at {}", vmm.display());
-        return;
-    }
-    let mut host = Host::new("snapbench", &[("BANGER_FIRECRACKER", &vmm)]);
-    if let Err(why) = host.isolate_network() {
-        println!("SKIP: snapshot bench runs the helper in a network namespace: {why}");
-        return;
-    }
-    let ns = format!("bgr-bench-{}", std::process::id());
-    host.start("bangerd-root");
-    host.start("bangerd");
+    };
+    let ns = host.netns().unwrap_or_default().to_string();
     let (root, layout) = (host.root.clone(), host.layout.clone());
     let sock = layout.daemon_socket();
-    let kernel = guest::build_tiny_guest(&root).expect("building the tiny guest");
-    let rootfs = root.join("rootfs.img");
-    std::fs::write(&rootfs, vec![0u8; 1 << 20]).expect("rootfs");
-    call(&sock, "kernel.import", json!({"name": "k", "path": kernel}));
-    call(
-        &sock,
-        "image.import",
-        json!({"name": "i", "rootfs": rootfs, "kernel": "k", "ready_console": "banger-guest: ready boot_id="}),
-    );
 
     // Cold creates, each deleted (untimed) before the next.
     let cold: Vec<f64> = (0..10)

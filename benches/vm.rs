@@ -8,14 +8,14 @@ mod common;
 #[path = "../tests/guest/mod.rs"]
 mod guest;
 
-use common::{rss_kib, Host};
+use common::{rss_kib, VmBench};
 
 use banger::rpc::client;
 use banger::vmm::api::{wait_for_socket, Client};
-use banger::vmm::models::{BootSource, Drive, MachineConfiguration, Vsock};
+use banger::vmm::models::{Drive, Vsock};
 use serde_json::json;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -45,21 +45,7 @@ fn raw_start(vmm: &Path, dir: &Path, kernel: &Path, rootfs: &Path) -> f64 {
         .expect("spawn VMM");
     wait_for_socket(&api, Duration::from_secs(10)).expect("api socket");
     let c = Client::new(&api);
-    c.put_machine_config(&MachineConfiguration {
-        vcpu_count: 1,
-        mem_size_mib: 128,
-        smt: None,
-        track_dirty_pages: None,
-        cpu_template: None,
-        huge_pages: None,
-    })
-    .expect("machine-config");
-    c.put_boot_source(&BootSource {
-        kernel_image_path: kernel.to_path_buf(),
-        boot_args: Some("console=ttyS0 reboot=k panic=1 pci=off".into()),
-        initrd_path: None,
-    })
-    .expect("boot-source");
+    guest::configure(&c, kernel, "console=ttyS0 reboot=k panic=1 pci=off");
     c.put_drive(&Drive {
         drive_id: "rootfs".into(),
         partuuid: None,
@@ -95,37 +81,19 @@ fn raw_start(vmm: &Path, dir: &Path, kernel: &Path, rootfs: &Path) -> f64 {
 }
 
 fn main() {
-    if !rustix::process::geteuid().is_root() {
-        println!("SKIP: vm bench needs root (the helper launches VMMs)");
+    let Some(VmBench {
+        mut host,
+        vmm,
+        helper,
+        daemon,
+        kernel,
+        rootfs,
+    }) = VmBench::start("vm", "vmbench", guest::build_tiny_guest)
+    else {
         return;
-    }
-    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/x86_64-unknown-linux-gnu");
-    let vmm = std::env::var("BANGER_TEST_FIRECRACKER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| target.join("release/firecracker"));
-    if !vmm.is_file() {
-        println!(
-            "SKIP: no VMM at {} (build the stand-in: cargo build --release -p banger-fc-standin)",
-            vmm.display()
-        );
-        return;
-    }
-    let mut host = Host::new("vmbench", &[("BANGER_FIRECRACKER", &vmm)]);
-    if let Err(why) = host.isolate_network() {
-        println!("SKIP: vm bench runs the helper in a network namespace: {why}");
-        return;
-    }
-    let helper = host.start("bangerd-root");
-    let daemon = host.start("bangerd");
+    };
     let (root, layout) = (host.root.clone(), host.layout.clone());
     let sock = layout.daemon_socket();
-    let kernel = guest::build_tiny_guest(&root).expect("building the tiny guest");
-    let rootfs = root.join("rootfs.img");
-    std::fs::write(&rootfs, vec![0u8; 1 << 20]).expect("rootfs");
-    client::call(&sock, "kernel.import", json!({"name": "k", "path": kernel}))
-        .expect("kernel import");
-    client::call(&sock, "image.import", json!({"name": "i", "rootfs": rootfs, "kernel": "k", "ready_console": "banger-guest: ready boot_id="}))
-        .expect("image import");
 
     let raw: Vec<f64> = (0..10)
         .map(|_| raw_start(&vmm, &root, &kernel, &rootfs))

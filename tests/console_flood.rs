@@ -1,6 +1,6 @@
 //! A guest that floods its serial console cannot fill the host disk (issue 11, finding 2): through
-//! the real daemon and root helper (temp layout, as root, helper in a network namespace, as in
-//! tests/vm_lifecycle.rs), a VM booting the flooding test guest (tests/guest/tiny_guest_flood.S)
+//! the real daemon and root helper (tests/vmhost/mod.rs: temp layout, as root, helper in a network
+//! namespace), a VM booting the flooding test guest (tests/guest/tiny_guest_flood.S)
 //! under a small `[vm] console_log_max` keeps `console.log` and `console.log.1` under the cap,
 //! is rotated, and keeps running.
 //!
@@ -15,10 +15,12 @@
 mod common;
 #[path = "guest/mod.rs"]
 mod guest;
+#[path = "vmhost/mod.rs"]
+mod vmhost;
 
 use common::vmm::find_vmm;
 use common::*;
-use serde_json::Value;
+use guest::READY;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::{Mutex, MutexGuard};
@@ -26,9 +28,8 @@ use std::time::{Duration, Instant};
 
 use banger::agent;
 use banger::vmm::api::{wait_for_socket, Client};
-use banger::vmm::models::{
-    BootSource, InstanceState, MachineConfiguration, SerialDevice, TokenBucket,
-};
+use banger::vmm::models::{InstanceState, SerialDevice, TokenBucket};
+use vmhost::{alive, Host};
 
 /// One VM test of this file at a time (see the module doc).
 fn one_at_a_time() -> MutexGuard<'static, ()> {
@@ -36,7 +37,6 @@ fn one_at_a_time() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-const READY: &str = "banger-guest: ready boot_id=";
 const CAP: u64 = 64 << 10;
 const CONFIG: &str = "[vm]\nconsole_log_max = \"64K\"\nconsole_rate = \"4K\"\n";
 
@@ -44,141 +44,21 @@ fn size(p: &Path) -> u64 {
     std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
 }
 
-fn alive(vm: &Value) -> bool {
-    let ident = banger::vmm::identity::Identity {
-        pid: vm["pid"].as_i64().unwrap_or(0) as i32,
-        start_time: vm["start_time"].as_u64().unwrap_or(0),
-        comm: vm["comm"].as_str().unwrap_or("").to_string(),
-    };
-    matches!(
-        banger::vmm::identity::classify(&ident, Path::new("/proc")),
-        banger::vmm::identity::Liveness::Alive
-    )
-}
-
-struct Killer(PathBuf);
-
-impl Drop for Killer {
-    fn drop(&mut self) {
-        // VMMs are detached on purpose: make sure none outlives the test.
-        for e in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
-            if let Ok(Some(h)) = banger::vmm::identity::read_handles(&e.path().join("handles.json"))
-            {
-                if let Some(pid) = rustix::process::Pid::from_raw(h.identity.pid) {
-                    if matches!(
-                        banger::vmm::identity::classify(&h.identity, Path::new("/proc")),
-                        banger::vmm::identity::Liveness::Alive
-                    ) {
-                        let _ = rustix::process::kill_process(pid, rustix::process::Signal::Kill);
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// The daemon and helper of one test, under a temp layout with `config`.
-struct Host {
-    bed: Bed,
-    daemon: Server,
-    _helper: Server,
-    _killer: Killer,
-    standin: bool,
-    /// Dropped last: its interfaces go with it.
-    _ns: NetNs,
-}
-
-impl Host {
-    fn new(test: &str, tag: &str, config: &str) -> Option<Host> {
-        if !is_root() {
-            eprintln!("SKIP: {test}: needs root (the helper launches VMMs)");
-            return None;
-        }
-        let (vmm, standin) = match find_vmm() {
-            Ok(v) => v,
-            Err(why) => {
-                eprintln!("SKIP: {test}: {why}");
-                return None;
-            }
-        };
-        let ns = match NetNs::new(tag) {
-            Ok(ns) => ns,
-            Err(why) => {
-                eprintln!("SKIP: {test}: no network namespace: {why}");
-                return None;
-            }
-        };
-        let bed = Bed::new(tag);
-        let l = bed.layout();
-        std::fs::create_dir_all(l.etc_dir()).unwrap();
-        std::fs::write(l.config_toml(), config).unwrap();
-        let helper = bed.spawn_in(
-            Some(&ns),
-            "bangerd-root",
-            &l.helper_socket(),
-            &[("BANGER_FIRECRACKER", &vmm)],
-        );
-        let daemon = bed.spawn("bangerd", &l.daemon_socket());
-        Some(Host {
-            _killer: Killer(l.vms_dir()),
-            bed,
-            daemon,
-            _helper: helper,
-            standin,
-            _ns: ns,
-        })
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.bed.run("banger", args);
-        assert!(
-            o.status.success(),
-            "banger {args:?} failed: {}\ndaemon log:\n{}",
-            stderr(&o),
-            self.daemon.log_text()
-        );
-        stdout(&o)
-    }
-
-    /// Imports `kernel` and an image `name` booting it with console readiness.
-    fn import(&self, name: &str, kernel: &Path) {
-        let rootfs = self.bed.root.join("rootfs.img");
-        std::fs::write(&rootfs, vec![0u8; 1 << 20]).unwrap();
-        self.ok(&["kernel", "import", name, kernel.to_str().unwrap()]);
-        self.ok(&[
-            "image",
-            "import",
-            name,
-            "--rootfs",
-            rootfs.to_str().unwrap(),
-            "--kernel",
-            name,
-            "--ready-console",
-            READY,
-        ]);
-    }
-
-    fn show(&self, vm: &str) -> Value {
-        let v: Value = serde_json::from_str(&self.ok(&["vm", "show", vm, "--json"])).unwrap();
-        v["vm"].clone()
-    }
-}
-
 #[test]
 fn a_flooding_guest_keeps_its_logs_under_the_cap_and_keeps_running() {
     let _one = one_at_a_time();
-    let Some(h) = Host::new(
+    let Some(h) = Host::start_with(
         "a_flooding_guest_keeps_its_logs_under_the_cap_and_keeps_running",
         "flood",
-        CONFIG,
+        Some(CONFIG),
     ) else {
         return;
     };
-    let (bed, daemon, standin) = (&h.bed, &h.daemon, h.standin);
+    let (bed, standin) = (&h.bed, h.standin);
     let l = bed.layout();
     let ok = |args: &[&str]| h.ok(args);
     let kernel = guest::build_flood_guest(&bed.root).expect("building the flooding guest");
-    h.import("flood", &kernel);
+    h.import_console_image("flood", &kernel);
     let out = ok(&["vm", "create", "--name", "f", "--image", "flood"]);
     assert!(out.contains("f running boot_id="), "{out}");
     let show = || h.show("f");
@@ -199,7 +79,7 @@ fn a_flooding_guest_keeps_its_logs_under_the_cap_and_keeps_running() {
                 n <= CAP,
                 "{} is {n} bytes, over the {CAP}-byte cap\ndaemon log:\n{}",
                 p.display(),
-                daemon.log_text()
+                h.daemon_log()
             );
         }
         let prev = std::fs::read(&previous).ok();
@@ -212,7 +92,7 @@ fn a_flooding_guest_keeps_its_logs_under_the_cap_and_keeps_running() {
     assert!(
         rotations >= 2,
         "console.log was rotated {rotations} times in 60s (largest file seen {max_seen} bytes)\ndaemon log:\n{}",
-        daemon.log_text()
+        h.daemon_log()
     );
     let vm2 = show();
     assert_eq!(vm2["state"], "running", "{vm2}");
@@ -242,7 +122,7 @@ fn a_flooding_guest_keeps_its_logs_under_the_cap_and_keeps_running() {
         String::from_utf8_lossy(&kept[..kept.len().min(200)])
     );
     assert!(
-        daemon.log_text().contains("log rotated"),
+        h.daemon_log().contains("log rotated"),
         "the daemon did not log its rotations"
     );
     println!(
@@ -259,15 +139,15 @@ fn a_flooding_guest_keeps_its_logs_under_the_cap_and_keeps_running() {
 #[test]
 fn vm_logs_and_errors_show_guest_control_sequences_escaped() {
     let _one = one_at_a_time();
-    let Some(h) = Host::new(
+    let Some(h) = Host::start_with(
         "vm_logs_and_errors_show_guest_control_sequences_escaped",
         "escape",
-        "",
+        Some(""),
     ) else {
         return;
     };
     let kernel = guest::build_tiny_guest(&h.bed.root).expect("building the tiny guest");
-    h.import("tiny", &kernel);
+    h.import_console_image("tiny", &kernel);
     h.ok(&["vm", "create", "--name", "e", "--image", "tiny"]);
     let vm = h.show("e");
     // What a hostile guest writes on its console: a window-title OSC, a clipboard write, a
@@ -330,19 +210,6 @@ impl Drop for Vmm {
     }
 }
 
-impl Vmm {
-    fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-}
-
 /// Boots the flooding guest with its serial console going to `serial.out` under `limit`; returns
 /// the VMM and that file once the readiness line is in it.
 fn boot_flood(bin: &Path, limit: Option<TokenBucket>) -> (Vmm, PathBuf) {
@@ -364,23 +231,7 @@ fn boot_flood(bin: &Path, limit: Option<TokenBucket>) -> (Vmm, PathBuf) {
         dir,
     };
     let kernel = guest::build_flood_guest(&vmm.dir.0).unwrap();
-    vmm.api
-        .put_boot_source(&BootSource {
-            kernel_image_path: kernel,
-            boot_args: Some("console=ttyS0 reboot=k panic=1".into()),
-            initrd_path: None,
-        })
-        .unwrap();
-    vmm.api
-        .put_machine_config(&MachineConfiguration {
-            vcpu_count: 1,
-            mem_size_mib: 128,
-            smt: None,
-            track_dirty_pages: None,
-            cpu_template: None,
-            huge_pages: None,
-        })
-        .unwrap();
+    guest::configure(&vmm.api, &kernel, "console=ttyS0 reboot=k panic=1");
     let out = vmm.dir.0.join("serial.out");
     vmm.api
         .put_serial(&SerialDevice {
@@ -442,7 +293,7 @@ fn serial_rate_limiter_bounds_a_flooding_guest() {
     );
     vmm.api.send_ctrl_alt_del().unwrap();
     assert!(
-        vmm.wait_exit(Duration::from_secs(20)).is_some(),
+        wait_exit(&mut vmm.child, Duration::from_secs(20)).is_some(),
         "flooding guest did not stop"
     );
     drop(vmm);
@@ -488,8 +339,7 @@ fn serial_rate_limiter_bounds_a_flooding_guest() {
         "{e}"
     );
     vmm.api.send_ctrl_alt_del().unwrap();
-    let st = vmm
-        .wait_exit(Duration::from_secs(20))
+    let st = wait_exit(&mut vmm.child, Duration::from_secs(20))
         .expect("flooding guest still running 20s after SendCtrlAltDel");
     assert!(st.success(), "VMM exited with {st}");
 }

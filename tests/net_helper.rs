@@ -10,7 +10,7 @@ use banger::rpc::client::{self, CallError};
 use banger::rpc::ErrorCode;
 use common::*;
 use serde_json::{json, Value};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -93,33 +93,10 @@ impl Ns {
     fn start_helper(&mut self) {
         let sock = self.bed.layout().helper_socket();
         let _ = std::fs::remove_file(&sock);
-        let log = self.bed.root.join("bangerd-root.log");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .arg(self.bed.bin.join("bangerd-root"))
-            .env("BANGER_ROOT", &self.bed.root)
-            .env_remove("NOTIFY_SOCKET")
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log)
-                    .unwrap(),
-            )
-            .spawn()
-            .unwrap();
-        let s = Server { child, log };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "helper did not answer: {}",
-                s.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        self.helper = Some(s);
+        self.helper = Some(
+            self.bed
+                .spawn_in(Some(&self.name), "bangerd-root", &sock, &[]),
+        );
     }
 
     fn restart_helper(&mut self) {
@@ -954,93 +931,93 @@ fn only_nat_guests_are_forwarded_and_masqueraded() {
     );
 }
 
-/// `priv.net_hold`: while a restored clone still has the source VM's MAC, its bridge port learns
-/// nothing, so a frame it sends with that MAC does not move the MAC to its port (the host's
-/// packets for the source keep going to the source); released, the port learns again. Refusals
-/// (no tap, bad arguments) change nothing.
+/// Each VM's MAC is pinned to its own bridge port (static, sticky): a frame another port sends
+/// with that source address does not move it — a clone restored from a snapshot wakes with the
+/// source VM's MAC, and must not pull the host's packets for a still-running source to itself.
+/// Control: an address nobody pinned is learned on the port that sent it.
 #[test]
-fn a_held_port_learns_no_mac() {
-    need_netns!("a_held_port_learns_no_mac");
+fn a_vm_s_mac_stays_on_its_port() {
+    need_netns!("a_vm_s_mac_stays_on_its_port");
     use std::io::Write;
     use std::os::fd::AsRawFd;
-    let ns = Ns::new("hold");
-    let before = ns.snapshot();
-    for (params, want) in [
-        (json!({"id": A, "hold": true}), "does not exist"),
-        (json!({"id": A}), "hold"),
-        (json!({"id": A, "hold": "yes"}), "hold"),
-        (json!({"id": "../x", "hold": true}), "VM id"),
-        (json!({"id": A, "hold": true, "bridge": "eth0"}), "bridge"),
-    ] {
-        let (_, msg) = rpc_code(ns.call("priv.net_hold", params.clone()));
-        assert!(msg.contains(want), "{params}: {msg}");
+    let ns = Ns::new("fdb");
+    for (id, ip) in [(A, "172.30.0.2"), (B, "172.30.0.3")] {
+        ns.call("priv.net_up", json!({"id": id, "ip": ip, "nat": false}))
+            .unwrap();
     }
-    assert_eq!(ns.snapshot(), before, "a refused hold changed something");
+    let (ta, tb) = (tap_name(A), tap_name(B));
+    let mac_a = banger::net::mac_for(A);
+    let fdb = |ns: &Ns, mac: &str| -> Vec<Value> {
+        let v: Value =
+            serde_json::from_str(&ns.out(&["bridge", "-j", "fdb", "show", "br", "banger0"]))
+                .unwrap();
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["mac"] == mac)
+            .cloned()
+            .collect()
+    };
+    let pinned = fdb(&ns, &mac_a);
+    assert_eq!(pinned.len(), 1, "{pinned:?}");
+    assert_eq!(pinned[0]["ifname"], ta.as_str(), "{pinned:?}");
+    assert_eq!(pinned[0]["state"], "static", "{pinned:?}");
+    assert!(
+        pinned[0]["flags"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|x| x == "sticky")),
+        "{pinned:?}"
+    );
+    // Idempotent: a second net_up leaves one entry.
     ns.call(
         "priv.net_up",
         json!({"id": A, "ip": "172.30.0.2", "nat": false}),
     )
     .unwrap();
-    let tap = tap_name(A);
-    let learning = |ns: &Ns| -> Value {
-        let v: Value =
-            serde_json::from_str(&ns.out(&["ip", "-d", "-j", "link", "show", "dev", &tap]))
-                .unwrap();
-        v[0]["linkinfo"]["info_slave_data"]["learning"].clone()
+    assert_eq!(fdb(&ns, &mac_a).len(), 1);
+    let mac_bytes = |m: &str| -> [u8; 6] {
+        let v: Vec<u8> = m
+            .split(':')
+            .map(|h| u8::from_str_radix(h, 16).unwrap())
+            .collect();
+        v.try_into().unwrap()
     };
-    assert_eq!(learning(&ns), true, "a new port learns");
-    let guest_mac = "02:0a:0a:0a:0a:0a"; // echo_frame's source MAC
-    let learned = |ns: &Ns| -> bool {
-        let v: Value =
-            serde_json::from_str(&ns.out(&["bridge", "-j", "fdb", "show", "dev", &tap])).unwrap();
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .any(|e| e["mac"] == guest_mac)
-    };
-    let r = ns
-        .call("priv.net_hold", json!({"id": A, "hold": true}))
-        .unwrap();
-    assert_eq!(r["learning"], false, "{r}");
-    assert_eq!(learning(&ns), false);
+    let stranger = "02:0b:0b:0b:0b:0b";
     let ns_file = format!("/run/netns/{}", ns.name);
-    let tap2 = tap.clone();
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let (sent_tx, sent_rx) = std::sync::mpsc::channel::<()>();
+    let (a_bytes, s_bytes) = (mac_bytes(&mac_a), mac_bytes(stranger));
     // In a thread of its own: setns moves only the calling thread into the namespace.
-    let sender = std::thread::spawn(move || {
+    std::thread::spawn(move || {
         let f = std::fs::File::open(&ns_file).unwrap();
         // SAFETY: setns reads the open fd; it changes only this thread's network namespace.
         assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-        let mut t = banger::net::tap::open_like_firecracker(&tap2).unwrap();
-        let bmac = [0xff; 6];
-        for seq in 1..=2 {
-            // Broadcast from the guest's MAC: the bridge learns its source unless held.
-            t.write_all(&echo_frame(bmac, [172, 30, 0, 2], [172, 30, 0, 1], seq))
-                .unwrap();
-            sent_tx.send(()).unwrap();
-            if rx.recv().is_err() {
-                break;
-            }
+        let mut t = banger::net::tap::open_like_firecracker(&tb).unwrap();
+        for src in [a_bytes, s_bytes] {
+            // A broadcast from B's port with `src` as its source address (after the 10-byte
+            // virtio-net header: destination, then source).
+            let mut frame = echo_frame([0xff; 6], [172, 30, 0, 3], [172, 30, 0, 1], 1);
+            frame[16..22].copy_from_slice(&src);
+            t.write_all(&frame).unwrap();
         }
-    });
-    sent_rx.recv().unwrap();
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(!learned(&ns), "a held port learned the guest's MAC");
-    let r = ns
-        .call("priv.net_hold", json!({"id": A, "hold": false}))
-        .unwrap();
-    assert_eq!(r["learning"], true, "{r}");
-    tx.send(()).unwrap();
-    sent_rx.recv().unwrap();
+        // Held open until the bridge has seen both.
+        std::thread::sleep(Duration::from_millis(300));
+    })
+    .join()
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !learned(&ns) {
+    while fdb(&ns, stranger).is_empty() {
         assert!(
             Instant::now() < deadline,
-            "a released port never learned the guest's MAC"
+            "control: the bridge never learned the stranger's MAC from {}",
+            tap_name(B)
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    drop(tx);
-    sender.join().unwrap();
+    assert_eq!(fdb(&ns, stranger)[0]["ifname"], tap_name(B).as_str());
+    let after = fdb(&ns, &mac_a);
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_eq!(
+        after[0]["ifname"],
+        tap_name(A).as_str(),
+        "A's MAC moved to the port that sent it: {after:?}"
+    );
 }

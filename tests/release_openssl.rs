@@ -2,6 +2,7 @@
 //! banger accepts; what is tampered with, banger rejects; and `openssl dgst -verify` accepts the
 //! builder's signature (the `cosign sign-blob` format is the same bytes).
 
+use std::ffi::OsStr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,13 +20,19 @@ fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/release.sh")
 }
 
-fn release(dir: &Path, args: &[&str]) -> std::process::Output {
+/// `bash <builder> <args>` in `dir`.
+fn bash(builder: &Path, dir: &Path, args: &[&OsStr]) -> std::process::Output {
     Command::new("bash")
-        .arg(script())
+        .arg(builder)
         .args(args)
         .current_dir(dir)
         .output()
-        .expect("running bash packaging/release.sh")
+        .unwrap_or_else(|e| panic!("running bash {}: {e}", builder.display()))
+}
+
+fn release(dir: &Path, args: &[&str]) -> std::process::Output {
+    let args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+    bash(&script(), dir, &args)
 }
 
 fn ok(out: &std::process::Output) {
@@ -110,14 +117,17 @@ fn builder_signatures_verify_with_banger_and_openssl() {
         .decode(String::from_utf8(sig.clone()).unwrap().trim())
         .unwrap();
     std::fs::write(dir.join("sig.der"), &der).unwrap();
-    let v = Command::new("openssl")
-        .args(["dgst", "-sha256", "-verify"])
-        .arg(&pub_pem)
-        .arg("-signature")
-        .arg(dir.join("sig.der"))
-        .arg(rel.join("SHA256SUMS"))
-        .output()
-        .unwrap();
+    let openssl_verify = |file: &Path| {
+        Command::new("openssl")
+            .args(["dgst", "-sha256", "-verify"])
+            .arg(&pub_pem)
+            .arg("-signature")
+            .arg(dir.join("sig.der"))
+            .arg(file)
+            .output()
+            .unwrap()
+    };
+    let v = openssl_verify(&rel.join("SHA256SUMS"));
     assert!(
         v.status.success(),
         "openssl -verify: {}",
@@ -125,14 +135,7 @@ fn builder_signatures_verify_with_banger_and_openssl() {
     );
     assert!(String::from_utf8_lossy(&v.stdout).contains("Verified OK"));
     std::fs::write(dir.join("tampered"), &tampered).unwrap();
-    let v = Command::new("openssl")
-        .args(["dgst", "-sha256", "-verify"])
-        .arg(&pub_pem)
-        .arg("-signature")
-        .arg(dir.join("sig.der"))
-        .arg(dir.join("tampered"))
-        .output()
-        .unwrap();
+    let v = openssl_verify(&dir.join("tampered"));
     assert!(
         !v.status.success(),
         "openssl accepted a tampered SHA256SUMS"
@@ -187,36 +190,12 @@ fn builder_signatures_verify_with_banger_and_openssl() {
     );
 
     // Refusals: an existing release, an existing key under --gen-key, a bad version.
-    let e = release(
-        dir,
-        &[
-            "--version",
-            "v0.9.1",
-            "--out",
-            "out",
-            "--key",
-            "key.pem",
-            "--binary",
-            p,
-        ],
-    );
+    let e = run_builder(&script(), dir, "out", "v0.9.1", &payload);
     assert!(!e.status.success());
     assert!(String::from_utf8_lossy(&e.stderr).contains("already exists"));
     let e = release(dir, &["--key", "key.pem", "--gen-key", "--print-pubkey"]);
     assert!(String::from_utf8_lossy(&e.stderr).contains("refusing to overwrite"));
-    let e = release(
-        dir,
-        &[
-            "--version",
-            "v1/../x",
-            "--out",
-            "out",
-            "--key",
-            "key.pem",
-            "--binary",
-            p,
-        ],
-    );
+    let e = run_builder(&script(), dir, "out", "v1/../x", &payload);
     assert!(!e.status.success());
 }
 
@@ -259,6 +238,7 @@ fn keys_binary(path: &Path, n: usize, pems: &str) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
+/// `builder` making release `version` of `binary` into `out`, signed with key.pem.
 fn run_builder(
     builder: &Path,
     dir: &Path,
@@ -266,21 +246,18 @@ fn run_builder(
     version: &str,
     binary: &Path,
 ) -> std::process::Output {
-    Command::new("bash")
-        .arg(builder)
-        .args([
-            "--version",
-            version,
-            "--out",
-            out,
-            "--key",
-            "key.pem",
-            "--binary",
-        ])
-        .arg(binary)
-        .current_dir(dir)
-        .output()
-        .expect("running bash release.sh")
+    let args = [
+        "--version",
+        version,
+        "--out",
+        out,
+        "--key",
+        "key.pem",
+        "--binary",
+    ];
+    let mut args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+    args.push(binary.as_os_str());
+    bash(builder, dir, &args)
 }
 
 /// The release builder publishes install.sh only when the keys embedded in it are the keys
@@ -326,22 +303,7 @@ fn builder_refuses_mismatched_installer_keys() {
         std::fs::copy(env!("CARGO_BIN_EXE_banger"), &banger).unwrap();
     }
     let banger = banger.as_path();
-    let o = Command::new("bash")
-        .arg(script())
-        .args([
-            "--version",
-            "v0.1.0",
-            "--out",
-            "out-repo",
-            "--key",
-            "key.pem",
-            "--binary",
-        ])
-        .arg(banger)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    ok(&o);
+    ok(&run_builder(&script(), dir, "out-repo", "v0.1.0", banger));
     assert_eq!(
         std::fs::read(dir.join("out-repo/install.sh")).unwrap(),
         std::fs::read(installer()).unwrap(),
@@ -414,16 +376,13 @@ fn builder_refuses_mismatched_installer_keys() {
     nothing_written("out-true");
 }
 
-#[test]
-fn installer_is_shellcheck_clean() {
+/// shellcheck finds nothing in `script` (SKIP when there is no shellcheck).
+fn assert_shellcheck_clean(script: &Path) {
     if !have("shellcheck", "--version") {
         println!("SKIP: shellcheck not found");
         return;
     }
-    let out = Command::new("shellcheck")
-        .arg(installer())
-        .output()
-        .unwrap();
+    let out = Command::new("shellcheck").arg(script).output().unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -432,15 +391,11 @@ fn installer_is_shellcheck_clean() {
 }
 
 #[test]
+fn installer_is_shellcheck_clean() {
+    assert_shellcheck_clean(&installer());
+}
+
+#[test]
 fn builder_is_shellcheck_clean() {
-    if !have("shellcheck", "--version") {
-        println!("SKIP: shellcheck not found");
-        return;
-    }
-    let out = Command::new("shellcheck").arg(script()).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_shellcheck_clean(&script());
 }

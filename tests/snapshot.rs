@@ -8,219 +8,18 @@
 //! with nothing created; removing a snapshot with running clones is refused with their names,
 //! and frees its files once they are gone; clones survive daemon and helper restarts.
 //!
-//! The helper runs in a network namespace the test makes (see tests/vm_lifecycle.rs for why).
+//! The host is tests/vmhost/mod.rs's: the helper runs in a network namespace the test makes.
 
 mod common;
 #[path = "guest/mod.rs"]
 mod guest;
+#[path = "vmhost/mod.rs"]
+mod vmhost;
 
-use common::vmm::find_vmm;
 use common::*;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-
-const READY: &str = "banger-guest: ready boot_id=";
-
-/// A temp install with both services running and images imported.
-struct Host {
-    bed: Bed,
-    vmm: PathBuf,
-    standin: bool,
-    daemon: Option<Server>,
-    helper: Option<Server>,
-    /// Whether the VMM opens its tap (a real Firecracker, or a stand-in that does).
-    opens_taps: bool,
-    /// Dropped last: its interfaces go with it.
-    ns: NetNs,
-}
-
-impl Host {
-    fn new(name: &str) -> Option<Host> {
-        Host::with_config(name, None)
-    }
-
-    /// A host whose /etc/banger/config.toml is `config` (written before the services start).
-    fn with_config(name: &str, config: Option<&str>) -> Option<Host> {
-        if !is_root() {
-            eprintln!("SKIP: VM lifecycle tests need root (the helper launches VMMs)");
-            return None;
-        }
-        let (vmm, standin) = match find_vmm() {
-            Ok(v) => v,
-            Err(why) => {
-                eprintln!("SKIP: {why}");
-                return None;
-            }
-        };
-        let ns = match NetNs::new(name) {
-            Ok(ns) => ns,
-            Err(why) => {
-                eprintln!("SKIP: VM lifecycle tests run the helper in a network namespace: {why}");
-                return None;
-            }
-        };
-        let bed = Bed::new(name);
-        let opens_taps = common::vmm::opens_taps(&vmm, standin, &ns, &bed.root);
-        let mut h = Host {
-            bed,
-            vmm,
-            standin,
-            daemon: None,
-            helper: None,
-            opens_taps,
-            ns,
-        };
-        if let Some(text) = config {
-            let l = h.bed.layout();
-            std::fs::create_dir_all(l.etc_dir()).unwrap();
-            std::fs::write(l.config_toml(), text).unwrap();
-        }
-        h.start_helper();
-        h.start_daemon();
-        let kernel = guest::build_tiny_guest(&h.bed.root).expect("building the tiny guest");
-        let rootfs = h.bed.root.join("rootfs.img");
-        std::fs::write(&rootfs, vec![0u8; 1 << 20]).unwrap();
-        h.ok(&["kernel", "import", "tiny", kernel.to_str().unwrap()]);
-        let r = rootfs.to_str().unwrap();
-        h.ok(&[
-            "image",
-            "import",
-            "tiny",
-            "--rootfs",
-            r,
-            "--kernel",
-            "tiny",
-            "--ready-console",
-            READY,
-        ]);
-        if standin {
-            // The stand-in's "guest" runs banger's agent handler: readiness through vsock.
-            h.ok(&[
-                "image", "import", "agent", "--rootfs", r, "--kernel", "tiny",
-            ]);
-        }
-        Some(h)
-    }
-
-    fn start_helper(&mut self) {
-        let sock = self.bed.layout().helper_socket();
-        self.helper = Some(self.bed.spawn_in(
-            Some(&self.ns),
-            "bangerd-root",
-            &sock,
-            &[("BANGER_FIRECRACKER", &self.vmm)],
-        ));
-    }
-
-    fn start_daemon(&mut self) {
-        let sock = self.bed.layout().daemon_socket();
-        self.daemon = Some(self.bed.spawn("bangerd", &sock));
-    }
-
-    fn stop_daemon(&mut self) {
-        if let Some(mut d) = self.daemon.take() {
-            assert_eq!(d.sigterm_and_wait().code(), Some(0));
-        }
-    }
-
-    fn stop_helper(&mut self) {
-        if let Some(mut h) = self.helper.take() {
-            h.sigterm_and_wait();
-        }
-    }
-
-    fn run(&self, args: &[&str]) -> std::process::Output {
-        self.bed.run("banger", args)
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "banger {args:?} failed: {}\ndaemon log:\n{}",
-            stderr(&o),
-            self.daemon
-                .as_ref()
-                .map(|d| d.log_text())
-                .unwrap_or_default()
-        );
-        stdout(&o)
-    }
-
-    fn show(&self, vm: &str) -> Value {
-        let v: Value = serde_json::from_str(&self.ok(&["vm", "show", vm, "--json"])).unwrap();
-        v["vm"].clone()
-    }
-
-    /// Checks that the VMM of `vm` holds its tap open (it was given it through
-    /// PUT /network-interfaces/eth0), when the VMM is one that opens taps; says so otherwise.
-    fn assert_vmm_holds_tap(&self, vm: &Value) {
-        let (pid, tap) = (vm["pid"].as_i64().unwrap(), vm["tap"].as_str().unwrap());
-        if !self.opens_taps {
-            eprintln!(
-                "NOTE: {} does not open taps (a stand-in older than the tap-opening one): \
-                 not checking that VMM pid {pid} holds {tap}",
-                self.vmm.display()
-            );
-            return;
-        }
-        assert!(
-            vmm_holds_tap(pid, tap),
-            "VMM pid {pid} does not hold {tap} open"
-        );
-    }
-
-    /// The VM's tap in the helper's namespace, if it exists.
-    fn tap(&self, vm: &Value) -> Option<Value> {
-        self.ns
-            .link(vm["tap"].as_str().expect("a VM reports its tap"))
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        // VMMs are detached on purpose: make sure none outlives the test.
-        let vms = self.bed.layout().vms_dir();
-        for e in std::fs::read_dir(&vms).into_iter().flatten().flatten() {
-            if let Ok(Some(h)) = banger::vmm::identity::read_handles(&e.path().join("handles.json"))
-            {
-                if matches!(
-                    banger::vmm::identity::classify(&h.identity, Path::new("/proc")),
-                    banger::vmm::identity::Liveness::Alive
-                ) {
-                    if let Some(pid) = rustix::process::Pid::from_raw(h.identity.pid) {
-                        let _ = rustix::process::kill_process(pid, rustix::process::Signal::Kill);
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn alive(vm: &Value) -> bool {
-    let ident = banger::vmm::identity::Identity {
-        pid: vm["pid"].as_i64().unwrap_or(0) as i32,
-        start_time: vm["start_time"].as_u64().unwrap_or(0),
-        comm: vm["comm"].as_str().unwrap_or("").to_string(),
-    };
-    matches!(
-        banger::vmm::identity::classify(&ident, Path::new("/proc")),
-        banger::vmm::identity::Liveness::Alive
-    )
-}
-
-/// Whether process `pid` holds `/dev/net/tun` attached to `tap`: the kernel's fdinfo of a tun
-/// descriptor names its interface. Proof that the VMM was given the tap (PUT /network-interfaces)
-/// and opened it as Firecracker does.
-fn vmm_holds_tap(pid: i64, tap: &str) -> bool {
-    let dir = format!("/proc/{pid}/fdinfo");
-    std::fs::read_dir(&dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-        .any(|info| info.lines().any(|l| l == format!("iff:\t{tap}")))
-}
+use std::path::PathBuf;
+use vmhost::{alive, Host};
 
 impl Host {
     /// The image the test snapshots: the agent image under the stand-in (its fake guest runs
@@ -274,7 +73,9 @@ fn set_recorded_version(h: &Host, snap: &str, version: &str) {
 
 #[test]
 fn snapshot_restore_twice_refusals_and_restarts() {
-    let Some(mut h) = Host::new("snap") else {
+    let Some(mut h) =
+        Host::with_tiny_guest("snapshot_restore_twice_refusals_and_restarts", "snap", None)
+    else {
         return;
     };
     let img = h.snap_image();
@@ -461,7 +262,7 @@ fn snapshot_restore_twice_refusals_and_restarts() {
 
 #[test]
 fn snapshot_refusals_change_nothing() {
-    let Some(h) = Host::new("snapno") else {
+    let Some(h) = Host::with_tiny_guest("snapshot_refusals_change_nothing", "snapno", None) else {
         return;
     };
     let img = h.snap_image();

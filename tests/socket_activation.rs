@@ -49,35 +49,15 @@ fn activated(bed: &Bed, role: &str, fd: RawFd, env: &[(&str, &str)]) -> Command 
 }
 
 fn spawn(bed: &Bed, role: &str, fd: RawFd, name: &str, socket: &Path, method: &str) -> Server {
-    let log = bed.root.join(format!("{role}.log"));
-    let child = activated(
+    let mut cmd = activated(
         bed,
         role,
         fd,
         &[("LISTEN_FDS", "1"), ("LISTEN_FDNAMES", name)],
-    )
-    .stdout(Stdio::null())
-    .stderr(
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap(),
-    )
-    .spawn()
-    .unwrap();
-    let s = Server { child, log };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while client::call_with_timeout(socket, method, json!({}), Duration::from_secs(2)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "{role} never answered on {}; log:\n{}",
-            socket.display(),
-            s.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    s
+    );
+    bed.start_logged(&mut cmd, role, socket, || {
+        client::call_with_timeout(socket, method, json!({}), Duration::from_secs(2)).is_ok()
+    })
 }
 
 fn listener_at(path: &Path, mode: u32) -> UnixListener {

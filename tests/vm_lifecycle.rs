@@ -16,144 +16,19 @@
 mod common;
 #[path = "guest/mod.rs"]
 mod guest;
+#[path = "vmhost/mod.rs"]
+mod vmhost;
 
 use banger::net::{mac_for, tap_name};
 use banger::rpc::client::{self, CallError};
 use banger::rpc::ErrorCode;
-use common::vmm::find_vmm;
 use common::*;
+use guest::READY;
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-const READY: &str = "banger-guest: ready boot_id=";
-
-/// A temp install with both services running and images imported.
-struct Host {
-    bed: Bed,
-    vmm: PathBuf,
-    standin: bool,
-    daemon: Option<Server>,
-    helper: Option<Server>,
-    /// Whether the VMM opens its tap (a real Firecracker, or a stand-in that does).
-    opens_taps: bool,
-    /// Dropped last: its interfaces go with it.
-    ns: NetNs,
-}
+use vmhost::{alive, Host};
 
 impl Host {
-    fn new(name: &str) -> Option<Host> {
-        Host::with_config(name, None)
-    }
-
-    /// A host whose /etc/banger/config.toml is `config` (written before the services start).
-    fn with_config(name: &str, config: Option<&str>) -> Option<Host> {
-        if !is_root() {
-            eprintln!("SKIP: VM lifecycle tests need root (the helper launches VMMs)");
-            return None;
-        }
-        let (vmm, standin) = match find_vmm() {
-            Ok(v) => v,
-            Err(why) => {
-                eprintln!("SKIP: {why}");
-                return None;
-            }
-        };
-        let ns = match NetNs::new(name) {
-            Ok(ns) => ns,
-            Err(why) => {
-                eprintln!("SKIP: VM lifecycle tests run the helper in a network namespace: {why}");
-                return None;
-            }
-        };
-        let bed = Bed::new(name);
-        let opens_taps = common::vmm::opens_taps(&vmm, standin, &ns, &bed.root);
-        let mut h = Host {
-            bed,
-            vmm,
-            standin,
-            daemon: None,
-            helper: None,
-            opens_taps,
-            ns,
-        };
-        if let Some(text) = config {
-            let l = h.bed.layout();
-            std::fs::create_dir_all(l.etc_dir()).unwrap();
-            std::fs::write(l.config_toml(), text).unwrap();
-        }
-        h.start_helper();
-        h.start_daemon();
-        let kernel = guest::build_tiny_guest(&h.bed.root).expect("building the tiny guest");
-        let rootfs = h.bed.root.join("rootfs.img");
-        std::fs::write(&rootfs, vec![0u8; 1 << 20]).unwrap();
-        h.ok(&["kernel", "import", "tiny", kernel.to_str().unwrap()]);
-        let r = rootfs.to_str().unwrap();
-        h.ok(&[
-            "image",
-            "import",
-            "tiny",
-            "--rootfs",
-            r,
-            "--kernel",
-            "tiny",
-            "--ready-console",
-            READY,
-        ]);
-        if standin {
-            // The stand-in's "guest" runs banger's agent handler: readiness through vsock.
-            h.ok(&[
-                "image", "import", "agent", "--rootfs", r, "--kernel", "tiny",
-            ]);
-        }
-        Some(h)
-    }
-
-    fn start_helper(&mut self) {
-        let sock = self.bed.layout().helper_socket();
-        self.helper = Some(self.bed.spawn_in(
-            Some(&self.ns),
-            "bangerd-root",
-            &sock,
-            &[("BANGER_FIRECRACKER", &self.vmm)],
-        ));
-    }
-
-    fn start_daemon(&mut self) {
-        let sock = self.bed.layout().daemon_socket();
-        self.daemon = Some(self.bed.spawn("bangerd", &sock));
-    }
-
-    fn stop_daemon(&mut self) {
-        if let Some(mut d) = self.daemon.take() {
-            assert_eq!(d.sigterm_and_wait().code(), Some(0));
-        }
-    }
-
-    fn stop_helper(&mut self) {
-        if let Some(mut h) = self.helper.take() {
-            h.sigterm_and_wait();
-        }
-    }
-
-    fn run(&self, args: &[&str]) -> std::process::Output {
-        self.bed.run("banger", args)
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "banger {args:?} failed: {}\ndaemon log:\n{}",
-            stderr(&o),
-            self.daemon
-                .as_ref()
-                .map(|d| d.log_text())
-                .unwrap_or_default()
-        );
-        stdout(&o)
-    }
-
     fn call(&self, method: &str, params: Value) -> Result<Value, CallError> {
         client::call_with_timeout(
             &self.bed.layout().daemon_socket(),
@@ -161,11 +36,6 @@ impl Host {
             params,
             Duration::from_secs(120),
         )
-    }
-
-    fn show(&self, vm: &str) -> Value {
-        let v: Value = serde_json::from_str(&self.ok(&["vm", "show", vm, "--json"])).unwrap();
-        v["vm"].clone()
     }
 
     fn list(&self) -> Vec<Value> {
@@ -176,80 +46,11 @@ impl Host {
     fn image(&self) -> &'static str {
         "tiny"
     }
-
-    /// Checks that the VMM of `vm` holds its tap open (it was given it through
-    /// PUT /network-interfaces/eth0), when the VMM is one that opens taps; says so otherwise.
-    fn assert_vmm_holds_tap(&self, vm: &Value) {
-        let (pid, tap) = (vm["pid"].as_i64().unwrap(), vm["tap"].as_str().unwrap());
-        if !self.opens_taps {
-            eprintln!(
-                "NOTE: {} does not open taps (a stand-in older than the tap-opening one): \
-                 not checking that VMM pid {pid} holds {tap}",
-                self.vmm.display()
-            );
-            return;
-        }
-        assert!(
-            vmm_holds_tap(pid, tap),
-            "VMM pid {pid} does not hold {tap} open"
-        );
-    }
-
-    /// The VM's tap in the helper's namespace, if it exists.
-    fn tap(&self, vm: &Value) -> Option<Value> {
-        self.ns
-            .link(vm["tap"].as_str().expect("a VM reports its tap"))
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        // VMMs are detached on purpose: make sure none outlives the test.
-        let vms = self.bed.layout().vms_dir();
-        for e in std::fs::read_dir(&vms).into_iter().flatten().flatten() {
-            if let Ok(Some(h)) = banger::vmm::identity::read_handles(&e.path().join("handles.json"))
-            {
-                if matches!(
-                    banger::vmm::identity::classify(&h.identity, Path::new("/proc")),
-                    banger::vmm::identity::Liveness::Alive
-                ) {
-                    if let Some(pid) = rustix::process::Pid::from_raw(h.identity.pid) {
-                        let _ = rustix::process::kill_process(pid, rustix::process::Signal::Kill);
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn alive(vm: &Value) -> bool {
-    let ident = banger::vmm::identity::Identity {
-        pid: vm["pid"].as_i64().unwrap_or(0) as i32,
-        start_time: vm["start_time"].as_u64().unwrap_or(0),
-        comm: vm["comm"].as_str().unwrap_or("").to_string(),
-    };
-    matches!(
-        banger::vmm::identity::classify(&ident, Path::new("/proc")),
-        banger::vmm::identity::Liveness::Alive
-    )
-}
-
-/// Whether process `pid` holds `/dev/net/tun` attached to `tap`: the kernel's fdinfo of a tun
-/// descriptor names its interface. Proof that the VMM was given the tap (PUT /network-interfaces)
-/// and opened it as Firecracker does.
-fn vmm_holds_tap(pid: i64, tap: &str) -> bool {
-    let dir = format!("/proc/{pid}/fdinfo");
-    std::fs::read_dir(&dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-        .any(|info| info.lines().any(|l| l == format!("iff:\t{tap}")))
 }
 
 #[test]
 fn image_list_shows_size_and_origin() {
-    let Some(h) = Host::new("imglist") else {
+    let Some(h) = Host::with_tiny_guest("image_list_shows_size_and_origin", "imglist", None) else {
         return;
     };
     let rootfs = h.bed.root.join("rootfs.img");
@@ -287,7 +88,9 @@ fn image_list_shows_size_and_origin() {
 
 #[test]
 fn create_stop_start_restart_delete() {
-    let Some(h) = Host::new("life") else { return };
+    let Some(h) = Host::with_tiny_guest("create_stop_start_restart_delete", "life", None) else {
+        return;
+    };
     let out = h.ok(&["vm", "create", "--name", "a", "--image", h.image()]);
     assert!(out.contains("a running boot_id="), "{out}");
     let v1 = h.show("a");
@@ -367,7 +170,9 @@ fn create_stop_start_restart_delete() {
 
 #[test]
 fn network_addresses_taps_and_reuse() {
-    let Some(h) = Host::new("net") else { return };
+    let Some(h) = Host::with_tiny_guest("network_addresses_taps_and_reuse", "net", None) else {
+        return;
+    };
     h.ok(&["vm", "create", "--name", "n1", "--image", h.image()]);
     let n1 = h.show("n1");
     let id = n1["id"].as_str().unwrap();
@@ -431,7 +236,8 @@ fn network_addresses_taps_and_reuse() {
 
 #[test]
 fn a_failed_boot_takes_its_network_down() {
-    let Some(h) = Host::new("failboot") else {
+    let Some(h) = Host::with_tiny_guest("a_failed_boot_takes_its_network_down", "failboot", None)
+    else {
         return;
     };
     // An image whose kernel file vanished after import: the VMM refuses it while the helper has
@@ -476,7 +282,11 @@ fn a_failed_boot_takes_its_network_down() {
 
 #[test]
 fn an_exhausted_subnet_is_a_clear_error_and_records_nothing() {
-    let Some(h) = Host::with_config("full", Some("[network]\nsubnet = \"10.77.0.0/29\"\n")) else {
+    let Some(h) = Host::with_tiny_guest(
+        "an_exhausted_subnet_is_a_clear_error_and_records_nothing",
+        "full",
+        Some("[network]\nsubnet = \"10.77.0.0/29\"\n"),
+    ) else {
         return;
     };
     // A /29 has 5 guest addresses (.2-.6): the bridge takes .1.
@@ -548,7 +358,10 @@ fn bad_network_config_stops_the_daemon_before_it_binds() {
 
 #[test]
 fn agent_readiness_reports_guest_boot_id() {
-    let Some(h) = Host::new("agent") else { return };
+    let Some(h) = Host::with_tiny_guest("agent_readiness_reports_guest_boot_id", "agent", None)
+    else {
+        return;
+    };
     if !h.standin {
         eprintln!("SKIP: agent readiness needs a guest with the agent (the tiny guest has none)");
         return;
@@ -564,7 +377,9 @@ fn agent_readiness_reports_guest_boot_id() {
 
 #[test]
 fn vms_survive_daemon_and_helper_restarts() {
-    let Some(mut h) = Host::new("survive") else {
+    let Some(mut h) =
+        Host::with_tiny_guest("vms_survive_daemon_and_helper_restarts", "survive", None)
+    else {
         return;
     };
     h.ok(&["vm", "create", "--name", "s", "--image", h.image()]);
@@ -598,7 +413,11 @@ fn vms_survive_daemon_and_helper_restarts() {
 
 #[test]
 fn vm_that_died_while_daemon_was_down_is_stopped_and_cleaned() {
-    let Some(mut h) = Host::new("died") else {
+    let Some(mut h) = Host::with_tiny_guest(
+        "vm_that_died_while_daemon_was_down_is_stopped_and_cleaned",
+        "died",
+        None,
+    ) else {
         return;
     };
     h.ok(&["vm", "create", "--name", "d", "--image", h.image()]);
@@ -627,7 +446,11 @@ fn vm_that_died_while_daemon_was_down_is_stopped_and_cleaned() {
 
 #[test]
 fn invalid_specs_are_rejected_and_leave_nothing() {
-    let Some(h) = Host::new("invalid") else {
+    let Some(h) = Host::with_tiny_guest(
+        "invalid_specs_are_rejected_and_leave_nothing",
+        "invalid",
+        None,
+    ) else {
         return;
     };
     for args in [
@@ -701,7 +524,9 @@ fn invalid_specs_are_rejected_and_leave_nothing() {
 
 #[test]
 fn concurrent_creates_never_collide() {
-    let Some(h) = Host::new("conc") else { return };
+    let Some(h) = Host::with_tiny_guest("concurrent_creates_never_collide", "conc", None) else {
+        return;
+    };
     let sock = h.bed.layout().daemon_socket();
     let image = h.image();
     let threads: Vec<_> = (0..8)

@@ -25,7 +25,7 @@ mod vmhost;
 use common::*;
 use serde_json::Value;
 use std::process::{Command, Output};
-use vmhost::Host;
+use vmhost::{median, time_ms, Host};
 
 /// The stand-in guest's host key (standin/src/server.rs `STANDIN_HOST_KEY`).
 const STANDIN_HOST_KEY: &str =
@@ -40,13 +40,8 @@ fn host(test: &str, tag: &str) -> Option<Host> {
         return None;
     }
     let kernel = guest::build_tiny_guest(&h.bed.root).expect("building the tiny guest");
-    let rootfs = h.bed.root.join("rootfs.img");
-    std::fs::write(&rootfs, vec![0u8; 1 << 20]).unwrap();
     h.ok(&["kernel", "import", "tiny", kernel.to_str().unwrap()]);
-    let r = rootfs.to_str().unwrap();
-    h.ok(&[
-        "image", "import", "agent", "--rootfs", r, "--kernel", "tiny",
-    ]);
+    h.import_agent_image("tiny");
     Some(h)
 }
 
@@ -159,11 +154,6 @@ fn exec_reports_sshs_own_failure_and_run_refuses_bad_flags() {
     h.ok(&["vm", "delete", "bg"]);
 }
 
-fn median_ms(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
 #[test]
 fn vm_exec_through_a_real_sshd_at_the_vms_address() {
     if let Err(why) = sshd::sshd_binary() {
@@ -216,63 +206,14 @@ fn vm_exec_through_a_real_sshd_at_the_vms_address() {
 
     // Plain ssh through the generated config, included from a user's ~/.ssh/config by
     // `ssh-config --install` (ssh reads the file given with -F as it would ~/.ssh/config).
-    let home = "/home/sshuser";
-    let o = h
-        .bed
-        .cmd("banger")
-        .args(["ssh-config", "--install"])
-        .env("HOME", home)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    let user_cfg = l.user_ssh_config(std::path::Path::new(home));
-    let o = Command::new("ip")
-        .args(["netns", "exec", &h.ns.name, "ssh", "-F"])
-        .arg(&user_cfg)
-        .args(["ex.vm", "sh", "-c", "'exit 5'"])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
+    let o = h.ssh_through_user_config("/home/sshuser", &["ex.vm", "sh", "-c", "'exit 5'"]);
     assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
 
     if std::env::var_os("BANGER_SSH_BENCH").is_none() {
         eprintln!("note: set BANGER_SSH_BENCH=1 to time vm exec against plain ssh");
         return;
     }
-    let time = |cmd: &mut Command| -> f64 {
-        let t = std::time::Instant::now();
-        let o = cmd.output().unwrap();
-        assert!(o.status.success(), "{}", stderr(&o));
-        t.elapsed().as_secs_f64() * 1000.0
-    };
-    let (k, kh) = (l.ssh_key(), l.ssh_known_hosts());
-    let words = vec!["true".to_string()];
-    let argv = banger::ssh::command::SshCommand {
-        key: &k,
-        known_hosts: &kh,
-        host: ip,
-        port: None,
-        tty: banger::ssh::command::Tty::No,
-        command: Some(&words),
-    }
-    .argv()
-    .unwrap();
-    let (mut banger_ms, mut ssh_ms) = (Vec::new(), Vec::new());
-    for _ in 0..20 {
-        banger_ms.push(time(
-            Command::new("ip")
-                .args(["netns", "exec", &h.ns.name])
-                .arg(h.bed.bin.join("banger"))
-                .args(["vm", "exec", "ex", "--", "true"])
-                .env("BANGER_ROOT", &h.bed.root),
-        ));
-        ssh_ms.push(time(
-            Command::new("ip")
-                .args(["netns", "exec", &h.ns.name])
-                .args(&argv),
-        ));
-    }
-    let (b, s) = (median_ms(banger_ms), median_ms(ssh_ms));
+    let (b, s) = h.exec_vs_ssh_ms("ex", ip);
     eprintln!(
         "BENCH vm exec NAME -- true: median of 20 {b:.1} ms; plain ssh, same options: {s:.1} ms; wrapper overhead {:.1} ms",
         b - s
@@ -288,29 +229,30 @@ fn vm_exec_through_a_real_sshd_at_the_vms_address() {
         &std::env::var_os("PATH").unwrap_or_default(),
     )))
     .unwrap();
+    let argv = h.plain_ssh_argv(ip);
     let (mut banger_ms, mut stub_ms) = (Vec::new(), Vec::new());
     for _ in 0..20 {
-        banger_ms.push(time(
+        banger_ms.push(time_ms(
             h.cmd_in_ns(&["vm", "exec", "ex", "--", "true"])
                 .env("PATH", &path),
         ));
-        stub_ms.push(time(
+        stub_ms.push(time_ms(
             Command::new("ip")
                 .args(["netns", "exec", &h.ns.name])
                 .arg(stub.join("ssh"))
                 .args(&argv[1..]),
         ));
     }
-    let (b, s) = (median_ms(banger_ms), median_ms(stub_ms));
+    let (b, s) = (median(banger_ms), median(stub_ms));
     eprintln!(
         "BENCH wrapper alone (ssh stubbed by /bin/true): vm exec {b:.1} ms, the stub alone {s:.1} ms; overhead {:.1} ms",
         b - s
     );
     // Where the overhead goes: the binary starting, and the one RPC it makes.
     let bare = |args: &[&str]| {
-        median_ms(
+        median(
             (0..20)
-                .map(|_| time(h.bed.cmd("banger").args(args)))
+                .map(|_| time_ms(h.bed.cmd("banger").args(args)))
                 .collect(),
         )
     };

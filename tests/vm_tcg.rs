@@ -12,13 +12,15 @@
 //! `/var/tmp/banger-cache/kernel/*/vmlinux`) and the image (`BANGER_TEST_ROOTFS`); SKIPs otherwise.
 
 mod common;
+#[path = "guest/mod.rs"]
+mod guest;
 #[path = "vmhost/mod.rs"]
 mod vmhost;
 
 use common::*;
 use serde_json::Value;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Instant;
 use vmhost::Host;
 
@@ -38,11 +40,6 @@ fn kernel() -> Option<PathBuf> {
 
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1000.0
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 #[test]
@@ -151,23 +148,7 @@ fn ssh_into_a_real_guest() {
     assert!(endpoints.contains(&"dev.vm:22"), "{v}");
 
     // ssh_config_install: plain ssh through the Include.
-    let home = "/home/tcguser";
-    let o = h
-        .bed
-        .cmd("banger")
-        .args(["ssh-config", "--install"])
-        .env("HOME", home)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    let cfg = h.bed.layout().user_ssh_config(std::path::Path::new(home));
-    let o = Command::new("ip")
-        .args(["netns", "exec", &h.ns.name, "ssh", "-F"])
-        .arg(&cfg)
-        .args(["dev.vm", "true"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let o = h.ssh_through_user_config("/home/tcguser", &["dev.vm", "true"]);
     assert!(o.status.success(), "{}", stderr(&o));
 
     // The same guest answers SSH after both services restart.
@@ -183,41 +164,11 @@ fn ssh_into_a_real_guest() {
     assert_eq!(stdout(&o).trim(), boot_id, "{}", stderr(&o));
 
     // Numbers: vm exec against plain ssh with the same options (median of 20).
-    let l = h.bed.layout();
-    let (k, kh) = (l.ssh_key(), l.ssh_known_hosts());
-    let words = vec!["true".to_string()];
-    let ip = vm["ip"].as_str().unwrap();
-    let argv = banger::ssh::command::SshCommand {
-        key: &k,
-        known_hosts: &kh,
-        host: ip,
-        port: None,
-        tty: banger::ssh::command::Tty::No,
-        command: Some(&words),
-    }
-    .argv()
-    .unwrap();
-    let (mut b, mut s) = (Vec::new(), Vec::new());
-    for _ in 0..20 {
-        let t = Instant::now();
-        assert!(h
-            .run_in_ns(&["vm", "exec", "dev", "--", "true"])
-            .status
-            .success());
-        b.push(ms(t));
-        let t = Instant::now();
-        let o = Command::new("ip")
-            .args(["netns", "exec", &h.ns.name])
-            .args(&argv)
-            .output()
-            .unwrap();
-        assert!(o.status.success());
-        s.push(ms(t));
-    }
-    let (b, s) = (median(b), median(s));
+    let (b, s) = h.exec_vs_ssh_ms("dev", vm["ip"].as_str().unwrap());
     eprintln!("TCG-BENCH vm exec dev -- true: {b:.0} ms; plain ssh, same options: {s:.0} ms (median of 20)");
 
     // vm_ssh_pinned: another key in the pin is refused with ssh's MITM message.
+    let l = h.bed.layout();
     let pinned_blob = key_line.split_whitespace().nth(2).unwrap();
     let other = banger::ssh::PublicKey::from_bytes([5; 32]).to_openssh();
     let other_blob = other.split_whitespace().nth(1).unwrap();

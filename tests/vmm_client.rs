@@ -8,6 +8,7 @@ mod common;
 mod guest;
 
 use common::vmm::find_vmm;
+use common::wait_exit;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -129,14 +130,7 @@ impl Vmm {
     }
 
     fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        wait_exit(&mut self.child, timeout)
     }
 
     fn signal(&self, sig: rustix::process::Signal) {
@@ -146,23 +140,11 @@ impl Vmm {
 
     /// The configuration every test boots: the tiny guest, console on ttyS0, 1 vCPU, 128 MiB.
     fn configure(&self, kernel: &Path) {
-        self.api
-            .put_boot_source(&BootSource {
-                kernel_image_path: kernel.to_path_buf(),
-                boot_args: Some("console=ttyS0 reboot=k panic=1 banger.name=vmc".into()),
-                initrd_path: None,
-            })
-            .unwrap();
-        self.api
-            .put_machine_config(&MachineConfiguration {
-                vcpu_count: 1,
-                mem_size_mib: 128,
-                smt: None,
-                track_dirty_pages: None,
-                cpu_template: None,
-                huge_pages: None,
-            })
-            .unwrap();
+        guest::configure(
+            &self.api,
+            kernel,
+            "console=ttyS0 reboot=k panic=1 banger.name=vmc",
+        );
     }
 }
 

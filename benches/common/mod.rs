@@ -3,7 +3,7 @@
 
 use banger::rpc::client;
 use serde_json::json;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Resident set size of `pid` in KiB (0 if unknown).
@@ -32,6 +32,76 @@ pub fn wait_call(sock: &Path, method: &str) {
     }
 }
 
+/// A [`Host`] for a VM benchmark: both services running with the helper in a network namespace
+/// of its own, and the tiny guest imported as kernel `k` and image `i` (ready at its console
+/// line).
+pub struct VmBench {
+    pub host: Host,
+    /// `BANGER_TEST_FIRECRACKER`, else the release stand-in.
+    pub vmm: PathBuf,
+    pub helper: u32,
+    pub daemon: u32,
+    /// The tiny guest, as `build_guest` made it under the host's root.
+    pub kernel: PathBuf,
+    /// The blank 1 MiB root image image `i` was imported from.
+    pub rootfs: PathBuf,
+}
+
+impl VmBench {
+    /// The set-up [`VmBench`] named `tag`; `None` after printing why benchmark `bench` skips (not
+    /// root, no VMM, no network namespace). `build_guest` is `guest::build_tiny_guest` (the
+    /// benchmark's own include of tests/guest).
+    pub fn start(
+        bench: &str,
+        tag: &str,
+        build_guest: fn(&Path) -> banger::error::Result<PathBuf>,
+    ) -> Option<VmBench> {
+        if !rustix::process::geteuid().is_root() {
+            println!("SKIP: {bench} bench needs root (the helper launches VMMs)");
+            return None;
+        }
+        let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/x86_64-unknown-linux-gnu");
+        let vmm = std::env::var("BANGER_TEST_FIRECRACKER")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| target.join("release/firecracker"));
+        if !vmm.is_file() {
+            println!(
+                "SKIP: no VMM at {} (build the stand-in: cargo build --release -p banger-fc-standin)",
+                vmm.display()
+            );
+            return None;
+        }
+        let mut host = Host::new(tag, &[("BANGER_FIRECRACKER", &vmm)]);
+        if let Err(why) = host.isolate_network() {
+            println!("SKIP: {bench} bench runs the helper in a network namespace: {why}");
+            return None;
+        }
+        let helper = host.start("bangerd-root");
+        let daemon = host.start("bangerd");
+        let sock = host.layout.daemon_socket();
+        let kernel = build_guest(&host.root).expect("building the tiny guest");
+        let rootfs = host.root.join("rootfs.img");
+        std::fs::write(&rootfs, vec![0u8; 1 << 20]).expect("rootfs");
+        let call = |method: &str, params| {
+            client::call_with_timeout(&sock, method, params, Duration::from_secs(120))
+                .unwrap_or_else(|e| panic!("{method}: {e:?}"))
+        };
+        call("kernel.import", json!({"name": "k", "path": kernel}));
+        call(
+            "image.import",
+            json!({"name": "i", "rootfs": rootfs, "kernel": "k", "ready_console": "banger-guest: ready boot_id="}),
+        );
+        Some(VmBench {
+            host,
+            vmm,
+            helper,
+            daemon,
+            kernel,
+            rootfs,
+        })
+    }
+}
+
 /// A temp layout with `bangerd`/`bangerd-root` links to the binary under test; every service it
 /// spawned is killed and the root removed on drop (a failed `expect` included).
 pub struct Host {
@@ -49,8 +119,9 @@ impl Host {
     /// A host named `tag` running `bin` (BANGER_BENCH_BIN, else the release build), with `envs`
     /// set for every service.
     pub fn new(tag: &str, envs: &[(&str, &Path)]) -> Host {
+        // Absolute: the role links point at it from the temp root.
         let bin = std::env::var("BANGER_BENCH_BIN")
-            .map(std::path::PathBuf::from)
+            .map(|p| std::path::absolute(p).expect("BANGER_BENCH_BIN"))
             .unwrap_or_else(|_| {
                 Path::new(env!("CARGO_MANIFEST_DIR"))
                     .join("target/x86_64-unknown-linux-gnu/release/banger")
@@ -72,6 +143,11 @@ impl Host {
             children: Vec::new(),
             netns: None,
         }
+    }
+
+    /// The network namespace [`Host::isolate_network`] made, if any.
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
     }
 
     /// Runs the root helper (and so the VMMs it launches) in a network namespace of its own,

@@ -7,8 +7,12 @@ Does Firecracker's host-side handshake (`CONNECT <port>\\n` -> `OK <n>\\n`), sen
 agent says no; exits 3 when the socket, the handshake or the answer fails.
 """
 import json
+import os
 import socket
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from rpc import answer  # noqa: E402
 
 AGENT_PORT = 52  # banger::agent::AGENT_VSOCK_PORT
 
@@ -42,16 +46,7 @@ def main():
         print(__doc__, file=sys.stderr)
         return 2
     port = int(sys.argv[3]) if len(sys.argv) == 4 else AGENT_PORT
-    try:
-        resp = call(sys.argv[1], sys.argv[2], port)
-    except (OSError, ValueError) as e:
-        print(f"agent: {sys.argv[1]}: {e}", file=sys.stderr)
-        return 3
-    if resp.get("ok"):
-        print(json.dumps(resp.get("result")))
-        return 0
-    print(json.dumps(resp.get("error")), file=sys.stderr)
-    return 1
+    return answer("agent", sys.argv[1], lambda: call(sys.argv[1], sys.argv[2], port))
 
 
 if __name__ == "__main__":

@@ -32,21 +32,28 @@ def call(path, method, params=None, timeout=5.0):
     return json.loads(line)
 
 
-def main():
-    if len(sys.argv) not in (3, 4):
-        print(__doc__, file=sys.stderr)
-        return 2
-    params = json.loads(sys.argv[3]) if len(sys.argv) == 4 else {}
+def answer(name, target, ask):
+    """Prints what `ask()` answered and returns the exit code (the smoke scripts' convention):
+    0 with the result as JSON on stdout when ok; 1 with the error on stderr when the other side
+    said no; 3 with `NAME: TARGET: why` when it could not be asked (socket, transport, JSON)."""
     try:
-        resp = call(sys.argv[1], sys.argv[2], params)
+        resp = ask()
     except (OSError, ValueError) as e:
-        print(f"rpc: {sys.argv[1]}: {e}", file=sys.stderr)
+        print(f"{name}: {target}: {e}", file=sys.stderr)
         return 3
     if resp.get("ok"):
         print(json.dumps(resp.get("result")))
         return 0
     print(json.dumps(resp.get("error")), file=sys.stderr)
     return 1
+
+
+def main():
+    if len(sys.argv) not in (3, 4):
+        print(__doc__, file=sys.stderr)
+        return 2
+    params = json.loads(sys.argv[3]) if len(sys.argv) == 4 else {}
+    return answer("rpc", sys.argv[1], lambda: call(sys.argv[1], sys.argv[2], params))
 
 
 if __name__ == "__main__":

@@ -101,13 +101,6 @@ fn up_with(ctx: &Ctx, vm: &Vm, ip: Ipv4Addr, tap_only: bool) -> Result<String, R
         })
 }
 
-/// `priv.net_hold`: holds (`true`) or releases VM `vm`'s bridge port (a restored clone's, until
-/// the agent gave it its own identity).
-pub fn hold(ctx: &Ctx, vm: &Vm, hold: bool) -> Result<(), RpcError> {
-    ctx.helper("priv.net_hold", json!({"id": vm.id, "hold": hold}))
-        .map(drop)
-}
-
 /// `priv.net_down`, best effort: a failure is logged (the tap is removed at the VM's next stop or
 /// delete, both idempotent) and never fails the caller, whose VMM is already gone.
 pub fn down(ctx: &Ctx, vm: &Vm) {

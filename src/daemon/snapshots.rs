@@ -558,13 +558,6 @@ fn load(
             load.resume_vm = Some(false);
             api.load_snapshot(&load)
                 .map_err(api_failed(what("loading the snapshot")))?;
-            if snap.agent {
-                // Still paused: the guest has the source VM's MAC, address and TCP connections
-                // until the agent gives it its own, so the bridge must not learn the source's MAC
-                // on this VM's port until then (see net::plumb::net_hold).
-                op.stage("holding the bridge port");
-                net::hold(&vms.ctx, v, true)?;
-            }
             op.stage("waiting for the disk clone");
             clone_t.wait().as_ref().map_err(Clone::clone)?;
             op.stage("pointing the drive at the VM's disk");
@@ -590,8 +583,6 @@ fn load(
             }
             op.stage("reconfiguring the guest");
             let done = reconfigure(vms, v, ip, &files, &what)?;
-            op.stage("releasing the bridge port");
-            net::hold(&vms.ctx, v, false)?;
             drop(snap_guard);
             Ok(done)
         })();

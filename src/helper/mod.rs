@@ -21,13 +21,12 @@ pub struct Helper {
 }
 
 /// Every method the helper serves.
-pub const METHODS: [&str; 8] = [
+pub const METHODS: [&str; 7] = [
     "priv.ping",
     "priv.vm_launch",
     "priv.vm_signal",
     "priv.vm_cleanup",
     "priv.net_up",
-    "priv.net_hold",
     "priv.net_down",
     "priv.net_purge",
 ];
@@ -63,7 +62,6 @@ impl Handler for Helper {
             "priv.vm_cleanup" => vm::vm_cleanup(&self.layout, &self.vm, &params),
             // Taps belong to the uid the VMMs run as (the owner), so Firecracker can open them.
             "priv.net_up" => net::net_up(&self.layout, &self.net, self.vm.vmm_uid(), &params),
-            "priv.net_hold" => net::net_hold(&self.layout, &self.net, &params),
             "priv.net_down" => net::net_down(&self.layout, &self.net, &params),
             "priv.net_purge" => net::net_purge(&self.layout, &self.net, &params),
             other => Err(RpcError::new(

@@ -1,4 +1,4 @@
-//! The helper's network methods: `priv.net_up`, `priv.net_hold`, `priv.net_down`, `priv.net_purge`.
+//! The helper's network methods: `priv.net_up`, `priv.net_down`, `priv.net_purge`.
 //!
 //! Validates every argument (VM id, guest address of the configured subnet, NAT bool, nothing
 //! else), derives every name from the id, and serializes all net calls behind one lock so two
@@ -59,19 +59,6 @@ pub fn net_up(
     }
     .map_err(failed)?;
     Ok(json!({"tap": up.tap, "bridge": up.bridge}))
-}
-
-/// `priv.net_hold {id, hold}` → `{learning}`: a restored clone's bridge port held (it learns no
-/// MAC) until the clone has its own identity, then released (see [`plumb::net_hold`]).
-pub fn net_hold(layout: &Layout, lock: &NetLock, params: &Value) -> Result<Value, RpcError> {
-    let m = validate::only_params(params, &["id", "hold"])?
-        .ok_or_else(|| RpcError::bad_request("missing arguments: id, hold"))?;
-    let id = validate::vm_id(validate::required_str(m, "id")?)?;
-    let hold = validate::required_bool(m, "hold")?;
-    let cfg = config(layout)?;
-    let _g = lock.hold();
-    let learning = plumb::net_hold(&cfg, id, hold).map_err(failed)?;
-    Ok(json!({"learning": learning}))
 }
 
 /// `priv.net_down {id}` → `{}`.

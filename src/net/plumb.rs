@@ -168,6 +168,12 @@ fn ensure_tap(
         if l.master != Some(bridge) || l.isolated != Some(true) || !l.up {
             nl.isolate_and_up(l.index)?;
         }
+        // The VM's MAC lives on its port, whatever another port sends: a clone restored from a
+        // snapshot wakes with the source VM's MAC (and its TCP connections) and would otherwise
+        // pull the host's packets for a still-running source — an open SSH session — to itself
+        // until the agent gave it its own. Every time (idempotent): a bridge re-created behind
+        // our back forgot it.
+        nl.pin_fdb(l.index, mac_bytes(id))?;
         Ok(())
     };
     if let Err(e) = attach() {
@@ -177,6 +183,15 @@ fn ensure_tap(
         return Err(e);
     }
     Ok((t, created))
+}
+
+/// VM `id`'s MAC ([`crate::net::mac_for`], which Firecracker gives its NIC) as bytes.
+fn mac_bytes(id: &str) -> [u8; 6] {
+    let mut b = [0u8; 6];
+    for (out, h) in b.iter_mut().zip(crate::net::mac_for(id).split(':')) {
+        *out = u8::from_str_radix(h, 16).unwrap_or(0);
+    }
+    b
 }
 
 /// The transaction that makes `ip`'s NAT element exactly `nat` (for VM `id`), whatever was there:
@@ -270,49 +285,6 @@ pub fn net_up(
         tap,
         bridge: cfg.bridge.clone(),
     })
-}
-
-/// Holds (`hold`) or releases VM `id`'s bridge port. A clone restored from a snapshot wakes with
-/// the source VM's MAC, address and open TCP connections; until the agent has given it its own,
-/// whatever it sends would teach the bridge that the source's MAC lives on the clone's port, and
-/// the host's packets for the source (an SSH session being typed into) would reach the clone. A
-/// held port does not learn: the source's MAC stays where it is. (Frames to the clone still
-/// arrive, so the host can talk to it; a port that dropped everything would also cut off an
-/// agent reached over the network, as the test stand-in's is.) Returns whether the port learns
-/// after the call. Refuses a tap of another VM, a non-tap, a tap not on the bridge.
-pub fn net_hold(cfg: &NetConfig, id: &str, hold: bool) -> Result<bool> {
-    let mut nl = Rtnl::open()?;
-    let t = tap_name(id);
-    let what = || {
-        format!(
-            "{} the bridge port of VM {id} (tap {t})",
-            if hold { "holding" } else { "releasing" }
-        )
-    };
-    let l = nl
-        .link(&t)?
-        .ok_or_else(|| Error::new(what(), format!("{t} does not exist")).hint("start the VM"))?;
-    if l.kind.as_deref() != Some("tun") || !l.is_tap {
-        return Err(Error::new(what(), format!("{t} is not a tap")));
-    }
-    if let Some(other) = foreign_owner(&l, id) {
-        return Err(Error::new(what(), format!("{t} belongs to VM {other}")));
-    }
-    let bridge = nl
-        .link(&cfg.bridge)?
-        .ok_or_else(|| Error::new(what(), format!("bridge {} does not exist", cfg.bridge)))?;
-    if l.master != Some(bridge.index) {
-        return Err(Error::new(
-            what(),
-            format!("{t} is not a port of {}", cfg.bridge),
-        ));
-    }
-    let learn = !hold;
-    if l.learning != Some(learn) {
-        nl.set_learning(l.index, learn)
-            .map_err(|e| Error::new(what(), e))?;
-    }
-    Ok(learn)
 }
 
 /// Reads the table back and rewrites banger's rules (one transaction) unless they are current.

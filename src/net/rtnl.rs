@@ -23,6 +23,13 @@ const RTM_DELLINK: u16 = 17;
 const RTM_GETLINK: u16 = 18;
 const RTM_NEWADDR: u16 = 20;
 const RTM_GETADDR: u16 = 22;
+const RTM_NEWNEIGH: u16 = 28;
+const NLM_F_REPLACE: u16 = 0x100;
+const AF_BRIDGE: u8 = 7;
+const NDA_LLADDR: u16 = 2;
+const NUD_NOARP: u16 = 0x40;
+const NTF_MASTER: u8 = 0x04;
+const NTF_STICKY: u8 = 0x40;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_MASTER: u16 = 10;
 const IFLA_LINKINFO: u16 = 18;
@@ -35,7 +42,6 @@ const IFLA_TUN_OWNER: u16 = 1;
 const IFLA_TUN_TYPE: u16 = 3;
 const IFLA_TUN_PERSIST: u16 = 6;
 const IFLA_BRPORT_ISOLATED: u16 = 33;
-const IFLA_BRPORT_LEARNING: u16 = 8;
 const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
 const IFF_UP: u32 = 1;
@@ -63,8 +69,6 @@ pub struct NlLink {
     pub master: Option<u32>,
     /// Bridge port isolation.
     pub isolated: Option<bool>,
-    /// Bridge port MAC learning.
-    pub learning: Option<bool>,
     /// Interface alias.
     pub alias: Option<String>,
 }
@@ -178,8 +182,6 @@ fn parse_link(payload: &[u8]) -> Option<NlLink> {
                             for (sk, sv) in attrs(iv) {
                                 if sk == IFLA_BRPORT_ISOLATED {
                                     l.isolated = Some(sv.first() == Some(&1));
-                                } else if sk == IFLA_BRPORT_LEARNING {
-                                    l.learning = Some(sv.first() == Some(&1));
                                 }
                             }
                         }
@@ -408,23 +410,25 @@ impl Rtnl {
         .map(|_| ())
     }
 
-    /// Turns MAC learning on bridge port `index` on or off (off: the bridge never learns a
-    /// source address from what the port sends).
-    pub fn set_learning(&mut self, index: u32, on: bool) -> Result<()> {
-        let m = Msg::new(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK)
-            .ifinfo(index, 0, 0)
-            .nest(IFLA_LINKINFO, |m| {
-                m.str_attr(IFLA_INFO_SLAVE_KIND, "bridge")
-                    .nest(IFLA_INFO_SLAVE_DATA, |m| {
-                        m.attr(IFLA_BRPORT_LEARNING, &[u8::from(on)])
-                    })
-            })
-            .done();
+    /// Pins `mac` to bridge port `index`: a static, sticky forwarding entry (`bridge fdb replace
+    /// MAC dev PORT master static sticky`), which frames with that source address arriving on
+    /// another port never move. Replaces an entry for `mac` that is there.
+    pub fn pin_fdb(&mut self, index: u32, mac: [u8; 6]) -> Result<()> {
+        let mut m = Msg::new(
+            RTM_NEWNEIGH,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+        );
+        // struct ndmsg: family, pad, pad, ifindex, state, flags, type.
+        let mut nd = [0u8; 12];
+        nd[0] = AF_BRIDGE;
+        nd[4..8].copy_from_slice(&(index as i32).to_ne_bytes());
+        nd[8..10].copy_from_slice(&NUD_NOARP.to_ne_bytes());
+        nd[10] = NTF_MASTER | NTF_STICKY;
+        m.0.extend_from_slice(&nd);
+        let m = m.attr(NDA_LLADDR, &mac).done();
+        let shown: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
         self.talk(
-            &format!(
-                "turning MAC learning {} on bridge port {index}",
-                if on { "on" } else { "off" }
-            ),
+            &format!("pinning MAC {} to bridge port {index}", shown.join(":")),
             m,
             0,
         )
@@ -482,10 +486,7 @@ mod tests {
                             .attr(IFLA_TUN_TYPE, &[TUN_TYPE_TAP])
                             .attr(IFLA_TUN_PERSIST, &[1])
                     })
-                    .nest(IFLA_INFO_SLAVE_DATA, |m| {
-                        m.attr(IFLA_BRPORT_ISOLATED, &[1])
-                            .attr(IFLA_BRPORT_LEARNING, &[0])
-                    })
+                    .nest(IFLA_INFO_SLAVE_DATA, |m| m.attr(IFLA_BRPORT_ISOLATED, &[1]))
             })
             .done();
         let l = parse_link(&m[16..]).unwrap();
@@ -501,7 +502,6 @@ mod tests {
                 persist: true,
                 master: Some(9),
                 isolated: Some(true),
-                learning: Some(false),
                 alias: Some("banger:x".into()),
             }
         );

@@ -61,32 +61,49 @@ impl Bed {
         self.spawn_in(None, role, socket, envs)
     }
 
-    /// [`Bed::spawn_with`] inside network namespace `ns` (when given): the process and every
-    /// process it starts (the helper's VMMs) see only that namespace's interfaces. It still
+    /// [`Bed::spawn_with`] inside the network namespace named `ns` (when given): the process and
+    /// every process it starts (the helper's VMMs) see only that namespace's interfaces. It still
     /// reaches and serves the others over Unix sockets, which belong to the filesystem.
     pub fn spawn_in(
         &self,
-        ns: Option<&NetNs>,
+        ns: Option<&str>,
         role: &str,
         socket: &Path,
         envs: &[(&str, &Path)],
     ) -> Server {
-        let log = self.root.join(format!("{role}.log"));
         let mut cmd = match ns {
-            // `ip netns exec` execs the role in place: the child is the role itself.
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", &ns.name])
-                    .arg(self.bin.join(role))
-                    .env("BANGER_ROOT", &self.root)
-                    .env_remove("NOTIFY_SOCKET");
-                c
-            }
+            Some(ns) => self.cmd_in(ns, role),
             None => self.cmd(role),
         };
         for (k, v) in envs {
             cmd.env(k, v);
         }
+        self.start_logged(&mut cmd, role, socket, || {
+            socket.exists() && std::os::unix::net::UnixStream::connect(socket).is_ok()
+        })
+    }
+
+    /// [`Bed::cmd`] inside the network namespace named `ns`: `ip netns exec` execs the role in
+    /// place, so the child is the role itself.
+    pub fn cmd_in(&self, ns: &str, role: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns])
+            .arg(self.bin.join(role))
+            .env("BANGER_ROOT", &self.root)
+            .env_remove("NOTIFY_SOCKET");
+        c
+    }
+
+    /// Starts `cmd` (`role` of this bed) with stdout discarded and stderr appended to
+    /// `<root>/<role>.log`, and waits until `answers()` says it serves `socket` (20 s at most).
+    pub fn start_logged(
+        &self,
+        cmd: &mut Command,
+        role: &str,
+        socket: &Path,
+        answers: impl Fn() -> bool,
+    ) -> Server {
+        let log = self.root.join(format!("{role}.log"));
         let child = cmd
             .stdout(Stdio::null())
             .stderr(
@@ -100,12 +117,12 @@ impl Bed {
             .unwrap();
         let s = Server { child, log };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !socket.exists() || std::os::unix::net::UnixStream::connect(socket).is_err() {
+        while !answers() {
             assert!(
                 Instant::now() < deadline,
-                "{role} did not bind {} within 20s; log:\n{}",
+                "{role} did not answer on {} within 20s; log:\n{}",
                 socket.display(),
-                std::fs::read_to_string(&s.log).unwrap_or_default()
+                s.log_text()
             );
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -186,6 +203,18 @@ pub fn stderr(o: &Output) -> String {
 
 pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
+}
+
+/// Waits up to `timeout` for `child` to exit; its status, or `None` if it still runs.
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(st) = child.try_wait().unwrap() {
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
 }
 
 /// A named network namespace of the test's own (`ip netns add`), deleted on drop. Bridges, taps

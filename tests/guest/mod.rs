@@ -2,8 +2,8 @@
 //! into an ELF64 that real Firecracker boots as `kernel_image_path`. It prints
 //! `banger-guest: ready boot_id=<16 hex digits>` on the serial console and resets through the
 //! i8042 on SendCtrlAltDel. `tiny_guest_flood.S` ([`build_flood_guest`]) prints the same line and
-//! then floods its serial port forever (still resetting on SendCtrlAltDel). Include from an
-//! integration test with
+//! then floods its serial port forever (still resetting on SendCtrlAltDel). [`configure`] sets a
+//! VMM up to boot either. Include from an integration test with
 //! `#[path = "guest/mod.rs"] mod guest;`.
 
 #![allow(dead_code)]
@@ -19,6 +19,8 @@ pub const SOURCE: &str = include_str!("tiny_guest.S");
 pub const FLOOD_SOURCE: &str = include_str!("tiny_guest_flood.S");
 /// The line the flooding guest repeats (the stand-in recognises its image by it).
 pub const FLOOD_LINE: &str = "banger-guest: flood 0123456789abcdefghijklmnopqrstuvwxyz\n";
+/// How the readiness line starts (what an image's `--ready-console` waits for).
+pub const READY: &str = "banger-guest: ready boot_id=";
 /// The linker script (load address 1 MiB, one PT_LOAD).
 pub const LINKER_SCRIPT: &str = include_str!("tiny_guest.ld");
 
@@ -52,6 +54,27 @@ pub fn build_tiny_guest(dir: &Path) -> Result<PathBuf> {
 /// Assembles and links the flooding guest into `dir/tiny_guest_flood.elf` (same checks).
 pub fn build_flood_guest(dir: &Path) -> Result<PathBuf> {
     build(dir, "tiny_guest_flood", FLOOD_SOURCE)
+}
+
+/// Configures the VMM behind `api` to boot `kernel` with `boot_args` on the machine every test
+/// guest boots on: 1 vCPU, 128 MiB.
+pub fn configure(api: &banger::vmm::api::Client, kernel: &Path, boot_args: &str) {
+    use banger::vmm::models::{BootSource, MachineConfiguration};
+    api.put_boot_source(&BootSource {
+        kernel_image_path: kernel.to_path_buf(),
+        boot_args: Some(boot_args.into()),
+        initrd_path: None,
+    })
+    .unwrap();
+    api.put_machine_config(&MachineConfiguration {
+        vcpu_count: 1,
+        mem_size_mib: 128,
+        smt: None,
+        track_dirty_pages: None,
+        cpu_template: None,
+        huge_pages: None,
+    })
+    .unwrap();
 }
 
 fn build(dir: &Path, name: &str, source: &str) -> Result<PathBuf> {
