@@ -441,6 +441,13 @@ impl<'s, T: Send + 's> Beside<'s, T> {
 /// the helper's launch call itself: the API conversation starts as soon as the VMM's socket
 /// answers, while the helper still writes its pidfile and (durably) handles.json; the VM is
 /// recorded running only once that record exists.
+///
+/// Its store writes (`starting`, then `running` with identity and origin) are commits under WAL +
+/// `synchronous=NORMAL` (see `Store::open`): durable across a crash of banger, and a power cut can
+/// only drop the last of them — which is fine here, since no VMM survives a power cut: a lost
+/// `running` leaves `starting`, which reconcile turns into stopped (its handles name a dead
+/// process); a lost `starting` leaves `created` over a complete disk clone (fsynced when copied),
+/// an ordinary VM that boots fresh; a lost insert leaves only a directory nothing points at.
 fn load(
     vms: &Vms,
     op: &super::ops::OpHandle<'_>,
