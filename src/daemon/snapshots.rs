@@ -446,8 +446,9 @@ impl<'s, T: Send + 's> Beside<'s, T> {
 /// `synchronous=NORMAL` (see `Store::open`): durable across a crash of banger, and a power cut can
 /// only drop the last of them — which is fine here, since no VMM survives a power cut: a lost
 /// `running` leaves `starting`, which reconcile turns into stopped (its handles name a dead
-/// process); a lost `starting` leaves `created` over a complete disk clone (fsynced when copied),
-/// an ordinary VM that boots fresh; a lost insert leaves only a directory nothing points at.
+/// process); a lost `starting` leaves `created` over a disk clone the cut may have left partial
+/// (the cut came within a commit or two of it) — an ordinary VM that boots from what its disk
+/// holds, as any disk after a power cut; a lost insert leaves only a directory nothing points at.
 fn load(
     vms: &Vms,
     op: &super::ops::OpHandle<'_>,
