@@ -105,22 +105,9 @@ fn main() {
         std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
     };
 
-    let restores: Vec<f64> = (0..20)
-        .map(|i| {
-            let t = Instant::now();
-            call(
-                &sock,
-                "vm.create",
-                json!({"name": format!("r{i}"), "from": "warm"}),
-            );
-            let ms = t.elapsed().as_secs_f64() * 1000.0;
-            call(&sock, "vm.delete", json!({"vms": [format!("r{i}")]}));
-            ms
-        })
-        .collect();
-
     // The raw load needs the snapshot's tap name free of any VM and present: the raw VMM opens
     // the recorded tap (the source VM's), so the source is stopped and its tap made again here.
+    // Restores and raw loads then alternate, so both see the same machine load.
     call(&sock, "vm.stop", json!({"vm": "src"}));
     let tap = banger::net::tap_name(snap_src_id(&sock).as_str());
     let made = Command::new("ip")
@@ -130,14 +117,37 @@ fn main() {
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
-    let raw: Vec<f64> = if made {
-        (0..20).map(|_| raw_load(&vmm, &root, &dir, &ns)).collect()
-    } else {
-        vec![]
-    };
+    let mut stages = StageTimes::default();
+    let mut raw = Vec::new();
+    let restores: Vec<f64> = (0..20)
+        .map(|i| {
+            let t = Instant::now();
+            call(
+                &sock,
+                "vm.create",
+                json!({"name": format!("r{i}"), "from": "warm"}),
+            );
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            stages.add(&sock, &format!("r{i}"));
+            call(&sock, "vm.delete", json!({"vms": [format!("r{i}")]}));
+            if made {
+                raw.push(raw_load(&vmm, &root, &dir, &ns));
+            }
+            ms
+        })
+        .collect();
 
     let (c, r) = (median(cold), median(restores.clone()));
     println!("VMM: {}", vmm.display());
+    println!(
+        "load average (1, 5, 15 min) at the end: {}",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     println!(
         "vm snapshot (pause, disk clone, full snapshot of 128 MiB, sparse, resume): {snap_ms:.1} ms"
     );
@@ -153,18 +163,82 @@ fn main() {
         restores.iter().cloned().fold(f64::MAX, f64::min),
         restores.iter().cloned().fold(0.0, f64::max)
     );
+    stages.print();
     if raw.is_empty() {
         println!("raw PUT /snapshot/load: not measured (could not make tap {tap} in {ns})");
     } else {
+        let pairs = median(restores.iter().zip(&raw).map(|(r, w)| r / w).collect());
         let rw = median(raw);
         println!(
-            "raw spawn + PUT /snapshot/load (resume_vm) of the same files: median {rw:.1} ms (20)"
+            "raw spawn + PUT /snapshot/load (resume_vm) of the same files, alternating with the restores: median {rw:.1} ms (20)"
         );
         println!(
-            "ratio restore/raw load: {:.2}x; restore/cold create: {:.2}x",
+            "ratio restore/raw load: {:.2}x (median of each restore over the raw load after it: {pairs:.2}x); restore/cold create: {:.2}x",
             r / rw,
             r / c
         );
+    }
+}
+
+/// The daemon's per-stage timings of each restore (`daemon.operations.list`), by stage name in the
+/// order first seen.
+#[derive(Default)]
+struct StageTimes {
+    order: Vec<(String, bool)>,
+    ms: std::collections::HashMap<String, Vec<f64>>,
+    /// Each restore's sequential stages summed: the daemon's own time for it.
+    totals: Vec<f64>,
+}
+
+impl StageTimes {
+    fn add(&mut self, sock: &Path, target: &str) {
+        let ops = call(sock, "daemon.operations.list", json!({}));
+        let Some(op) = ops["operations"].as_array().and_then(|o| {
+            o.iter()
+                .rev()
+                .find(|o| o["kind"] == "vm.create" && o["target"] == target)
+        }) else {
+            return;
+        };
+        let mut total = 0.0;
+        for t in op["timings"].as_array().into_iter().flatten() {
+            let (Some(stage), Some(ms)) = (t["stage"].as_str(), t["ms"].as_f64()) else {
+                continue;
+            };
+            if !t["concurrent"].as_bool().unwrap_or(false) {
+                total += ms;
+            }
+            if !self.ms.contains_key(stage) {
+                let concurrent = t["concurrent"].as_bool().unwrap_or(false);
+                self.order.push((stage.to_string(), concurrent));
+            }
+            self.ms.entry(stage.to_string()).or_default().push(ms);
+        }
+        self.totals.push(total);
+    }
+
+    fn print(&self) {
+        println!("restore stages (daemon's operation timings; median ms of 20):");
+        let mut sum = 0.0;
+        for (stage, concurrent) in &self.order {
+            let m = median(self.ms[stage].clone());
+            if !concurrent {
+                sum += m;
+            }
+            let mark = if *concurrent {
+                " (beside the stages)"
+            } else {
+                ""
+            };
+            println!("  {m:7.2}  {stage}{mark}");
+        }
+        println!("  {sum:7.2}  sum of the sequential stages' medians");
+        if !self.totals.is_empty() {
+            println!(
+                "  {:7.2}  median of each restore's sequential stages summed (the daemon's part; the rest of the end-to-end time is the RPC and what precedes the operation)",
+                median(self.totals.clone())
+            );
+        }
     }
 }
 

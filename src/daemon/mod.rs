@@ -412,4 +412,65 @@ mod tests {
             "a refused call began an operation"
         );
     }
+
+    #[test]
+    fn reconcile_mirrors_the_identity_of_a_vm_adopted_before_its_running_write() {
+        // A daemon died between the helper's launch (handles.json written) and its own
+        // `running` write: the row is `starting` without a pid. Adopting it must record the pid,
+        // or a later stop would look for no process at all.
+        let f = Fixture::new("adopt");
+        let layout = Layout::under(&f.root);
+        let me = crate::vmm::identity::read_identity(
+            std::path::Path::new("/proc"),
+            std::process::id() as i32,
+        )
+        .unwrap();
+        let vm = crate::store::Vm {
+            id: "0123456789ab".into(),
+            name: "half".into(),
+            image: None,
+            vcpu: 1,
+            memory_mib: 128,
+            state: crate::store::VmState::Starting,
+            pid: None,
+            start_time: None,
+            comm: None,
+            boot_id: None,
+            ip: None,
+            mac: None,
+            nat: false,
+            created_at: crate::clock::now_rfc3339(),
+            updated_at: crate::clock::now_rfc3339(),
+        };
+        f.daemon.store().lock().unwrap().vm_insert(&vm).unwrap();
+        let files = crate::vmm::launch::VmFiles::in_dir(&layout.vm_dir(&vm.id));
+        std::fs::create_dir_all(&files.dir).unwrap();
+        let handles = crate::vmm::identity::Handles {
+            version: crate::vmm::identity::HANDLES_VERSION,
+            vm_id: vm.id.clone(),
+            identity: me.clone(),
+            api_socket: files.api_socket.clone(),
+            vsock_uds: files.vsock_uds.clone(),
+            console_log: files.console_log.clone(),
+            pidfile: files.pidfile.clone(),
+            scope: None,
+            boot_id: None,
+            launched_at: 0,
+        };
+        crate::vmm::identity::write_handles(&files.handles, &handles, None).unwrap();
+        assert_eq!(f.daemon.vms.reconcile(), (1, 0, 0));
+        let got = f
+            .daemon
+            .store()
+            .lock()
+            .unwrap()
+            .vm_get("half")
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.state, crate::store::VmState::Running);
+        assert_eq!(
+            (got.pid, got.start_time, got.comm),
+            (Some(me.pid), Some(me.start_time), Some(me.comm))
+        );
+    }
 }

@@ -354,7 +354,7 @@ pub fn restore(vms: &Vms, ops: &Operations, req: VmCreate) -> Result<Value, RpcE
         let (subnet, config) = (vms.ctx.net.subnet, vms.ctx.layout.config_toml());
         vms.ctx
             .db(|s| {
-                s.vm_insert_allocating(&mut vm, |taken| {
+                s.vm_insert_restored(&mut vm, &snap.id, |taken| {
                     net::lowest_free(&subnet, taken, &config).map(|ip| ip.to_string())
                 })
             })
@@ -367,25 +367,13 @@ pub fn restore(vms: &Vms, ops: &Operations, req: VmCreate) -> Result<Value, RpcE
             })?;
         let lock = vms.lock_for(&vm.id);
         let _g = lock.lock().unwrap_or_else(|p| p.into_inner());
-        let r = (|| -> Result<Value, RpcError> {
-            vms.ctx
-                .db(|s| s.vm_set_origin(&vm.id, Some(&snap.id), None))?;
-            op.stage("cloning the snapshot's disk");
-            let dir = vms.ctx.layout.vm_dir(&vm.id);
-            create_dir(&dir)?;
-            let _ =
-                std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700));
-            let copy = cow_copy(&snap_dir.join(DISK), &dir.join(DISK)).map_err(failed)?;
-            let snap_lock = vms.snapshot_lock(&snap.id);
-            let _sg = snap_lock.lock().unwrap_or_else(|p| p.into_inner());
-            let mut out = load(vms, &op, &snap, image.as_ref(), vm.clone())?;
-            out["disk_copy"] = json!(copy_kind(copy));
-            Ok(out)
-        })();
+        let r = load(vms, &op, &snap, image.as_ref(), vm.clone());
         if r.is_err() {
-            // A restore that did not run leaves nothing: no record, no directory.
+            // A restore that did not run leaves nothing: no record, no directory, no ssh entry
+            // (load refreshed the ssh config with this VM in it).
             let _ = std::fs::remove_dir_all(vms.ctx.layout.vm_dir(&vm.id));
             let _ = vms.ctx.db(|s| s.vm_delete(&vm.id));
+            super::ssh::refresh_config(&vms.ctx);
         }
         r
     })();
@@ -393,9 +381,74 @@ pub fn restore(vms: &Vms, ops: &Operations, req: VmCreate) -> Result<Value, RpcE
     r
 }
 
-/// Launches the VMM, checks its version, loads the snapshot with this VM's tap and vsock socket,
-/// re-points the drive at the VM's own disk, resumes, and tells the agent its new identity. On
-/// failure the VMM is killed and its network taken down.
+/// Work running beside a restore's stages on a scoped thread: joined once, its result kept (a
+/// panic becomes an error naming `what`), timed into the operation as `what`.
+struct Beside<'s, T> {
+    what: &'static str,
+    handle: Option<std::thread::ScopedJoinHandle<'s, Result<T, RpcError>>>,
+    result: Option<Result<T, RpcError>>,
+}
+
+impl<'s, T: Send + 's> Beside<'s, T> {
+    fn spawn<'e>(
+        sc: &'s std::thread::Scope<'s, 'e>,
+        op: &'s super::ops::OpHandle<'_>,
+        what: &'static str,
+        f: impl FnOnce() -> Result<T, RpcError> + Send + 's,
+    ) -> Self {
+        let handle = sc.spawn(move || {
+            let t = std::time::Instant::now();
+            let r = f();
+            op.concurrent(what, t.elapsed());
+            r
+        });
+        Beside {
+            what,
+            handle: Some(handle),
+            result: None,
+        }
+    }
+
+    fn is_finished(&self) -> bool {
+        self.handle.as_ref().is_none_or(|h| h.is_finished())
+    }
+
+    /// Waits for it (once) and returns its result.
+    fn wait(&mut self) -> &Result<T, RpcError> {
+        let (what, handle) = (self.what, self.handle.take());
+        self.result.get_or_insert_with(|| match handle {
+            Some(h) => h.join().unwrap_or_else(|_| {
+                Err(failed(Error::new(
+                    format!("restoring a VM: {what}"),
+                    "the thread doing it panicked",
+                )))
+            }),
+            None => Err(failed(Error::new(
+                format!("restoring a VM: {what}"),
+                "it never ran",
+            ))),
+        })
+    }
+}
+
+/// Makes the VM's directory, launches its VMM and restores the snapshot into it: the snapshot's
+/// memory and vmstate loaded with this VM's tap and vsock socket, the drive re-pointed at the VM's
+/// own disk clone, resumed, and the agent told its new identity. On failure the VMM is killed and
+/// the network taken down.
+///
+/// What does not depend on another step runs beside the stages: the tap (needed by the load), the
+/// disk clone (needed by the drive re-point), the ssh config refresh (needs only the record), and
+/// the helper's launch call itself: the API conversation starts as soon as the VMM's socket
+/// answers, while the helper still writes its pidfile and (durably) handles.json; the VM is
+/// recorded running only once that record exists.
+///
+/// Its store writes (`starting`, then `running` with identity and origin) are commits under WAL +
+/// `synchronous=NORMAL` (see `Store::open`): durable across a crash of banger, and a power cut can
+/// only drop the last of them — which is fine here, since no VMM survives a power cut: a lost
+/// `running` leaves `starting`, which reconcile turns into stopped (its handles name a dead
+/// process); a lost `starting` leaves `created` over a disk clone the cut may have left partial
+/// (the cut came within a commit or two of it) — an ordinary VM that boots from what its disk
+/// holds, as any disk after a power cut; a lost insert leaves only a directory nothing points at.
 fn load(
     vms: &Vms,
     op: &super::ops::OpHandle<'_>,
@@ -404,126 +457,177 @@ fn load(
     mut vm: Vm,
 ) -> Result<Value, RpcError> {
     let files = vms.files(&vm);
-    vm.state = VmState::Starting;
-    vms.ctx.db(|s| s.vm_update(&vm))?;
+    let snap_dir = PathBuf::from(&snap.dir);
+    op.stage("recording the VM starting");
+    create_dir(&files.dir)?;
+    let _ = std::fs::set_permissions(
+        &files.dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    );
     let ip = net::address_of(&vm, &vms.ctx.net, &vms.ctx.layout.config_toml()).map_err(failed)?;
     let tap = crate::net::tap_name(&vm.id);
-    op.stage("launching VMM");
-    let (net_r, ident_r) = std::thread::scope(|sc| {
-        let v = &vm;
-        let net_thread = sc.spawn(move || net::up(&vms.ctx, v, ip));
-        let ident_r = vms
-            .ctx
-            .helper("priv.vm_launch", json!({"id": vm.id}))
-            .and_then(|_| super::boot::read_identity(&files));
-        let net_r = net_thread.join().unwrap_or_else(|_| {
-            Err(failed(Error::new(
-                format!("bringing up the network of VM `{}`", vm.name),
-                "the thread asking the helper panicked",
-            )))
-        });
-        (net_r, ident_r)
-    });
-    let ident = match ident_r {
-        Ok(i) => i,
-        Err(e) => {
-            let mut v = vm.clone();
-            let _ = vms.mark_stopped(&mut v);
-            return Err(e);
-        }
-    };
-    vm.pid = Some(ident.pid);
-    vm.start_time = Some(ident.start_time);
-    vm.comm = Some(ident.comm.clone());
+    // Before any process exists: a daemon that dies from here on leaves a VM reconcile decides
+    // from handles.json (`starting` becomes `unknown`, then running, stopped or unsure), never one
+    // a `vm start` or `vm delete` could act on while its VMM may run.
+    vm.state = VmState::Starting;
     vms.ctx.db(|s| s.vm_update(&vm))?;
-    let result = (|| -> Result<(String, Option<String>), RpcError> {
-        let what = |s: &str| {
-            format!(
-                "restoring VM `{}` from snapshot `{}`: {s}",
-                vm.name, snap.name
-            )
-        };
-        crate::vmm::api::wait_for_socket(&files.api_socket, API_TIMEOUT).map_err(failed)?;
-        let api = Client::new(&files.api_socket).with_timeout(SNAPSHOT_API_TIMEOUT);
-        let running = api
-            .version()
-            .map_err(api_failed(what("asking Firecracker its version")))?
-            .firecracker_version;
-        if let Some(msg) = version_mismatch(snap, &running) {
-            return Err(RpcError::new(ErrorCode::BadRequest, msg));
-        }
-        let made = net_r.clone()?;
-        if made != tap {
-            return Err(failed(Error::new(
-                what("bringing up the network"),
-                format!("the helper made tap {made}, not {tap}"),
-            )));
-        }
-        op.stage("loading snapshot");
-        let dir = PathBuf::from(&snap.dir);
-        let mut load = SnapshotLoadParams::from_files(dir.join(VMSTATE), dir.join(MEMORY));
-        load.network_overrides = Some(vec![NetworkOverride {
-            iface_id: "eth0".into(),
-            host_dev_name: tap.clone(),
-        }]);
-        load.vsock_override = Some(VsockOverride {
-            uds_path: files.vsock_uds.clone(),
+    let what = |s: &str| {
+        format!(
+            "restoring VM `{}` from snapshot `{}`: {s}",
+            vm.name, snap.name
+        )
+    };
+    // Recorded by the helper with the VMM (a boot id it would refuse is written afterwards).
+    let sent_boot_id = snap.boot_id.as_deref().filter(|b| {
+        !b.is_empty() && b.len() <= 64 && b.bytes().all(|c| c.is_ascii_hexdigit() || c == b'-')
+    });
+    op.stage("launching VMM");
+    let (result, launched, copy) = std::thread::scope(|sc| {
+        let v = &vm;
+        // The tap first (the load opens it), then the whole net_up with the NAT bit (its nft
+        // commit takes most of it), which only has to be done before the guest resumes.
+        let (tap_tx, tap_rx) = std::sync::mpsc::channel();
+        let mut net_t = Beside::spawn(sc, op, "network through the helper", move || {
+            let t = std::time::Instant::now();
+            let made = net::tap_up(&vms.ctx, v, ip);
+            op.concurrent("helper: tap", t.elapsed());
+            let _ = tap_tx.send(made.clone());
+            made?;
+            net::up(&vms.ctx, v, ip)
         });
-        // Resumed only once the drive is this VM's own disk.
-        load.resume_vm = Some(false);
-        // Allowed before a load (not boot-specific): a restored guest's console is rate-limited
-        // like a booted one's (see daemon::console_log).
-        api.put_serial(&vms.ctx.console.serial())
-            .map_err(api_failed(what("configuring the serial console")))?;
-        api.load_snapshot(&load)
-            .map_err(api_failed(what("loading the snapshot")))?;
-        api.patch_drive(&PartialDrive {
-            drive_id: "rootfs".into(),
-            path_on_host: Some(files.dir.join(DISK)),
-            rate_limiter: None,
-        })
-        .map_err(api_failed(what("pointing the drive at the VM's own disk")))?;
-        api.resume().map_err(api_failed(what("resuming")))?;
-        if !snap.agent {
-            // No agent to tell: the guest runs on with the snapshot's identity.
-            return Ok((snap.boot_id.clone().unwrap_or_default(), None));
-        }
-        op.stage("reconfiguring the guest");
-        let key = crate::ssh::OwnerKey::ensure(&vms.ctx.layout)
-            .map_err(|e| failed(Error::new(what("preparing the SSH key"), e)))?;
-        let subnet = &vms.ctx.net.subnet;
-        let rc = agent::reconfigure::Reconfigure {
-            name: vm.name.clone(),
-            ip: format!("{ip}/{}", subnet.prefix()),
-            gateway: subnet.gateway().to_string(),
-            mac: vm
-                .mac
-                .clone()
-                .unwrap_or_else(|| crate::net::mac_for(&vm.id)),
-            key: key.kernel_arg_value(),
-            seed: Some(fresh_seed().map_err(|e| {
-                failed(Error::new(
-                    what("drawing a seed for the guest's random generator"),
-                    e,
-                ))
-            })?),
-        };
-        let done = agent::reconfigure(&files.vsock_uds, &rc, RECONFIGURE_TIMEOUT)
-            .map_err(|e| failed(Error::new(what("telling the guest its new identity"), e)))?;
-        Ok((done.boot_id, Some(done.instance_id)))
-    })();
-    match result {
-        Ok((boot_id, instance_id)) => {
-            vm.state = VmState::Running;
-            vm.boot_id = (!boot_id.is_empty()).then_some(boot_id.clone());
-            vms.ctx.db(|s| s.vm_update(&vm))?;
-            vms.ctx
-                .db(|s| s.vm_set_origin(&vm.id, Some(&snap.id), instance_id.as_deref()))?;
-            if let Ok(Some(mut h)) = identity::read_handles(&files.handles) {
-                h.boot_id = vm.boot_id.clone();
-                let _ = identity::write_handles(&files.handles, &h, None);
+        let (src, dst) = (snap_dir.join(DISK), files.dir.join(DISK));
+        let mut clone_t = Beside::spawn(sc, op, "disk clone", move || {
+            cow_copy(&src, &dst).map_err(failed)
+        });
+        let mut ssh_t = Beside::spawn(sc, op, "ssh config refresh", move || {
+            super::ssh::refresh_config(&vms.ctx);
+            Ok(())
+        });
+        let mut launch_t = Beside::spawn(sc, op, "helper vm_launch call", move || {
+            let reply = vms.ctx.helper(
+                "priv.vm_launch",
+                json!({"id": v.id, "boot_id": sent_boot_id}),
+            )?;
+            op.helper_steps("helper", &reply);
+            serde_json::from_value::<identity::Handles>(reply)
+                .map(|h| h.identity)
+                .map_err(|e| {
+                    failed(Error::new(
+                        "launching the VMM",
+                        format!("the helper's answer is not a VMM record: {e}"),
+                    ))
+                })
+        });
+        let result = (|| -> Result<(String, Option<String>), RpcError> {
+            op.stage("waiting for the API socket");
+            wait_api(&files.api_socket, &mut launch_t)?;
+            let api = Client::new(&files.api_socket).with_timeout(SNAPSHOT_API_TIMEOUT);
+            op.stage("checking the Firecracker version");
+            let running = api
+                .version()
+                .map_err(api_failed(what("asking Firecracker its version")))?
+                .firecracker_version;
+            if let Some(msg) = version_mismatch(snap, &running) {
+                return Err(RpcError::new(ErrorCode::BadRequest, msg));
             }
-            if let Some(image) = image {
+            // Allowed before a load (not boot-specific): a restored guest's console is
+            // rate-limited like a booted one's (see daemon::console_log).
+            op.stage("configuring the serial console");
+            api.put_serial(&vms.ctx.console.serial())
+                .map_err(api_failed(what("configuring the serial console")))?;
+            op.stage("waiting for the tap");
+            let made = tap_rx.recv().unwrap_or_else(|_| {
+                Err(failed(Error::new(
+                    what("bringing up the network"),
+                    "the thread asking the helper ended without an answer",
+                )))
+            })?;
+            if made != tap {
+                return Err(failed(Error::new(
+                    what("bringing up the network"),
+                    format!("the helper made tap {made}, not {tap}"),
+                )));
+            }
+            // From the load until the agent has its new address, the guest has the snapshot's.
+            op.stage("waiting for other restores of the snapshot");
+            let snap_lock = vms.snapshot_lock(&snap.id);
+            let snap_guard = snap_lock.lock().unwrap_or_else(|p| p.into_inner());
+            op.stage("loading snapshot");
+            let mut load =
+                SnapshotLoadParams::from_files(snap_dir.join(VMSTATE), snap_dir.join(MEMORY));
+            load.network_overrides = Some(vec![NetworkOverride {
+                iface_id: "eth0".into(),
+                host_dev_name: tap.clone(),
+            }]);
+            load.vsock_override = Some(VsockOverride {
+                uds_path: files.vsock_uds.clone(),
+            });
+            // Resumed only once the drive is this VM's own disk.
+            load.resume_vm = Some(false);
+            api.load_snapshot(&load)
+                .map_err(api_failed(what("loading the snapshot")))?;
+            op.stage("waiting for the disk clone");
+            clone_t.wait().as_ref().map_err(Clone::clone)?;
+            op.stage("pointing the drive at the VM's disk");
+            api.patch_drive(&PartialDrive {
+                drive_id: "rootfs".into(),
+                path_on_host: Some(files.dir.join(DISK)),
+                rate_limiter: None,
+            })
+            .map_err(api_failed(what("pointing the drive at the VM's own disk")))?;
+            op.stage("waiting for the NAT rules");
+            let made = net_t.wait().clone()?;
+            if made != tap {
+                return Err(failed(Error::new(
+                    what("bringing up the network"),
+                    format!("the helper made tap {made}, not {tap}"),
+                )));
+            }
+            op.stage("resuming");
+            api.resume().map_err(api_failed(what("resuming")))?;
+            if !snap.agent {
+                // No agent to tell: the guest runs on with the snapshot's identity.
+                return Ok((snap.boot_id.clone().unwrap_or_default(), None));
+            }
+            op.stage("reconfiguring the guest");
+            let done = reconfigure(vms, v, ip, &files, &what)?;
+            drop(snap_guard);
+            Ok(done)
+        })();
+        // Everything beside the stages ends here, whatever happened.
+        if result.is_ok() {
+            op.stage("waiting for the helper's record");
+        }
+        let launched = launch_t.wait().clone();
+        let _ = net_t.wait();
+        let copy = clone_t.wait().clone();
+        let _ = ssh_t.wait();
+        (result, launched, copy)
+    });
+    let result = result.and_then(|r| {
+        let ident = launched.clone()?;
+        Ok((r, ident, copy?))
+    });
+    match result {
+        Ok(((boot_id, instance_id), ident, copy)) => {
+            op.stage("recording the VM running");
+            vm.state = VmState::Running;
+            vm.pid = Some(ident.pid);
+            vm.start_time = Some(ident.start_time);
+            vm.comm = Some(ident.comm.clone());
+            vm.boot_id = (!boot_id.is_empty()).then_some(boot_id.clone());
+            vms.ctx
+                .db(|s| s.vm_update_with_origin(&vm, Some(&snap.id), instance_id.as_deref()))?;
+            if vm.boot_id.is_some() && vm.boot_id.as_deref() != sent_boot_id {
+                // The helper recorded the snapshot's boot id; the guest reported another.
+                op.stage("recording the boot id in handles.json");
+                if let Ok(Some(mut h)) = identity::read_handles(&files.handles) {
+                    h.boot_id = vm.boot_id.clone();
+                    let _ = identity::write_handles(&files.handles, &h, None);
+                }
+            }
+            if let Some(image) = image.filter(|i| i.ready_pattern.is_none()) {
+                op.stage("pinning the host key");
                 if let Err(e) = super::ssh::pin_host_key(&vms.ctx, &vm, image, &files) {
                     crate::logging::error(
                         "bangerd",
@@ -532,18 +636,76 @@ fn load(
                     );
                 }
             }
-            super::ssh::refresh_config(&vms.ctx);
-            Ok(vm_json(&vm, Some(&(Some(snap.name.clone()), instance_id))))
+            let mut out = vm_json(&vm, Some(&(Some(snap.name.clone()), instance_id)));
+            out["disk_copy"] = json!(copy_kind(copy));
+            Ok(out)
         }
         Err(e) => {
-            let _ = vms
-                .ctx
-                .helper("priv.vm_signal", json!({"id": vm.id, "signal": "KILL"}));
-            vms.wait_gone(&ident, KILL_WAIT);
+            if let Ok(ident) = &launched {
+                let _ = vms
+                    .ctx
+                    .helper("priv.vm_signal", json!({"id": vm.id, "signal": "KILL"}));
+                vms.wait_gone(ident, KILL_WAIT);
+            }
             let _ = vms.mark_stopped(&mut vm);
             Err(e)
         }
     }
+}
+
+/// Waits until the VMM's API socket accepts a connection, or the helper's launch call has failed
+/// (its error), within [`API_TIMEOUT`].
+fn wait_api(socket: &Path, launch: &mut Beside<'_, identity::Identity>) -> Result<(), RpcError> {
+    let deadline = std::time::Instant::now() + API_TIMEOUT;
+    loop {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            return Ok(());
+        }
+        if launch.is_finished() {
+            launch.wait().as_ref().map_err(Clone::clone)?;
+            // Launched (the helper saw the socket): one last bounded wait for it to answer.
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            return crate::vmm::api::wait_for_socket(socket, left).map_err(failed);
+        }
+        if std::time::Instant::now() >= deadline {
+            return crate::vmm::api::wait_for_socket(socket, Duration::ZERO).map_err(failed);
+        }
+        // A refused connect costs microseconds; the VMM binds its socket a few ms after exec.
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+/// Tells a restored guest's agent its new identity (name, address, key, a fresh RNG seed);
+/// returns the boot id and instance id it reports.
+fn reconfigure(
+    vms: &Vms,
+    vm: &Vm,
+    ip: std::net::Ipv4Addr,
+    files: &crate::vmm::launch::VmFiles,
+    what: &dyn Fn(&str) -> String,
+) -> Result<(String, Option<String>), RpcError> {
+    let key = crate::ssh::OwnerKey::ensure(&vms.ctx.layout)
+        .map_err(|e| failed(Error::new(what("preparing the SSH key"), e)))?;
+    let subnet = &vms.ctx.net.subnet;
+    let rc = agent::reconfigure::Reconfigure {
+        name: vm.name.clone(),
+        ip: format!("{ip}/{}", subnet.prefix()),
+        gateway: subnet.gateway().to_string(),
+        mac: vm
+            .mac
+            .clone()
+            .unwrap_or_else(|| crate::net::mac_for(&vm.id)),
+        key: key.kernel_arg_value(),
+        seed: Some(fresh_seed().map_err(|e| {
+            failed(Error::new(
+                what("drawing a seed for the guest's random generator"),
+                e,
+            ))
+        })?),
+    };
+    let done = agent::reconfigure(&files.vsock_uds, &rc, RECONFIGURE_TIMEOUT)
+        .map_err(|e| failed(Error::new(what("telling the guest its new identity"), e)))?;
+    Ok((done.boot_id, Some(done.instance_id)))
 }
 
 /// `snapshot.list`.

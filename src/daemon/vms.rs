@@ -198,9 +198,28 @@ impl Vms {
             return Ok(vm);
         }
         let files = self.files(&vm);
-        match identity::classify_handles(&files.handles, &self.proc_root) {
+        let handles = identity::read_handles(&files.handles);
+        let live = match &handles {
+            Ok(Some(h)) => identity::classify(&h.identity, &self.proc_root),
+            Ok(None) => Liveness::Unsure(format!("{} is missing", files.handles.display())),
+            Err(e) => Liveness::Unsure(e.to_string()),
+        };
+        match live {
             Liveness::Alive => {
-                if vm.state != VmState::Running {
+                // The record's identity is mirrored here: a VM adopted after a daemon died between
+                // its launch and its `running` write has no pid recorded yet.
+                let ident = handles.ok().flatten().map(|h| h.identity);
+                let mirrored = ident.as_ref().is_none_or(|i| {
+                    vm.pid == Some(i.pid)
+                        && vm.start_time == Some(i.start_time)
+                        && vm.comm.as_deref() == Some(i.comm.as_str())
+                });
+                if vm.state != VmState::Running || !mirrored {
+                    if let Some(i) = ident {
+                        vm.pid = Some(i.pid);
+                        vm.start_time = Some(i.start_time);
+                        vm.comm = Some(i.comm);
+                    }
                     vm.state = VmState::Running;
                     self.ctx.db(|s| s.vm_update(&vm))?;
                 }

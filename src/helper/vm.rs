@@ -118,11 +118,23 @@ fn failed(e: crate::error::Error) -> RpcError {
     RpcError::from(e)
 }
 
-/// `priv.vm_launch { id, vmm? }`: starts VM `id`'s VMM detached, writes `vms/<id>/handles.json`
-/// and returns it. The VM directory must exist (the daemon creates it).
+/// `priv.vm_launch { id, vmm?, boot_id? }`: starts VM `id`'s VMM detached, writes
+/// `vms/<id>/handles.json` and returns it (with `steps`: how long each step took). The VM
+/// directory must exist (the daemon creates it). `boot_id` is recorded as the guest's when the
+/// daemon already knows it (a restore: the snapshot's), so the record needs no second write.
 pub fn vm_launch(layout: &Layout, cfg: &VmConfig, params: &Value) -> Result<Value, RpcError> {
-    let m = params_of(params, &["id", "vmm"])?;
+    let m = params_of(params, &["id", "vmm", "boot_id"])?;
     let id = vm_id_arg(m)?;
+    let boot_id = str_arg(m, "boot_id")?
+        .map(|b| {
+            let ok = !b.is_empty()
+                && b.len() <= 64
+                && b.bytes().all(|c| c.is_ascii_hexdigit() || c == b'-');
+            ok.then(|| b.to_string()).ok_or_else(|| {
+                RpcError::bad_request("`boot_id` must be 1-64 hex digits and dashes")
+            })
+        })
+        .transpose()?;
     if let Some(v) = str_arg(m, "vmm")? {
         if !VMM_KINDS.contains(&v) {
             return Err(RpcError::bad_request(format!(
@@ -184,7 +196,8 @@ pub fn vm_launch(layout: &Layout, cfg: &VmConfig, params: &Value) -> Result<Valu
         proc_root: cfg.proc_root.clone(),
         ..LaunchSpec::firecracker(&id, &cfg.vmm_binary, &files)
     };
-    let ident = launch::launch(&spec).map_err(failed)?;
+    let mut steps = launch::Steps::new();
+    let ident = launch::launch_timed(&spec, &mut steps).map_err(failed)?;
     let handles = Handles {
         version: HANDLES_VERSION,
         vm_id: id.clone(),
@@ -194,14 +207,17 @@ pub fn vm_launch(layout: &Layout, cfg: &VmConfig, params: &Value) -> Result<Valu
         console_log: files.console_log.clone(),
         pidfile: files.pidfile.clone(),
         scope: cfg.use_scope.then(|| launch::scope_unit(&id)),
-        boot_id: None,
+        boot_id,
         launched_at: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
     };
     let owner = cfg.run_as.as_ref().map(|r| (r.uid, r.gid));
-    if let Err(e) = identity::write_handles(&files.handles, &handles, owner) {
+    let t = std::time::Instant::now();
+    let written = identity::write_handles(&files.handles, &handles, owner);
+    steps.push(("writing handles.json", t.elapsed()));
+    if let Err(e) = written {
         // Without a record nobody could find this VMM again: take it back down while we still
         // know exactly who it is.
         let _ = launch::signal(&ident, rustix::process::Signal::Kill, &cfg.proc_root);
@@ -212,8 +228,14 @@ pub fn vm_launch(layout: &Layout, cfg: &VmConfig, params: &Value) -> Result<Valu
         "vmm launched",
         json!({"vm": id, "pid": ident.pid, "start_time": ident.start_time, "scope": handles.scope}),
     );
-    serde_json::to_value(&handles)
-        .map_err(|e| RpcError::new(ErrorCode::OperationFailed, e.to_string()))
+    let mut out = serde_json::to_value(&handles)
+        .map_err(|e| RpcError::new(ErrorCode::OperationFailed, e.to_string()))?;
+    // How long each step took, for the daemon's operation timings (not part of the record).
+    out["steps"] = steps
+        .iter()
+        .map(|(name, d)| json!({"step": name, "ms": d.as_secs_f64() * 1000.0}))
+        .collect();
+    Ok(out)
 }
 
 /// `priv.vm_signal { id, signal }`: delivers one of the allowed signals to VM `id`'s VMM, named by
@@ -294,6 +316,9 @@ mod tests {
             ("launch", json!({"id": "a", "cmd": "rm -rf /"})),
             ("launch", json!({"id": "a", "api_socket": "/tmp/x"})),
             ("launch", json!({"id": 7})),
+            ("launch", json!({"id": "a", "boot_id": "../x"})),
+            ("launch", json!({"id": "a", "boot_id": ""})),
+            ("launch", json!({"id": "a", "boot_id": 5})),
             ("signal", json!({"id": "a", "signal": "STOP"})),
             ("signal", json!({"id": "a", "signal": "TERM", "pid": 1})),
             ("signal", json!({"id": "a"})),
@@ -412,11 +437,27 @@ mod tests {
         );
         // The stale socket (python was killed by the script's trap) is gone either way.
         assert!(!dir.join("fc.sock").exists() || removed.iter().any(|p| p.ends_with("fc.sock")));
-        // And the VM can be launched again.
-        let h2: Handles =
-            serde_json::from_value(vm_launch(&l, &c, &json!({"id": "vm-1"})).expect("relaunch"))
-                .expect("json");
+        // And the VM can be launched again, this time with the guest's boot id known up front
+        // (a restore): recorded with the VMM, and the reply says how long each step took.
+        let reply =
+            vm_launch(&l, &c, &json!({"id": "vm-1", "boot_id": "0123-abcd"})).expect("relaunch");
+        let steps: Vec<&str> = reply["steps"]
+            .as_array()
+            .expect("steps")
+            .iter()
+            .filter_map(|s| s["step"].as_str())
+            .collect();
+        assert!(steps.contains(&"writing handles.json"), "{steps:?}");
+        let h2: Handles = serde_json::from_value(reply).expect("json");
         assert_ne!(h2.identity, h.identity);
+        assert_eq!(h2.boot_id.as_deref(), Some("0123-abcd"));
+        assert_eq!(
+            identity::read_handles(&dir.join("handles.json"))
+                .expect("read")
+                .and_then(|h| h.boot_id)
+                .as_deref(),
+            Some("0123-abcd")
+        );
         vm_signal(&l, &c, &json!({"id": "vm-1", "signal": "TERM"})).expect("stop");
     }
 }

@@ -216,6 +216,30 @@ fn nat_vms_remain(nl: &mut Rtnl) -> Result<bool> {
     }))
 }
 
+/// The first half of [`net_up`]: bridge, banger's rules and VM `id`'s tap on the bridge, without
+/// the VM's NAT element (an `nft` transaction, whose commit waits for the kernel's RCU grace
+/// periods: most of a `net_up`). A snapshot restore needs the tap for the load but the NAT bit only
+/// before the guest runs, so it asks for this half first and the whole `net_up` beside the load.
+pub fn tap_up(
+    state: &mut State,
+    cfg: &NetConfig,
+    id: &str,
+    ip: Ipv4Addr,
+    nat: bool,
+    owner_uid: u32,
+) -> Result<Up> {
+    let mut nl = Rtnl::open()?;
+    let bridge = ensure_bridge(&mut nl, cfg)?;
+    if state.rules_for.as_deref() != Some(cfg.bridge.as_str()) {
+        assert_rules(state, cfg)?;
+    }
+    let (tap, _) = ensure_tap(&mut nl, id, ip, nat, bridge, owner_uid)?;
+    Ok(Up {
+        tap,
+        bridge: cfg.bridge.clone(),
+    })
+}
+
 /// Brings VM `id`'s network up: bridge (gateway address, up), banger's nftables rules, the
 /// persistent tap owned by `owner_uid` on the bridge with port isolation, and the VM's NAT bit.
 /// Idempotent: for a VM whose network is already up it changes nothing.

@@ -17,7 +17,7 @@ mod snapshots;
 pub(crate) use compat::check_with;
 pub use compat::{check, open_read_only, Compat};
 pub use migrations::{Migration, LATEST, MIGRATIONS};
-pub use ops::Operation;
+pub use ops::{Operation, StageTime};
 pub use records::{Image, Kernel, Vm, VmState};
 pub use snapshots::Snapshot;
 

@@ -26,6 +26,22 @@ pub struct Operation {
     pub done: bool,
     /// Why it failed, if it did.
     pub error: Option<String>,
+    /// How long each finished stage took, in order (the daemon's memory and its log only: the
+    /// stored row keeps the stage, not the timings, so this is empty for a row read back).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub timings: Vec<StageTime>,
+}
+
+/// One finished stage of an operation and how long it took.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct StageTime {
+    /// The stage's name (as [`Operation::stage`] showed it).
+    pub stage: String,
+    /// Its duration in milliseconds.
+    pub ms: f64,
+    /// True for work that ran beside the stages (its time overlaps theirs).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub concurrent: bool,
 }
 
 const COLUMNS: &str = "id, kind, stage, target, started_at, finished_at, done, error";
@@ -40,6 +56,7 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<Operation> {
         finished_at: r.get(5)?,
         done: r.get(6)?,
         error: r.get(7)?,
+        timings: Vec::new(),
     })
 }
 

@@ -1,7 +1,7 @@
 //! Rows for snapshots and the snapshot-related columns of VMs (`vms.snapshot_id`,
 //! `vms.instance_id`): typed reads and writes, nothing about files or VMMs.
 
-use super::{db_error, Store};
+use super::{db_error, Store, Vm};
 use crate::error::{Error, Result};
 use rusqlite::{params, OptionalExtension, Row};
 use serde::{Deserialize, Serialize};
@@ -132,6 +132,47 @@ impl Store {
             .execute("DELETE FROM snapshots WHERE id = ?1", [id])
             .map(drop)
             .map_err(|e| db_error(&self.path, "deleting a snapshot from", e))
+    }
+
+    /// Inserts VM `vm`, restored from snapshot `snapshot_id`, with the address `pick` chooses:
+    /// [`Store::vm_insert_allocating`] and its origin in one transaction (one commit on the
+    /// restore's path instead of two, and never a restored VM recorded without its snapshot).
+    pub fn vm_insert_restored(
+        &self,
+        vm: &mut Vm,
+        snapshot_id: &str,
+        pick: impl FnOnce(&[String]) -> Result<String>,
+    ) -> Result<()> {
+        let tx = rusqlite::Transaction::new_unchecked(
+            &self.conn,
+            rusqlite::TransactionBehavior::Immediate,
+        )
+        .map_err(|e| db_error(&self.path, "locking for an address in", e))?;
+        let taken = self.vm_addresses()?;
+        vm.ip = Some(pick(&taken)?);
+        self.vm_insert(vm)?;
+        self.vm_set_origin(&vm.id, Some(snapshot_id), None)?;
+        tx.commit()
+            .map_err(|e| db_error(&self.path, "recording a VM in", e))
+    }
+
+    /// [`Store::vm_update`] and [`Store::vm_set_origin`] in one transaction: a restored VM becomes
+    /// running with its identity, boot id and agent instance id in one commit.
+    pub fn vm_update_with_origin(
+        &self,
+        vm: &Vm,
+        snapshot_id: Option<&str>,
+        instance_id: Option<&str>,
+    ) -> Result<()> {
+        let tx = rusqlite::Transaction::new_unchecked(
+            &self.conn,
+            rusqlite::TransactionBehavior::Immediate,
+        )
+        .map_err(|e| db_error(&self.path, "updating a VM in", e))?;
+        self.vm_update(vm)?;
+        self.vm_set_origin(&vm.id, snapshot_id, instance_id)?;
+        tx.commit()
+            .map_err(|e| db_error(&self.path, "updating a VM in", e))
     }
 
     /// Records where VM `vm_id` came from (`None`: booted) and its agent's instance id.

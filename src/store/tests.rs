@@ -370,6 +370,7 @@ fn operations_round_trip_newest_first() {
         finished_at: None,
         done: false,
         error: None,
+        timings: Vec::new(),
     };
     let a = op("op-a", "2026-01-01T00:00:00Z");
     let b = op("op-b", "2026-01-01T00:00:05Z");
@@ -699,5 +700,63 @@ fn snapshots_migration_keeps_old_vms_as_booted() {
     assert_eq!(
         check(&d.db()).unwrap(),
         Compat::Compatible { version: LATEST }
+    );
+}
+
+#[test]
+fn a_restored_vm_is_recorded_with_its_origin_in_one_transaction() {
+    let d = TempDir::new();
+    let s = Store::open(&d.db()).unwrap();
+    let snap = snapshot_row("aaaaaaaaaaaa", "warm");
+    s.snapshot_insert(&snap).unwrap();
+    s.vm_insert(&Vm {
+        ip: Some("172.30.0.2".into()),
+        ..vm_row("bbbbbbbbbbbb", "booted", VmState::Running)
+    })
+    .unwrap();
+
+    // The address is picked from the recorded ones; the origin comes with the row.
+    let mut vm = vm_row("cccccccccccc", "clone", VmState::Created);
+    s.vm_insert_restored(&mut vm, &snap.id, |taken| {
+        assert_eq!(taken, ["172.30.0.2".to_string()]);
+        Ok("172.30.0.3".into())
+    })
+    .unwrap();
+    assert_eq!(vm.ip.as_deref(), Some("172.30.0.3"));
+    assert_eq!(s.vm_get("clone").unwrap().unwrap(), vm);
+    assert_eq!(s.vm_origin(&vm.id).unwrap(), (Some(snap.id.clone()), None));
+
+    // A refusal (taken name, failed pick) records neither row nor origin.
+    let mut dup = vm_row("dddddddddddd", "clone", VmState::Created);
+    let e = s
+        .vm_insert_restored(&mut dup, &snap.id, |_| Ok("172.30.0.4".into()))
+        .unwrap_err();
+    assert!(e.why.contains("already exists"), "{e}");
+    let mut none = vm_row("eeeeeeeeeeee", "other", VmState::Created);
+    let e = s
+        .vm_insert_restored(&mut none, &snap.id, |_| {
+            Err(crate::error::Error::new("allocating", "exhausted"))
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("exhausted"), "{e}");
+    assert!(s.vm_get("other").unwrap().is_none());
+    assert_eq!(s.vm_list().unwrap().len(), 2);
+
+    // Running, identity, boot id and instance id land together.
+    vm.state = VmState::Running;
+    vm.pid = Some(42);
+    vm.start_time = Some(7);
+    vm.comm = Some("firecracker".into());
+    vm.boot_id = Some("b00t".into());
+    s.vm_update_with_origin(&vm, Some(&snap.id), Some("i-1"))
+        .unwrap();
+    let got = s.vm_get("clone").unwrap().unwrap();
+    assert_eq!(
+        (got.state, got.pid, got.boot_id.as_deref()),
+        (VmState::Running, Some(42), Some("b00t"))
+    );
+    assert_eq!(
+        s.vm_origin(&vm.id).unwrap(),
+        (Some(snap.id.clone()), Some("i-1".into()))
     );
 }

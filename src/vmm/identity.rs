@@ -355,6 +355,28 @@ static TMP_COUNTER: AtomicU32 = AtomicU32::new(0);
 /// (uid, gid) when given, fsync, rename over `path`, fsync the directory. On failure `path` is
 /// untouched and the temp file removed.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32, owner: Option<(u32, u32)>) -> Result<()> {
+    write_atomic_with(path, bytes, mode, owner, true)
+}
+
+/// [`write_atomic`] without the two fsyncs: the same atomic, symlink-safe replacement, surviving a
+/// crash of the writer but not a power loss. For records that only describe a live process (a
+/// pidfile), which a power loss ends anyway.
+pub fn write_atomic_volatile(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> Result<()> {
+    write_atomic_with(path, bytes, mode, owner, false)
+}
+
+fn write_atomic_with(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+    durable: bool,
+) -> Result<()> {
     let what = || format!("writing {}", path.display());
     let (dir, name) = open_parent(path)?;
     let tmp = format!(
@@ -382,13 +404,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32, owner: Option<(u32, u3
         }
         // After fchown (which may clear mode bits) and regardless of the umask.
         rustix::fs::fchmod(&f, Mode::from_raw_mode(mode))?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         rustix::fs::renameat(&dir, tmp.as_str(), &dir, name.as_os_str())?;
         Ok(())
     })();
     if let Err(e) = result {
         let _ = rustix::fs::unlinkat(&dir, tmp.as_str(), rustix::fs::AtFlags::empty());
         return Err(Error::new(what(), e));
+    }
+    if !durable {
+        return Ok(());
     }
     rustix::fs::fsync(dir.as_fd()).ctx(|| format!("syncing the directory of {}", path.display()))
 }

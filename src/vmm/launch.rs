@@ -303,12 +303,20 @@ const GO: u8 = b'G';
 /// Registers a held child (by pid) before it may exec; an error aborts the launch.
 type Register<'a> = &'a dyn Fn(u32) -> Result<()>;
 
+/// How long each step of a launch took, in order (for the operation's timings).
+pub type Steps = Vec<(&'static str, Duration)>;
+
 /// Starts the VMM of `spec` detached and returns its identity once it has exec'd.
 ///
 /// Writes the pidfile; `handles.json` is the caller's (it knows the rest of the record).
 pub fn launch(spec: &LaunchSpec) -> Result<Identity> {
+    launch_timed(spec, &mut Steps::new())
+}
+
+/// [`launch`], recording how long each step took in `steps`.
+pub fn launch_timed(spec: &LaunchSpec, steps: &mut Steps) -> Result<Identity> {
     if !spec.use_scope {
-        return launch_held(spec, None);
+        return launch_steps(spec, None, steps);
     }
     let unit = scope_unit(&spec.vm_id);
     let register = |pid: u32| {
@@ -324,12 +332,30 @@ pub fn launch(spec: &LaunchSpec) -> Result<Identity> {
             },
         )
     };
-    launch_held(spec, Some(&register))
+    launch_steps(spec, Some(&register), steps)
 }
 
 /// [`launch`], with the child held before exec until `register` (when given) accepted its pid.
+#[cfg(test)]
 fn launch_held(spec: &LaunchSpec, register: Option<Register<'_>>) -> Result<Identity> {
+    launch_steps(spec, register, &mut Steps::new())
+}
+
+/// [`launch_held`], recording each step's time in `steps`.
+fn launch_steps(
+    spec: &LaunchSpec,
+    register: Option<Register<'_>>,
+    steps: &mut Steps,
+) -> Result<Identity> {
     let what = || format!("starting the VMM of VM {}", spec.vm_id);
+    let mut lap = {
+        let mut last = Instant::now();
+        move |steps: &mut Steps, name: &'static str| {
+            let now = Instant::now();
+            steps.push((name, now - last));
+            last = now;
+        }
+    };
     if spec.kind == VmmKind::Firecracker {
         clear_stale_socket(&spec.api_socket)?;
     }
@@ -401,6 +427,8 @@ fn launch_held(spec: &LaunchSpec, register: Option<Register<'_>>) -> Result<Iden
         Error::new(what(), format!("running {}: {e}", program.display()))
             .hint("check BANGER_FIRECRACKER / the VMM path and that it is executable")
     };
+    lap(steps, "preparing the launch");
+    let mut registered = Duration::ZERO;
     let child = match (register, pipes) {
         (Some(register), Some((pid_r, pid_w, go_r, go_w))) => {
             // `spawn` returns only once the child exec'd, so it runs on a thread of its own while
@@ -418,7 +446,10 @@ fn launch_held(spec: &LaunchSpec, register: Option<Register<'_>>) -> Result<Iden
                     })
                     .ctx(what)?;
                 let released = read_pid(&pid_r).and_then(|pid| {
-                    let go = register(pid).and_then(|()| {
+                    let t = Instant::now();
+                    let registered_r = register(pid);
+                    registered = t.elapsed();
+                    let go = registered_r.and_then(|()| {
                         rustix::io::write(&go_w, &[GO])
                             .ctx(|| format!("releasing the held VMM (pid {pid})"))
                     });
@@ -453,6 +484,10 @@ fn launch_held(spec: &LaunchSpec, register: Option<Register<'_>>) -> Result<Iden
         }
         _ => cmd.spawn().map_err(spawn_failed)?,
     };
+    if register.is_some() {
+        steps.push(("registering the scope", registered));
+    }
+    lap(steps, "fork and exec (with the scope registration)");
     let raw_pid = child.id() as i32;
     let pid = Pid::from_raw(raw_pid).ok_or_else(|| Error::new(what(), "spawn returned pid 0"))?;
     // Pins the child for the kill on a failed start: the reaper may reap it at any moment.
@@ -510,15 +545,21 @@ fn launch_held(spec: &LaunchSpec, register: Option<Register<'_>>) -> Result<Iden
             }
             return Err(e);
         }
-        std::thread::sleep(Duration::from_millis(2));
+        // Firecracker binds its API socket a few ms after exec: a fine poll costs a stat and a
+        // small read per ms, and every ms of slack is on the restore's critical path.
+        std::thread::sleep(Duration::from_micros(500));
     };
+    lap(steps, "waiting for the VMM's API socket");
     let owner = spec.run_as.as_ref().map(|r| (r.uid, r.gid));
-    identity::write_atomic(
+    // Not fsynced: the pidfile only names a live process, which a power loss ends anyway (the
+    // durable record is handles.json).
+    identity::write_atomic_volatile(
         &spec.pidfile,
         format!("{raw_pid}\n").as_bytes(),
         0o600,
         owner,
     )?;
+    lap(steps, "writing the pidfile");
     Ok(ident)
 }
 
