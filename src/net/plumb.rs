@@ -228,16 +228,30 @@ pub fn tap_up(
     nat: bool,
     owner_uid: u32,
 ) -> Result<Up> {
+    let (_, tap, _) = bridge_rules_tap(state, cfg, id, ip, nat, owner_uid)?;
+    Ok(Up {
+        tap,
+        bridge: cfg.bridge.clone(),
+    })
+}
+
+/// Bridge, rules, tap: the part [`tap_up`] and [`net_up`] share. Returns the rtnetlink socket, the
+/// tap's name and whether this call created it.
+fn bridge_rules_tap(
+    state: &mut State,
+    cfg: &NetConfig,
+    id: &str,
+    ip: Ipv4Addr,
+    nat: bool,
+    owner_uid: u32,
+) -> Result<(Rtnl, String, bool)> {
     let mut nl = Rtnl::open()?;
     let bridge = ensure_bridge(&mut nl, cfg)?;
     if state.rules_for.as_deref() != Some(cfg.bridge.as_str()) {
         assert_rules(state, cfg)?;
     }
-    let (tap, _) = ensure_tap(&mut nl, id, ip, nat, bridge, owner_uid)?;
-    Ok(Up {
-        tap,
-        bridge: cfg.bridge.clone(),
-    })
+    let (tap, created) = ensure_tap(&mut nl, id, ip, nat, bridge, owner_uid)?;
+    Ok((nl, tap, created))
 }
 
 /// Brings VM `id`'s network up: bridge (gateway address, up), banger's nftables rules, the
@@ -252,12 +266,7 @@ pub fn net_up(
     nat: bool,
     owner_uid: u32,
 ) -> Result<Up> {
-    let mut nl = Rtnl::open()?;
-    let bridge = ensure_bridge(&mut nl, cfg)?;
-    if state.rules_for.as_deref() != Some(cfg.bridge.as_str()) {
-        assert_rules(state, cfg)?;
-    }
-    let (tap, created) = ensure_tap(&mut nl, id, ip, nat, bridge, owner_uid)?;
+    let (mut nl, tap, created) = bridge_rules_tap(state, cfg, id, ip, nat, owner_uid)?;
     let sysctl = Path::new(forward::IP_FORWARD);
     let marker = forward::marker(layout);
     let r = (|| -> Result<()> {

@@ -223,6 +223,16 @@ impl Store {
         vm: &mut Vm,
         pick: impl FnOnce(&[String]) -> Result<String>,
     ) -> Result<()> {
+        self.vm_insert_allocating_then(vm, pick, |_, _| Ok(()))
+    }
+
+    /// [`Store::vm_insert_allocating`], then `more` in the same transaction.
+    pub(crate) fn vm_insert_allocating_then(
+        &self,
+        vm: &mut Vm,
+        pick: impl FnOnce(&[String]) -> Result<String>,
+        more: impl FnOnce(&Store, &Vm) -> Result<()>,
+    ) -> Result<()> {
         let tx = rusqlite::Transaction::new_unchecked(
             &self.conn,
             rusqlite::TransactionBehavior::Immediate,
@@ -231,6 +241,7 @@ impl Store {
         let taken = self.vm_addresses()?;
         vm.ip = Some(pick(&taken)?);
         self.vm_insert(vm)?;
+        more(self, vm)?;
         tx.commit()
             .map_err(|e| db_error(&self.path, "recording a VM in", e))
     }

@@ -143,17 +143,9 @@ impl Store {
         snapshot_id: &str,
         pick: impl FnOnce(&[String]) -> Result<String>,
     ) -> Result<()> {
-        let tx = rusqlite::Transaction::new_unchecked(
-            &self.conn,
-            rusqlite::TransactionBehavior::Immediate,
-        )
-        .map_err(|e| db_error(&self.path, "locking for an address in", e))?;
-        let taken = self.vm_addresses()?;
-        vm.ip = Some(pick(&taken)?);
-        self.vm_insert(vm)?;
-        self.vm_set_origin(&vm.id, Some(snapshot_id), None)?;
-        tx.commit()
-            .map_err(|e| db_error(&self.path, "recording a VM in", e))
+        self.vm_insert_allocating_then(vm, pick, |s, vm| {
+            s.vm_set_origin(&vm.id, Some(snapshot_id), None)
+        })
     }
 
     /// [`Store::vm_update`] and [`Store::vm_set_origin`] in one transaction: a restored VM becomes
