@@ -39,20 +39,7 @@ fn raw_load(vmm: &Path, dir: &Path, snap: &Path, ns: &str) -> f64 {
     let _ = std::fs::remove_file(&api);
     let _ = std::fs::remove_file(&vsock);
     let t = Instant::now();
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .arg(vmm)
-        .args([
-            "--api-sock",
-            api.to_str().unwrap_or_default(),
-            "--id",
-            "raw",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn VMM");
+    let mut child = common::spawn_raw_vmm(vmm, &api, Some(ns), Stdio::null());
     wait_for_socket(&api, Duration::from_secs(10)).expect("api socket");
     let mut load = SnapshotLoadParams::from_files(snap.join("vmstate"), snap.join("memory"));
     load.resume_vm = Some(true);

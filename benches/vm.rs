@@ -16,7 +16,7 @@ use banger::vmm::models::{Drive, Vsock};
 use serde_json::json;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -31,18 +31,7 @@ fn raw_start(vmm: &Path, dir: &Path, kernel: &Path, rootfs: &Path) -> f64 {
     let _ = std::fs::remove_file(&api);
     let _ = std::fs::remove_file(&vsock);
     let t = Instant::now();
-    let mut child: Child = Command::new(vmm)
-        .args([
-            "--api-sock",
-            api.to_str().unwrap_or_default(),
-            "--id",
-            "raw",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn VMM");
+    let mut child: Child = common::spawn_raw_vmm(vmm, &api, None, Stdio::piped());
     wait_for_socket(&api, Duration::from_secs(10)).expect("api socket");
     let c = Client::new(&api);
     guest::configure(&c, kernel, "console=ttyS0 reboot=k panic=1 pci=off");

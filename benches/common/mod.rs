@@ -6,6 +6,32 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// Starts a bare VMM on API socket `api` (`--id raw`), inside network namespace `netns` when given,
+/// stdin and stderr closed, stdout as `stdout`: what the benches' "raw" numbers time.
+pub fn spawn_raw_vmm(
+    vmm: &Path,
+    api: &Path,
+    netns: Option<&str>,
+    stdout: std::process::Stdio,
+) -> std::process::Child {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = std::process::Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(vmm);
+            c
+        }
+        None => std::process::Command::new(vmm),
+    };
+    cmd.arg("--api-sock")
+        .arg(api)
+        .args(["--id", "raw"])
+        .stdin(std::process::Stdio::null())
+        .stdout(stdout)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn VMM")
+}
+
 /// Resident set size of `pid` in KiB (0 if unknown).
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

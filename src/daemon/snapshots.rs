@@ -351,20 +351,7 @@ pub fn restore(vms: &Vms, ops: &Operations, req: VmCreate) -> Result<Value, RpcE
     };
     let r = (|| -> Result<Value, RpcError> {
         op.stage("recording");
-        let (subnet, config) = (vms.ctx.net.subnet, vms.ctx.layout.config_toml());
-        vms.ctx
-            .db(|s| {
-                s.vm_insert_restored(&mut vm, &snap.id, |taken| {
-                    net::lowest_free(&subnet, taken, &config).map(|ip| ip.to_string())
-                })
-            })
-            .map_err(|e| {
-                if e.message.contains("already exists") {
-                    RpcError::new(ErrorCode::AlreadyExists, e.message)
-                } else {
-                    e
-                }
-            })?;
+        vms.record_new(&mut vm, Some(&snap.id))?;
         let lock = vms.lock_for(&vm.id);
         let _g = lock.lock().unwrap_or_else(|p| p.into_inner());
         let r = load(vms, &op, &snap, image.as_ref(), vm.clone());

@@ -145,6 +145,34 @@ pub(super) fn vm_json(vm: &Vm, origin: Option<&Origin>) -> Value {
 }
 
 impl Vms {
+    /// Records new VM `vm` with the lowest free address of the subnet (and, for a restore, the
+    /// snapshot it comes from) in one transaction; a taken name is `already_exists`.
+    pub(crate) fn record_new(
+        &self,
+        vm: &mut Vm,
+        snapshot_id: Option<&str>,
+    ) -> Result<(), RpcError> {
+        let (subnet, config) = (self.ctx.net.subnet, self.ctx.layout.config_toml());
+        self.ctx
+            .db(|s| {
+                s.vm_insert_allocating_then(
+                    vm,
+                    |taken| net::lowest_free(&subnet, taken, &config).map(|ip| ip.to_string()),
+                    |s, vm| match snapshot_id {
+                        Some(id) => s.vm_set_origin(&vm.id, Some(id), None),
+                        None => Ok(()),
+                    },
+                )
+            })
+            .map_err(|e| {
+                if e.message.contains("already exists") {
+                    RpcError::new(ErrorCode::AlreadyExists, e.message)
+                } else {
+                    e
+                }
+            })
+    }
+
     /// A VM service over `ctx`.
     pub fn new(ctx: Ctx) -> Self {
         Vms {
@@ -345,20 +373,7 @@ impl Vms {
         };
         let r = (|| {
             op.stage("recording");
-            let (subnet, config) = (self.ctx.net.subnet, self.ctx.layout.config_toml());
-            self.ctx
-                .db(|s| {
-                    s.vm_insert_allocating(&mut vm, |taken| {
-                        net::lowest_free(&subnet, taken, &config).map(|ip| ip.to_string())
-                    })
-                })
-                .map_err(|e| {
-                    if e.message.contains("already exists") {
-                        RpcError::new(ErrorCode::AlreadyExists, e.message)
-                    } else {
-                        e
-                    }
-                })?;
+            self.record_new(&mut vm, None)?;
             let lock = self.lock_for(&vm.id);
             let _g = lock.lock().unwrap_or_else(|p| p.into_inner());
             op.stage("copying root filesystem");

@@ -807,6 +807,21 @@ mod tests {
     }
 
     /// The processes whose command line is exactly `argv` (NUL-separated in /proc).
+    /// The process runs as uid/gid 65534 (real, effective, saved, fs) with groups 4242 and 65534.
+    fn assert_runs_as_nobody_with_4242(pid: i32) {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        let line = |k: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(k))
+                .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
+                .unwrap_or_default()
+        };
+        assert_eq!(line("Uid:"), "65534 65534 65534 65534");
+        assert_eq!(line("Gid:"), "65534 65534 65534 65534");
+        assert_eq!(line("Groups:"), "4242 65534");
+    }
+
     fn pids_running(argv: &[&str]) -> Vec<i32> {
         let want: Vec<u8> = argv
             .iter()
@@ -940,17 +955,7 @@ mod tests {
             groups: vec![65534, 4242],
         });
         let id = launch(&spec).expect("launch in a scope");
-        let status = std::fs::read_to_string(format!("/proc/{}/status", id.pid)).expect("status");
-        let line = |k: &str| {
-            status
-                .lines()
-                .find(|l| l.starts_with(k))
-                .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
-                .unwrap_or_default()
-        };
-        assert_eq!(line("Uid:"), "65534 65534 65534 65534");
-        assert_eq!(line("Gid:"), "65534 65534 65534 65534");
-        assert_eq!(line("Groups:"), "4242 65534");
+        assert_runs_as_nobody_with_4242(id.pid);
         let unit = scope_unit(&spec.vm_id);
         assert!(
             scope::pid_in_scope(Path::new("/proc"), id.pid as u32, SLICE, &unit).expect("cgroup"),
@@ -1137,17 +1142,7 @@ mod tests {
             groups: vec![65534, 4242],
         });
         let id = launch(&spec).expect("launch as nobody");
-        let status = std::fs::read_to_string(format!("/proc/{}/status", id.pid)).expect("status");
-        let line = |k: &str| {
-            status
-                .lines()
-                .find(|l| l.starts_with(k))
-                .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
-                .unwrap_or_default()
-        };
-        assert_eq!(line("Uid:"), "65534 65534 65534 65534");
-        assert_eq!(line("Gid:"), "65534 65534 65534 65534");
-        assert_eq!(line("Groups:"), "4242 65534");
+        assert_runs_as_nobody_with_4242(id.pid);
         use std::os::unix::fs::MetadataExt;
         for f in [&spec.console_log, &spec.pidfile] {
             let m = std::fs::metadata(f).expect("meta");

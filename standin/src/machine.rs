@@ -546,21 +546,8 @@ impl Machine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testdir::tmp;
     use serde_json::{json, Value};
-
-    struct Tmp(PathBuf);
-    impl Drop for Tmp {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn tmp(tag: &str) -> Tmp {
-        let d = std::env::temp_dir().join(format!("fc-standin-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Tmp(d)
-    }
 
     fn elf(dir: &Path) -> PathBuf {
         let p = dir.join("vmlinux");

@@ -18,6 +18,8 @@ mod server;
 mod snapshot;
 mod tap;
 mod tcg;
+#[cfg(test)]
+mod testdir;
 
 use std::process::ExitCode;
 

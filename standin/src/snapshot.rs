@@ -360,22 +360,9 @@ impl Machine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testdir::tmp;
     use serde_json::{json, Value};
-    use std::path::{Path, PathBuf};
-
-    struct Tmp(PathBuf);
-    impl Drop for Tmp {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn tmp(tag: &str) -> Tmp {
-        let d = std::env::temp_dir().join(format!("fc-standin-snap-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Tmp(d)
-    }
+    use std::path::Path;
 
     fn call(m: &mut Machine, method: &str, path: &str, body: Value) -> (u16, String, After) {
         let (a, after) = m.handle(method, path, body.to_string().as_bytes());
@@ -438,7 +425,7 @@ mod tests {
 
     #[test]
     fn create_rules() {
-        let t = tmp("create");
+        let t = tmp("snap-create");
         let (vmstate, mem) = (t.0.join("vmstate"), t.0.join("mem"));
         let create =
             json!({"snapshot_type": "Full", "snapshot_path": vmstate, "mem_file_path": mem});
@@ -543,7 +530,7 @@ mod tests {
 
     #[test]
     fn load_rules() {
-        let t = tmp("load");
+        let t = tmp("snap-load");
         let dir = &t.0;
         let mut src = booted(dir);
         assert_eq!(

@@ -1220,21 +1220,8 @@ fn answer_ok(line: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testdir::{tmp, Tmp};
     use banger::vmm::models::{BootSource, NetworkInterface, Vsock};
-
-    struct Tmp(PathBuf);
-    impl Drop for Tmp {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn tmp(tag: &str) -> Tmp {
-        let d = std::env::temp_dir().join(format!("fc-standin-tcg-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Tmp(d)
-    }
 
     /// A minimal x86-64 ELF with one PT_NOTE segment holding `notes`.
     fn elf_with_notes(notes: &[u8]) -> Vec<u8> {
@@ -1270,7 +1257,7 @@ mod tests {
 
     #[test]
     fn pvh_note_table() {
-        let t = tmp("pvh");
+        let t = tmp("tcg-pvh");
         let gnu = note(
             b"GNU\0",
             3,
@@ -1461,7 +1448,7 @@ mod tests {
 
     #[test]
     fn plan_from_firecracker_config() {
-        let t = tmp("plan");
+        let t = tmp("tcg-plan");
         let (mut m, mut net) = configured(&t);
         let qmp = t.0.join("q.sock");
         // The stand-in holds the tap open (fd 7 here): QEMU gets that queue.
@@ -1568,7 +1555,7 @@ mod tests {
 
     #[test]
     fn engages_only_for_pvh_kernels_with_qemu() {
-        let t = tmp("eng");
+        let t = tmp("tcg-eng");
         let (mut m, _) = configured(&t);
         // A kernel that is an ELF without the PVH note (the tiny guest's shape) never engages.
         std::fs::write(t.0.join("vmlinux"), elf_with_notes(&[])).unwrap();
@@ -1767,7 +1754,7 @@ mod tests {
     #[test]
     fn qmp_pause_resume_save() {
         use std::os::unix::fs::PermissionsExt;
-        let t = tmp("save");
+        let t = tmp("tcg-save");
         let (ours, theirs) = UnixStream::pair().unwrap();
         let polls = Arc::new(Mutex::new(0));
         let polls2 = polls.clone();
@@ -1843,7 +1830,7 @@ mod tests {
     /// A running guest is refused before any file is made; a failed migration says QEMU's why.
     #[test]
     fn qmp_save_refusals() {
-        let t = tmp("saveno");
+        let t = tmp("tcg-saveno");
         let (ours, theirs) = UnixStream::pair().unwrap();
         let running = Arc::new(Mutex::new(true));
         let r2 = running.clone();
@@ -1877,7 +1864,7 @@ mod tests {
     /// A restore is the boot's command line plus `-S -incoming fd:N`, N inherited by QEMU.
     #[test]
     fn restore_plan_adds_incoming() {
-        let t = tmp("rplan");
+        let t = tmp("tcg-rplan");
         let (m, net) = configured(&t);
         let qmp = t.0.join("q.sock");
         let boot = plan_with_nets(&m, &[(&net, Some(7))], &qmp).unwrap();
@@ -1966,7 +1953,7 @@ mod tests {
     /// stream); a resume that would need QEMU to switch a drive's file is refused.
     #[test]
     fn restore_pending_and_drive_checks() {
-        let t = tmp("pending");
+        let t = tmp("tcg-pending");
         let (m, _) = configured(&t);
         let bad = t.0.join("bad.mem");
         std::fs::write(&bad, b"not a stream").unwrap();
@@ -2135,7 +2122,7 @@ mod tests {
                 return skip(&format!("{tool} is not installed"));
             }
         }
-        let t = tmp("snapreal");
+        let t = tmp("tcg-snapreal");
         let d = &t.0;
         // This thread's own network namespace: children (ip, QEMU, ssh) and the engine's
         // threads start in it; it goes away with them.
