@@ -1091,6 +1091,9 @@ mod tests {
         let listener = std::os::unix::net::UnixListener::bind(&files.api_socket).expect("bind");
         let e = launch(&spec).unwrap_err();
         assert!(e.to_string().contains("still listening"), "{e}");
+        // Shut down, not only closed: a child another test forked in parallel (held before its
+        // exec) may hold a copy of this descriptor, which would keep the socket listening.
+        rustix::net::shutdown(&listener, rustix::net::Shutdown::ReadWrite).expect("shutdown");
         drop(listener);
         // Stale socket: cleared, then sleep rejects the firecracker flags and exits.
         let e = launch(&spec).unwrap_err();
