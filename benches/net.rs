@@ -7,7 +7,7 @@
 
 mod common;
 
-use banger::net::nft;
+use banger::net::{nfnl, nft};
 use banger::rpc::client;
 use common::Host;
 use serde_json::json;
@@ -173,6 +173,21 @@ fn main() {
     }
     println!("priv.net_up   nat=true with 40 NAT VMs up: {}", stats(up));
     println!("priv.net_down nat=true with 40 NAT VMs up: {}", stats(down));
+    // The kernel's share of a NAT bit: one nf_tables netlink batch (what net_up sends), no RPC.
+    let addr: std::net::Ipv4Addr = "172.30.9.9".parse().expect("address");
+    for nat in [true, false] {
+        let batches: Vec<f64> = (0..30)
+            .map(|_| {
+                let t = Instant::now();
+                nfnl::apply(&nfnl::exactly(addr, "bench", nat)).expect("nf_tables batch");
+                ms(t)
+            })
+            .collect();
+        println!(
+            "kernel: NAT element batch over netlink, nat={nat} (with 40 NAT VMs up): {}",
+            stats(batches)
+        );
+    }
     // The kernel's share: creating a persistent tap (ioctls) and deleting it (rtnetlink), no RPC.
     let mut nl = banger::net::rtnl::Rtnl::open().expect("rtnetlink");
     let (mut create, mut delete) = (vec![], vec![]);

@@ -385,6 +385,111 @@ fn tap_only_makes_the_tap_and_the_whole_net_up_adds_the_nat_bit() {
     assert!(ns.link(&tap_name(A)).is_none());
 }
 
+/// Runs `f` on a thread that has entered `ns` (setns moves only the calling thread).
+fn in_ns<T: Send>(ns: &Ns, f: impl FnOnce() -> T + Send) -> T {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(format!("/run/netns/{}", ns.name)).unwrap();
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            // SAFETY: setns only reads the fd, which stays open for the call.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+#[test]
+fn nat_elements_are_read_first_and_only_what_differs_changes() {
+    need_netns!("nat_elements_are_read_first_and_only_what_differs_changes");
+    use banger::net::nfnl::{self, Change};
+    let ns = Ns::new("nfnl");
+    let ip: std::net::Ipv4Addr = "172.30.0.9".parse().unwrap();
+    // No table yet: reading and changing are errors, and nothing is created.
+    in_ns(&ns, || {
+        assert!(nfnl::element(ip).is_err());
+        let e = nfnl::set_exactly(ip, A, true).unwrap_err();
+        assert!(e.to_string().contains("nat_guests"), "{e}");
+    });
+    assert!(
+        ns.table_json().is_none(),
+        "a failed change created the table"
+    );
+    ns.call(
+        "priv.net_up",
+        json!({"id": A, "ip": "172.30.0.2", "nat": false}),
+    )
+    .unwrap();
+    let nat = |ns: &Ns| ns.table().nat;
+    in_ns(&ns, || {
+        // Absent and wanted absent: nothing to change.
+        assert_eq!(nfnl::element(ip).unwrap(), None);
+        assert_eq!(nfnl::set_exactly(ip, A, false).unwrap(), vec![]);
+    });
+    // Planted behind the helper's back with another VM's id: read from the kernel, replaced.
+    ns.out(&[
+        "nft",
+        "add",
+        "element",
+        "inet",
+        "banger",
+        "nat_guests",
+        "{ 172.30.0.9 comment \"someone\" }",
+    ]);
+    in_ns(&ns, || {
+        assert_eq!(nfnl::element(ip).unwrap(), Some(Some("someone".into())));
+        assert_eq!(
+            nfnl::set_exactly(ip, A, true).unwrap(),
+            vec![Change::Add(ip, A), Change::Delete(ip), Change::Add(ip, A)]
+        );
+    });
+    // What nft lists is what netlink wrote (the comment included).
+    assert_eq!(nat(&ns), vec![(ip, Some(A.to_string()))]);
+    in_ns(&ns, || {
+        assert_eq!(
+            nfnl::set_exactly(ip, A, true).unwrap(),
+            vec![],
+            "already so"
+        );
+        assert_eq!(
+            nfnl::set_exactly(ip, A, false).unwrap(),
+            vec![Change::Add(ip, A), Change::Delete(ip)]
+        );
+    });
+    assert_eq!(nat(&ns), vec![]);
+    // One without a comment is found too, and removed.
+    ns.out(&[
+        "nft",
+        "add",
+        "element",
+        "inet",
+        "banger",
+        "nat_guests",
+        "{ 172.30.0.9 }",
+    ]);
+    in_ns(&ns, || {
+        assert_eq!(nfnl::element(ip).unwrap(), Some(None));
+        assert_eq!(nfnl::set_exactly(ip, A, false).unwrap().len(), 2);
+    });
+    assert_eq!(nat(&ns), vec![]);
+    // The set's other elements are never touched.
+    ns.call(
+        "priv.net_up",
+        json!({"id": B, "ip": "172.30.0.3", "nat": true}),
+    )
+    .unwrap();
+    in_ns(&ns, || {
+        nfnl::set_exactly(ip, A, true).unwrap();
+        nfnl::set_exactly(ip, A, false).unwrap();
+    });
+    assert_eq!(
+        nat(&ns),
+        vec![("172.30.0.3".parse().unwrap(), Some(B.to_string()))]
+    );
+}
+
 #[test]
 fn refusals_create_nothing() {
     need_netns!("refusals_create_nothing");

@@ -72,66 +72,6 @@ pub fn run(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<Ran> {
     })
 }
 
-/// A `prog args…` started ahead of need with its stdin open: it loads while the caller does other
-/// work, and [`Started::finish`] feeds it its input and waits.
-pub struct Started {
-    child: std::process::Child,
-    shown: String,
-}
-
-/// Starts `prog args…` with stdin, stdout and stderr piped, at nice level `nice` (its start-up
-/// then yields to whatever runs meanwhile; [`Started::finish`] puts it back to 0 before feeding it).
-pub fn start(prog: &str, args: &[&str], nice: i32) -> Result<Started> {
-    use std::os::unix::process::CommandExt;
-    let shown = format!("running `{prog} {}`", args.join(" "));
-    let mut cmd = Command::new(resolve(prog));
-    cmd.args(args)
-        .env("LC_ALL", "C")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: runs in the forked child before exec; setpriority is one raw syscall (no allocation,
-    // no lock).
-    unsafe {
-        cmd.pre_exec(move || {
-            rustix::process::setpriority_process(None, nice)?;
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().map_err(|e| {
-        Error::new(&shown, e).hint(format!(
-            "install {prog} (sudo apt-get install iproute2 nftables)"
-        ))
-    })?;
-    Ok(Started { child, shown })
-}
-
-impl Started {
-    /// Feeds `stdin`, closes it and waits. `Err(None)` when the input could not be written (the
-    /// program had already ended, so it ran nothing of it; it is reaped), else what [`run`] returns.
-    pub fn finish(mut self, stdin: &str) -> std::result::Result<Ran, Option<Error>> {
-        // Our own unreaped child: its pid cannot have been reused. Failing leaves it niced (slower,
-        // never wrong).
-        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
-            let _ = rustix::process::setpriority_process(Some(pid), 0);
-        }
-        let written = match self.child.stdin.take() {
-            Some(mut w) => w.write_all(stdin.as_bytes()).is_ok(),
-            None => false,
-        };
-        let out = self.child.wait_with_output();
-        if !written {
-            return Err(None);
-        }
-        let out = out.map_err(|e| Some(Error::new(&self.shown, e)))?;
-        Ok(Ran {
-            ok: out.status.success(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
-    }
-}
-
 /// Runs `prog args…` and requires success; the error carries its stderr.
 pub fn check(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
     let r = run(prog, args, stdin)?;

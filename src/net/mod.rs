@@ -5,7 +5,7 @@
 //! argument) from the VM id alone, so the daemon and the helper always agree without passing names
 //! around. Neither module touches the host.
 //!
-//! The helper-side plumbing ([`plumb`], over [`rtnl`], [`tap`], [`nft`], [`forward`] and [`cmd`];
+//! The helper-side plumbing ([`plumb`], over [`rtnl`], [`tap`], [`nft`], [`nfnl`], [`forward`] and [`cmd`];
 //! [`link`] reads iproute2's JSON for doctor and tests)
 //! owns the kernel objects: the bridge, one persistent tap per running VM, the nftables table
 //! `inet banger` and `net.ipv4.ip_forward`. Only the root helper (and uninstall, as root) calls
@@ -16,6 +16,7 @@ pub mod config;
 pub mod forward;
 pub mod link;
 pub mod names;
+pub mod nfnl;
 pub mod nft;
 pub mod plumb;
 pub mod rtnl;

@@ -1,9 +1,10 @@
 //! banger's nftables table `inet banger`: the ruleset, the NAT set, and reading them back.
 //!
 //! Everything lives in that one table; nothing outside it is ever read-modified. All changes are
-//! `nft -f -` transactions (atomic). The rules never grow with VMs: per-VM NAT is one element of
-//! the set `nat_guests` (the guest address, with the VM id as the element's comment so `net_down`
-//! can find it by id).
+//! `nft -f -` transactions (atomic), except a VM's NAT element, which [`super::nfnl`] adds and
+//! removes over netlink (on every VM start's path). The rules never grow with VMs: per-VM NAT is
+//! one element of the set `nat_guests` (the guest address, with the VM id as the element's comment
+//! so `net_down` can find it by id).
 //!
 //! Rules (`B` = the bridge): input from B is established/related only, else dropped (guests cannot
 //! open connections to the host); forward to B is established/related only; forward from B only
@@ -192,55 +193,12 @@ pub fn read() -> Result<TableState> {
     parse(&r.stdout)
 }
 
-/// An `nft -f -` started (niced) after the last [`apply`] and waiting for its script, with the
-/// network namespace it runs in: loading nft costs ~10 ms, on every VM start's path (the tap's
-/// `net_up`).
-/// It runs nothing until fed; when the helper exits its stdin closes and it exits with nothing done.
-static WARM: std::sync::Mutex<Option<(cmd::Started, Option<u64>)>> = std::sync::Mutex::new(None);
-
-/// The calling thread's network namespace (the kernel's `/proc`, not a banger path): a warm nft
-/// runs in the namespace it was started in, so it is only used from the same one.
-fn netns() -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/thread-self/ns/net")
-        .ok()
-        .map(|m| m.ino())
-}
-
 /// Applies `script` as one atomic transaction.
 pub fn apply(script: &str) -> Result<()> {
     if script.is_empty() {
         return Ok(());
     }
-    let ns = netns();
-    let warm = WARM.lock().unwrap_or_else(|p| p.into_inner()).take();
-    let ran = match warm {
-        Some((nft, at)) if ns.is_some() && at == ns => match nft.finish(script) {
-            Ok(ran) => Ok(ran),
-            Err(Some(e)) => Err(e),
-            // It had ended before reading the script: nothing ran; a fresh one does it.
-            Err(None) => cmd::run(NFT, &["-f", "-"], Some(script)),
-        },
-        other => {
-            if let Some((nft, _)) = other {
-                // Another namespace's: reaped with nothing to do.
-                let _ = nft.finish("");
-            }
-            cmd::run(NFT, &["-f", "-"], Some(script))
-        }
-    };
-    // Niced: it loads while a VM start that just got its rules goes on (resume, agent), not
-    // against it.
-    if let Ok(next) = cmd::start(NFT, &["-f", "-"], 19) {
-        let old = WARM
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .replace((next, ns));
-        if let Some((nft, _)) = old {
-            let _ = nft.finish("");
-        }
-    }
-    let ran = ran?;
+    let ran = cmd::run(NFT, &["-f", "-"], Some(script))?;
     if ran.ok {
         return Ok(());
     }
@@ -257,11 +215,6 @@ pub fn apply(script: &str) -> Result<()> {
 /// `add element` line for VM `id` at `ip`.
 pub fn add_nat_line(ip: Ipv4Addr, id: &str) -> String {
     format!("add element inet {TABLE} {NAT_SET} {{ {ip} comment \"{id}\" }}\n")
-}
-
-/// `delete element` line for `ip`.
-pub fn delete_nat_line(ip: Ipv4Addr) -> String {
-    format!("delete element inet {TABLE} {NAT_SET} {{ {ip} }}\n")
 }
 
 /// Deletes the whole table; absent is fine.

@@ -6,21 +6,23 @@
 //! Nothing happens at helper start: an existing tap or rule is only read until a call asks for a
 //! change, so restarting or updating the helper never touches a running VM's network.
 //!
-//! Links are read and changed over rtnetlink in-process ([`super::rtnl`]); nftables through one
-//! `nft -f -` transaction per change. Each tap records its VM in its interface alias,
+//! Links are read and changed over rtnetlink in-process ([`super::rtnl`]); a VM's NAT element over
+//! nf_tables netlink ([`super::nfnl`], read first, changed only when it differs); banger's rules
+//! through one `nft -f -` transaction per change (rare). Each tap records its VM in its interface alias,
 //! `banger:<id>:<ip>` or `banger:<id>:<ip>:nat`: a second VM whose id shares the tap's
 //! 10-character prefix is refused instead of sharing or tearing down another VM's tap, `net_down`
 //! knows the NAT address to drop without reading the table, and doctor counts NAT VMs without
 //! root.
 //!
 //! [`State`] remembers, for the life of one helper process, that banger's rules were verified
-//! current for a bridge, so a `net_up` then costs one transaction. That transaction (`add` +
-//! `delete` [+ `add`] of the VM's NAT element) fails if the table was removed behind banger's back;
+//! current for a bridge, so a `net_up` then costs one read of the VM's NAT element (and a change
+//! only when it differs). The read fails if the table or its set was removed behind banger's back;
 //! the helper then forgets, reads the table back and re-asserts the rules.
 
 use super::config::{check_bridge_name, NetConfig};
 use super::forward;
 use super::names::{tap_name, TAP_PREFIX};
+use super::nfnl;
 use super::nft;
 use super::rtnl::{NlLink, Rtnl};
 use super::tap;
@@ -194,17 +196,6 @@ fn mac_bytes(id: &str) -> [u8; 6] {
     b
 }
 
-/// The transaction that makes `ip`'s NAT element exactly `nat` (for VM `id`), whatever was there:
-/// `add` then `delete` always succeeds while the set exists, and fails when it does not.
-fn nat_script(ip: Ipv4Addr, id: &str, nat: bool) -> String {
-    let mut s = nft::add_nat_line(ip, id);
-    s += &nft::delete_nat_line(ip);
-    if nat {
-        s += &nft::add_nat_line(ip, id);
-    }
-    s
-}
-
 /// True when any banger tap records NAT.
 fn nat_vms_remain(nl: &mut Rtnl) -> Result<bool> {
     Ok(nl.links()?.iter().any(|l| {
@@ -217,8 +208,8 @@ fn nat_vms_remain(nl: &mut Rtnl) -> Result<bool> {
 }
 
 /// The first half of [`net_up`]: bridge, banger's rules and VM `id`'s tap on the bridge, without
-/// the VM's NAT element (an `nft` transaction, whose commit waits for the kernel's RCU grace
-/// periods: most of a `net_up`). A snapshot restore needs the tap for the load but the NAT bit only
+/// the VM's NAT element (a read, and when it must go, a transaction whose commit waits for the
+/// kernel's RCU grace period). A snapshot restore needs the tap for the load but the NAT bit only
 /// before the guest runs, so it asks for this half first and the whole `net_up` beside the load.
 pub fn tap_up(
     state: &mut State,
@@ -273,11 +264,11 @@ pub fn net_up(
         if nat {
             forward::enable(sysctl, &marker)?;
         }
-        if let Err(first) = nft::apply(&nat_script(ip, id, nat)) {
+        if let Err(first) = nfnl::set_exactly(ip, id, nat) {
             // The table may have been removed behind our back: read it back, re-assert, retry.
             state.rules_for = None;
             assert_rules(state, cfg).map_err(|_| first)?;
-            nft::apply(&nat_script(ip, id, nat))?;
+            nfnl::set_exactly(ip, id, nat)?;
         }
         if !nat && marker.exists() && !nat_vms_remain(&mut nl)? {
             forward::restore(sysctl, &marker)?;
@@ -339,11 +330,11 @@ pub fn net_down(layout: &Layout, id: &str) -> Result<()> {
         None => nat_ips = nft::read()?.nat_of(id),
     }
     if !nat_ips.is_empty() {
-        let script: String = nat_ips
+        let changes: Vec<nfnl::Change<'_>> = nat_ips
             .iter()
-            .map(|a| nft::add_nat_line(*a, id) + &nft::delete_nat_line(*a))
+            .flat_map(|a| [nfnl::Change::Add(*a, id), nfnl::Change::Delete(*a)])
             .collect();
-        if let Err(e) = nft::apply(&script) {
+        if let Err(e) = nfnl::apply(&changes) {
             if nft::read()?.present {
                 return Err(e);
             }
@@ -415,17 +406,5 @@ mod tests {
                 nat: false
             })
         );
-    }
-
-    #[test]
-    fn nat_script_always_ends_in_the_wanted_state() {
-        let ip: Ipv4Addr = "172.30.0.9".parse().unwrap();
-        let on = nat_script(ip, "abc", true);
-        assert_eq!(on.lines().count(), 3);
-        assert!(on.lines().last().unwrap().starts_with("add element"));
-        assert!(on.contains("comment \"abc\""));
-        let off = nat_script(ip, "abc", false);
-        assert_eq!(off.lines().count(), 2);
-        assert!(off.lines().last().unwrap().starts_with("delete element"));
     }
 }

@@ -10,12 +10,12 @@ use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 const NETLINK_ROUTE: i32 = 0;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
+pub(super) const NLM_F_REQUEST: u16 = 0x1;
+pub(super) const NLM_F_ACK: u16 = 0x4;
 const NLM_F_EXCL: u16 = 0x200;
-const NLM_F_CREATE: u16 = 0x400;
+pub(super) const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
+pub(super) const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLA_F_NESTED: u16 = 0x8000;
 const RTM_NEWLINK: u16 = 16;
@@ -73,10 +73,12 @@ pub struct NlLink {
     pub alias: Option<String>,
 }
 
-struct Msg(Vec<u8>);
+/// A netlink message being built (header first, length filled in by [`Msg::done`]); shared with
+/// [`super::nfnl`].
+pub(super) struct Msg(pub(super) Vec<u8>);
 
 impl Msg {
-    fn new(kind: u16, flags: u16) -> Msg {
+    pub(super) fn new(kind: u16, flags: u16) -> Msg {
         let mut v = vec![0u8; 16];
         v[4..6].copy_from_slice(&kind.to_ne_bytes());
         v[6..8].copy_from_slice(&flags.to_ne_bytes());
@@ -96,7 +98,7 @@ impl Msg {
             self.0.push(0);
         }
     }
-    fn attr(mut self, kind: u16, data: &[u8]) -> Msg {
+    pub(super) fn attr(mut self, kind: u16, data: &[u8]) -> Msg {
         let len = (4 + data.len()) as u16;
         self.0.extend_from_slice(&len.to_ne_bytes());
         self.0.extend_from_slice(&kind.to_ne_bytes());
@@ -104,12 +106,12 @@ impl Msg {
         self.pad();
         self
     }
-    fn str_attr(self, kind: u16, s: &str) -> Msg {
+    pub(super) fn str_attr(self, kind: u16, s: &str) -> Msg {
         let mut d = s.as_bytes().to_vec();
         d.push(0);
         self.attr(kind, &d)
     }
-    fn nest(mut self, kind: u16, inner: impl FnOnce(Msg) -> Msg) -> Msg {
+    pub(super) fn nest(mut self, kind: u16, inner: impl FnOnce(Msg) -> Msg) -> Msg {
         let start = self.0.len();
         self.0.extend_from_slice(&[0, 0]);
         self.0
@@ -119,14 +121,14 @@ impl Msg {
         self.0[start..start + 2].copy_from_slice(&len.to_ne_bytes());
         self
     }
-    fn done(mut self) -> Vec<u8> {
+    pub(super) fn done(mut self) -> Vec<u8> {
         let len = self.0.len() as u32;
         self.0[0..4].copy_from_slice(&len.to_ne_bytes());
         self.0
     }
 }
 
-fn attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
+pub(super) fn attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
     let mut out = vec![];
     while b.len() >= 4 {
         let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
@@ -201,7 +203,7 @@ pub struct Rtnl {
     seq: u32,
 }
 
-fn os_err(what: impl Into<String>) -> Error {
+pub(super) fn os_err(what: impl Into<String>) -> Error {
     Error::new(what, std::io::Error::last_os_error())
 }
 
