@@ -349,42 +349,6 @@ fn net_up_is_idempotent_and_survives_helper_restarts() {
     );
 }
 
-#[test]
-fn tap_only_makes_the_tap_and_the_whole_net_up_adds_the_nat_bit() {
-    need_netns!("tap_only_makes_the_tap_and_the_whole_net_up_adds_the_nat_bit");
-    let ns = Ns::new("taponly");
-    let r = ns
-        .call(
-            "priv.net_up",
-            json!({"id": A, "ip": "172.30.0.2", "nat": true, "tap_only": true}),
-        )
-        .unwrap();
-    assert_eq!(r, json!({"tap": tap_name(A), "bridge": "banger0"}));
-    let t = ns.link(&tap_name(A)).expect("tap created");
-    assert_eq!(t.master.as_deref(), Some("banger0"));
-    assert_eq!(t.isolated, Some(true), "port isolation");
-    assert!(t.up);
-    let st = ns.table();
-    assert!(st.rules_current("banger0"), "banger's rules are in place");
-    assert!(st.nat_of(A).is_empty(), "no NAT bit yet");
-    assert_eq!(ns.ip_forward(), "0", "forwarding untouched");
-    // The whole net_up finishes the job on the same tap.
-    ns.call(
-        "priv.net_up",
-        json!({"id": A, "ip": "172.30.0.2", "nat": true, "tap_only": false}),
-    )
-    .unwrap();
-    assert_eq!(
-        ns.link(&tap_name(A)).expect("tap").ifindex,
-        t.ifindex,
-        "same tap"
-    );
-    assert_eq!(ns.table().nat_of(A).len(), 1);
-    assert_eq!(ns.ip_forward(), "1");
-    ns.call("priv.net_down", json!({"id": A})).unwrap();
-    assert!(ns.link(&tap_name(A)).is_none());
-}
-
 /// Runs `f` on a thread that has entered `ns` (setns moves only the calling thread).
 fn in_ns<T: Send>(ns: &Ns, f: impl FnOnce() -> T + Send) -> T {
     use std::os::fd::AsRawFd;

@@ -76,19 +76,9 @@ pub fn address_of(vm: &Vm, cfg: &NetConfig, config: &Path) -> Result<Ipv4Addr, E
 /// `priv.net_up`: the VM's tap on the bridge and its NAT bit. Returns the tap's name as the
 /// helper reports it.
 pub fn up(ctx: &Ctx, vm: &Vm, ip: Ipv4Addr) -> Result<String, RpcError> {
-    up_with(ctx, vm, ip, false)
-}
-
-/// `priv.net_up` with `tap_only`: the tap on the bridge, not yet the NAT bit (a restore's load
-/// needs the tap; [`up`] must follow before its guest runs).
-pub fn tap_up(ctx: &Ctx, vm: &Vm, ip: Ipv4Addr) -> Result<String, RpcError> {
-    up_with(ctx, vm, ip, true)
-}
-
-fn up_with(ctx: &Ctx, vm: &Vm, ip: Ipv4Addr, tap_only: bool) -> Result<String, RpcError> {
     let r = ctx.helper(
         "priv.net_up",
-        json!({"id": vm.id, "ip": ip.to_string(), "nat": vm.nat, "tap_only": tap_only}),
+        json!({"id": vm.id, "ip": ip.to_string(), "nat": vm.nat}),
     )?;
     r.get("tap")
         .and_then(|t| t.as_str())

@@ -423,8 +423,8 @@ impl<'s, T: Send + 's> Beside<'s, T> {
 /// own disk clone, resumed, and the agent told its new identity. On failure the VMM is killed and
 /// the network taken down.
 ///
-/// What does not depend on another step runs beside the stages: the tap (needed by the load), the
-/// disk clone (needed by the drive re-point), the ssh config refresh (needs only the record), and
+/// What does not depend on another step runs beside the stages: the network (its tap is needed
+/// by the load), the disk clone (needed by the drive re-point), the ssh config refresh (needs only the record), and
 /// the helper's launch call itself: the API conversation starts as soon as the VMM's socket
 /// answers, while the helper still writes its pidfile and (durably) handles.json; the VM is
 /// recorded running only once that record exists.
@@ -471,15 +471,9 @@ fn load(
     op.stage("launching VMM");
     let (result, launched, copy) = std::thread::scope(|sc| {
         let v = &vm;
-        // The tap first (the load opens it), then the whole net_up with the NAT bit (its nft
-        // commit takes most of it), which only has to be done before the guest resumes.
-        let (tap_tx, tap_rx) = std::sync::mpsc::channel();
+        // The tap, its rules and the NAT bit (the load opens the tap; a few ms, done long before
+        // the VMM's socket answers).
         let mut net_t = Beside::spawn(sc, op, "network through the helper", move || {
-            let t = std::time::Instant::now();
-            let made = net::tap_up(&vms.ctx, v, ip);
-            op.concurrent("helper: tap", t.elapsed());
-            let _ = tap_tx.send(made.clone());
-            made?;
             net::up(&vms.ctx, v, ip)
         });
         let (src, dst) = (snap_dir.join(DISK), files.dir.join(DISK));
@@ -522,13 +516,8 @@ fn load(
             op.stage("configuring the serial console");
             api.put_serial(&vms.ctx.console.serial())
                 .map_err(api_failed(what("configuring the serial console")))?;
-            op.stage("waiting for the tap");
-            let made = tap_rx.recv().unwrap_or_else(|_| {
-                Err(failed(Error::new(
-                    what("bringing up the network"),
-                    "the thread asking the helper ended without an answer",
-                )))
-            })?;
+            op.stage("waiting for the network");
+            let made = net_t.wait().clone()?;
             if made != tap {
                 return Err(failed(Error::new(
                     what("bringing up the network"),
@@ -562,14 +551,6 @@ fn load(
                 rate_limiter: None,
             })
             .map_err(api_failed(what("pointing the drive at the VM's own disk")))?;
-            op.stage("waiting for the NAT rules");
-            let made = net_t.wait().clone()?;
-            if made != tap {
-                return Err(failed(Error::new(
-                    what("bringing up the network"),
-                    format!("the helper made tap {made}, not {tap}"),
-                )));
-            }
             op.stage("resuming");
             api.resume().map_err(api_failed(what("resuming")))?;
             if !snap.agent {

@@ -31,33 +31,21 @@ fn failed(e: crate::error::Error) -> RpcError {
     RpcError::new(ErrorCode::OperationFailed, e.to_string())
 }
 
-/// `priv.net_up {id, ip, nat, tap_only?}` → `{tap, bridge}`. `owner_uid` owns the tap. With
-/// `tap_only` only the tap half ([`plumb::tap_up`]): the caller asks for the whole again before
-/// its guest runs.
+/// `priv.net_up {id, ip, nat}` → `{tap, bridge}`. `owner_uid` owns the tap.
 pub fn net_up(
     layout: &Layout,
     lock: &NetLock,
     owner_uid: u32,
     params: &Value,
 ) -> Result<Value, RpcError> {
-    let m = validate::only_params(params, &["id", "ip", "nat", "tap_only"])?
+    let m = validate::only_params(params, &["id", "ip", "nat"])?
         .ok_or_else(|| RpcError::bad_request("missing arguments: id, ip, nat"))?;
     let id = validate::vm_id(validate::required_str(m, "id")?)?;
     let cfg = config(layout)?;
     let ip = validate::guest_ip(validate::required_str(m, "ip")?, &cfg.subnet)?;
     let nat = validate::required_bool(m, "nat")?;
-    let tap_only = match m.get("tap_only") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(RpcError::bad_request("`tap_only` must be true or false")),
-    };
     let mut state = lock.hold();
-    let up = if tap_only {
-        plumb::tap_up(&mut state, &cfg, id, ip, nat, owner_uid)
-    } else {
-        plumb::net_up(layout, &mut state, &cfg, id, ip, nat, owner_uid)
-    }
-    .map_err(failed)?;
+    let up = plumb::net_up(layout, &mut state, &cfg, id, ip, nat, owner_uid).map_err(failed)?;
     Ok(json!({"tap": up.tap, "bridge": up.bridge}))
 }
 

@@ -207,26 +207,7 @@ fn nat_vms_remain(nl: &mut Rtnl) -> Result<bool> {
     }))
 }
 
-/// The first half of [`net_up`]: bridge, banger's rules and VM `id`'s tap on the bridge, without
-/// the VM's NAT element (a read, and when it must go, a transaction whose commit waits for the
-/// kernel's RCU grace period). A snapshot restore needs the tap for the load but the NAT bit only
-/// before the guest runs, so it asks for this half first and the whole `net_up` beside the load.
-pub fn tap_up(
-    state: &mut State,
-    cfg: &NetConfig,
-    id: &str,
-    ip: Ipv4Addr,
-    nat: bool,
-    owner_uid: u32,
-) -> Result<Up> {
-    let (_, tap, _) = bridge_rules_tap(state, cfg, id, ip, nat, owner_uid)?;
-    Ok(Up {
-        tap,
-        bridge: cfg.bridge.clone(),
-    })
-}
-
-/// Bridge, rules, tap: the part [`tap_up`] and [`net_up`] share. Returns the rtnetlink socket, the
+/// Bridge, rules, tap: the first part of [`net_up`]. Returns the rtnetlink socket, the
 /// tap's name and whether this call created it.
 fn bridge_rules_tap(
     state: &mut State,
