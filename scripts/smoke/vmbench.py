@@ -11,6 +11,7 @@
       released (connection setup included: each run is a new process).
       --scope=systemd-run does it with `systemd-run --scope` instead (the old way, to compare).
   vmbench.py create NAME IMAGE         wall time of `banger vm create --name NAME --image IMAGE`
+  vmbench.py restore NAME SNAP         wall time of `banger vm create --from SNAP --name NAME`
   vmbench.py list N                    median/min/max of N `banger vm list --json` (CLI process)
                                        and of N bare `vm.list` and `ping` RPCs, plus the row count
   vmbench.py seed DB N                 inserts N stopped VM rows into state.db (daemon stopped)
@@ -402,10 +403,10 @@ def raw(args):
         p.wait()
 
 
-def create(args):
+def create(args, source="--image"):
     name, image = args
     t0 = time.monotonic()
-    r = subprocess.run(["banger", "vm", "create", "--name", name, "--image", image],
+    r = subprocess.run(["banger", "vm", "create", "--name", name, source, image],
                        capture_output=True, text=True)
     took = ms(t0)
     if r.returncode != 0:
@@ -481,6 +482,8 @@ def main():
         return raw(args)
     if cmd == "create":
         return create(args)
+    if cmd == "restore":
+        return create(args, "--from")
     if cmd == "list":
         return list_bench(args)
     if cmd == "seed":
