@@ -605,14 +605,17 @@ prepare_releases() {
     make_release "$d/www/main" --version v0.smoke.broken --binary "$d/wrap/v0.smoke.broken" --no-latest
     make_release "$d/www/main" --version v0.smoke.slow --binary "$d/wrap/v0.smoke.slow" --no-latest
     if [[ $bench == yes ]]; then
-        strip -o "$d/bin/banger-v0.1.0" "$BIN" || die "strip $BIN failed"
-        make_release "$d/www/bench" --version v0.1.0 --binary "$d/bin/banger-v0.1.0"
+        # Named banger: release.sh runs it (`--release-keys`), and the binary picks its role by name.
+        mkdir -p "$d/bin/v0.1.0"
+        strip -o "$d/bin/v0.1.0/banger" "$BIN" || die "strip $BIN failed"
+        make_release "$d/www/bench" --version v0.1.0 --binary "$d/bin/v0.1.0/banger"
         make_release "$d/www/bench" --version v0.smoke.0 --binary "$d/bin/v0.smoke.0/banger"
         local pad=$((100 * 1024 * 1024 - $(stat -c %s "$d/bin/v0.smoke.0/banger")))
-        { cat "$d/bin/v0.smoke.0/banger"; head -c "$pad" /dev/urandom; } >"$d/bin/banger-big"
-        chmod 0755 "$d/bin/banger-big"
-        make_release "$d/www/big" --version v0.smoke.0 --binary "$d/bin/banger-big"
-        rm -f "$d/bin/banger-big" "$d/bin/banger-v0.1.0"
+        mkdir -p "$d/bin/big"
+        { cat "$d/bin/v0.smoke.0/banger"; head -c "$pad" /dev/urandom; } >"$d/bin/big/banger"
+        chmod 0755 "$d/bin/big/banger"
+        make_release "$d/www/big" --version v0.smoke.0 --binary "$d/bin/big/banger"
+        rm -rf "$d/bin/big" "$d/bin/v0.1.0"
         local rel=${SMOKE_RELEASE_BIN:-$REPO_ROOT/target/x86_64-unknown-linux-gnu/release/banger}
         BENCH_RELEASE_SKIP=""
         if [[ ! -x $rel ]]; then
