@@ -480,6 +480,10 @@ bench_vm_body() {
         restored+=("$(jq .create_ms <<<"$OUT")")
     done
     bench "vm create --from warm -> running (image tiny, own scope, CLI wall time): $(printf '%s\n' "${restored[@]}" | med)"
+    must "restore stages" cu python3 "$SMOKE_LIB/vmbench.py" stages w1 w2 w3 w4 w5 w6 w7
+    bench "vm create --from stages, median ms (* = beside the others): $OUT"
+    must "create stages" cu python3 "$SMOKE_LIB/vmbench.py" stages b1 b2 b3 b4 b5 b6 b7
+    bench "vm create stages, median ms (* = beside the others): $OUT"
     must "delete the clones" cu banger vm delete w1 w2 w3 w4 w5 w6 w7
     must "snapshot rm warm" cu banger snapshot rm warm
     if [[ $IMAGE != tiny ]]; then

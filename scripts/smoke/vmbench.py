@@ -12,6 +12,8 @@
       --scope=systemd-run does it with `systemd-run --scope` instead (the old way, to compare).
   vmbench.py create NAME IMAGE         wall time of `banger vm create --name NAME --image IMAGE`
   vmbench.py restore NAME SNAP         wall time of `banger vm create --from SNAP --name NAME`
+  vmbench.py stages NAME...            median of each stage of the `vm.create` operations of those
+                                       VMs (the daemon's timings, `daemon.operations.list`)
   vmbench.py list N                    median/min/max of N `banger vm list --json` (CLI process)
                                        and of N bare `vm.list` and `ping` RPCs, plus the row count
   vmbench.py seed DB N                 inserts N stopped VM rows into state.db (daemon stopped)
@@ -433,6 +435,21 @@ def rpc(method):
     return buf.split(b"\n", 1)[0]
 
 
+def stages(names):
+    """Per-stage medians (ms) of the named VMs' vm.create operations, in the order first seen;
+    stages that ran beside the others are marked with a trailing `*`."""
+    ops = json.loads(rpc("daemon.operations.list"))["result"]["operations"]
+    seen = {}
+    for op in ops:
+        if op.get("kind") != "vm.create" or op.get("target") not in names:
+            continue
+        for t in op.get("timings") or []:
+            key = t["stage"] + ("*" if t.get("concurrent") else "")
+            seen.setdefault(key, []).append(t["ms"])
+    print(json.dumps({k: round(statistics.median(v), 2) for k, v in seen.items()}))
+    return 0
+
+
 def summary(v):
     return {"median": round(statistics.median(v), 2), "min": round(min(v), 2),
             "max": round(max(v), 2)}
@@ -484,6 +501,8 @@ def main():
         return create(args)
     if cmd == "restore":
         return create(args, "--from")
+    if cmd == "stages":
+        return stages(set(args))
     if cmd == "list":
         return list_bench(args)
     if cmd == "seed":
