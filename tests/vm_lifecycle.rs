@@ -154,6 +154,24 @@ fn create_stop_start_restart_delete() {
 
     h.ok(&["vm", "delete", "a"]);
     assert!(!alive(&v4));
+    // A running VM is killed at once by delete (its disk goes with it): no Ctrl-Alt-Del wait.
+    let ops = h.call("daemon.operations.list", json!({})).unwrap();
+    let stop = ops["operations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|o| o["kind"] == "vm.stop")
+        .expect("delete stopped the VM")
+        .clone();
+    let stages: Vec<&str> = stop["timings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["stage"].as_str())
+        .collect();
+    assert!(stages.contains(&"killing the VMM"), "{stop}");
+    assert!(!stages.contains(&"asking the guest to shut down"), "{stop}");
     assert!(h.list().is_empty());
     assert!(std::fs::read_dir(h.bed.layout().vms_dir())
         .unwrap()

@@ -136,7 +136,7 @@ struct StopCmd {
     /// VM name or id
     #[argh(positional)]
     vm: String,
-    /// seconds to wait for a graceful stop before killing (default 10)
+    /// seconds to wait for a graceful stop before killing (default 10; 0 kills at once)
     #[argh(option, default = "10")]
     timeout: u64,
 }
@@ -154,7 +154,7 @@ struct KillCmd {
 }
 
 #[derive(FromArgs, ArgsInfo)]
-/// Delete VMs (stopping them first) and their disks.
+/// Delete VMs and their disks (a running VM is killed first: nothing of it survives the delete).
 #[argh(subcommand, name = "delete")]
 struct DeleteCmd {
     /// VM names or ids

@@ -37,8 +37,9 @@ pub const MEMORY_MIB: std::ops::RangeInclusive<u64> = 16..=1 << 20;
 pub(super) const KILL_WAIT: Duration = Duration::from_secs(10);
 /// How long `vm.stop` waits for a graceful shutdown unless told otherwise.
 pub(super) const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long `vm.delete` waits for a graceful shutdown of a running VM.
-const DELETE_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// `vm.delete` kills a running VM at once: its disk goes with it, so a graceful shutdown could
+/// save nothing (and a guest that ignores Ctrl-Alt-Del cost the whole wait, VM after VM).
+const DELETE_STOP_TIMEOUT: Duration = Duration::ZERO;
 /// Largest chunk `vm.logs` returns at once.
 const LOG_CHUNK: u64 = 64 * 1024;
 
@@ -613,7 +614,7 @@ impl Vms {
         self.with_vm(&req.vm, |vm| self.stop_locked(ops, vm, timeout))
     }
 
-    /// Ctrl-Alt-Del, then SIGKILL after `timeout`; the VM's lock is held.
+    /// Ctrl-Alt-Del, then SIGKILL after `timeout` (zero: SIGKILL at once); the VM's lock is held.
     pub(super) fn stop_locked(
         &self,
         ops: &Operations,
@@ -626,11 +627,13 @@ impl Vms {
         let ident = identity_of(&vm);
         let op = ops.begin("vm.stop", Some(&vm.name));
         let files = self.files(&vm);
-        op.stage("asking the guest to shut down");
-        let graceful = Client::new(&files.api_socket)
-            .with_timeout(Duration::from_secs(2))
-            .send_ctrl_alt_del()
-            .is_ok();
+        let graceful = !timeout.is_zero() && {
+            op.stage("asking the guest to shut down");
+            Client::new(&files.api_socket)
+                .with_timeout(Duration::from_secs(2))
+                .send_ctrl_alt_del()
+                .is_ok()
+        };
         let mut gone = graceful && self.wait_gone(&ident, timeout);
         if !gone {
             op.stage("killing the VMM");
