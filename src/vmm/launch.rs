@@ -21,7 +21,9 @@
 //!   reports its pid on one pipe and blocks reading another); [`scope::start`] asks systemd over
 //!   D-Bus (`StartTransientUnit`, `PIDs=[pid]`) to create `banger-vm-<id>.scope` in
 //!   `banger.slice`, waits for the job and checks `/proc/<pid>/cgroup`; only then does the child
-//!   get the go byte and exec, so the VMM never runs a single instruction outside its scope. If
+//!   get the go byte and exec, so the VMM never runs a single instruction outside its scope
+//!   (while held it has closed its copies of the launcher's sockets, see
+//!   [`close_inherited_sockets`]). If
 //!   the registration fails the held child is killed and reaped, and the error says why (bus
 //!   unreachable, unit exists, job failed). `spawn` returns only after exec, so it runs on a short
 //!   scoped thread while the launching thread does the registration. The pid we hold is the
@@ -570,6 +572,7 @@ const CANCELED: i32 = rustix::io::Errno::CANCELED.raw_os_error();
 /// `go_w` (so the parent closing its own is an EOF here), and waits for [`GO`] on `go_r`.
 /// Raw syscalls only (see the `pre_exec` safety note in [`launch_held`]).
 fn hold_in_child(pid_w: RawFd, go_r: RawFd, go_w: RawFd) -> std::io::Result<()> {
+    close_inherited_sockets();
     // SAFETY: the three descriptors were open in the parent at fork time (owned by `launch_held`
     // until after `spawn` returns), so they are open here; closing our copy of `go_w` touches
     // nothing of the parent's.
@@ -598,6 +601,68 @@ fn hold_in_child(pid_w: RawFd, go_r: RawFd, go_w: RawFd) -> std::io::Result<()> 
             _ => return Err(std::io::Error::from_raw_os_error(CANCELED)),
         }
     }
+}
+
+/// The held child's copies of the launcher's sockets (fd 3 and up: listeners, accepted and
+/// client connections, netlink), closed before it reports its pid: all are close-on-exec, but
+/// the hold lasts the scope registration (tens of ms), and meanwhile a copy would keep a
+/// listener accepting and a connection the launcher closed from reaching EOF. Kept: pipes and
+/// unnamed socket pairs — std's exec-error channel is one, and it cannot be told from another.
+/// Raw syscalls and stack buffers only (see the `pre_exec` safety note in [`launch_held`]); a
+/// `/proc` it cannot read closes nothing.
+fn close_inherited_sockets() {
+    let Ok(dir) = rustix::fs::openat(
+        rustix::fs::CWD,
+        rustix::cstr!("/proc/self/fd"),
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return;
+    };
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1024];
+    let mut entries = rustix::fs::RawDir::new(&dir, &mut buf);
+    // procfs lists descriptors by number from the last position, so closing as we go is safe.
+    while let Some(Ok(entry)) = entries.next() {
+        let name = entry.file_name().to_bytes();
+        if name.is_empty() || !name.iter().all(u8::is_ascii_digit) || name.len() > 9 {
+            continue;
+        }
+        let fd = name.iter().fold(0i32, |n, d| n * 10 + i32::from(d - b'0'));
+        if fd < 3 || fd == dir.as_raw_fd() {
+            continue;
+        }
+        // SAFETY: `fd` is listed as open in this (single-threaded) child; it is only examined
+        // and, when a socket, closed — never used after.
+        unsafe {
+            let is_socket = rustix::fs::fstat(BorrowedFd::borrow_raw(fd))
+                .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Socket);
+            if is_socket && !is_socket_pair_end(fd) {
+                rustix::io::close(fd);
+            }
+        }
+    }
+}
+
+/// True for an AF_UNIX socket with no name on either end (a `socketpair(2)` end). Raw
+/// syscalls on stack buffers only.
+fn is_socket_pair_end(fd: RawFd) -> bool {
+    let unnamed = |peer: bool| {
+        // SAFETY: plain getsockname/getpeername into a zeroed sockaddr_un of the size given.
+        unsafe {
+            let mut a: libc::sockaddr_un = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+            let p = (&mut a as *mut libc::sockaddr_un).cast::<libc::sockaddr>();
+            let rc = if peer {
+                libc::getpeername(fd, p, &mut len)
+            } else {
+                libc::getsockname(fd, p, &mut len)
+            };
+            rc == 0
+                && a.sun_family == libc::AF_UNIX as libc::sa_family_t
+                && len as usize <= std::mem::size_of::<libc::sa_family_t>()
+        }
+    };
+    unnamed(false) && unnamed(true)
 }
 
 /// The parent's side: the held child's pid, or an error when it ended before reporting.
@@ -841,7 +906,24 @@ mod tests {
         let token = format!("{}.{}", 60, std::process::id());
         spec.extra_args = vec![token.clone()];
         let seen = std::sync::Mutex::new(None);
+        // A listening socket of ours: the held child closed its copy before reporting its pid.
+        let listener =
+            std::os::unix::net::UnixListener::bind(t.path().join("ours.sock")).expect("bind");
+        let ours = format!(
+            "socket:[{}]",
+            rustix::fs::fstat(&listener).expect("fstat").st_ino
+        );
         let register = |pid: u32| {
+            let held_sockets: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .expect("fds")
+                .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .map(|l| l.to_string_lossy().into_owned())
+                .filter(|l| l.starts_with("socket:"))
+                .collect();
+            assert!(
+                !held_sockets.contains(&ours),
+                "the held child keeps our listener: {held_sockets:?}"
+            );
             // Held: forked, detached, but not yet the VMM (still our own image, not `sleep`).
             let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("exe");
             let stat =
