@@ -393,15 +393,18 @@ fn nat_elements_are_read_first_and_only_what_differs_changes() {
         assert_eq!(nfnl::set_exactly(ip, A, false).unwrap(), vec![]);
     });
     // Planted behind the helper's back with another VM's id: read from the kernel, replaced.
-    ns.out(&[
-        "nft",
-        "add",
-        "element",
-        "inet",
-        "banger",
-        "nat_guests",
-        "{ 172.30.0.9 comment \"someone\" }",
-    ]);
+    let plant = |elem: &str| {
+        ns.out(&[
+            "nft",
+            "add",
+            "element",
+            "inet",
+            "banger",
+            "nat_guests",
+            elem,
+        ]);
+    };
+    plant("{ 172.30.0.9 comment \"someone\" }");
     in_ns(&ns, || {
         assert_eq!(nfnl::element(ip).unwrap(), Some(Some("someone".into())));
         assert_eq!(
@@ -424,15 +427,7 @@ fn nat_elements_are_read_first_and_only_what_differs_changes() {
     });
     assert_eq!(nat(&ns), vec![]);
     // One without a comment is found too, and removed.
-    ns.out(&[
-        "nft",
-        "add",
-        "element",
-        "inet",
-        "banger",
-        "nat_guests",
-        "{ 172.30.0.9 }",
-    ]);
+    plant("{ 172.30.0.9 }");
     in_ns(&ns, || {
         assert_eq!(nfnl::element(ip).unwrap(), Some(None));
         assert_eq!(nfnl::set_exactly(ip, A, false).unwrap().len(), 2);

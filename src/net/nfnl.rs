@@ -15,10 +15,12 @@
 //! rules stay with [`super::nft`] (rare, off the hot path), as does reading the whole table back.
 
 use super::nft::{NAT_SET, TABLE};
-use super::rtnl::{attrs, os_err, Msg, NLMSG_ERROR, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST};
+use super::rtnl::{
+    attrs, os_err, send, socket, Msg, NLMSG_ERROR, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST,
+};
 use crate::error::{Error, Result};
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
 const NETLINK_NETFILTER: i32 = 12;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
@@ -79,29 +81,38 @@ fn comment_udata(comment: &str) -> Vec<u8> {
     v
 }
 
-fn change_msg(c: &Change<'_>, seq: u32) -> Vec<u8> {
-    let (kind, flags, ip, comment) = match c {
-        Change::Add(ip, id) => (NFT_MSG_NEWSETELEM, NLM_F_CREATE, *ip, Some(*id)),
-        Change::Delete(ip) => (NFT_MSG_DELSETELEM, 0, *ip, None),
-    };
-    let mut m = nfmsg(
+/// An acknowledged nf_tables request of `kind` (an `NFT_MSG_*`) for the inet family.
+fn request(kind: u16, flags: u16) -> Msg {
+    nfmsg(
         (NFNL_SUBSYS_NFTABLES << 8) | kind,
         NLM_F_REQUEST | NLM_F_ACK | flags,
         NFPROTO_INET,
         0,
     )
-    .str_attr(NFTA_SET_ELEM_LIST_TABLE, TABLE)
-    .str_attr(NFTA_SET_ELEM_LIST_SET, NAT_SET)
-    .nest(NFTA_SET_ELEM_LIST_ELEMENTS, |m| {
-        m.nest(NFTA_LIST_ELEM, |m| {
-            let m = m.nest(NFTA_SET_ELEM_KEY, |m| m.attr(NFTA_DATA_VALUE, &ip.octets()));
-            match comment {
-                Some(id) => m.attr(NFTA_SET_ELEM_USERDATA, &comment_udata(id)),
-                None => m,
-            }
+}
+
+/// A set-element message of `kind` naming `ip`'s element of the NAT set (with `comment`).
+fn element_msg(kind: u16, flags: u16, ip: Ipv4Addr, comment: Option<&str>) -> Vec<u8> {
+    request(kind, flags)
+        .str_attr(NFTA_SET_ELEM_LIST_TABLE, TABLE)
+        .str_attr(NFTA_SET_ELEM_LIST_SET, NAT_SET)
+        .nest(NFTA_SET_ELEM_LIST_ELEMENTS, |m| {
+            m.nest(NFTA_LIST_ELEM, |m| {
+                let m = m.nest(NFTA_SET_ELEM_KEY, |m| m.attr(NFTA_DATA_VALUE, &ip.octets()));
+                match comment {
+                    Some(id) => m.attr(NFTA_SET_ELEM_USERDATA, &comment_udata(id)),
+                    None => m,
+                }
+            })
         })
-    })
-    .done();
+        .done()
+}
+
+fn change_msg(c: &Change<'_>, seq: u32) -> Vec<u8> {
+    let mut m = match c {
+        Change::Add(ip, id) => element_msg(NFT_MSG_NEWSETELEM, NLM_F_CREATE, *ip, Some(id)),
+        Change::Delete(ip) => element_msg(NFT_MSG_DELSETELEM, 0, *ip, None),
+    };
     m[8..12].copy_from_slice(&seq.to_ne_bytes());
     m
 }
@@ -142,19 +153,7 @@ struct Sock {
 
 impl Sock {
     fn open() -> Result<Sock> {
-        // SAFETY: plain socket(2); the result is checked before it is wrapped.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                NETLINK_NETFILTER,
-            )
-        };
-        if fd < 0 {
-            return Err(os_err("opening an nf_tables netlink socket"));
-        }
-        // SAFETY: fd is a fresh descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let fd = socket(NETLINK_NETFILTER, "nf_tables netlink")?;
         // A kernel that never answers must not hang a VM start: 5 s, then an error.
         let tv = libc::timeval {
             tv_sec: 5,
@@ -181,22 +180,7 @@ impl Sock {
         msg: &[u8],
         acks: usize,
     ) -> Result<std::result::Result<Answers, i32>> {
-        // SAFETY: sends `msg.len()` bytes from a live buffer to the kernel (zeroed sockaddr_nl).
-        let sent = unsafe {
-            let mut sa: libc::sockaddr_nl = std::mem::zeroed();
-            sa.nl_family = libc::AF_NETLINK as u16;
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                msg.as_ptr().cast(),
-                msg.len(),
-                0,
-                (&sa as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as u32,
-            )
-        };
-        if sent < 0 {
-            return Err(os_err(format!("{what}: sending to nf_tables")));
-        }
+        send(&self.fd, msg, || format!("{what}: sending to nf_tables"))?;
         // Every message is answered (ack 0 or its error); a batch that fails as a whole (its
         // commit, or its framing) is answered with one error. Done at the first error or when
         // all are acked.
@@ -254,20 +238,7 @@ pub fn apply(changes: &[Change<'_>]) -> Result<()> {
 /// added for; `None` for one without). An error when the table or the set does not exist.
 pub fn element(ip: Ipv4Addr) -> Result<Option<Option<String>>> {
     let sock = Sock::open()?;
-    let get = nfmsg(
-        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM,
-        NLM_F_REQUEST | NLM_F_ACK,
-        NFPROTO_INET,
-        0,
-    )
-    .str_attr(NFTA_SET_ELEM_LIST_TABLE, TABLE)
-    .str_attr(NFTA_SET_ELEM_LIST_SET, NAT_SET)
-    .nest(NFTA_SET_ELEM_LIST_ELEMENTS, |m| {
-        m.nest(NFTA_LIST_ELEM, |m| {
-            m.nest(NFTA_SET_ELEM_KEY, |m| m.attr(NFTA_DATA_VALUE, &ip.octets()))
-        })
-    })
-    .done();
+    let get = element_msg(NFT_MSG_GETSETELEM, 0, ip, None);
     match sock.talk("reading the NAT set", &get, 1)? {
         Ok(answers) => Ok(Some(
             answers
@@ -277,15 +248,10 @@ pub fn element(ip: Ipv4Addr) -> Result<Option<Option<String>>> {
         )),
         Err(libc::ENOENT) => {
             // No element, or no set at all: ask for the set.
-            let set = nfmsg(
-                (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSET,
-                NLM_F_REQUEST | NLM_F_ACK,
-                NFPROTO_INET,
-                0,
-            )
-            .str_attr(NFTA_SET_TABLE, TABLE)
-            .str_attr(NFTA_SET_NAME, NAT_SET)
-            .done();
+            let set = request(NFT_MSG_GETSET, 0)
+                .str_attr(NFTA_SET_TABLE, TABLE)
+                .str_attr(NFTA_SET_NAME, NAT_SET)
+                .done();
             match sock.talk("reading the NAT set", &set, 1)? {
                 Ok(_) => Ok(None),
                 Err(errno) => Err(refusal(errno)),

@@ -197,6 +197,45 @@ fn parse_link(payload: &[u8]) -> Option<NlLink> {
     Some(l)
 }
 
+/// A netlink socket of `protocol` in the calling thread's network namespace (shared with
+/// [`super::nfnl`]).
+pub(super) fn socket(protocol: i32, name: &str) -> Result<OwnedFd> {
+    // SAFETY: plain socket(2); the result is checked before it is wrapped.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            protocol,
+        )
+    };
+    if fd < 0 {
+        return Err(os_err(format!("opening an {name} socket")));
+    }
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sends `msg` (whole netlink messages) to the kernel on `fd`.
+pub(super) fn send(fd: &OwnedFd, msg: &[u8], what: impl Fn() -> String) -> Result<()> {
+    // SAFETY: sends `msg.len()` bytes from a live buffer to the kernel (zeroed sockaddr_nl).
+    let sent = unsafe {
+        let mut sa: libc::sockaddr_nl = std::mem::zeroed();
+        sa.nl_family = libc::AF_NETLINK as u16;
+        libc::sendto(
+            fd.as_raw_fd(),
+            msg.as_ptr().cast(),
+            msg.len(),
+            0,
+            (&sa as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+        )
+    };
+    if sent < 0 {
+        return Err(os_err(what()));
+    }
+    Ok(())
+}
+
 /// An rtnetlink socket of the calling thread's network namespace.
 pub struct Rtnl {
     fd: OwnedFd,
@@ -210,20 +249,8 @@ pub(super) fn os_err(what: impl Into<String>) -> Error {
 impl Rtnl {
     /// Opens the socket.
     pub fn open() -> Result<Rtnl> {
-        // SAFETY: plain socket(2); the result is checked before it is wrapped.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                NETLINK_ROUTE,
-            )
-        };
-        if fd < 0 {
-            return Err(os_err("opening an rtnetlink socket"));
-        }
-        // SAFETY: fd is a fresh descriptor nobody else owns.
         Ok(Rtnl {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            fd: socket(NETLINK_ROUTE, "rtnetlink")?,
             seq: 0,
         })
     }
@@ -232,22 +259,7 @@ impl Rtnl {
     fn talk(&mut self, what: &str, mut msg: Vec<u8>, want: u16) -> Result<Vec<Vec<u8>>> {
         self.seq += 1;
         msg[8..12].copy_from_slice(&self.seq.to_ne_bytes());
-        // SAFETY: sends `msg.len()` bytes from a live buffer to the kernel (zeroed sockaddr_nl).
-        let sent = unsafe {
-            let mut sa: libc::sockaddr_nl = std::mem::zeroed();
-            sa.nl_family = libc::AF_NETLINK as u16;
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                msg.as_ptr().cast(),
-                msg.len(),
-                0,
-                (&sa as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as u32,
-            )
-        };
-        if sent < 0 {
-            return Err(os_err(format!("{what}: sending to rtnetlink")));
-        }
+        send(&self.fd, &msg, || format!("{what}: sending to rtnetlink"))?;
         let mut out = vec![];
         let mut buf = vec![0u8; 64 * 1024];
         loop {
