@@ -191,6 +191,9 @@ impl Sock {
             let n =
                 unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n < 0 {
+                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
                 return Err(os_err(format!("{what}: reading nf_tables' answer")));
             }
             let mut b = &buf[..n as usize];
@@ -289,12 +292,14 @@ fn comment_of(payload: &[u8]) -> Option<String> {
 
 /// Makes `ip`'s NAT element exactly `nat` (for VM `id`): reads it first and changes only what
 /// differs (a wrong comment is replaced in one transaction). Returns the changes it applied.
+/// When the element cannot be read (a kernel without single-element reads, say), the blind
+/// transaction does it, as `nft` did: slower, same result, and still an error without the set.
 pub fn set_exactly(ip: Ipv4Addr, id: &str, nat: bool) -> Result<Vec<Change<'_>>> {
-    let changes = match (element(ip)?, nat) {
-        (None, false) => vec![],
-        (None, true) => vec![Change::Add(ip, id)],
-        (Some(c), true) if c.as_deref() == Some(id) => vec![],
-        (Some(_), _) => exactly(ip, id, nat),
+    let changes = match element(ip).map(|e| (e, nat)) {
+        Ok((None, false)) => vec![],
+        Ok((None, true)) => vec![Change::Add(ip, id)],
+        Ok((Some(c), true)) if c.as_deref() == Some(id) => vec![],
+        Ok((Some(_), _)) | Err(_) => exactly(ip, id, nat),
     };
     apply(&changes)?;
     Ok(changes)
