@@ -788,14 +788,9 @@ fn a_guest_cannot_reach_the_host() {
         .map(|h| u8::from_str_radix(h, 16).unwrap())
         .collect();
     let mac: [u8; 6] = mac.try_into().unwrap();
-    let ns_file = format!("/run/netns/{}", ns.name);
     let tap = tap_name(A);
     let (guest, host) = ([172, 30, 0, 2], [172, 30, 0, 1]);
-    // In a thread of its own: setns moves only the calling thread into the namespace.
-    let (blocked, open) = std::thread::spawn(move || {
-        let f = std::fs::File::open(&ns_file).unwrap();
-        // SAFETY: setns reads the open fd; it changes only this thread's network namespace.
-        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+    let (blocked, open) = in_ns(&ns, move || {
         // Attach to the tap as the VMM would (root may attach to the owner's tap).
         let mut t = banger::net::tap::open_like_firecracker(&tap).unwrap();
         // SAFETY: fcntl on an fd this thread owns.
@@ -813,9 +808,7 @@ fn a_guest_cannot_reach_the_host() {
         t.write_all(&echo_frame(mac, guest, host, 2)).unwrap();
         let open = answers(&t, guest, host, 1000);
         (blocked, open)
-    })
-    .join()
-    .unwrap();
+    });
     assert_eq!(blocked, 0, "the host answered a guest's new connection");
     assert!(
         open > 0,
@@ -833,12 +826,8 @@ fn guests_cannot_reach_each_other() {
         ns.call("priv.net_up", json!({"id": id, "ip": ip, "nat": true}))
             .unwrap();
     }
-    let ns_file = format!("/run/netns/{}", ns.name);
     let (ta, tb) = (tap_name(A), tap_name(B));
-    let (isolated, control) = std::thread::spawn(move || {
-        let f = std::fs::File::open(&ns_file).unwrap();
-        // SAFETY: setns reads the open fd; it changes only this thread's network namespace.
-        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+    let (isolated, control) = in_ns(&ns, move || {
         let mut a = banger::net::tap::open_like_firecracker(&ta).unwrap();
         let mut b = banger::net::tap::open_like_firecracker(&tb).unwrap();
         // SAFETY: fcntl on an fd this thread owns.
@@ -885,9 +874,7 @@ fn guests_cannot_reach_each_other() {
         }
         let control = seen(&mut b, &mut a);
         (isolated, control)
-    })
-    .join()
-    .unwrap();
+    });
     assert_eq!(
         isolated, 0,
         "guest B received guest A's frame through the bridge"
@@ -944,14 +931,10 @@ fn only_nat_guests_are_forwarded_and_masqueraded() {
         .collect::<Vec<u8>>()
         .try_into()
         .unwrap();
-    let ns_file = format!("/run/netns/{}", ns.name);
     let (ta, tb) = (tap_name(A), tap_name(B));
     let outside = [192, 168, 77, 2];
     // Each guest pings the outside address; what leaves the uplink is collected by source.
-    let sources = std::thread::spawn(move || {
-        let f = std::fs::File::open(&ns_file).unwrap();
-        // SAFETY: setns reads the open fd; it changes only this thread's network namespace.
-        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+    let sources = in_ns(&ns, move || {
         let mut up = banger::net::tap::open_like_firecracker("uplink0").unwrap();
         // SAFETY: fcntl on an fd this thread owns.
         unsafe { libc::fcntl(up.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
@@ -980,9 +963,7 @@ fn only_nat_guests_are_forwarded_and_masqueraded() {
             out.push(seen);
         }
         out
-    })
-    .join()
-    .unwrap();
+    });
     assert_eq!(
         sources[0],
         vec![[192, 168, 77, 1]],
@@ -1003,7 +984,6 @@ fn only_nat_guests_are_forwarded_and_masqueraded() {
 fn a_vm_s_mac_stays_on_its_port() {
     need_netns!("a_vm_s_mac_stays_on_its_port");
     use std::io::Write;
-    use std::os::fd::AsRawFd;
     let ns = Ns::new("fdb");
     for (id, ip) in [(A, "172.30.0.2"), (B, "172.30.0.3")] {
         ns.call("priv.net_up", json!({"id": id, "ip": ip, "nat": false}))
@@ -1047,13 +1027,8 @@ fn a_vm_s_mac_stays_on_its_port() {
         v.try_into().unwrap()
     };
     let stranger = "02:0b:0b:0b:0b:0b";
-    let ns_file = format!("/run/netns/{}", ns.name);
     let (a_bytes, s_bytes) = (mac_bytes(&mac_a), mac_bytes(stranger));
-    // In a thread of its own: setns moves only the calling thread into the namespace.
-    std::thread::spawn(move || {
-        let f = std::fs::File::open(&ns_file).unwrap();
-        // SAFETY: setns reads the open fd; it changes only this thread's network namespace.
-        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+    in_ns(&ns, move || {
         let mut t = banger::net::tap::open_like_firecracker(&tb).unwrap();
         for src in [a_bytes, s_bytes] {
             // A broadcast from B's port with `src` as its source address (after the 10-byte
@@ -1064,9 +1039,7 @@ fn a_vm_s_mac_stays_on_its_port() {
         }
         // Held open until the bridge has seen both.
         std::thread::sleep(Duration::from_millis(300));
-    })
-    .join()
-    .unwrap();
+    });
     let deadline = Instant::now() + Duration::from_secs(10);
     while fdb(&ns, stranger).is_empty() {
         assert!(
