@@ -22,8 +22,8 @@
 //!   D-Bus (`StartTransientUnit`, `PIDs=[pid]`) to create `banger-vm-<id>.scope` in
 //!   `banger.slice`, waits for the job and checks `/proc/<pid>/cgroup`; only then does the child
 //!   get the go byte and exec, so the VMM never runs a single instruction outside its scope
-//!   (while held it has closed its copies of the launcher's sockets, see
-//!   [`close_inherited_sockets`]). If
+//!   (while held it has closed its copies of the launcher's descriptors, see
+//!   [`close_inherited_fds`]). If
 //!   the registration fails the held child is killed and reaped, and the error says why (bus
 //!   unreachable, unit exists, job failed). `spawn` returns only after exec, so it runs on a short
 //!   scoped thread while the launching thread does the registration. The pid we hold is the
@@ -572,7 +572,7 @@ const CANCELED: i32 = rustix::io::Errno::CANCELED.raw_os_error();
 /// `go_w` (so the parent closing its own is an EOF here), and waits for [`GO`] on `go_r`.
 /// Raw syscalls only (see the `pre_exec` safety note in [`launch_held`]).
 fn hold_in_child(pid_w: RawFd, go_r: RawFd, go_w: RawFd) -> std::io::Result<()> {
-    close_inherited_sockets();
+    close_inherited_fds();
     // SAFETY: the three descriptors were open in the parent at fork time (owned by `launch_held`
     // until after `spawn` returns), so they are open here; closing our copy of `go_w` touches
     // nothing of the parent's.
@@ -603,14 +603,15 @@ fn hold_in_child(pid_w: RawFd, go_r: RawFd, go_w: RawFd) -> std::io::Result<()> 
     }
 }
 
-/// The held child's copies of the launcher's sockets (fd 3 and up: listeners, accepted and
-/// client connections, netlink), closed before it reports its pid: all are close-on-exec, but
-/// the hold lasts the scope registration (tens of ms), and meanwhile a copy would keep a
-/// listener accepting and a connection the launcher closed from reaching EOF. Kept: pipes and
-/// unnamed socket pairs — std's exec-error channel is one, and it cannot be told from another.
+/// The held child's copies of the launcher's descriptors (fd 3 and up: listeners, connections,
+/// netlink sockets, a tap the helper is just creating for another VM, files), closed before it
+/// reports its pid: all are close-on-exec, but the hold lasts the scope registration (tens of ms),
+/// and meanwhile a copy would keep a listener accepting, a connection the launcher closed from
+/// reaching EOF, or another VM's tap attached (its VMM's open then fails with EBUSY). Kept: pipes
+/// and unnamed socket pairs — std's exec-error channel is one, and it cannot be told from another.
 /// Raw syscalls and stack buffers only (see the `pre_exec` safety note in [`launch_held`]); a
 /// `/proc` it cannot read closes nothing.
-fn close_inherited_sockets() {
+fn close_inherited_fds() {
     let Ok(dir) = rustix::fs::openat(
         rustix::fs::CWD,
         rustix::cstr!("/proc/self/fd"),
@@ -632,11 +633,17 @@ fn close_inherited_sockets() {
             continue;
         }
         // SAFETY: `fd` is listed as open in this (single-threaded) child; it is only examined
-        // and, when a socket, closed — never used after.
+        // and, unless kept, closed — never used after.
         unsafe {
-            let is_socket = rustix::fs::fstat(BorrowedFd::borrow_raw(fd))
-                .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Socket);
-            if is_socket && !is_socket_pair_end(fd) {
+            let keep = match rustix::fs::fstat(BorrowedFd::borrow_raw(fd)) {
+                Ok(st) => match FileType::from_raw_mode(st.st_mode) {
+                    FileType::Fifo => true,
+                    FileType::Socket => is_socket_pair_end(fd),
+                    _ => false,
+                },
+                Err(_) => true,
+            };
+            if !keep {
                 rustix::io::close(fd);
             }
         }
@@ -913,7 +920,24 @@ mod tests {
             "socket:[{}]",
             rustix::fs::fstat(&listener).expect("fstat").st_ino
         );
+        // And a file of ours (as a tap being created would be: a device node).
+        let null = std::fs::File::open("/dev/null").expect("/dev/null");
+        let null_ino = rustix::fs::fstat(&null).expect("fstat").st_ino;
         let register = |pid: u32| {
+            let held_null = std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .expect("fds")
+                .filter_map(|e| {
+                    let n: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+                    (n > 2).then_some(n)
+                })
+                .any(|n| {
+                    std::fs::metadata(format!("/proc/{pid}/fd/{n}"))
+                        .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == null_ino)
+                });
+            assert!(
+                !held_null,
+                "the held child keeps our /dev/null beyond stdio"
+            );
             let held_sockets: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
                 .expect("fds")
                 .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
